@@ -1,0 +1,84 @@
+//! Discovery and server information:
+//! `GET /_matrix/client/versions`, `GET /.well-known/matrix/{client,server}`,
+//! `GET /_matrix/client/v3/capabilities`, `GET /_matrix/client/v3/login`,
+//! `GET /_matrix/client/v3/voip/turnServer`, and Prometheus `GET /metrics`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use http::StatusCode;
+use serde_json::{Value, json};
+
+use crate::http::{Authed, Resp, text_response};
+use crate::shard::Shard;
+
+/// Spec versions this node implements.
+pub const SPEC_VERSIONS: &[&str] = &["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12", "v1.13", "v1.14", "v1.15", "v1.16"];
+
+/// GET /_matrix/client/versions
+pub fn versions() -> Value {
+    json!({ "versions": SPEC_VERSIONS, "unstable_features": {} })
+}
+
+/// GET /.well-known/matrix/client
+pub fn well_known_client(shard: &Shard) -> Value {
+    json!({ "m.homeserver": { "base_url": shard.config.base_url() } })
+}
+
+/// GET /.well-known/matrix/server
+pub fn well_known_server(shard: &Shard) -> Value {
+    let port = shard.config.listen.address.port();
+    json!({ "m.server": format!("{}:{}", shard.server_name, port) })
+}
+
+/// GET /_matrix/client/v3/capabilities
+pub fn capabilities(shard: &Shard) -> Value {
+    json!({
+        "capabilities": {
+            "m.change_password": { "enabled": true },
+            "m.room_versions": {
+                "default": shard.config.rooms.default_version,
+                "available": { "10": "stable", "11": "stable" }
+            },
+            "m.set_displayname": { "enabled": true },
+            "m.set_avatar_url": { "enabled": true },
+            "m.3pid_changes": { "enabled": false },
+            "m.get_login_token": { "enabled": false }
+        }
+    })
+}
+
+/// GET /_matrix/client/v3/login
+pub fn login_flows() -> Value {
+    json!({ "flows": [ { "type": "m.login.password" } ] })
+}
+
+/// GET /_matrix/client/v3/voip/turnServer: TURN REST credentials, or `{}`
+/// when no TURN server is configured.
+pub fn turn_server(shard: &Shard, auth: &Authed) -> Value {
+    let turn = &shard.config.turn;
+    if turn.shared_secret.is_empty() || turn.uris.is_empty() {
+        return json!({});
+    }
+    let expiry = crate::room::now_ms() / 1000 + turn.ttl_secs;
+    let (username, password) = tessera_shared::turn_rest::turn_rest_credentials(turn.shared_secret.as_bytes(), auth.user.as_str(), expiry);
+    json!({ "username": username, "password": password, "uris": turn.uris, "ttl": turn.ttl_secs })
+}
+
+/// GET /metrics: Prometheus text format, summed over shards.
+pub fn metrics(shard: &Shard) -> Resp {
+    let sum = |f: fn(&crate::shard::ShardMetrics) -> u64| shard.metrics.iter().map(f).sum::<u64>();
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, kind: &str, value: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    };
+    counter("tessera_http_requests_total", "HTTP requests received.", "counter", sum(|m| m.requests.load(Ordering::Relaxed)));
+    counter("tessera_http_responses_4xx_total", "Responses with a 4xx status.", "counter", sum(|m| m.responses_4xx.load(Ordering::Relaxed)));
+    counter("tessera_http_responses_5xx_total", "Responses with a 5xx status.", "counter", sum(|m| m.responses_5xx.load(Ordering::Relaxed)));
+    counter("tessera_http_request_duration_us_total", "Total time spent handling requests, in microseconds.", "counter", sum(|m| m.request_us_total.load(Ordering::Relaxed)));
+    counter("tessera_events_created_total", "Room events created by this node.", "counter", sum(|m| m.events_created.load(Ordering::Relaxed)));
+    counter("tessera_syncs_total", "Sync requests answered.", "counter", sum(|m| m.syncs.load(Ordering::Relaxed)));
+    counter("tessera_http_connections", "Open HTTP connections.", "gauge", sum(|m| m.connections.load(Ordering::Relaxed)));
+    counter("tessera_shards", "Shards (executor threads) of this node.", "gauge", shard.count as u64);
+    text_response(StatusCode::OK, out, "text/plain; version=0.0.4")
+}

@@ -1,0 +1,171 @@
+//! Request routing for the client-server API and the node's own endpoints.
+//! One module per area; each handler's doc names its endpoint.
+//!
+//! Paths are matched on segments after `/_matrix/client/{v3,r0,v1}`. A known
+//! path with the wrong method answers 405 `M_UNRECOGNIZED`; an unknown path
+//! 404 `M_UNRECOGNIZED`.
+
+pub mod account;
+pub mod info;
+pub mod profile;
+pub mod rooms;
+pub mod sync;
+pub mod userdata;
+
+use std::rc::Rc;
+
+use http::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::error::{ApiError, ApiResult};
+use crate::http::{Authed, Req, Resp, authenticate, json_response};
+use crate::shard::Shard;
+
+/// Matches `req.method` against the allowed methods, or answers 405.
+macro_rules! methods {
+    ($req:expr, $( $m:ident => $e:expr ),+ $(,)?) => {
+        match $req.method {
+            $( Method::$m => $e, )+
+            _ => Err(ApiError::method_not_allowed()),
+        }
+    };
+}
+
+fn ok(v: Value) -> ApiResult<Resp> {
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+/// Routes a request to its handler.
+pub async fn route(shard: &Rc<Shard>, req: &Req) -> ApiResult<Resp> {
+    let segs: Vec<&str> = req.segs.iter().map(String::as_str).collect();
+    match segs.as_slice() {
+        ["_matrix", "client", "versions"] => methods!(req, GET => ok(info::versions())),
+        [".well-known", "matrix", "client"] => methods!(req, GET => ok(info::well_known_client(shard))),
+        [".well-known", "matrix", "server"] => methods!(req, GET => ok(info::well_known_server(shard))),
+        ["metrics"] => methods!(req, GET => Ok(info::metrics(shard))),
+        ["_matrix", "client", version, rest @ ..] if matches!(*version, "v3" | "r0" | "v1" | "unstable") => client(shard, req, rest).await,
+        _ => Err(ApiError::unrecognized()),
+    }
+}
+
+async fn client(shard: &Rc<Shard>, req: &Req, segs: &[&str]) -> ApiResult<Resp> {
+    // Endpoints without authentication.
+    match segs {
+        ["login"] => return methods!(req, GET => ok(info::login_flows()), POST => ok(account::login(shard, req).await?)),
+        ["register"] => return methods!(req, POST => ok(account::register(shard, req).await?)),
+        ["register", "available"] => return methods!(req, GET => ok(account::available(shard, req)?)),
+        ["register", "m.login.registration_token", "validity"] => return methods!(req, GET => ok(account::token_validity(shard, req)?)),
+        ["refresh"] => return methods!(req, POST => ok(account::refresh(shard, req)?)),
+        ["profile", user] => return methods!(req, GET => ok(profile::get(shard, req, user, None)?)),
+        ["profile", user, field] => {
+            if req.method == Method::GET {
+                return ok(profile::get(shard, req, user, Some(field))?);
+            }
+        }
+        ["directory", "room", alias] if req.method == Method::GET => return ok(rooms::resolve_alias(shard, alias)?),
+        ["publicRooms"] if req.method == Method::GET => return ok(rooms::public_rooms(shard, req, None)?),
+        ["directory", "list", "room", room] if req.method == Method::GET => return ok(rooms::visibility(shard, room)?),
+        ["capabilities"] | ["voip", "turnServer"] | ["account", "whoami"] => {}
+        _ => {}
+    }
+    authed(shard, req, &LazyAuth { shard, req, cell: std::cell::OnceCell::new() }, segs).await
+}
+
+/// Authenticates on first use, so unknown paths answer 404 before any
+/// token check (as clients and other servers expect).
+struct LazyAuth<'a> {
+    shard: &'a Shard,
+    req: &'a Req,
+    cell: std::cell::OnceCell<Authed>,
+}
+
+impl LazyAuth<'_> {
+    fn get(&self) -> ApiResult<&Authed> {
+        if let Some(a) = self.cell.get() {
+            return Ok(a);
+        }
+        let a = authenticate(self.shard, self.req)?;
+        Ok(self.cell.get_or_init(|| a))
+    }
+}
+
+async fn authed(shard: &Rc<Shard>, req: &Req, auth: &LazyAuth<'_>, segs: &[&str]) -> ApiResult<Resp> {
+    match segs {
+        ["account", "whoami"] => methods!(req, GET => ok(account::whoami(auth.get()?))),
+        ["logout"] => methods!(req, POST => ok(account::logout(shard, auth.get()?)?)),
+        ["logout", "all"] => methods!(req, POST => ok(account::logout_all(shard, auth.get()?)?)),
+        ["account", "password"] => methods!(req, POST => ok(account::change_password(shard, req, auth.get()?).await?)),
+        ["account", "deactivate"] => methods!(req, POST => ok(account::deactivate(shard, req, auth.get()?).await?)),
+        ["account", "3pid"] => methods!(req, GET => ok(serde_json::json!({ "threepids": [] }))),
+        ["devices"] => methods!(req, GET => ok(account::devices(shard, auth.get()?)?)),
+        ["devices", device] => methods!(req,
+            GET => ok(account::device(shard, auth.get()?, device)?),
+            PUT => ok(account::update_device(shard, req, auth.get()?, device)?),
+            DELETE => ok(account::delete_device(shard, req, auth.get()?, device).await?)),
+        ["delete_devices"] => methods!(req, POST => ok(account::delete_devices(shard, req, auth.get()?).await?)),
+        ["capabilities"] => methods!(req, GET => ok(info::capabilities(shard))),
+        ["thirdparty", "protocols"] => methods!(req, GET => ok(serde_json::json!({}))),
+        ["voip", "turnServer"] => methods!(req, GET => ok(info::turn_server(shard, auth.get()?))),
+        ["profile", user, field] => methods!(req, PUT => ok(profile::set(shard, req, auth.get()?, user, field).await?)),
+        ["user", user, "filter"] => methods!(req, POST => ok(userdata::create_filter(shard, req, auth.get()?, user)?)),
+        ["user", user, "filter", id] => methods!(req, GET => ok(userdata::get_filter(shard, auth.get()?, user, id)?)),
+        ["user", user, "account_data", kind] => methods!(req,
+            GET => ok(userdata::get_account_data(shard, auth.get()?, user, None, kind)?),
+            PUT => ok(userdata::put_account_data(shard, req, auth.get()?, user, None, kind)?)),
+        ["user", user, "rooms", room, "account_data", kind] => methods!(req,
+            GET => ok(userdata::get_account_data(shard, auth.get()?, user, Some(room), kind)?),
+            PUT => ok(userdata::put_account_data(shard, req, auth.get()?, user, Some(room), kind)?)),
+        ["user", user, "rooms", room, "tags"] => methods!(req, GET => ok(userdata::tags(shard, auth.get()?, user, room)?)),
+        ["user", user, "rooms", room, "tags", tag] => methods!(req,
+            PUT => ok(userdata::put_tag(shard, req, auth.get()?, user, room, tag)?),
+            DELETE => ok(userdata::delete_tag(shard, auth.get()?, user, room, tag)?)),
+        ["pushrules"] | ["pushrules", ""] => methods!(req, GET => ok(userdata::push_rules(shard, auth.get()?)?)),
+        ["pushrules", "global"] | ["pushrules", "global", ""] => methods!(req, GET => ok(userdata::push_rules_global(shard, auth.get()?)?)),
+        ["pushrules", "global", kind, rule_id] => methods!(req,
+            GET => ok(userdata::push_rule(shard, auth.get()?, kind, rule_id)?),
+            PUT => ok(userdata::put_push_rule(shard, req, auth.get()?, kind, rule_id)?),
+            DELETE => ok(userdata::delete_push_rule(shard, auth.get()?, kind, rule_id)?)),
+        ["pushrules", "global", kind, rule_id, attr] => methods!(req,
+            GET => ok(userdata::push_rule_attr(shard, auth.get()?, kind, rule_id, attr)?),
+            PUT => ok(userdata::put_push_rule_attr(shard, req, auth.get()?, kind, rule_id, attr)?)),
+        ["pushers"] => methods!(req, GET => ok(userdata::pushers(shard, auth.get()?)?)),
+        ["pushers", "set"] => methods!(req, POST => ok(userdata::set_pusher(shard, req, auth.get()?)?)),
+        ["presence", user, "status"] => methods!(req,
+            GET => ok(userdata::get_presence(shard, auth.get()?, user)?),
+            PUT => ok(userdata::put_presence(shard, req, auth.get()?, user)?)),
+        ["user_directory", "search"] => methods!(req, POST => ok(userdata::search_users(shard, req, auth.get()?)?)),
+        ["sync"] => methods!(req, GET => ok(sync::sync(shard, req, auth.get()?).await?)),
+        ["createRoom"] => methods!(req, POST => ok(rooms::create_room(shard, req, auth.get()?).await?)),
+        ["joined_rooms"] => methods!(req, GET => ok(rooms::joined_rooms(shard, auth.get()?)?)),
+        ["join", target] => methods!(req, POST => ok(rooms::join(shard, req, auth.get()?, target).await?)),
+        ["rooms", room, "join"] => methods!(req, POST => ok(rooms::join(shard, req, auth.get()?, room).await?)),
+        ["rooms", room, action @ ("invite" | "leave" | "kick" | "ban" | "unban")] => methods!(req, POST => ok(rooms::membership(shard, req, auth.get()?, room, action).await?)),
+        ["rooms", room, "forget"] => methods!(req, POST => ok(rooms::forget(shard, auth.get()?, room)?)),
+        ["rooms", room, "members"] => methods!(req, GET => ok(rooms::members(shard, req, auth.get()?, room)?)),
+        ["rooms", room, "joined_members"] => methods!(req, GET => ok(rooms::joined_members(shard, auth.get()?, room)?)),
+        ["rooms", room, "state"] => methods!(req, GET => ok(rooms::state(shard, auth.get()?, room)?)),
+        ["rooms", room, "state", kind] => methods!(req,
+            GET => ok(rooms::state_event(shard, req, auth.get()?, room, kind, "")?),
+            PUT => ok(rooms::put_state(shard, req, auth.get()?, room, kind, "").await?)),
+        ["rooms", room, "state", kind, state_key] => methods!(req,
+            GET => ok(rooms::state_event(shard, req, auth.get()?, room, kind, state_key)?),
+            PUT => ok(rooms::put_state(shard, req, auth.get()?, room, kind, state_key).await?)),
+        ["rooms", room, "send", kind, txn] => methods!(req, PUT => ok(rooms::send(shard, req, auth.get()?, room, kind, Some(txn)).await?)),
+        ["rooms", room, "redact", event, txn] => methods!(req, PUT => ok(rooms::redact(shard, req, auth.get()?, room, event, txn).await?)),
+        ["rooms", room, "messages"] => methods!(req, GET => ok(rooms::messages(shard, req, auth.get()?, room)?)),
+        ["rooms", room, "context", event] => methods!(req, GET => ok(rooms::context(shard, req, auth.get()?, room, event)?)),
+        ["rooms", room, "event", event] => methods!(req, GET => ok(rooms::event(shard, auth.get()?, room, event)?)),
+        ["rooms", room, "typing", user] => methods!(req, PUT => ok(rooms::typing(shard, req, auth.get()?, room, user).await?)),
+        ["rooms", room, "receipt", kind, event] => methods!(req, POST => ok(rooms::receipt(shard, req, auth.get()?, room, kind, event).await?)),
+        ["rooms", room, "read_markers"] => methods!(req, POST => ok(rooms::read_markers(shard, req, auth.get()?, room).await?)),
+        ["rooms", room, "aliases"] => methods!(req, GET => ok(rooms::room_aliases(shard, auth.get()?, room)?)),
+        ["directory", "room", alias] => methods!(req,
+            PUT => ok(rooms::create_alias(shard, req, auth.get()?, alias)?),
+            DELETE => ok(rooms::delete_alias(shard, auth.get()?, alias)?)),
+        ["directory", "list", "room", room] => methods!(req,
+            GET => ok(rooms::visibility(shard, room)?),
+            PUT => ok(rooms::set_visibility(shard, req, auth.get()?, room)?)),
+        ["publicRooms"] => methods!(req, POST => ok(rooms::public_rooms(shard, req, Some(auth.get()?))?)),
+        _ => Err(ApiError::unrecognized()),
+    }
+}

@@ -1,0 +1,368 @@
+//! GET /_matrix/client/v3/sync (spec "Syncing").
+//!
+//! A sync token is the vector of every shard's stream position,
+//! `s{p0}_{p1}_…`. Each shard's positions are persisted in order and
+//! announced only after their write returned, so everything at or below a
+//! token's positions is readable; every read here is bounded above by the
+//! response's own token (`upper`), so nothing is delivered twice and nothing
+//! is skipped, whichever shard serves the next request.
+//!
+//! Long-polls register a waiter *before* computing the response, so a wake-up
+//! that races the computation is never lost.
+
+use std::collections::HashSet;
+use std::ops::Bound;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_lite::FutureExt;
+use ruma::{OwnedRoomId, RoomId};
+use serde_json::{Map, Value, json};
+
+use crate::db::UserRoom;
+use crate::error::{ApiError, ApiResult};
+use crate::filter::SyncFilter;
+use crate::http::{Authed, Req};
+use crate::pdu::Event;
+use crate::room::now_ms;
+use crate::shard::Shard;
+
+/// Default timeline events per room when the filter sets no limit.
+const TIMELINE_LIMIT_DEFAULT: usize = 10;
+/// Most state entries sent for one room.
+const ROOM_STATE_MAX: usize = 100_000;
+/// Most receipts scanned per room.
+const RECEIPTS_MAX: usize = 100_000;
+/// Most account data entries per user.
+const ACCOUNT_DATA_MAX: usize = 10_000;
+
+/// A position vector, one entry per shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncToken {
+    pub heads: Vec<u64>,
+}
+
+impl SyncToken {
+    /// Parses `s{p0}_{p1}…`; a token from a node with fewer shards is padded.
+    pub fn parse(s: &str, shards: usize) -> Option<SyncToken> {
+        let body = s.strip_prefix('s')?;
+        let mut heads: Vec<u64> = body.split('_').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+        if heads.len() > shards {
+            return None;
+        }
+        heads.resize(shards, 0);
+        Some(SyncToken { heads })
+    }
+
+    pub fn encode(&self) -> String {
+        let parts: Vec<String> = self.heads.iter().map(u64::to_string).collect();
+        format!("s{}", parts.join("_"))
+    }
+}
+
+fn load_filter(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<SyncFilter> {
+    match req.query("filter") {
+        None => Ok(SyncFilter::default()),
+        Some(f) if f.trim_start().starts_with('{') => {
+            let v: Value = serde_json::from_str(f).map_err(|_| ApiError::bad_json("filter is not valid JSON"))?;
+            Ok(SyncFilter::from_value(&v))
+        }
+        Some(id) => {
+            let v = shard.db.filter(&auth.user, id)?.ok_or_else(|| ApiError::not_found("Unknown filter"))?;
+            Ok(SyncFilter::from_value(&v))
+        }
+    }
+}
+
+/// GET /_matrix/client/v3/sync
+pub async fn sync(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Value> {
+    shard.metrics().syncs.fetch_add(1, Ordering::Relaxed);
+    let since = match req.query("since") {
+        Some(s) => Some(SyncToken::parse(s, shard.count).ok_or_else(|| ApiError::invalid_param("Invalid since token"))?),
+        None => None,
+    };
+    let timeout_ms = req.query_u64("timeout")?.unwrap_or(0).min(shard.config.limits.sync_timeout_ms_max);
+    let full_state = req.query("full_state") == Some("true");
+    let filter = load_filter(shard, req, auth)?;
+    let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms);
+    loop {
+        let rooms = shard.db.user_rooms(&auth.user, shard.config.limits.rooms_per_user_max)?;
+        let wait = since.is_some() && timeout_ms > 0 && !shard.shutting_down.get();
+        let waiter = if wait {
+            if shard.notifier.waiting() >= shard.config.limits.sync_waiters_per_shard_max {
+                return Err(ApiError::limit_exceeded(1000));
+            }
+            let joined: Vec<OwnedRoomId> = rooms.iter().filter(|(_, r)| r.membership == "join").filter_map(|(id, _)| RoomId::parse(id.as_str()).ok()).collect();
+            Some(shard.notifier.register(auth.user.clone(), joined))
+        } else {
+            None
+        };
+        let upper = {
+            let heads = shard.heads.borrow();
+            let mut u = heads.clone();
+            if let Some(s) = &since {
+                for (a, b) in u.iter_mut().zip(&s.heads) {
+                    *a = (*a).max(*b);
+                }
+            }
+            SyncToken { heads: u }
+        };
+        let (body, changed) = compute(shard, auth, since.as_ref(), &upper, &filter, full_state, &rooms)?;
+        let Some(waiter) = waiter else { return Ok(body) };
+        if changed || shard.shutting_down.get() {
+            return Ok(body);
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return Ok(body);
+        }
+        let woken = async {
+            let _ = waiter.rx.recv_async().await;
+            true
+        }
+        .or(async {
+            glommio::timer::sleep(deadline - now).await;
+            false
+        })
+        .await;
+        if !woken {
+            return Ok(body);
+        }
+    }
+}
+
+fn in_range(pos: u64, since: Option<&SyncToken>, upper: &SyncToken, shard: u16) -> bool {
+    let s = since.and_then(|t| t.heads.get(usize::from(shard)).copied()).unwrap_or(0);
+    let u = upper.heads.get(usize::from(shard)).copied().unwrap_or(0);
+    pos > s && pos <= u
+}
+
+fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &SyncToken, filter: &SyncFilter, full_state: bool, rooms: &[(String, UserRoom)]) -> ApiResult<(Value, bool)> {
+    let now = now_ms();
+    let all_data = shard.db.all_account_data(&auth.user, ACCOUNT_DATA_MAX)?;
+    let mut room_data: std::collections::HashMap<String, Vec<Value>> = std::collections::HashMap::new();
+    for (room, kind, entry) in &all_data {
+        let Some(room) = room else { continue };
+        if !filter.room_account_data.allows_type(kind) {
+            continue;
+        }
+        // Room account data may be written by any shard: compare with that shard's component.
+        let fresh = since.is_none() || in_range(entry.pos, since, upper, entry.shard);
+        let newly_joined = rooms.iter().any(|(r, ur)| r == room && since.is_some_and(|t| ur.pos > t.heads.get(usize::from(ur.shard)).copied().unwrap_or(0)));
+        if fresh || newly_joined {
+            room_data.entry(room.clone()).or_default().push(json!({ "type": kind, "content": entry.content }));
+        }
+    }
+    let mut join = Map::new();
+    let mut invite = Map::new();
+    let mut leave = Map::new();
+    let mut changed = false;
+    for (room_id, ur) in rooms {
+        if !filter.allows_room(room_id) {
+            continue;
+        }
+        let Ok(room) = RoomId::parse(room_id.as_str()) else { continue };
+        let owner = usize::from(ur.shard);
+        let s = since.map(|t| t.heads.get(owner).copied().unwrap_or(0));
+        let u = upper.heads.get(owner).copied().unwrap_or(0);
+        if ur.pos > u {
+            // The membership change is not yet covered by this token; the
+            // next sync reports it.
+            continue;
+        }
+        let membership_changed = s.is_none_or(|s| ur.pos > s);
+        match ur.membership.as_str() {
+            "join" => {
+                let initial = s.is_none() || membership_changed;
+                let data = room_data.remove(room_id.as_str()).unwrap_or_default();
+                if let Some(v) = joined_room(shard, auth, &room, if initial { None } else { s }, u, filter, full_state || initial, data, now)? {
+                    join.insert(room_id.clone(), v);
+                    changed = true;
+                }
+            }
+            "invite" if membership_changed => {
+                invite.insert(room_id.clone(), json!({ "invite_state": { "events": invite_state(shard, &room, ur)? } }));
+                changed = true;
+            }
+            "leave" | "ban" if !ur.forgotten && ((since.is_some() && membership_changed) || (since.is_none() && filter.include_leave)) => {
+                let from = s.unwrap_or(0);
+                let timeline = timeline(shard, auth, &room, Some(from), ur.pos, filter, now)?;
+                let state = if since.is_none() { state_events(shard, &room, None, &timeline.1, filter, now)? } else { vec![] };
+                leave.insert(room_id.clone(), json!({
+                    "timeline": { "events": timeline.0, "limited": timeline.2, "prev_batch": timeline.3 },
+                    "state": { "events": state },
+                    "account_data": { "events": [] },
+                }));
+                changed = true;
+            }
+            _ => {}
+        }
+    }
+    let mut account_data = Vec::new();
+    for (room, kind, entry) in all_data {
+        if room.is_some() || !filter.account_data.allows_type(&kind) {
+            continue;
+        }
+        if since.is_none() || in_range(entry.pos, since, upper, entry.shard) {
+            account_data.push(json!({ "type": kind, "content": entry.content }));
+        }
+    }
+    if since.is_none() && !account_data.iter().any(|e| e["type"] == "m.push_rules") && filter.account_data.allows_type("m.push_rules") {
+        let rules = crate::push::ruleset(&shard.db, &auth.user)?;
+        account_data.push(json!({ "type": "m.push_rules", "content": crate::push::ruleset_content(&rules) }));
+    }
+    changed |= !account_data.is_empty();
+    let body = json!({
+        "next_batch": upper.encode(),
+        "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
+        "account_data": { "events": account_data },
+        "presence": { "events": [] },
+        "to_device": { "events": [] },
+        "device_lists": { "changed": [], "left": [] },
+        "device_one_time_keys_count": {},
+    });
+    Ok((body, changed))
+}
+
+/// Timeline events of a room in `(from, upto]`, newest `limit`:
+/// (client events, loaded events, limited, prev_batch).
+fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, from: Option<u64>, upto: u64, filter: &SyncFilter, now: u64) -> ApiResult<(Vec<Value>, Vec<Event>, bool, String)> {
+    let limit = filter.timeline.limit.unwrap_or(TIMELINE_LIMIT_DEFAULT).min(shard.config.limits.events_per_page_max);
+    let lo = from.map_or(Bound::Unbounded, Bound::Excluded);
+    let ids = shard.db.timeline(room, lo, Bound::Included(upto), true, limit + 1)?;
+    let limited = ids.len() > limit;
+    let mut events = Vec::new();
+    for (_, id) in ids.iter().take(limit).rev() {
+        if let Some(ev) = shard.db.event(id)?
+            && filter.timeline.allows(&ev.pdu)
+        {
+            events.push(ev);
+        }
+    }
+    let first = ids.iter().take(limit).last().map(|(p, _)| *p).unwrap_or(upto + 1);
+    let prev_batch = format!("t{}", first.saturating_sub(1));
+    let viewer = Some((&*auth.user, auth.device.as_str()));
+    let client = events.iter().map(|e| e.to_client(now, viewer)).collect();
+    Ok((client, events, limited, prev_batch))
+}
+
+/// State to send with a timeline: the current state entries not in the
+/// timeline, optionally only those that changed after `changed_after`;
+/// lazy-loading keeps only the members who sent timeline events (and the viewer).
+fn state_events(shard: &Shard, room: &RoomId, changed_after: Option<u64>, timeline: &[Event], filter: &SyncFilter, now: u64) -> ApiResult<Vec<Value>> {
+    let in_timeline: HashSet<String> = timeline.iter().map(|e| e.pdu.id().to_string()).collect();
+    let senders: HashSet<String> = timeline.iter().map(|e| e.pdu.sender.to_string()).collect();
+    let first_pos = timeline.first().map(|e| e.stored.pos);
+    let mut out = Vec::new();
+    for ((kind, key), entry) in shard.db.room_state(room, ROOM_STATE_MAX)? {
+        if in_timeline.contains(entry.event_id.as_str()) || changed_after.is_some_and(|c| entry.pos <= c) || first_pos.is_some_and(|f| entry.pos >= f) {
+            continue;
+        }
+        if !filter.state.allows_type(&kind) {
+            continue;
+        }
+        if filter.state.lazy_load_members && kind == "m.room.member" && !senders.contains(&key) {
+            continue;
+        }
+        if let Some(ev) = shard.db.event(&entry.event_id)? {
+            out.push(ev.to_client(now, None));
+        }
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, upto: u64, filter: &SyncFilter, with_state: bool, room_data: Vec<Value>, now: u64) -> ApiResult<Option<Value>> {
+    let head = shard.db.room_head(room)?;
+    let (timeline_events, loaded, limited, prev_batch) = if since.is_none_or(|s| head.as_ref().is_some_and(|h| h.last_event_pos > s)) {
+        timeline(shard, auth, room, since, upto, filter, now)?
+    } else {
+        (Vec::new(), Vec::new(), false, format!("t{}", since.unwrap_or(0)))
+    };
+    let state = if with_state || since.is_none() {
+        state_events(shard, room, None, &loaded, filter, now)?
+    } else if limited {
+        state_events(shard, room, since, &loaded, filter, now)?
+    } else {
+        Vec::new()
+    };
+
+    let mut ephemeral = Vec::new();
+    if filter.ephemeral.allows_type("m.typing")
+        && let Some(t) = shard.typing.borrow().get(room)
+        && (since.is_none_or(|s| t.pos > s) && (since.is_some() || !t.users.is_empty()))
+    {
+        ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": t.users } }));
+    }
+    if filter.ephemeral.allows_type("m.receipt") && since.is_none_or(|s| head.as_ref().is_some_and(|h| h.last_receipt_pos > s)) {
+        let mut content: Map<String, Value> = Map::new();
+        for ((kind, thread, user), r) in shard.db.receipts(room, RECEIPTS_MAX)? {
+            if since.is_some_and(|s| r.pos <= s) || r.pos > upto {
+                continue;
+            }
+            if kind == "m.read.private" && user != auth.user.as_str() {
+                continue;
+            }
+            let mut receipt = json!({ "ts": r.ts });
+            if thread != "main" {
+                receipt["thread_id"] = json!(thread);
+            }
+            let by_event = content.entry(r.event_id.clone()).or_insert_with(|| json!({}));
+            by_event[kind.as_str()][user.as_str()] = receipt;
+        }
+        if !content.is_empty() {
+            ephemeral.push(json!({ "type": "m.receipt", "content": content }));
+        }
+    }
+
+    if since.is_some() && timeline_events.is_empty() && state.is_empty() && ephemeral.is_empty() && room_data.is_empty() {
+        return Ok(None);
+    }
+    let unread = shard.db.unread(&auth.user, room)?;
+    Ok(Some(json!({
+        "timeline": { "events": timeline_events, "limited": limited, "prev_batch": prev_batch },
+        "state": { "events": state },
+        "ephemeral": { "events": ephemeral },
+        "account_data": { "events": room_data },
+        "unread_notifications": { "notification_count": unread.notifications, "highlight_count": unread.highlights },
+        "summary": {},
+    })))
+}
+
+/// Stripped state for an invite: the room's key state plus the invite itself.
+fn invite_state(shard: &Shard, room: &RoomId, ur: &UserRoom) -> ApiResult<Vec<Value>> {
+    let mut out = Vec::new();
+    for kind in ["m.room.create", "m.room.join_rules", "m.room.name", "m.room.avatar", "m.room.canonical_alias", "m.room.encryption", "m.room.topic"] {
+        if let Some(ev) = shard.db.state_event(room, kind, "")? {
+            out.push(ev.to_stripped());
+        }
+    }
+    if let Ok(id) = ruma::OwnedEventId::try_from(ur.event_id.as_str())
+        && let Some(ev) = shard.db.event(&id)?
+    {
+        if let Some(sender) = shard.db.state_event(room, "m.room.member", ev.pdu.sender.as_str())? {
+            out.push(sender.to_stripped());
+        }
+        let mut invite = ev.to_stripped();
+        invite["event_id"] = json!(ev.pdu.id());
+        invite["origin_server_ts"] = json!(ev.pdu.origin_server_ts);
+        out.push(invite);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trip_and_padding() {
+        let t = SyncToken { heads: vec![3, 0, 17] };
+        assert_eq!(SyncToken::parse(&t.encode(), 3), Some(t.clone()));
+        assert_eq!(SyncToken::parse("s5", 3), Some(SyncToken { heads: vec![5, 0, 0] }));
+        assert_eq!(SyncToken::parse("s1_2_3_4", 3), None, "more shards than we have");
+        assert_eq!(SyncToken::parse("x1", 3), None);
+        assert_eq!(SyncToken::parse("s1_a", 3), None);
+    }
+}

@@ -1,0 +1,389 @@
+//! Node configuration: a TOML file, `TESSERA__SECTION__KEY` environment
+//! overrides, then command-line flags, in that order of precedence (later
+//! wins). Every option is documented in `docs/configuration.md`; unknown keys
+//! are rejected so a typo fails fast with the key's name.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::storage::Durability;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The Matrix server name (the part after `:` in user ids).
+    pub server_name: String,
+    /// Where the node keeps its data (store, signing key).
+    pub data_dir: PathBuf,
+    /// Base URL clients should use, advertised in `/.well-known/matrix/client`.
+    pub public_baseurl: Option<String>,
+    pub listen: Listen,
+    pub runtime: Runtime,
+    pub storage: Storage,
+    pub registration: Registration,
+    pub auth: Auth,
+    pub limits: Limits,
+    pub rate_limits: RateLimits,
+    pub turn: Turn,
+    pub rooms: Rooms,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// Address of the client-server API listener.
+    pub address: SocketAddr,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Runtime {
+    /// Number of shards (executor threads); 0 means one per available core.
+    pub shards: usize,
+    /// Locked memory glommio reserves per shard for io_uring buffers, in KiB.
+    pub io_memory_kib: usize,
+    /// Depth of each shard-to-shard channel (messages); bounds memory per pair.
+    pub mesh_channel_depth: usize,
+    /// Seconds a shard waits for open requests to finish on shutdown.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    /// "embedded" (the only backend so far).
+    pub backend: String,
+    /// What an answered write survives: "process" (SIGKILL) or "power" (fsync).
+    pub durability: Durability,
+    /// Block cache of the embedded engine, in MiB.
+    pub cache_mib: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Registration {
+    /// Whether anyone may register an account.
+    pub enabled: bool,
+    /// When non-empty, registration also requires one of these tokens
+    /// (`m.login.registration_token`).
+    pub tokens: Vec<String>,
+    /// Whether guests may register (`kind=guest`).
+    pub allow_guests: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// argon2id memory cost in KiB (default 19456, the OWASP baseline).
+    pub argon2_m_cost_kib: u32,
+    /// argon2id iterations.
+    pub argon2_t_cost: u32,
+    /// Lifetime of access tokens issued with a refresh token, in seconds.
+    pub access_token_lifetime_secs: u64,
+    /// Minimum password length accepted on registration and change.
+    pub password_min_len: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted, in bytes; larger bodies get 413 M_TOO_LARGE.
+    pub request_body_bytes_max: usize,
+    /// Largest JSON nesting depth accepted in a request body.
+    pub json_depth_max: usize,
+    /// Longest `/sync` long-poll, in milliseconds (client timeouts are capped).
+    pub sync_timeout_ms_max: u64,
+    /// Most events returned by one `/messages` page or sync timeline.
+    pub events_per_page_max: usize,
+    /// Most long-polling syncs waiting on one shard; more get 429.
+    pub sync_waiters_per_shard_max: usize,
+    /// Most concurrent connections per shard; more are closed at accept.
+    pub connections_per_shard_max: usize,
+    /// Most rooms one user may be joined to (bounds sync cost).
+    pub rooms_per_user_max: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    /// Master switch; load tests turn it off.
+    pub enabled: bool,
+    pub messages: Bucket,
+    pub registration: Bucket,
+    pub login: Bucket,
+    pub joins: Bucket,
+    /// Most distinct users/IPs tracked per shard; the oldest are evicted.
+    pub tracked_keys_max: usize,
+}
+
+/// A token bucket: `per_second` refill, `burst` capacity.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bucket {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Turn {
+    /// TURN URIs handed to clients by `/voip/turnServer`.
+    pub uris: Vec<String>,
+    /// Shared secret for TURN REST credentials; empty disables the endpoint.
+    pub shared_secret: String,
+    /// Lifetime of issued credentials, in seconds.
+    pub ttl_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rooms {
+    /// Room version for new rooms ("10" or "11").
+    pub default_version: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server_name: "localhost".into(),
+            data_dir: PathBuf::from("tessera-data"),
+            public_baseurl: None,
+            listen: Listen::default(),
+            runtime: Runtime::default(),
+            storage: Storage::default(),
+            registration: Registration::default(),
+            auth: Auth::default(),
+            limits: Limits::default(),
+            rate_limits: RateLimits::default(),
+            turn: Turn::default(),
+            rooms: Rooms::default(),
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen { address: SocketAddr::from(([127, 0, 0, 1], 8008)) }
+    }
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Runtime { shards: 0, io_memory_kib: 2048, mesh_channel_depth: 1024, shutdown_grace_secs: 5 }
+    }
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage { backend: "embedded".into(), durability: Durability::Process, cache_mib: 64 }
+    }
+}
+
+impl Default for Registration {
+    fn default() -> Self {
+        Registration { enabled: false, tokens: Vec::new(), allow_guests: false }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth { argon2_m_cost_kib: 19_456, argon2_t_cost: 2, access_token_lifetime_secs: 3600, password_min_len: 1 }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_body_bytes_max: 1 << 20,
+            json_depth_max: 64,
+            sync_timeout_ms_max: 60_000,
+            events_per_page_max: 1000,
+            sync_waiters_per_shard_max: 100_000,
+            connections_per_shard_max: 100_000,
+            rooms_per_user_max: 10_000,
+        }
+    }
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            enabled: true,
+            messages: Bucket { per_second: 10.0, burst: 50.0 },
+            registration: Bucket { per_second: 0.17, burst: 3.0 },
+            login: Bucket { per_second: 0.17, burst: 3.0 },
+            joins: Bucket { per_second: 0.1, burst: 10.0 },
+            tracked_keys_max: 100_000,
+        }
+    }
+}
+
+impl Default for Turn {
+    fn default() -> Self {
+        Turn { uris: Vec::new(), shared_secret: String::new(), ttl_secs: 86_400 }
+    }
+}
+
+impl Default for Rooms {
+    fn default() -> Self {
+        Rooms { default_version: "11".into() }
+    }
+}
+
+/// A configuration problem, naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid environment override {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Prefix of environment overrides: `TESSERA__LISTEN__ADDRESS=0.0.0.0:8008`.
+pub const ENV_PREFIX: &str = "TESSERA__";
+
+impl Config {
+    /// Loads the file (if any), applies environment overrides and validates.
+    pub fn load(path: Option<&Path>, env: impl Iterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+                text.parse::<toml::Table>().map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?
+            }
+            None => toml::Table::new(),
+        };
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
+            let keys: Vec<String> = rest.split("__").map(|k| k.to_ascii_lowercase()).collect();
+            set_path(&mut table, &keys, &value).map_err(|message| ConfigError::Env { var: var.clone(), message })?;
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path: path.map(Into::into).unwrap_or_else(|| "<environment>".into()), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values the types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
+        if ruma::ServerName::parse(&self.server_name).is_err() {
+            return invalid("server_name", "not a valid Matrix server name");
+        }
+        if !matches!(self.rooms.default_version.as_str(), "10" | "11") {
+            return invalid("rooms.default_version", "supported room versions are \"10\" and \"11\"");
+        }
+        if self.storage.backend != "embedded" {
+            return invalid("storage.backend", "supported backends: \"embedded\"");
+        }
+        if self.limits.request_body_bytes_max < 1024 {
+            return invalid("limits.request_body_bytes_max", "must be at least 1024");
+        }
+        if self.limits.events_per_page_max == 0 {
+            return invalid("limits.events_per_page_max", "must be at least 1");
+        }
+        if self.runtime.mesh_channel_depth == 0 {
+            return invalid("runtime.mesh_channel_depth", "must be at least 1");
+        }
+        if self.runtime.io_memory_kib < 512 {
+            return invalid("runtime.io_memory_kib", "glommio needs at least 512 KiB");
+        }
+        if self.auth.argon2_m_cost_kib < 8 || self.auth.argon2_t_cost == 0 {
+            return invalid("auth.argon2_m_cost_kib", "argon2 needs m_cost >= 8 KiB and t_cost >= 1");
+        }
+        for (key, b) in [
+            ("rate_limits.messages", self.rate_limits.messages),
+            ("rate_limits.registration", self.rate_limits.registration),
+            ("rate_limits.login", self.rate_limits.login),
+            ("rate_limits.joins", self.rate_limits.joins),
+        ] {
+            if !(b.per_second > 0.0 && b.burst >= 1.0) {
+                return Err(ConfigError::Invalid { key, message: "per_second must be > 0 and burst >= 1".into() });
+            }
+        }
+        Ok(())
+    }
+
+    /// The number of shards to run, resolving 0 to the core count.
+    pub fn shard_count(&self) -> usize {
+        if self.runtime.shards > 0 {
+            return self.runtime.shards;
+        }
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    }
+
+    /// The base URL clients should use.
+    pub fn base_url(&self) -> String {
+        match &self.public_baseurl {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", self.listen.address),
+        }
+    }
+}
+
+/// Sets `keys` in `table` to `raw`, parsed as a TOML value when it parses
+/// (numbers, booleans, arrays), else as a string.
+fn set_path(table: &mut toml::Table, keys: &[String], raw: &str) -> Result<(), String> {
+    let (last, parents) = keys.split_last().ok_or("empty key")?;
+    let mut cur = table;
+    for k in parents {
+        let entry = cur.entry(k.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry.as_table_mut().ok_or_else(|| format!("`{k}` is not a section"))?;
+    }
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    cur.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>().into_iter()
+    }
+
+    #[test]
+    fn defaults_serve_localhost_8008() {
+        let c = Config::load(None, env(&[])).expect("defaults");
+        assert_eq!(c.server_name, "localhost");
+        assert_eq!(c.listen.address.to_string(), "127.0.0.1:8008");
+        assert!(!c.registration.enabled);
+    }
+
+    #[test]
+    fn env_overrides_file_values() {
+        let c = Config::load(None, env(&[("TESSERA__LISTEN__ADDRESS", "127.0.0.1:9000"), ("TESSERA__REGISTRATION__ENABLED", "true"), ("TESSERA__SERVER_NAME", "example.org")]))
+            .expect("config");
+        assert_eq!(c.listen.address.port(), 9000);
+        assert!(c.registration.enabled);
+        assert_eq!(c.server_name, "example.org");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = std::env::temp_dir().join(format!("tessera-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "[listen]\nadress = \"127.0.0.1:1\"\n").expect("write");
+        let err = Config::load(Some(&path), env(&[])).expect_err("must fail").to_string();
+        assert!(err.contains("adress"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let err = Config::load(None, env(&[("TESSERA__ROOMS__DEFAULT_VERSION", "\"3\"")])).expect_err("must fail").to_string();
+        assert!(err.contains("rooms.default_version"), "{err}");
+    }
+}

@@ -1,0 +1,517 @@
+//! Typed stores: every key layout of the node lives here, so handlers never
+//! touch raw partition or clustering keys.
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use ruma::{EventId, OwnedEventId, RoomId, UserId};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use crate::error::Error;
+use crate::pdu::{Event, Pdu, StoredEvent};
+use crate::storage::{Scan, Store, Table, Write};
+
+/// Directory partitions: published rooms and the user directory.
+const DIR_ROOMS: &[u8] = b"rooms";
+const DIR_USERS: &[u8] = b"users";
+
+/// Result of typed store calls.
+pub type DbResult<T> = Result<T, Error>;
+
+/// Handle over the storage backend with typed accessors.
+#[derive(Clone)]
+pub struct Db {
+    pub store: Arc<dyn Store>,
+}
+
+fn decode<T: DeserializeOwned>(table: Table, bytes: &[u8]) -> DbResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(format!("{}: {e}", table.name())))
+}
+
+/// Encodes a record; our record types always serialise.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// A user account.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Account {
+    pub password_hash: Option<String>,
+    #[serde(default)]
+    pub deactivated: bool,
+    #[serde(default)]
+    pub is_guest: bool,
+    #[serde(default)]
+    pub admin: bool,
+    #[serde(default)]
+    pub displayname: Option<String>,
+    #[serde(default)]
+    pub avatar_url: Option<String>,
+    pub created_ms: u64,
+}
+
+/// An access token's record.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct TokenRecord {
+    pub user_id: String,
+    pub device_id: String,
+    /// Expiry in ms since the epoch, for tokens issued with refresh tokens.
+    #[serde(default)]
+    pub expires_ms: Option<u64>,
+    /// The refresh token paired with this access token, if any.
+    #[serde(default)]
+    pub refresh_token: Option<String>,
+}
+
+/// A device.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Device {
+    pub display_name: Option<String>,
+    pub last_seen_ts: Option<u64>,
+    pub last_seen_ip: Option<String>,
+    /// The current access token of the device.
+    pub access_token: String,
+    #[serde(default)]
+    pub refresh_token: Option<String>,
+}
+
+/// A user's membership in a room, as the user's room list sees it.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct UserRoom {
+    pub membership: String,
+    pub event_id: String,
+    /// Stream position (of the room owner's shard) of the membership event.
+    pub pos: u64,
+    pub shard: u16,
+    /// Whether the user forgot the room (left rooms only).
+    #[serde(default)]
+    pub forgotten: bool,
+}
+
+/// Per-room head: what the owner shard needs to append the next event.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct RoomHead {
+    pub version: String,
+    pub creator: String,
+    pub extremities: Vec<OwnedEventId>,
+    pub depth: u64,
+    /// Owner shard and last positions of its stream touched by this room.
+    pub shard: u16,
+    pub last_event_pos: u64,
+    #[serde(default)]
+    pub last_receipt_pos: u64,
+    #[serde(default)]
+    pub last_typing_pos: u64,
+}
+
+/// A current-state entry.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct StateEntry {
+    pub event_id: OwnedEventId,
+    pub pos: u64,
+}
+
+/// A stored receipt.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Receipt {
+    pub event_id: String,
+    pub ts: u64,
+    pub pos: u64,
+}
+
+/// Unread notification counts of one user in one room.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize)]
+pub struct Unread {
+    pub notifications: u64,
+    pub highlights: u64,
+}
+
+/// A piece of account data with the stream position that last changed it.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct AccountDataEntry {
+    pub content: Value,
+    pub shard: u16,
+    pub pos: u64,
+}
+
+/// Clustering key of a state entry: `type \0 state_key`.
+pub fn state_ck(kind: &str, state_key: &str) -> Vec<u8> {
+    let mut ck = Vec::with_capacity(kind.len() + 1 + state_key.len());
+    ck.extend_from_slice(kind.as_bytes());
+    ck.push(0);
+    ck.extend_from_slice(state_key.as_bytes());
+    ck
+}
+
+/// Splits a state clustering key back into (type, state_key).
+pub fn split_state_ck(ck: &[u8]) -> Option<(String, String)> {
+    let nul = ck.iter().position(|b| *b == 0)?;
+    Some((String::from_utf8(ck[..nul].to_vec()).ok()?, String::from_utf8(ck[nul + 1..].to_vec()).ok()?))
+}
+
+/// Clustering key of room account data: `room \0 type`; global data uses `\0 type`.
+pub fn account_data_ck(room: Option<&RoomId>, kind: &str) -> Vec<u8> {
+    let mut ck = Vec::new();
+    if let Some(r) = room {
+        ck.extend_from_slice(r.as_bytes());
+    }
+    ck.push(0);
+    ck.extend_from_slice(kind.as_bytes());
+    ck
+}
+
+impl Db {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Db { store }
+    }
+
+    fn get_json<T: DeserializeOwned>(&self, table: Table, pk: &[u8], ck: &[u8]) -> DbResult<Option<T>> {
+        match self.store.get(table, pk, ck)? {
+            Some(bytes) => Ok(Some(decode(table, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn scan_json<T: DeserializeOwned>(&self, scan: Scan<'_>) -> DbResult<Vec<(Vec<u8>, T)>> {
+        let table = scan.table;
+        self.store.scan(scan)?.into_iter().map(|(k, v)| Ok((k.to_vec(), decode(table, &v)?))).collect()
+    }
+
+    // ---- accounts, tokens, devices
+
+    pub fn account(&self, user: &UserId) -> DbResult<Option<Account>> {
+        self.get_json(Table::Users, user.as_bytes(), b"")
+    }
+
+    /// Creates an account if the id is free; false when taken.
+    pub fn create_account(&self, user: &UserId, account: &Account) -> DbResult<bool> {
+        Ok(self.store.insert_if_absent(Table::Users, user.as_bytes(), b"", &encode(account))?.is_none())
+    }
+
+    pub fn put_account(&self, user: &UserId, account: &Account) -> DbResult<()> {
+        Ok(self.store.write(vec![Write::put(Table::Users, user.as_bytes(), b"".to_vec(), encode(account))])?)
+    }
+
+    pub fn token(&self, token: &str) -> DbResult<Option<TokenRecord>> {
+        self.get_json(Table::AccessTokens, token.as_bytes(), b"")
+    }
+
+    pub fn refresh_token(&self, token: &str) -> DbResult<Option<TokenRecord>> {
+        self.get_json(Table::RefreshTokens, token.as_bytes(), b"")
+    }
+
+    pub fn device(&self, user: &UserId, device: &str) -> DbResult<Option<Device>> {
+        self.get_json(Table::Devices, user.as_bytes(), device.as_bytes())
+    }
+
+    pub fn devices(&self, user: &UserId, limit: usize) -> DbResult<Vec<(String, Device)>> {
+        Ok(self
+            .scan_json(Scan::partition(Table::Devices, user.as_bytes(), limit))?
+            .into_iter()
+            .map(|(k, d)| (String::from_utf8_lossy(&k).into_owned(), d))
+            .collect())
+    }
+
+    /// Writes a device with its fresh tokens, revoking the ones it replaces.
+    pub fn put_device_session(&self, user: &UserId, device_id: &str, device: &Device, token: &TokenRecord, old: Option<&Device>) -> DbResult<()> {
+        let mut writes = vec![
+            Write::put(Table::Devices, user.as_bytes(), device_id.as_bytes(), encode(device)),
+            Write::put(Table::AccessTokens, device.access_token.as_bytes(), b"".to_vec(), encode(token)),
+        ];
+        if let Some(rt) = &device.refresh_token {
+            writes.push(Write::put(Table::RefreshTokens, rt.as_bytes(), b"".to_vec(), encode(token)));
+        }
+        if let Some(old) = old {
+            if old.access_token != device.access_token {
+                writes.push(Write::delete(Table::AccessTokens, old.access_token.as_bytes(), b"".to_vec()));
+            }
+            if let Some(rt) = &old.refresh_token
+                && Some(rt) != device.refresh_token.as_ref()
+            {
+                writes.push(Write::delete(Table::RefreshTokens, rt.as_bytes(), b"".to_vec()));
+            }
+        }
+        Ok(self.store.write(writes)?)
+    }
+
+    pub fn put_device(&self, user: &UserId, device_id: &str, device: &Device) -> DbResult<()> {
+        Ok(self.store.write(vec![Write::put(Table::Devices, user.as_bytes(), device_id.as_bytes(), encode(device))])?)
+    }
+
+    /// Deletes a device and its tokens.
+    pub fn delete_device(&self, user: &UserId, device_id: &str) -> DbResult<bool> {
+        let Some(device) = self.device(user, device_id)? else { return Ok(false) };
+        let mut writes = vec![
+            Write::delete(Table::Devices, user.as_bytes(), device_id.as_bytes()),
+            Write::delete(Table::AccessTokens, device.access_token.as_bytes(), b"".to_vec()),
+        ];
+        if let Some(rt) = device.refresh_token {
+            writes.push(Write::delete(Table::RefreshTokens, rt.as_bytes(), b"".to_vec()));
+        }
+        self.store.write(writes)?;
+        Ok(true)
+    }
+
+    // ---- events and rooms
+
+    pub fn event(&self, id: &EventId) -> DbResult<Option<Event>> {
+        let Some(stored) = self.get_json::<StoredEvent>(Table::Events, id.as_bytes(), b"")? else { return Ok(None) };
+        let pdu = Pdu::parse(&stored.json, id.to_owned()).map_err(|e| Error::Corrupt(format!("event {id}: {e}")))?;
+        Ok(Some(Event { pdu: Arc::new(pdu), stored: Arc::new(stored) }))
+    }
+
+    pub fn room_head(&self, room: &RoomId) -> DbResult<Option<RoomHead>> {
+        self.get_json(Table::Rooms, room.as_bytes(), b"")
+    }
+
+    /// The current state of a room: (type, state_key) -> entry.
+    pub fn room_state(&self, room: &RoomId, limit: usize) -> DbResult<Vec<((String, String), StateEntry)>> {
+        let rows = self.scan_json::<StateEntry>(Scan::partition(Table::RoomState, room.as_bytes(), limit))?;
+        Ok(rows.into_iter().filter_map(|(ck, e)| split_state_ck(&ck).map(|k| (k, e))).collect())
+    }
+
+    pub fn state_entry(&self, room: &RoomId, kind: &str, state_key: &str) -> DbResult<Option<StateEntry>> {
+        self.get_json(Table::RoomState, room.as_bytes(), &state_ck(kind, state_key))
+    }
+
+    /// The current state event of (type, state_key).
+    pub fn state_event(&self, room: &RoomId, kind: &str, state_key: &str) -> DbResult<Option<Event>> {
+        match self.state_entry(room, kind, state_key)? {
+            Some(entry) => self.event(&entry.event_id),
+            None => Ok(None),
+        }
+    }
+
+    /// Timeline event ids of a room with positions in `(from, to]`,
+    /// newest first when `reverse`.
+    pub fn timeline(&self, room: &RoomId, from: Bound<u64>, to: Bound<u64>, reverse: bool, limit: usize) -> DbResult<Vec<(u64, OwnedEventId)>> {
+        let enc = |b: Bound<u64>| b.map(|p| p.to_be_bytes());
+        let (f, t) = (enc(from), enc(to));
+        let rows = self.store.scan(Scan {
+            table: Table::Timeline,
+            pk: room.as_bytes(),
+            from: f.as_ref().map(|b| &b[..]),
+            to: t.as_ref().map(|b| &b[..]),
+            reverse,
+            limit,
+        })?;
+        rows.into_iter()
+            .map(|(ck, v)| {
+                let pos = u64::from_be_bytes(ck.as_ref().try_into().map_err(|_| Error::Corrupt("timeline key".into()))?);
+                let id = OwnedEventId::try_from(String::from_utf8_lossy(&v).into_owned()).map_err(|e| Error::Corrupt(e.to_string()))?;
+                Ok((pos, id))
+            })
+            .collect()
+    }
+
+    pub fn user_rooms(&self, user: &UserId, limit: usize) -> DbResult<Vec<(String, UserRoom)>> {
+        Ok(self
+            .scan_json::<UserRoom>(Scan::partition(Table::UserRooms, user.as_bytes(), limit))?
+            .into_iter()
+            .map(|(k, r)| (String::from_utf8_lossy(&k).into_owned(), r))
+            .collect())
+    }
+
+    pub fn user_room(&self, user: &UserId, room: &RoomId) -> DbResult<Option<UserRoom>> {
+        self.get_json(Table::UserRooms, user.as_bytes(), room.as_bytes())
+    }
+
+    pub fn membership(&self, room: &RoomId, user: &UserId) -> DbResult<Option<String>> {
+        Ok(self.state_event(room, "m.room.member", user.as_str())?.and_then(|e| e.pdu.membership()))
+    }
+
+    /// Users whose current membership in the room is `membership`.
+    pub fn members(&self, room: &RoomId, membership: &str, limit: usize) -> DbResult<Vec<String>> {
+        let prefix = state_ck("m.room.member", "");
+        let end = {
+            let mut e = state_ck("m.room.member", "");
+            // 0x01 sorts after the NUL separator, closing the range of member keys.
+            if let Some(last) = e.last_mut() {
+                *last = 1;
+            }
+            e
+        };
+        let rows = self.scan_json::<StateEntry>(Scan {
+            table: Table::RoomState,
+            pk: room.as_bytes(),
+            from: Bound::Included(&prefix),
+            to: Bound::Excluded(&end),
+            reverse: false,
+            limit,
+        })?;
+        let mut out = Vec::new();
+        for (ck, entry) in rows {
+            let Some((_, user)) = split_state_ck(&ck) else { continue };
+            if let Some(ev) = self.event(&entry.event_id)?
+                && ev.pdu.membership().as_deref() == Some(membership)
+            {
+                out.push(user);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn txn(&self, user: &UserId, device: &str, txn_id: &str) -> DbResult<Option<String>> {
+        let ck = [device.as_bytes(), b"\0", txn_id.as_bytes()].concat();
+        Ok(self.store.get(Table::Transactions, user.as_bytes(), &ck)?.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    pub fn txn_write(user: &UserId, device: &str, txn_id: &str, event_id: &EventId) -> Write {
+        let ck = [device.as_bytes(), b"\0", txn_id.as_bytes()].concat();
+        Write::put(Table::Transactions, user.as_bytes(), ck, event_id.as_bytes())
+    }
+
+    pub fn receipts(&self, room: &RoomId, limit: usize) -> DbResult<Vec<((String, String, String), Receipt)>> {
+        let rows = self.scan_json::<Receipt>(Scan::partition(Table::Receipts, room.as_bytes(), limit))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(ck, r)| {
+                let parts: Vec<_> = ck.split(|b| *b == 0).map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+                match parts.as_slice() {
+                    [t, thread, u] => Some(((t.clone(), thread.clone(), u.clone()), r)),
+                    _ => None,
+                }
+            })
+            .collect())
+    }
+
+    pub fn receipt_ck(kind: &str, thread: &str, user: &UserId) -> Vec<u8> {
+        [kind.as_bytes(), b"\0", thread.as_bytes(), b"\0", user.as_bytes()].concat()
+    }
+
+    pub fn unread(&self, user: &UserId, room: &RoomId) -> DbResult<Unread> {
+        Ok(self.get_json(Table::Unread, user.as_bytes(), room.as_bytes())?.unwrap_or_default())
+    }
+
+    // ---- account data, filters, aliases, directory, presence, pushers
+
+    pub fn account_data(&self, user: &UserId, room: Option<&RoomId>, kind: &str) -> DbResult<Option<AccountDataEntry>> {
+        self.get_json(Table::AccountData, user.as_bytes(), &account_data_ck(room, kind))
+    }
+
+    /// All account data of a user: (room or None, type, entry).
+    pub fn all_account_data(&self, user: &UserId, limit: usize) -> DbResult<Vec<(Option<String>, String, AccountDataEntry)>> {
+        let rows = self.scan_json::<AccountDataEntry>(Scan::partition(Table::AccountData, user.as_bytes(), limit))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(ck, e)| {
+                let nul = ck.iter().position(|b| *b == 0)?;
+                let room = if nul == 0 { None } else { Some(String::from_utf8_lossy(&ck[..nul]).into_owned()) };
+                Some((room, String::from_utf8_lossy(&ck[nul + 1..]).into_owned(), e))
+            })
+            .collect())
+    }
+
+    pub fn put_account_data(&self, user: &UserId, room: Option<&RoomId>, kind: &str, entry: &AccountDataEntry, extra: Vec<Write>) -> DbResult<()> {
+        let mut writes = vec![Write::put(Table::AccountData, user.as_bytes(), account_data_ck(room, kind), encode(entry))];
+        writes.extend(extra);
+        Ok(self.store.write(writes)?)
+    }
+
+    pub fn filter(&self, user: &UserId, id: &str) -> DbResult<Option<Value>> {
+        self.get_json(Table::Filters, user.as_bytes(), id.as_bytes())
+    }
+
+    /// Stores a filter under a content-derived id, so equal filters share one.
+    pub fn put_filter(&self, user: &UserId, filter: &Value) -> DbResult<String> {
+        let bytes = encode(filter);
+        let id = format!("{:x}", tessera_shared::ring::stable_hash(&bytes));
+        self.store.write(vec![Write::put(Table::Filters, user.as_bytes(), id.as_bytes(), bytes)])?;
+        Ok(id)
+    }
+
+    pub fn alias(&self, alias: &str) -> DbResult<Option<String>> {
+        Ok(self.store.get(Table::Aliases, alias.as_bytes(), b"")?.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// Creates an alias if free; false when taken.
+    pub fn create_alias(&self, alias: &str, room: &RoomId, creator: &UserId) -> DbResult<bool> {
+        let record = serde_json::json!({ "room_id": room, "creator": creator });
+        if self.store.insert_if_absent(Table::Aliases, alias.as_bytes(), b"", room.as_bytes())?.is_some() {
+            return Ok(false);
+        }
+        self.store.write(vec![Write::put(Table::RoomAliases, room.as_bytes(), alias.as_bytes(), encode(&record))])?;
+        Ok(true)
+    }
+
+    pub fn alias_creator(&self, room: &RoomId, alias: &str) -> DbResult<Option<String>> {
+        let rec: Option<Value> = self.get_json(Table::RoomAliases, room.as_bytes(), alias.as_bytes())?;
+        Ok(rec.and_then(|r| r.get("creator").and_then(Value::as_str).map(str::to_owned)))
+    }
+
+    pub fn delete_alias(&self, alias: &str, room: &RoomId) -> DbResult<()> {
+        Ok(self.store.write(vec![Write::delete(Table::Aliases, alias.as_bytes(), b"".to_vec()), Write::delete(Table::RoomAliases, room.as_bytes(), alias.as_bytes())])?)
+    }
+
+    pub fn room_aliases(&self, room: &RoomId, limit: usize) -> DbResult<Vec<String>> {
+        Ok(self.store.scan(Scan::partition(Table::RoomAliases, room.as_bytes(), limit))?.into_iter().map(|(k, _)| String::from_utf8_lossy(&k).into_owned()).collect())
+    }
+
+    pub fn set_published(&self, room: &RoomId, public: bool) -> DbResult<()> {
+        let w = if public { Write::put(Table::Directory, DIR_ROOMS.to_vec(), room.as_bytes(), b"".to_vec()) } else { Write::delete(Table::Directory, DIR_ROOMS.to_vec(), room.as_bytes()) };
+        Ok(self.store.write(vec![w])?)
+    }
+
+    pub fn is_published(&self, room: &RoomId) -> DbResult<bool> {
+        Ok(self.store.get(Table::Directory, DIR_ROOMS, room.as_bytes())?.is_some())
+    }
+
+    pub fn published_rooms(&self, after: Option<&str>, limit: usize) -> DbResult<Vec<String>> {
+        let from = after.map(|a| a.as_bytes());
+        let rows = self.store.scan(Scan { table: Table::Directory, pk: DIR_ROOMS, from: from.map_or(Bound::Unbounded, Bound::Excluded), to: Bound::Unbounded, reverse: false, limit })?;
+        Ok(rows.into_iter().map(|(k, _)| String::from_utf8_lossy(&k).into_owned()).collect())
+    }
+
+    pub fn presence(&self, user: &UserId) -> DbResult<Option<Value>> {
+        self.get_json(Table::Presence, user.as_bytes(), b"")
+    }
+
+    pub fn put_presence(&self, user: &UserId, value: &Value) -> DbResult<()> {
+        Ok(self.store.write(vec![Write::put(Table::Presence, user.as_bytes(), b"".to_vec(), encode(value))])?)
+    }
+
+    pub fn pushers(&self, user: &UserId, limit: usize) -> DbResult<Vec<Value>> {
+        Ok(self.scan_json::<Value>(Scan::partition(Table::Pushers, user.as_bytes(), limit))?.into_iter().map(|(_, v)| v).collect())
+    }
+
+    pub fn put_pusher(&self, user: &UserId, app_id: &str, pushkey: &str, pusher: Option<&Value>) -> DbResult<()> {
+        let ck = [app_id.as_bytes(), b"\0", pushkey.as_bytes()].concat();
+        let w = match pusher {
+            Some(p) => Write::put(Table::Pushers, user.as_bytes(), ck, encode(p)),
+            None => Write::delete(Table::Pushers, user.as_bytes(), ck),
+        };
+        Ok(self.store.write(vec![w])?)
+    }
+
+    pub fn stream_head(&self, shard: u16) -> DbResult<u64> {
+        Ok(self
+            .store
+            .get(Table::StreamHeads, &shard.to_be_bytes(), b"")?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    pub fn stream_head_write(shard: u16, pos: u64) -> Write {
+        Write::put(Table::StreamHeads, shard.to_be_bytes().to_vec(), b"".to_vec(), pos.to_be_bytes().to_vec())
+    }
+
+    /// Adds or updates a user in the user directory.
+    pub fn put_directory_user(&self, user: &UserId, profile: &Value) -> DbResult<()> {
+        Ok(self.store.write(vec![Write::put(Table::Directory, DIR_USERS.to_vec(), user.as_bytes(), encode(profile))])?)
+    }
+
+    /// Users of the directory (bounded scan): (user id, profile).
+    pub fn directory_users(&self, limit: usize) -> DbResult<Vec<(String, Value)>> {
+        Ok(self
+            .scan_json::<Value>(Scan::partition(Table::Directory, DIR_USERS, limit))?
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+            .collect())
+    }
+
+    pub fn meta(&self, key: &str) -> DbResult<Option<Value>> {
+        self.get_json(Table::Meta, key.as_bytes(), b"")
+    }
+}

@@ -1,0 +1,18 @@
+//! tessera-node: a thread-per-core Matrix homeserver node.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the map of this crate.
+
+pub mod api;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod filter;
+pub mod http;
+pub mod keys;
+pub mod pdu;
+pub mod push;
+pub mod ratelimit;
+pub mod room;
+pub mod server;
+pub mod shard;
+pub mod storage;

@@ -1,0 +1,71 @@
+//! The `tessera-node` binary: parses flags, loads configuration, runs the node.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tessera_node::config::Config;
+
+/// Tessera homeserver node.
+#[derive(Parser, Debug)]
+#[command(name = "tessera-node", version, about)]
+struct Cli {
+    /// Configuration file (TOML). Without it, built-in defaults apply.
+    #[arg(short, long, env = "TESSERA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides `listen.address`.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Overrides `data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Overrides `server_name`.
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Overrides `runtime.shards` (0 = one per core).
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Opens registration (`registration.enabled = true`).
+    #[arg(long)]
+    enable_registration: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let cli = Cli::parse();
+    let mut config = match Config::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tessera-node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(a) = cli.listen {
+        config.listen.address = a;
+    }
+    if let Some(d) = cli.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(s) = cli.server_name {
+        config.server_name = s;
+    }
+    if let Some(n) = cli.shards {
+        config.runtime.shards = n;
+    }
+    if cli.enable_registration {
+        config.registration.enabled = true;
+    }
+    if let Err(e) = config.validate() {
+        eprintln!("tessera-node: {e}");
+        return ExitCode::from(2);
+    }
+    match tessera_node::server::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera-node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

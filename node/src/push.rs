@@ -1,0 +1,114 @@
+//! Push rules: each user's rule set (the spec's defaults plus their own
+//! rules, stored as `m.push_rules` account data), evaluated on every new
+//! event to maintain unread notification and highlight counts.
+
+use std::sync::Arc;
+
+use ruma::push::{Action, PushConditionRoomCtx, Ruleset};
+use ruma::serde::Raw;
+use ruma::{OwnedUserId, RoomId, UInt, UserId};
+use serde_json::{Value, json};
+
+use crate::db::{Db, Unread, encode};
+use crate::error::ApiResult;
+use crate::pdu::{Event, Pdu, StoredEvent};
+use crate::room::CachedRoom;
+use crate::shard::Shard;
+use crate::storage::{Table, Write};
+
+/// The user's rule set: their stored one, or the server defaults.
+pub fn ruleset(db: &Db, user: &UserId) -> ApiResult<Ruleset> {
+    if let Some(entry) = db.account_data(user, None, "m.push_rules")?
+        && let Some(global) = entry.content.get("global")
+        && let Ok(rules) = serde_json::from_value::<Ruleset>(global.clone())
+    {
+        return Ok(rules);
+    }
+    Ok(Ruleset::server_default(user))
+}
+
+/// The `m.push_rules` account data content for a rule set.
+pub fn ruleset_content(rules: &Ruleset) -> Value {
+    json!({ "global": rules })
+}
+
+/// Evaluates the push rules of every joined member (except the sender) for
+/// `pdu` and stages their updated unread counts.
+pub fn stage_unread(shard: &Shard, room: &RoomId, cached: &CachedRoom, pdu: &Arc<Pdu>, writes: &mut Vec<Write>) -> ApiResult<()> {
+    let members: Vec<(OwnedUserId, String)> = cached
+        .state
+        .iter()
+        .filter(|((ty, _), (p, _))| ty == "m.room.member" && p.membership().as_deref() == Some("join"))
+        .filter_map(|((_, sk), (p, _))| {
+            let user = UserId::parse(sk.as_str()).ok()?;
+            let name = p.content_value()["displayname"].as_str().unwrap_or(user.localpart()).to_owned();
+            Some((user, name))
+        })
+        .collect();
+    if members.len() < 2 {
+        return Ok(());
+    }
+    let member_count = UInt::try_from(members.len()).unwrap_or(UInt::MAX);
+    let event = Event { pdu: pdu.clone(), stored: Arc::new(StoredEvent { json: String::new(), pos: 0, txn: None, redacted_by: None, prev_content: None, prev_sender: None, replaces_state: None }) };
+    let client = event.to_client(0, None);
+    let Ok(raw) = serde_json::value::to_raw_value(&client) else { return Ok(()) };
+    let raw: Raw<Value> = Raw::from_json(raw);
+    for (user, name) in members {
+        if user == pdu.sender {
+            continue;
+        }
+        let rules = ruleset(&shard.db, &user)?;
+        let ctx = PushConditionRoomCtx::new(room.to_owned(), member_count, user.clone(), name);
+        let actions: Vec<Action> = futures_lite::future::block_on(rules.get_actions(&raw, &ctx)).to_vec();
+        let notify = actions.iter().any(Action::should_notify);
+        let highlight = actions.iter().any(Action::is_highlight);
+        if !notify && !highlight {
+            continue;
+        }
+        let mut counts: Unread = shard.db.unread(&user, room)?;
+        if notify {
+            counts.notifications += 1;
+        }
+        if highlight {
+            counts.highlights += 1;
+        }
+        writes.push(Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(&counts)));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn actions(rules: &Ruleset, event: Value, user: &str, name: &str, members: u32) -> Vec<Action> {
+        let raw: Raw<Value> = Raw::from_json(serde_json::value::to_raw_value(&event).expect("raw"));
+        let ctx = PushConditionRoomCtx::new("!r:x".try_into().expect("room"), members.into(), user.try_into().expect("user"), name.into());
+        futures_lite::future::block_on(rules.get_actions(&raw, &ctx)).to_vec()
+    }
+
+    #[test]
+    fn default_rules_notify_in_one_to_one_and_highlight_mentions() {
+        let bob: OwnedUserId = "@bob:x".try_into().expect("user");
+        let rules = Ruleset::server_default(&bob);
+        let msg = json!({ "type": "m.room.message", "sender": "@alice:x", "content": { "msgtype": "m.text", "body": "hello" }, "room_id": "!r:x", "event_id": "$e" });
+        let a = actions(&rules, msg.clone(), "@bob:x", "Bob", 2);
+        assert!(a.iter().any(Action::should_notify));
+        assert!(!a.iter().any(Action::is_highlight));
+        let mention = json!({ "type": "m.room.message", "sender": "@alice:x", "content": { "msgtype": "m.text", "body": "hi Bob", "m.mentions": { "user_ids": ["@bob:x"] } }, "room_id": "!r:x", "event_id": "$e" });
+        let a = actions(&rules, mention, "@bob:x", "Bob", 50);
+        assert!(a.iter().any(Action::is_highlight));
+        // The sender's own events never notify.
+        let own = json!({ "type": "m.room.message", "sender": "@bob:x", "content": { "msgtype": "m.text", "body": "me" }, "room_id": "!r:x", "event_id": "$e" });
+        assert!(actions(&rules, own, "@bob:x", "Bob", 2).is_empty());
+    }
+
+    #[test]
+    fn stored_content_round_trips() {
+        let bob: OwnedUserId = "@bob:x".try_into().expect("user");
+        let rules = Ruleset::server_default(&bob);
+        let content = ruleset_content(&rules);
+        let back: Ruleset = serde_json::from_value(content["global"].clone()).expect("parse");
+        assert_eq!(serde_json::to_value(&back).expect("ser"), content["global"]);
+    }
+}

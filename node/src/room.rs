@@ -1,0 +1,378 @@
+//! The room writer: creates, authorises and persists room events. Runs only
+//! on the room's owner shard ([`crate::shard::Shard::room_op`] routes there),
+//! and every operation here is synchronous, so the events of one shard are
+//! created strictly one after another.
+//!
+//! **Invariant**: an event is written (event, timeline entry, state entry,
+//! memberships, room head, stream head, unread counts) in one batch, and the
+//! in-memory cache is updated only after that batch succeeded.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
+use ruma::events::{StateEventType, TimelineEventType};
+use ruma::room_version_rules::RoomVersionRules;
+use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
+use serde_json::{Value, json};
+
+use crate::db::{Db, RoomHead, StateEntry, UserRoom, encode, state_ck};
+use crate::error::{ApiError, ApiResult, Error};
+use crate::pdu::{Pdu, StoredEvent, to_canonical};
+use crate::shard::{Draft, NewRoom, RoomOp, RoomReply, Shard, ShardMsg, Typing};
+use crate::storage::{Table, Write};
+
+/// Most rooms whose state a shard keeps in memory; beyond it the cache is
+/// cleared and rooms reload from storage on their next event.
+const CACHED_ROOMS_MAX: usize = 10_000;
+/// Most state entries loaded for one room.
+const ROOM_STATE_MAX: usize = 1_000_000;
+
+/// What the owner shard keeps in memory about a room.
+pub struct CachedRoom {
+    pub head: RoomHead,
+    pub rules: RoomVersionRules,
+    pub state: HashMap<(String, String), (Arc<Pdu>, u64)>,
+}
+
+/// The owner shard's cache of its rooms.
+#[derive(Default)]
+pub struct RoomCache {
+    rooms: RefCell<HashMap<OwnedRoomId, Rc<RefCell<CachedRoom>>>>,
+    /// Typing users and their deadlines (ms), for rooms this shard owns.
+    typing: RefCell<HashMap<OwnedRoomId, Vec<(OwnedUserId, u64)>>>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn rules_for(version: &str) -> ApiResult<RoomVersionRules> {
+    RoomVersionId::try_from(version)
+        .ok()
+        .and_then(|v| v.rules())
+        .ok_or_else(|| ApiError::new(http::StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION", format!("unsupported room version {version}")))
+}
+
+impl RoomCache {
+    fn load(&self, db: &Db, room: &RoomId) -> ApiResult<Rc<RefCell<CachedRoom>>> {
+        if let Some(r) = self.rooms.borrow().get(room) {
+            return Ok(r.clone());
+        }
+        let head = db.room_head(room)?.ok_or_else(|| ApiError::not_found("Unknown room"))?;
+        let rules = rules_for(&head.version)?;
+        let mut state = HashMap::new();
+        for (key, entry) in db.room_state(room, ROOM_STATE_MAX)? {
+            let ev = db.event(&entry.event_id)?.ok_or_else(|| Error::Corrupt(format!("state event {} missing", entry.event_id)))?;
+            state.insert(key, (ev.pdu, entry.pos));
+        }
+        let cached = Rc::new(RefCell::new(CachedRoom { head, rules, state }));
+        let mut rooms = self.rooms.borrow_mut();
+        if rooms.len() >= CACHED_ROOMS_MAX {
+            rooms.clear();
+        }
+        rooms.insert(room.to_owned(), cached.clone());
+        Ok(cached)
+    }
+
+    fn forget(&self, room: &RoomId) {
+        self.rooms.borrow_mut().remove(room);
+    }
+}
+
+/// Executes a room operation on the owner shard.
+pub fn execute(shard: &Rc<Shard>, room: &RoomId, op: RoomOp) -> ApiResult<RoomReply> {
+    debug_assert_eq!(shard.owner_of(room), shard.id, "room ops run on the owner shard");
+    match op {
+        RoomOp::Create(new) => create(shard, room, new),
+        RoomOp::Send(draft) => send(shard, room, draft),
+        RoomOp::Typing { user, typing, timeout_ms } => set_typing(shard, room, user, typing, timeout_ms),
+        RoomOp::Receipt { user, kind, thread, event_id, ts } => receipt(shard, room, user, kind, thread, event_id, ts),
+    }
+}
+
+/// A batch of events being appended, committed at the end.
+struct Batch {
+    writes: Vec<Write>,
+    pos: u64,
+    users: Vec<OwnedUserId>,
+}
+
+fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply> {
+    let rules = rules_for(&new.version)?;
+    if shard.db.room_head(room)?.is_some() {
+        return Err(ApiError::new(http::StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", "Room id already exists"));
+    }
+    let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0 };
+    let mut cached = CachedRoom { head, rules, state: HashMap::new() };
+    let mut batch = Batch { writes: Vec::new(), pos: shard.pos(), users: Vec::new() };
+    let create = Draft { sender: new.creator.clone(), kind: "m.room.create".into(), state_key: Some(String::new()), content: new.create_content, txn: None, redacts: None };
+    append(shard, room, &mut cached, create, &mut batch)?;
+    for draft in new.events {
+        append(shard, room, &mut cached, draft, &mut batch)?;
+    }
+    commit(shard, room, cached, batch)?;
+    Ok(RoomReply::Done)
+}
+
+fn send(shard: &Rc<Shard>, room: &RoomId, draft: Draft) -> ApiResult<RoomReply> {
+    if let Some((device, txn_id)) = &draft.txn
+        && let Some(existing) = shard.db.txn(&draft.sender, device, txn_id)?
+    {
+        let id = OwnedEventId::try_from(existing).map_err(|e| Error::Corrupt(e.to_string()))?;
+        return Ok(RoomReply::Event(id));
+    }
+    let cached_rc = shard.rooms.load(&shard.db, room)?;
+    // Work on a copy so a failed commit leaves the cache as it was.
+    let snapshot = {
+        let c = cached_rc.borrow();
+        CachedRoom { head: c.head.clone(), rules: c.rules.clone(), state: c.state.clone() }
+    };
+    let mut cached = snapshot;
+    let mut batch = Batch { writes: Vec::new(), pos: shard.pos(), users: Vec::new() };
+    let id = append(shard, room, &mut cached, draft, &mut batch)?;
+    match commit(shard, room, cached, batch) {
+        Ok(()) => Ok(RoomReply::Event(id)),
+        Err(e) => {
+            shard.rooms.forget(room);
+            Err(e)
+        }
+    }
+}
+
+fn commit(shard: &Rc<Shard>, room: &RoomId, mut cached: CachedRoom, mut batch: Batch) -> ApiResult<()> {
+    cached.head.last_event_pos = batch.pos;
+    batch.writes.push(Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(&cached.head)));
+    batch.writes.push(Db::stream_head_write(shard.id as u16, batch.pos));
+    shard.db.store.write(batch.writes)?;
+    shard.rooms.rooms.borrow_mut().insert(room.to_owned(), Rc::new(RefCell::new(cached)));
+    shard.publish(batch.pos, vec![room.to_owned()], batch.users);
+    Ok(())
+}
+
+fn power_level(state: &HashMap<(String, String), (Arc<Pdu>, u64)>, user: &UserId, creator: &str) -> (i64, Value) {
+    match state.get(&("m.room.power_levels".to_owned(), String::new())) {
+        Some((pl, _)) => {
+            let content = pl.content_value();
+            let level = content["users"][user.as_str()].as_i64().or_else(|| content["users_default"].as_i64()).unwrap_or(0);
+            (level, content)
+        }
+        None => (if user.as_str() == creator { 100 } else { 0 }, Value::Null),
+    }
+}
+
+/// Builds, authorises and stages one event; returns its id.
+fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, batch: &mut Batch) -> ApiResult<OwnedEventId> {
+    let kind = TimelineEventType::from(draft.kind.as_str());
+    let content_raw = serde_json::value::to_raw_value(&draft.content).map_err(|e| ApiError::bad_json(e.to_string()))?;
+    let auth_types = ruma::state_res::auth_types_for_event(&kind, &draft.sender, draft.state_key.as_deref(), &content_raw, &cached.rules.authorization)
+        .map_err(ApiError::bad_json)?;
+    let mut auth_events: Vec<OwnedEventId> = Vec::new();
+    let mut auth_map: BTreeMap<OwnedEventId, Arc<Pdu>> = BTreeMap::new();
+    for (ty, sk) in auth_types {
+        if let Some((pdu, _)) = cached.state.get(&(ty.to_string(), sk)) {
+            let id = pdu.id().to_owned();
+            if auth_map.insert(id.clone(), pdu.clone()).is_none() {
+                auth_events.push(id);
+            }
+        }
+    }
+    // Room version 11 takes the create event from auth_events too.
+    if kind != TimelineEventType::RoomCreate
+        && let Some((create, _)) = cached.state.get(&("m.room.create".to_owned(), String::new()))
+    {
+        let id = create.id().to_owned();
+        if auth_map.insert(id.clone(), create.clone()).is_none() {
+            auth_events.push(id);
+        }
+    }
+
+    // Redactions: v11 auth rules leave the check to us (sender may redact
+    // their own events, others need the `redact` power level).
+    if kind == TimelineEventType::RoomRedaction {
+        let target = draft.redacts.as_ref().ok_or_else(|| ApiError::bad_json("redaction without target"))?;
+        if let Some(ev) = shard.db.event(target)?
+            && ev.pdu.room_id == room
+            && ev.pdu.sender != draft.sender
+        {
+            let (level, pl) = power_level(&cached.state, &draft.sender, &cached.head.creator);
+            let needed = pl["redact"].as_i64().unwrap_or(50);
+            if level < needed {
+                return Err(ApiError::forbidden("You don't have permission to redact this event"));
+            }
+        }
+    }
+
+    let ts = now_ms();
+    let depth = cached.head.depth + 1;
+    let content = to_canonical(draft.content.clone()).map_err(ApiError::bad_json)?;
+    let mut obj = CanonicalJsonObject::new();
+    let ids = |v: &[OwnedEventId]| CanonicalJsonValue::Array(v.iter().map(|e| CanonicalJsonValue::String(e.to_string())).collect());
+    obj.insert("auth_events".into(), ids(&auth_events));
+    obj.insert("content".into(), CanonicalJsonValue::Object(content));
+    obj.insert("depth".into(), CanonicalJsonValue::Integer(depth.try_into().map_err(|_| Error::EventBuild("depth overflow".into()))?));
+    obj.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(ts.try_into().map_err(|_| Error::EventBuild("clock overflow".into()))?));
+    obj.insert("prev_events".into(), ids(&cached.head.extremities));
+    obj.insert("room_id".into(), CanonicalJsonValue::String(room.to_string()));
+    obj.insert("sender".into(), CanonicalJsonValue::String(draft.sender.to_string()));
+    obj.insert("type".into(), CanonicalJsonValue::String(draft.kind.clone()));
+    if let Some(sk) = &draft.state_key {
+        obj.insert("state_key".into(), CanonicalJsonValue::String(sk.clone()));
+    }
+    if let Some(r) = &draft.redacts {
+        obj.insert("redacts".into(), CanonicalJsonValue::String(r.to_string()));
+    }
+    ruma::signatures::hash_and_sign_event(shard.server_name.as_str(), &*shard.key, &mut obj, &cached.rules.redaction)
+        .map_err(|e| Error::EventBuild(e.to_string()))?;
+    let hash = ruma::signatures::reference_hash(&obj, &cached.rules).map_err(|e| match e {
+        ruma::signatures::JsonError::PduTooLarge => ApiError::too_large("Event is larger than 65536 bytes"),
+        other => ApiError::from(Error::EventBuild(other.to_string())),
+    })?;
+    let event_id = OwnedEventId::try_from(format!("${hash}")).map_err(|e| Error::EventBuild(e.to_string()))?;
+    let json = CanonicalJsonValue::Object(obj).to_string();
+    let pdu = Arc::new(Pdu::parse(&json, event_id.clone()).map_err(|e| Error::EventBuild(e.to_string()))?);
+
+    let fetch_event = |id: &EventId| auth_map.get(id).cloned();
+    ruma::state_res::check_state_independent_auth_rules(&cached.rules.authorization, &*pdu, fetch_event).map_err(Error::AuthRules)?;
+    let fetch_state = |ty: &StateEventType, sk: &str| cached.state.get(&(ty.to_string(), sk.to_owned())).map(|(p, _)| p.clone());
+    ruma::state_res::check_state_dependent_auth_rules(&cached.rules.authorization, &*pdu, fetch_state).map_err(Error::AuthRules)?;
+
+    // Staged: allocate the position and write everything.
+    batch.pos += 1;
+    let pos = batch.pos;
+    let mut stored = StoredEvent { json, pos, txn: draft.txn.clone(), redacted_by: None, prev_content: None, prev_sender: None, replaces_state: None };
+    if let Some(sk) = &draft.state_key
+        && let Some((prev, _)) = cached.state.get(&(draft.kind.clone(), sk.clone()))
+    {
+        stored.prev_content = Some(prev.content.clone());
+        stored.prev_sender = Some(prev.sender.to_string());
+        stored.replaces_state = Some(prev.id().to_string());
+    }
+    batch.writes.push(Write::put(Table::Events, event_id.as_bytes(), b"".to_vec(), encode(&stored)));
+    batch.writes.push(Write::put(Table::Timeline, room.as_bytes(), pos.to_be_bytes().to_vec(), event_id.as_bytes()));
+    if let Some((device, txn_id)) = &draft.txn {
+        batch.writes.push(Db::txn_write(&draft.sender, device, txn_id, &event_id));
+    }
+    if let Some(target) = &draft.redacts
+        && let Some(ev) = shard.db.event(target)?
+        && ev.pdu.room_id == room
+    {
+        let mut redacted = (*ev.stored).clone();
+        redacted.redacted_by = Some(event_id.to_string());
+        batch.writes.push(Write::put(Table::Events, target.as_bytes(), b"".to_vec(), encode(&redacted)));
+    }
+    if let Some(sk) = &draft.state_key {
+        let entry = StateEntry { event_id: event_id.clone(), pos };
+        batch.writes.push(Write::put(Table::RoomState, room.as_bytes(), state_ck(&draft.kind, sk), encode(&entry)));
+        if let Some(membership) = pdu.membership()
+            && let Ok(target) = UserId::parse(sk.as_str())
+        {
+            let ur = UserRoom { membership, event_id: event_id.to_string(), pos, shard: shard.id as u16, forgotten: false };
+            batch.writes.push(Write::put(Table::UserRooms, target.as_bytes(), room.as_bytes(), encode(&ur)));
+            batch.users.push(target);
+        }
+        cached.state.insert((draft.kind.clone(), sk.clone()), (pdu.clone(), pos));
+    }
+    crate::push::stage_unread(shard, room, cached, &pdu, &mut batch.writes)?;
+    cached.head.extremities = vec![event_id.clone()];
+    cached.head.depth = depth;
+    shard.metrics().events_created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(event_id)
+}
+
+fn set_typing(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId, typing: bool, timeout_ms: u64) -> ApiResult<RoomReply> {
+    // Typing expiry: the owner shard keeps deadlines; a timer task clears them.
+    let deadline = now_ms().saturating_add(timeout_ms);
+    let users = {
+        let mut all = shard.rooms.typing.borrow_mut();
+        let map = all.entry(room.to_owned()).or_default();
+        let now = now_ms();
+        map.retain(|(u, d)| *u != user && *d > now);
+        if typing {
+            map.push((user.clone(), deadline));
+        }
+        map.iter().map(|(u, _)| u.clone()).collect::<Vec<_>>()
+    };
+    publish_typing(shard, room, users)?;
+    if typing {
+        let shard = shard.clone();
+        let room = room.to_owned();
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(std::time::Duration::from_millis(timeout_ms.saturating_add(10))).await;
+            let now = now_ms();
+            let remaining = {
+                let mut all = shard.rooms.typing.borrow_mut();
+                let map = all.entry(room.clone()).or_default();
+                let before = map.len();
+                map.retain(|(_, d)| *d > now);
+                (before != map.len()).then(|| map.iter().map(|(u, _)| u.clone()).collect::<Vec<_>>())
+            };
+            if let Some(users) = remaining {
+                let _ = publish_typing(&shard, &room, users);
+            }
+        })
+        .detach();
+    }
+    Ok(RoomReply::Done)
+}
+
+fn publish_typing(shard: &Rc<Shard>, room: &RoomId, users: Vec<OwnedUserId>) -> ApiResult<()> {
+    let pos = shard.next_pos();
+    shard.db.store.write(vec![Db::stream_head_write(shard.id as u16, pos)])?;
+    shard.typing.borrow_mut().insert(room.to_owned(), Typing { users: users.clone(), pos, shard: shard.id as u16 });
+    {
+        let mut heads = shard.heads.borrow_mut();
+        heads[shard.id] = pos;
+    }
+    shard.notifier.notify(&[room.to_owned()], &[]);
+    shard.broadcast(|| ShardMsg::Typing { room: room.to_owned(), users: users.clone(), pos, shard: shard.id as u16 });
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn receipt(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId, kind: String, thread: String, event_id: OwnedEventId, ts: u64) -> ApiResult<RoomReply> {
+    let ev = shard.db.event(&event_id)?.ok_or_else(|| ApiError::not_found("Unknown event"))?;
+    if ev.pdu.room_id != room {
+        return Err(ApiError::not_found("Event is not in this room"));
+    }
+    let cached_rc = shard.rooms.load(&shard.db, room)?;
+    let pos = shard.next_pos();
+    let receipt = crate::db::Receipt { event_id: event_id.to_string(), ts, pos };
+    let mut head = cached_rc.borrow().head.clone();
+    head.last_receipt_pos = pos;
+    let mut writes = vec![
+        Write::put(Table::Receipts, room.as_bytes(), Db::receipt_ck(&kind, &thread, &user), encode(&receipt)),
+        Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(&head)),
+        Db::stream_head_write(shard.id as u16, pos),
+    ];
+    // A read receipt on the latest events clears the unread counts.
+    if kind == "m.read" || kind == "m.read.private" {
+        writes.push(Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(&crate::db::Unread::default())));
+    }
+    shard.db.store.write(writes)?;
+    cached_rc.borrow_mut().head = head;
+    shard.publish(pos, vec![room.to_owned()], vec![user]);
+    Ok(RoomReply::Done)
+}
+
+/// Content of the first `m.room.member` join for a user, from their profile.
+pub fn member_content(db: &Db, user: &UserId, membership: &str, reason: Option<&str>) -> ApiResult<Value> {
+    let mut content = json!({ "membership": membership });
+    if membership == "join" || membership == "invite" {
+        if let Some(account) = db.account(user)? {
+            if let Some(d) = account.displayname {
+                content["displayname"] = json!(d);
+            }
+            if let Some(a) = account.avatar_url {
+                content["avatar_url"] = json!(a);
+            }
+        }
+    }
+    if let Some(r) = reason {
+        content["reason"] = json!(r);
+    }
+    Ok(content)
+}

@@ -1,0 +1,241 @@
+//! The node runtime: one glommio executor per shard, each accepting on the
+//! same port (SO_REUSEPORT) and serving HTTP/1.1 with hyper; the channel mesh
+//! between shards; signal handling and clean shutdown.
+//!
+//! **Invariant**: nothing here blocks a shard thread except storage calls,
+//! which are short and bounded.
+
+use std::cell::RefCell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures_lite::{AsyncRead, AsyncWrite, FutureExt};
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+use hyper::service::service_fn;
+use ruma::OwnedServerName;
+use tessera_shared::ring::Ring;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::shard::{Notifier, Shard, ShardMetrics, ShardMsg};
+use crate::storage::Store;
+use crate::storage::embedded::Embedded;
+
+/// Virtual nodes per shard on the ring.
+const RING_VNODES: u32 = 64;
+
+/// Adapts a glommio TCP stream to hyper's I/O traits.
+struct HyperIo(TcpStream);
+
+impl hyper::rt::Read for HyperIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, mut buf: hyper::rt::ReadBufCursor<'_>) -> Poll<std::io::Result<()>> {
+        // SAFETY: we only write initialised bytes into the slice through
+        // `poll_read`, then advance by exactly the number written.
+        let slice = unsafe {
+            let uninit = buf.as_mut();
+            std::ptr::write_bytes(uninit.as_mut_ptr(), 0, uninit.len());
+            std::slice::from_raw_parts_mut(uninit.as_mut_ptr().cast::<u8>(), uninit.len())
+        };
+        match Pin::new(&mut self.0).poll_read(cx, slice) {
+            Poll::Ready(Ok(n)) => {
+                // SAFETY: `n` bytes were initialised by the read above.
+                unsafe { buf.advance(n) };
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl hyper::rt::Write for HyperIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_close(cx)
+    }
+}
+
+/// Opens the configured storage backend.
+pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let dir = config.data_dir.join("store");
+    let store = Embedded::open(&dir, config.storage.durability, config.storage.cache_mib << 20)
+        .with_context(|| format!("opening embedded store at {}", dir.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// Runs the node until SIGTERM or SIGINT.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let store = open_store(&config)?;
+    let key = Arc::new(crate::keys::load_or_create(&config.data_dir)?);
+    let server_name: OwnedServerName = config.server_name.as_str().try_into().context("server_name")?;
+    let count = config.shard_count();
+    let count_u16 = u16::try_from(count).context("too many shards")?;
+    let ring = Ring::single_node(count_u16, RING_VNODES)?;
+    let db = Db::new(store.clone());
+    let mut heads = Vec::with_capacity(count);
+    for s in 0..count_u16 {
+        heads.push(db.stream_head(s)?);
+    }
+    let metrics: Arc<Vec<ShardMetrics>> = Arc::new((0..count).map(|_| ShardMetrics::default()).collect());
+    let mesh = MeshBuilder::<ShardMsg, _>::full(count, config.runtime.mesh_channel_depth);
+
+    let mut shutdown_txs = Vec::new();
+    let mut handles = Vec::new();
+    for id in 0..count {
+        let (tx, rx) = flume::bounded::<()>(1);
+        shutdown_txs.push(tx);
+        let (config, db, key, server_name, ring, metrics, mesh, heads) =
+            (config.clone(), db.clone(), key.clone(), server_name.clone(), ring.clone(), metrics.clone(), mesh.clone(), heads.clone());
+        let handle = LocalExecutorBuilder::new(Placement::Unbound)
+            .name(&format!("shard-{id}"))
+            .io_memory(config.runtime.io_memory_kib << 10)
+            .spawn(move || async move {
+                let senders_receivers = if count > 1 { Some(mesh.join().await) } else { None };
+                let (mesh_senders, receivers) = match senders_receivers {
+                    Some(Ok((s, r))) => (Some(Rc::new(s)), Some(r)),
+                    Some(Err(e)) => return Err(anyhow::anyhow!("shard {id}: joining the channel mesh failed: {e}")),
+                    None => (None, None),
+                };
+                let shard = Rc::new(Shard {
+                    id,
+                    count,
+                    limiter: crate::ratelimit::RateLimiter::new(config.rate_limits.clone()),
+                    config,
+                    db,
+                    key,
+                    server_name,
+                    ring,
+                    metrics,
+                    mesh: mesh_senders,
+                    heads: RefCell::new(heads),
+                    notifier: Rc::new(Notifier::default()),
+                    rooms: Default::default(),
+                    typing: Default::default(),
+                    shutting_down: Default::default(),
+                });
+                shard_main(shard, receivers, rx).await
+            })
+            .map_err(|e| anyhow::anyhow!("starting shard {id}: {e} (glommio needs locked memory: run as root, raise LimitMEMLOCK or lower runtime.io_memory_kib)"))?;
+        handles.push(handle);
+    }
+
+    // Signals arrive on a plain thread and are forwarded to every shard.
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+    let signal_handle = signals.handle();
+    let signal_thread = std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            tracing::info!("shutdown requested");
+            for tx in &shutdown_txs {
+                let _ = tx.try_send(());
+            }
+        }
+    });
+
+    let mut result = Ok(());
+    for (id, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(e) => result = Err(anyhow::anyhow!("shard {id} failed: {e}")),
+        }
+    }
+    signal_handle.close();
+    let _ = signal_thread.join();
+    store.flush().context("flushing storage")?;
+    tracing::info!("stopped");
+    result
+}
+
+async fn shard_main(shard: Rc<Shard>, receivers: Option<glommio::channels::channel_mesh::Receivers<ShardMsg>>, shutdown: flume::Receiver<()>) -> anyhow::Result<()> {
+    if let Some(mut receivers) = receivers {
+        for (_, rx) in receivers.streams() {
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                while let Some(msg) = rx.recv().await {
+                    shard.receive(msg);
+                }
+            })
+            .detach();
+        }
+    }
+    let listener = TcpListener::bind(shard.config.listen.address).map_err(|e| anyhow::anyhow!("binding {}: {e}", shard.config.listen.address))?;
+    if shard.id == 0 {
+        tracing::info!(address = %shard.config.listen.address, shards = shard.count, server_name = %shard.server_name, "listening");
+    }
+    let open = Rc::new(std::cell::Cell::new(0usize));
+    let (stop_tx, stop_rx) = flume::bounded::<()>(1);
+    let accept = async {
+        loop {
+            let stream = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            if open.get() >= shard.config.limits.connections_per_shard_max {
+                drop(stream);
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let peer = stream.peer_addr().ok();
+            let shard = shard.clone();
+            let open = open.clone();
+            let stop = stop_rx.clone();
+            open.set(open.get() + 1);
+            shard.metrics().connections.fetch_add(1, Ordering::Relaxed);
+            glommio::spawn_local(async move {
+                let svc_shard = shard.clone();
+                let service = service_fn(move |req| {
+                    let shard = svc_shard.clone();
+                    async move { Ok::<_, std::convert::Infallible>(crate::http::handle(shard, req, peer).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(HyperIo(stream), service);
+                let mut conn = std::pin::pin!(conn);
+                let first = async { Some(conn.as_mut().await) }.or(async {
+                    let _ = stop.recv_async().await;
+                    None
+                });
+                if first.await.is_none() {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.as_mut().or(async {
+                        glommio::timer::sleep(Duration::from_secs(shard.config.runtime.shutdown_grace_secs)).await;
+                        Ok(())
+                    })
+                    .await;
+                }
+                open.set(open.get() - 1);
+                shard.metrics().connections.fetch_sub(1, Ordering::Relaxed);
+            })
+            .detach();
+        }
+    };
+    let stopped = async {
+        let _ = shutdown.recv_async().await;
+    };
+    accept.or(stopped).await;
+    // Stop accepting; wake long-polls so they answer now; let open requests finish.
+    drop(listener);
+    shard.shutting_down.set(true);
+    shard.notifier.wake_all();
+    drop(stop_tx);
+    let deadline = std::time::Instant::now() + Duration::from_secs(shard.config.runtime.shutdown_grace_secs);
+    while open.get() > 0 && std::time::Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! A shard: one glommio executor thread, its owned state, and its messages
+//! to the other shards.
+//!
+//! **Invariant**: events of a room are created only on the room's owner
+//! shard (`Shard::owner_of`); other shards forward [`RoomOp`]s over the
+//! channel mesh and await the reply. Each shard numbers everything it
+//! writes with its own stream position, persisted in the same batch as the
+//! write; it announces a position to the other shards only after the write
+//! returned, so a position seen in a sync token is always readable.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use glommio::channels::channel_mesh::Senders;
+use ruma::signatures::Ed25519KeyPair;
+use ruma::{OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId};
+use serde_json::Value;
+use tessera_shared::ring::Ring;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::error::{ApiError, ApiResult, Error};
+use crate::ratelimit::RateLimiter;
+use crate::room::RoomCache;
+
+/// An event to append to a room, prepared by a handler on any shard.
+#[derive(Debug)]
+pub struct Draft {
+    pub sender: OwnedUserId,
+    pub kind: String,
+    pub state_key: Option<String>,
+    pub content: Value,
+    /// (device id, transaction id) for idempotent sends.
+    pub txn: Option<(String, String)>,
+    pub redacts: Option<OwnedEventId>,
+}
+
+/// Everything a new room starts with (`createRoom`), resolved by the handler.
+#[derive(Debug)]
+pub struct NewRoom {
+    pub creator: OwnedUserId,
+    pub version: String,
+    /// Events after `m.room.create`, in order: creator join, power levels,
+    /// alias, presets, initial state, name, topic, invites.
+    pub events: Vec<Draft>,
+    pub create_content: Value,
+}
+
+/// Work that must run on a room's owner shard.
+#[derive(Debug)]
+pub enum RoomOp {
+    Create(NewRoom),
+    Send(Draft),
+    Typing { user: OwnedUserId, typing: bool, timeout_ms: u64 },
+    Receipt { user: OwnedUserId, kind: String, thread: String, event_id: OwnedEventId, ts: u64 },
+}
+
+/// The owner shard's answer to a [`RoomOp`].
+#[derive(Debug)]
+pub enum RoomReply {
+    Event(OwnedEventId),
+    Done,
+}
+
+/// Messages between shards.
+pub enum ShardMsg {
+    Room { room: OwnedRoomId, op: RoomOp, reply: flume::Sender<ApiResult<RoomReply>> },
+    /// A shard's stream advanced to `pos`, touching these rooms and users.
+    Advanced { shard: u16, pos: u64, rooms: Vec<OwnedRoomId>, users: Vec<OwnedUserId> },
+    /// Typing state of a room changed (owner shard to all).
+    Typing { room: OwnedRoomId, users: Vec<OwnedUserId>, pos: u64, shard: u16 },
+}
+
+/// Node-wide counters, one slot per shard to keep cores from sharing cache lines.
+#[derive(Default)]
+pub struct ShardMetrics {
+    pub requests: AtomicU64,
+    pub responses_4xx: AtomicU64,
+    pub responses_5xx: AtomicU64,
+    pub request_us_total: AtomicU64,
+    pub events_created: AtomicU64,
+    pub syncs: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+/// Per-room typing state known to a shard.
+#[derive(Clone, Debug, Default)]
+pub struct Typing {
+    pub users: Vec<OwnedUserId>,
+    pub pos: u64,
+    pub shard: u16,
+}
+
+/// Wakes long-polling syncs of this shard.
+#[derive(Default)]
+pub struct Notifier {
+    next_id: Cell<u64>,
+    waiters: RefCell<HashMap<u64, flume::Sender<()>>>,
+    by_room: RefCell<HashMap<OwnedRoomId, Vec<u64>>>,
+    by_user: RefCell<HashMap<OwnedUserId, Vec<u64>>>,
+}
+
+/// A registered sync waiter; unregisters itself on drop.
+pub struct Waiter {
+    id: u64,
+    pub rx: flume::Receiver<()>,
+    rooms: Vec<OwnedRoomId>,
+    user: OwnedUserId,
+    notifier: Rc<Notifier>,
+}
+
+impl Notifier {
+    pub fn waiting(&self) -> usize {
+        self.waiters.borrow().len()
+    }
+
+    pub fn register(self: &Rc<Self>, user: OwnedUserId, rooms: Vec<OwnedRoomId>) -> Waiter {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        let (tx, rx) = flume::bounded(1);
+        self.waiters.borrow_mut().insert(id, tx);
+        for r in &rooms {
+            self.by_room.borrow_mut().entry(r.clone()).or_default().push(id);
+        }
+        self.by_user.borrow_mut().entry(user.clone()).or_default().push(id);
+        Waiter { id, rx, rooms, user, notifier: self.clone() }
+    }
+
+    pub fn notify(&self, rooms: &[OwnedRoomId], users: &[OwnedUserId]) {
+        let waiters = self.waiters.borrow();
+        let wake = |ids: Option<&Vec<u64>>| {
+            for id in ids.into_iter().flatten() {
+                if let Some(tx) = waiters.get(id) {
+                    let _ = tx.try_send(());
+                }
+            }
+        };
+        let by_room = self.by_room.borrow();
+        for r in rooms {
+            wake(by_room.get(r));
+        }
+        let by_user = self.by_user.borrow();
+        for u in users {
+            wake(by_user.get(u));
+        }
+    }
+
+    pub fn wake_all(&self) {
+        for tx in self.waiters.borrow().values() {
+            let _ = tx.try_send(());
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let n = &self.notifier;
+        n.waiters.borrow_mut().remove(&self.id);
+        let mut by_room = n.by_room.borrow_mut();
+        for r in &self.rooms {
+            if let Some(ids) = by_room.get_mut(r) {
+                ids.retain(|i| *i != self.id);
+                if ids.is_empty() {
+                    by_room.remove(r);
+                }
+            }
+        }
+        let mut by_user = n.by_user.borrow_mut();
+        if let Some(ids) = by_user.get_mut(&self.user) {
+            ids.retain(|i| *i != self.id);
+            if ids.is_empty() {
+                by_user.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// One shard's context, shared by its tasks (never across threads).
+pub struct Shard {
+    pub id: usize,
+    pub count: usize,
+    pub config: Arc<Config>,
+    pub db: Db,
+    pub key: Arc<Ed25519KeyPair>,
+    pub server_name: OwnedServerName,
+    pub ring: Ring,
+    pub metrics: Arc<Vec<ShardMetrics>>,
+    pub mesh: Option<Rc<Senders<ShardMsg>>>,
+    /// Highest announced stream position of every shard.
+    pub heads: RefCell<Vec<u64>>,
+    pub notifier: Rc<Notifier>,
+    pub rooms: RoomCache,
+    pub typing: RefCell<HashMap<OwnedRoomId, Typing>>,
+    pub limiter: RateLimiter,
+    pub shutting_down: Cell<bool>,
+}
+
+impl Shard {
+    /// This shard's own stream head.
+    pub fn pos(&self) -> u64 {
+        self.heads.borrow()[self.id]
+    }
+
+    /// The next position of this shard's stream. The caller must persist it
+    /// (with `Db::stream_head_write`) in the same batch as its write.
+    pub fn next_pos(&self) -> u64 {
+        self.pos() + 1
+    }
+
+    /// The owner shard of a room.
+    pub fn owner_of(&self, room: &RoomId) -> usize {
+        usize::from(self.ring.owner(room.as_bytes()).core)
+    }
+
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.metrics[self.id]
+    }
+
+    /// Records that this shard's stream reached `pos` (after the write
+    /// returned) and tells every shard, waking affected syncs.
+    pub fn publish(&self, pos: u64, rooms: Vec<OwnedRoomId>, users: Vec<OwnedUserId>) {
+        {
+            let mut heads = self.heads.borrow_mut();
+            if heads[self.id] < pos {
+                heads[self.id] = pos;
+            }
+        }
+        self.notifier.notify(&rooms, &users);
+        self.broadcast(|| ShardMsg::Advanced { shard: self.id as u16, pos, rooms: rooms.clone(), users: users.clone() });
+    }
+
+    /// Sends a message to every other shard without blocking the caller.
+    pub fn broadcast(&self, msg: impl Fn() -> ShardMsg) {
+        let Some(mesh) = &self.mesh else { return };
+        for peer in 0..self.count {
+            if peer == self.id {
+                continue;
+            }
+            if let Err(m) = mesh.try_send_to(peer, msg()) {
+                // The peer's queue is full: deliver in order from a task
+                // rather than drop a position announcement.
+                let mesh = mesh.clone();
+                let m = match m {
+                    glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m)) => m,
+                    _ => continue,
+                };
+                glommio::spawn_local(async move {
+                    let _ = mesh.send_to(peer, m).await;
+                })
+                .detach();
+            }
+        }
+    }
+
+    /// Handles a message from another shard.
+    pub fn receive(self: &Rc<Self>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Room { room, op, reply } => {
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    let result = crate::room::execute(&shard, &room, op);
+                    let _ = reply.send_async(result).await;
+                })
+                .detach();
+            }
+            ShardMsg::Advanced { shard, pos, rooms, users } => {
+                {
+                    let mut heads = self.heads.borrow_mut();
+                    if let Some(h) = heads.get_mut(usize::from(shard))
+                        && *h < pos
+                    {
+                        *h = pos;
+                    }
+                }
+                self.notifier.notify(&rooms, &users);
+            }
+            ShardMsg::Typing { room, users, pos, shard } => {
+                {
+                    let mut heads = self.heads.borrow_mut();
+                    if let Some(h) = heads.get_mut(usize::from(shard))
+                        && *h < pos
+                    {
+                        *h = pos;
+                    }
+                }
+                self.typing.borrow_mut().insert(room.clone(), Typing { users, pos, shard });
+                self.notifier.notify(&[room], &[]);
+            }
+        }
+    }
+
+    /// Runs `op` on the room's owner shard and returns its answer.
+    pub async fn room_op(self: &Rc<Self>, room: &RoomId, op: RoomOp) -> ApiResult<RoomReply> {
+        let owner = self.owner_of(room);
+        if owner == self.id {
+            return crate::room::execute(self, room, op);
+        }
+        let mesh = self.mesh.as_ref().ok_or(Error::ShardUnavailable(owner))?;
+        let (tx, rx) = flume::bounded(1);
+        mesh.send_to(owner, ShardMsg::Room { room: room.to_owned(), op, reply: tx }).await.map_err(|_| ApiError::from(Error::ShardUnavailable(owner)))?;
+        rx.recv_async().await.map_err(|_| ApiError::from(Error::ShardUnavailable(owner)))?
+    }
+}

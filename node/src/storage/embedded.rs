@@ -1,0 +1,180 @@
+//! The embedded storage backend, on the fjall LSM engine.
+//!
+//! Each [`Table`] is one fjall keyspace. A row key is
+//! `u16 BE length of pk | pk | ck`, so one partition is one contiguous key
+//! range, ordered by clustering key, exactly like a CQL partition.
+//!
+//! Durability: every write goes through fjall's journal, which hands it to
+//! the operating system before the call returns, so an answered request
+//! survives SIGKILL. With [`Durability::Power`] each batch is also fsynced.
+//!
+//! Conditional inserts take one of a fixed set of striped mutexes keyed by the
+//! row key's hash; they serialise only writers of the same stripe, and only on
+//! the uniqueness path (registration, aliases, transaction ids).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use super::{Durability, Row, Scan, StorageError, StorageResult, Store, Table, Write};
+
+const LOCK_STRIPES: usize = 64;
+
+/// The embedded backend; see the module docs.
+pub struct Embedded {
+    db: Database,
+    tables: HashMap<Table, Keyspace>,
+    durability: Durability,
+    stripes: Vec<Mutex<()>>,
+    hasher: RandomState,
+}
+
+fn engine(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Engine(e.to_string())
+}
+
+fn row_key(pk: &[u8], ck: &[u8]) -> StorageResult<Vec<u8>> {
+    let len = u16::try_from(pk.len()).map_err(|_| StorageError::Engine("partition key longer than 65535 bytes".into()))?;
+    let mut key = Vec::with_capacity(2 + pk.len() + ck.len());
+    key.extend_from_slice(&len.to_be_bytes());
+    key.extend_from_slice(pk);
+    key.extend_from_slice(ck);
+    Ok(key)
+}
+
+/// The smallest key greater than every key starting with `prefix`, or None
+/// when no such key exists (prefix of all 0xff).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+impl Embedded {
+    /// Opens (or creates) the store under `dir`.
+    pub fn open(dir: &Path, durability: Durability, cache_bytes: u64) -> StorageResult<Self> {
+        std::fs::create_dir_all(dir).map_err(engine)?;
+        let db = Database::builder(dir).cache_size(cache_bytes).open().map_err(engine)?;
+        let mut tables = HashMap::new();
+        for table in Table::ALL {
+            let ks = db.keyspace(table.name(), KeyspaceCreateOptions::default).map_err(engine)?;
+            tables.insert(table, ks);
+        }
+        let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
+        Ok(Embedded { db, tables, durability, stripes, hasher: RandomState::new() })
+    }
+
+    fn ks(&self, table: Table) -> StorageResult<&Keyspace> {
+        self.tables.get(&table).ok_or_else(|| StorageError::Engine(format!("table {} not open", table.name())))
+    }
+
+    fn sync_if_needed(&self) -> StorageResult<()> {
+        if self.durability == Durability::Power {
+            self.db.persist(PersistMode::SyncData).map_err(engine)?;
+        }
+        Ok(())
+    }
+}
+
+impl Store for Embedded {
+    fn get(&self, table: Table, pk: &[u8], ck: &[u8]) -> StorageResult<Option<Bytes>> {
+        let key = row_key(pk, ck)?;
+        let value = self.ks(table)?.get(&key).map_err(engine)?;
+        Ok(value.map(|v| Bytes::copy_from_slice(&v)))
+    }
+
+    fn scan(&self, scan: Scan<'_>) -> StorageResult<Vec<Row>> {
+        let prefix = row_key(scan.pk, &[])?;
+        let plen = prefix.len();
+        let with_prefix = |ck: &[u8]| {
+            let mut k = prefix.clone();
+            k.extend_from_slice(ck);
+            k
+        };
+        let lower: Bound<Vec<u8>> = match scan.from {
+            Bound::Included(ck) => Bound::Included(with_prefix(ck)),
+            Bound::Excluded(ck) => Bound::Excluded(with_prefix(ck)),
+            Bound::Unbounded => Bound::Included(prefix.clone()),
+        };
+        let upper: Bound<Vec<u8>> = match scan.to {
+            Bound::Included(ck) => Bound::Included(with_prefix(ck)),
+            Bound::Excluded(ck) => Bound::Excluded(with_prefix(ck)),
+            Bound::Unbounded => match prefix_end(&prefix) {
+                Some(end) => Bound::Excluded(end),
+                None => Bound::Unbounded,
+            },
+        };
+        let ks = self.ks(scan.table)?;
+        let iter = ks.range::<Vec<u8>, _>((lower, upper));
+        let mut rows = Vec::new();
+        let mut push = |guard: fjall::Guard| -> StorageResult<bool> {
+            let (k, v) = guard.into_inner().map_err(engine)?;
+            if k.len() < plen || k[..plen] != prefix[..] {
+                return Ok(true);
+            }
+            rows.push((Bytes::copy_from_slice(&k[plen..]), Bytes::copy_from_slice(&v)));
+            Ok(rows.len() < scan.limit)
+        };
+        if scan.limit == 0 {
+            return Ok(rows);
+        }
+        if scan.reverse {
+            for guard in iter.rev() {
+                if !push(guard)? {
+                    break;
+                }
+            }
+        } else {
+            for guard in iter {
+                if !push(guard)? {
+                    break;
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    fn write(&self, writes: Vec<Write>) -> StorageResult<()> {
+        let mut batch = self.db.batch();
+        for w in writes {
+            match w {
+                Write::Put { table, pk, ck, value } => batch.insert(self.ks(table)?, row_key(&pk, &ck)?, value),
+                Write::Delete { table, pk, ck } => batch.remove(self.ks(table)?, row_key(&pk, &ck)?),
+            }
+        }
+        batch.commit().map_err(engine)?;
+        self.sync_if_needed()
+    }
+
+    fn insert_if_absent(&self, table: Table, pk: &[u8], ck: &[u8], value: &[u8]) -> StorageResult<Option<Bytes>> {
+        let key = row_key(pk, ck)?;
+        let stripe = (self.hasher.hash_one(&key) as usize) % LOCK_STRIPES;
+        // A poisoned stripe only means another thread panicked while holding
+        // it; the data itself is in fjall and stays consistent.
+        let _guard = self.stripes[stripe].lock().unwrap_or_else(|p| p.into_inner());
+        let ks = self.ks(table)?;
+        if let Some(existing) = ks.get(&key).map_err(engine)? {
+            return Ok(Some(Bytes::copy_from_slice(&existing)));
+        }
+        ks.insert(key, value).map_err(engine)?;
+        self.sync_if_needed()?;
+        Ok(None)
+    }
+
+    fn flush(&self) -> StorageResult<()> {
+        self.db.persist(PersistMode::SyncAll).map_err(engine)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,221 @@
+//! The storage interface: a wide-column shape every backend implements.
+//!
+//! Data lives in [`Table`]s. A row is addressed by a *partition key* and a
+//! *clustering key*; rows of one partition are ordered by clustering key and
+//! can be range-scanned. This is exactly what a CQL table with
+//! `PRIMARY KEY ((pk), ck)` offers, so the ScyllaDB backend maps each table
+//! one-to-one, and the embedded backend emulates it with ordered keys.
+//!
+//! **Invariant**: callers never assume atomicity across partitions except
+//! through [`Store::write`], which the embedded backend applies atomically
+//! and the CQL backend sends as a logged batch (eventually all-or-nothing).
+//! Uniqueness (user ids, aliases, transaction ids) goes through
+//! [`Store::insert_if_absent`], a lightweight transaction on CQL.
+//!
+//! **API boundary**: request handlers never use this module directly; they go
+//! through the typed stores in `crate::db`, which own every key layout.
+
+pub mod embedded;
+#[cfg(test)]
+pub mod conformance;
+
+use std::ops::Bound;
+
+use bytes::Bytes;
+
+/// Every table the node stores. The discriminant names the embedded
+/// keyspace and the CQL table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Table {
+    /// Node-wide metadata (schema version, signing key). pk = name.
+    Meta,
+    /// pk = user id (localpart-qualified); ck = "" -> account record.
+    Users,
+    /// pk = access token -> (user, device, expiry).
+    AccessTokens,
+    /// pk = refresh token -> (user, device).
+    RefreshTokens,
+    /// pk = user id; ck = device id -> device record.
+    Devices,
+    /// pk = user id; ck = "" / room id + type -> account data content.
+    AccountData,
+    /// pk = user id; ck = filter id -> filter JSON.
+    Filters,
+    /// pk = user id; ck = (sender device, txn id) -> event id. Idempotency.
+    Transactions,
+    /// pk = event id -> stored event (PDU + metadata).
+    Events,
+    /// pk = room id; ck = stream position -> event id.
+    Timeline,
+    /// pk = room id; ck = (type, state key) -> current state entry.
+    RoomState,
+    /// pk = room id; ck = "" -> room head (version, extremities, depth, positions).
+    Rooms,
+    /// pk = user id; ck = room id -> the user's membership in that room.
+    UserRooms,
+    /// pk = room id; ck = (receipt type, thread, user) -> receipt.
+    Receipts,
+    /// pk = alias -> room id.
+    Aliases,
+    /// pk = room id; ck = alias -> "" (aliases of a room).
+    RoomAliases,
+    /// pk = "rooms" / "users"; ck = room id / user id (published rooms, user directory).
+    Directory,
+    /// pk = user id; ck = room id -> unread notification counts.
+    Unread,
+    /// pk = user id; ck = "" -> presence record.
+    Presence,
+    /// pk = user id; ck = (kind, id) -> pusher JSON.
+    Pushers,
+    /// pk = shard index; ck = "" -> last written stream position.
+    StreamHeads,
+    /// pk = user id; ck = home-shard stream position -> change record.
+    UserStream,
+    /// pk = token -> registration token record.
+    RegistrationTokens,
+}
+
+impl Table {
+    /// All tables, for backends that create them up front.
+    pub const ALL: [Table; 23] = [
+        Table::Meta,
+        Table::Users,
+        Table::AccessTokens,
+        Table::RefreshTokens,
+        Table::Devices,
+        Table::AccountData,
+        Table::Filters,
+        Table::Transactions,
+        Table::Events,
+        Table::Timeline,
+        Table::RoomState,
+        Table::Rooms,
+        Table::UserRooms,
+        Table::Receipts,
+        Table::Aliases,
+        Table::RoomAliases,
+        Table::Directory,
+        Table::Unread,
+        Table::Presence,
+        Table::Pushers,
+        Table::StreamHeads,
+        Table::UserStream,
+        Table::RegistrationTokens,
+    ];
+
+    /// The table's name in every backend.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Meta => "meta",
+            Table::Users => "users",
+            Table::AccessTokens => "access_tokens",
+            Table::RefreshTokens => "refresh_tokens",
+            Table::Devices => "devices",
+            Table::AccountData => "account_data",
+            Table::Filters => "filters",
+            Table::Transactions => "transactions",
+            Table::Events => "events",
+            Table::Timeline => "timeline",
+            Table::RoomState => "room_state",
+            Table::Rooms => "rooms",
+            Table::UserRooms => "user_rooms",
+            Table::Receipts => "receipts",
+            Table::Aliases => "aliases",
+            Table::RoomAliases => "room_aliases",
+            Table::Directory => "directory",
+            Table::Unread => "unread",
+            Table::Presence => "presence",
+            Table::Pushers => "pushers",
+            Table::StreamHeads => "stream_heads",
+            Table::UserStream => "user_stream",
+            Table::RegistrationTokens => "registration_tokens",
+        }
+    }
+}
+
+/// One write of a [`Store::write`] batch.
+#[derive(Clone, Debug)]
+pub enum Write {
+    /// Insert or overwrite a row.
+    Put { table: Table, pk: Vec<u8>, ck: Vec<u8>, value: Vec<u8> },
+    /// Delete a row (absent rows are fine).
+    Delete { table: Table, pk: Vec<u8>, ck: Vec<u8> },
+}
+
+impl Write {
+    /// Shorthand for [`Write::Put`].
+    pub fn put(table: Table, pk: impl Into<Vec<u8>>, ck: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        Write::Put { table, pk: pk.into(), ck: ck.into(), value: value.into() }
+    }
+
+    /// Shorthand for [`Write::Delete`].
+    pub fn delete(table: Table, pk: impl Into<Vec<u8>>, ck: impl Into<Vec<u8>>) -> Self {
+        Write::Delete { table, pk: pk.into(), ck: ck.into() }
+    }
+}
+
+/// A clustering-key range scan of one partition.
+#[derive(Clone, Debug)]
+pub struct Scan<'a> {
+    pub table: Table,
+    pub pk: &'a [u8],
+    pub from: Bound<&'a [u8]>,
+    pub to: Bound<&'a [u8]>,
+    /// Descending clustering order when true.
+    pub reverse: bool,
+    /// The most rows returned; every scan is bounded.
+    pub limit: usize,
+}
+
+impl<'a> Scan<'a> {
+    /// A scan of a whole partition in ascending order.
+    pub fn partition(table: Table, pk: &'a [u8], limit: usize) -> Self {
+        Scan { table, pk, from: Bound::Unbounded, to: Bound::Unbounded, reverse: false, limit }
+    }
+}
+
+/// A row returned by a scan: clustering key and value.
+pub type Row = (Bytes, Bytes);
+
+/// Errors every backend reports.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage engine error: {0}")]
+    Engine(String),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("storage is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Result of a storage call.
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// How far a write has travelled before the call returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Handed to the operating system: survives the process being killed
+    /// (SIGKILL), not a power loss.
+    #[default]
+    Process,
+    /// Flushed to the disk (fsync): survives a power loss; each commit waits
+    /// for the disk.
+    Power,
+}
+
+/// The storage interface. Implementations are shared by every shard of a
+/// node, so they are `Send + Sync`; each call is short and bounded.
+pub trait Store: Send + Sync + 'static {
+    /// Reads one row.
+    fn get(&self, table: Table, pk: &[u8], ck: &[u8]) -> StorageResult<Option<Bytes>>;
+    /// Scans part of one partition in clustering order.
+    fn scan(&self, scan: Scan<'_>) -> StorageResult<Vec<Row>>;
+    /// Applies writes; atomic on the embedded backend, a logged batch on CQL.
+    fn write(&self, writes: Vec<Write>) -> StorageResult<()>;
+    /// Inserts a row only if absent; returns the existing value otherwise.
+    /// This is the only primitive that decides uniqueness.
+    fn insert_if_absent(&self, table: Table, pk: &[u8], ck: &[u8], value: &[u8]) -> StorageResult<Option<Bytes>>;
+    /// Flushes everything to disk (used at shutdown).
+    fn flush(&self) -> StorageResult<()>;
+}

@@ -1,0 +1,1 @@
+//! Tessera relay (placeholder until the relay lands).

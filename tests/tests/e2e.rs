@@ -1,0 +1,258 @@
+//! End-to-end tests of the real `tessera-node` binary over HTTP on loopback.
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+use tessera_tests::{Client, Node, node_bin};
+
+fn two_users(node: &Node) -> (Client, Client) {
+    let mut alice = node.client();
+    alice.register("alice");
+    let mut bob = node.client();
+    bob.register("bob");
+    (alice, bob)
+}
+
+fn shared_room(alice: &Client, bob: &Client) -> String {
+    let room = alice.create_room(json!({ "invite": ["@bob:localhost"], "name": "Test" }));
+    let (status, body) = bob.post(&format!("/_matrix/client/v3/join/{room}"), json!({}));
+    assert_eq!(status, 200, "join: {body}");
+    room
+}
+
+/// All message bodies in a sync response for a room, in timeline order.
+fn bodies(sync: &Value, room: &str) -> Vec<String> {
+    sync["rooms"]["join"][room]["timeline"]["events"]
+        .as_array()
+        .map(|evs| evs.iter().filter(|e| e["type"] == "m.room.message").filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn discovery_endpoints_and_unknown_paths() {
+    let node = Node::start("discovery", "");
+    let c = node.client();
+    let (s, v) = c.get("/_matrix/client/versions");
+    assert_eq!(s, 200);
+    assert!(v["versions"].as_array().is_some_and(|a| a.iter().any(|x| x == "v1.16")));
+    let (s, v) = c.get("/.well-known/matrix/client");
+    assert_eq!(s, 200);
+    assert!(v["m.homeserver"]["base_url"].as_str().is_some_and(|u| u.contains(&node.port.to_string())));
+    let (s, v) = c.get("/_matrix/client/v3/nonexistent");
+    assert_eq!((s, v["errcode"].as_str()), (404, Some("M_UNRECOGNIZED")));
+    let (s, v) = c.request("DELETE", "/_matrix/client/versions", None);
+    assert_eq!((s, v["errcode"].as_str()), (405, Some("M_UNRECOGNIZED")));
+    let (s, v) = c.get("/_matrix/client/v3/account/whoami");
+    assert_eq!((s, v["errcode"].as_str()), (401, Some("M_MISSING_TOKEN")));
+    let (s, _) = c.get("/metrics");
+    assert_eq!(s, 200);
+}
+
+#[test]
+fn register_login_whoami_logout() {
+    let node = Node::start("accounts", "");
+    let mut c = node.client();
+    // The first step of user-interactive auth lists the flows.
+    let (s, v) = c.post("/_matrix/client/v3/register", json!({ "username": "carol", "password": "pw" }));
+    assert_eq!(s, 401);
+    assert_eq!(v["flows"][0]["stages"][0], "m.login.dummy");
+    c.register("carol");
+    let (s, v) = c.get("/_matrix/client/v3/account/whoami");
+    assert_eq!((s, v["user_id"].as_str()), (200, Some("@carol:localhost")));
+    let (s, v) = c.get("/_matrix/client/v3/register/available?username=carol");
+    assert_eq!((s, v["errcode"].as_str()), (400, Some("M_USER_IN_USE")));
+    let (s, v) = c.post("/_matrix/client/v3/login", json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "carol" }, "password": "wrong" }));
+    assert_eq!((s, v["errcode"].as_str()), (403, Some("M_FORBIDDEN")));
+    let (s, v) = c.post("/_matrix/client/v3/login", json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "carol" }, "password": "secret-pass" }));
+    assert_eq!(s, 200, "{v}");
+    let mut second = node.client();
+    second.token = v["access_token"].as_str().map(str::to_owned);
+    let (s, v) = second.get("/_matrix/client/v3/devices");
+    assert_eq!(s, 200);
+    assert_eq!(v["devices"].as_array().map(Vec::len), Some(2));
+    let (s, _) = second.post("/_matrix/client/v3/logout", json!({}));
+    assert_eq!(s, 200);
+    let (s, v) = second.get("/_matrix/client/v3/account/whoami");
+    assert_eq!((s, v["errcode"].as_str()), (401, Some("M_UNKNOWN_TOKEN")));
+    // The first session is untouched.
+    assert_eq!(c.get("/_matrix/client/v3/account/whoami").0, 200);
+}
+
+#[test]
+fn rooms_messages_and_sync_across_shards() {
+    let node = Node::start("rooms", "[runtime]\nshards = 3\n");
+    let (alice, bob) = two_users(&node);
+    // Several rooms so that owners spread over the shards.
+    let rooms: Vec<String> = (0..6).map(|_| shared_room(&alice, &bob)).collect();
+    let (s, initial) = bob.get("/_matrix/client/v3/sync");
+    assert_eq!(s, 200);
+    let token = initial["next_batch"].as_str().expect("next_batch").to_owned();
+    for (i, room) in rooms.iter().enumerate() {
+        alice.send_text(room, &format!("t{i}"), &format!("hello {i}"));
+    }
+    let (s, inc) = bob.get(&format!("/_matrix/client/v3/sync?since={token}"));
+    assert_eq!(s, 200);
+    for (i, room) in rooms.iter().enumerate() {
+        assert_eq!(bodies(&inc, room), vec![format!("hello {i}")], "room {i}: {inc}");
+    }
+    // An incremental sync from the new token is empty: nothing repeats.
+    let next = inc["next_batch"].as_str().expect("next_batch");
+    let (_, again) = bob.get(&format!("/_matrix/client/v3/sync?since={next}"));
+    for room in &rooms {
+        assert!(bodies(&again, room).is_empty(), "repeated events: {again}");
+    }
+    // History pagination, backwards from the end.
+    for i in 0..25 {
+        alice.send_text(&rooms[0], &format!("h{i}"), &format!("history {i}"));
+    }
+    let mut seen = Vec::new();
+    let mut from: Option<String> = None;
+    for _ in 0..20 {
+        let q = from.as_ref().map(|f| format!("&from={f}")).unwrap_or_default();
+        let (s, page) = bob.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=7{q}", rooms[0]));
+        assert_eq!(s, 200, "{page}");
+        for e in page["chunk"].as_array().expect("chunk") {
+            if let Some(b) = e["content"]["body"].as_str() {
+                seen.push(b.to_owned());
+            }
+        }
+        match page["end"].as_str() {
+            Some(end) => from = Some(end.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..25).rev().map(|i| format!("history {i}")).chain(std::iter::once("hello 0".to_owned())).collect();
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn transaction_ids_make_sends_idempotent() {
+    let node = Node::start("txn", "");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let a = alice.send_text(&room, "same", "once");
+    let b = alice.send_text(&room, "same", "once");
+    assert_eq!(a, b);
+    let (_, page) = alice.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"));
+    let count = page["chunk"].as_array().expect("chunk").iter().filter(|e| e["content"]["body"] == "once").count();
+    assert_eq!(count, 1);
+}
+
+#[test]
+fn long_poll_sync_wakes_on_new_event() {
+    let node = Node::start("longpoll", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let (_, initial) = bob.get("/_matrix/client/v3/sync");
+    let token = initial["next_batch"].as_str().expect("token").to_owned();
+    let base = bob.base.clone();
+    let bob_token = bob.token.clone();
+    let waiter = std::thread::spawn(move || {
+        let c = Client::new(base, bob_token);
+        c.get(&format!("/_matrix/client/v3/sync?since={token}&timeout=30000"))
+    });
+    alice.send_text(&room, "wake", "wake up");
+    let (s, body) = waiter.join().expect("thread");
+    assert_eq!(s, 200);
+    assert_eq!(bodies(&body, &room), vec!["wake up".to_owned()], "{body}");
+}
+
+#[test]
+fn answered_events_survive_sigkill() {
+    let mut node = Node::start("sigkill", "");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let ids: Vec<String> = (0..40).map(|i| alice.send_text(&room, &format!("k{i}"), &format!("kill {i}"))).collect();
+    node.kill();
+    node.spawn();
+    for id in &ids {
+        let (s, ev) = alice.get(&format!("/_matrix/client/v3/rooms/{room}/event/{id}"));
+        assert_eq!(s, 200, "event {id} lost after SIGKILL: {ev}");
+    }
+    // Sending continues from the right position: no event is overwritten.
+    let after = alice.send_text(&room, "after", "after restart");
+    let (_, page) = alice.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100"));
+    let chunk = page["chunk"].as_array().expect("chunk");
+    assert_eq!(chunk[0]["event_id"].as_str(), Some(after.as_str()));
+    assert_eq!(chunk.iter().filter(|e| e["type"] == "m.room.message").count(), 41);
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_tokens_survive_restart() {
+    let mut node = Node::start("restart", "");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    alice.send_text(&room, "before", "before restart");
+    let (_, sync) = bob.get("/_matrix/client/v3/sync");
+    let token = sync["next_batch"].as_str().expect("token").to_owned();
+    assert_eq!(node.stop(), Some(0), "exit code after SIGTERM: {}", node.log());
+    node.spawn();
+    alice.send_text(&room, "after", "after restart");
+    let (s, inc) = bob.get(&format!("/_matrix/client/v3/sync?since={token}"));
+    assert_eq!(s, 200);
+    assert_eq!(bodies(&inc, &room), vec!["after restart".to_owned()], "{inc}");
+}
+
+#[test]
+fn unread_counts_follow_push_rules_and_receipts() {
+    let node = Node::start("unread", "");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    alice.send_text(&room, "u1", "one");
+    let last = alice.send_text(&room, "u2", "bob: two");
+    let (_, sync) = bob.get("/_matrix/client/v3/sync");
+    let counts = &sync["rooms"]["join"][&room]["unread_notifications"];
+    assert_eq!(counts["notification_count"], 2, "{sync}");
+    let (s, _) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{last}"), json!({}));
+    assert_eq!(s, 200);
+    let (_, sync) = bob.get("/_matrix/client/v3/sync");
+    assert_eq!(sync["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 0);
+    // Alice sees Bob's receipt.
+    let receipts = alice.get("/_matrix/client/v3/sync").1;
+    let eph = receipts["rooms"]["join"][&room]["ephemeral"]["events"].to_string();
+    assert!(eph.contains("@bob:localhost") && eph.contains(&last), "{eph}");
+}
+
+#[test]
+fn rate_limits_answer_429_with_retry_after() {
+    let node = Node::start_with("ratelimit", "", "[rate_limits]\nenabled = true\n[rate_limits.messages]\nper_second = 0.01\nburst = 3.0\n[rate_limits.registration]\nper_second = 100.0\nburst = 100.0\n[rate_limits.joins]\nper_second = 100.0\nburst = 100.0\n");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    for i in 0..3 {
+        alice.send_text(&room, &format!("r{i}"), "within the burst");
+    }
+    let (s, v) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/r3"), json!({ "msgtype": "m.text", "body": "over" }));
+    assert_eq!((s, v["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")), "{v}");
+    assert!(v["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0));
+    // The limited request stored nothing, and other users keep their own bucket.
+    let (_, page) = alice.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"));
+    assert!(!page.to_string().contains("\"over\""));
+    bob.send_text(&room, "b0", "bob is not limited");
+}
+
+#[test]
+fn invalid_config_fails_fast_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("tessera-badconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "[listen]\nadress = \"127.0.0.1:1\"\n").expect("write");
+    let out = Command::new(node_bin()).arg("--config").arg(&path).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("adress"), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn turn_server_hands_out_rest_credentials() {
+    let node = Node::start("turn", "[turn]\nuris = [\"turn:127.0.0.1:3478?transport=udp\"]\nshared_secret = \"s3cret\"\nttl_secs = 600\n");
+    let mut c = node.client();
+    c.register("dave");
+    let (s, v) = c.get("/_matrix/client/v3/voip/turnServer");
+    assert_eq!(s, 200, "{v}");
+    let username = v["username"].as_str().expect("username");
+    assert!(username.ends_with(":@dave:localhost"));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let expected = tessera_shared::turn_rest::turn_rest_password(b"s3cret", username, now).expect("valid");
+    assert_eq!(v["password"].as_str(), Some(expected.as_str()));
+    assert_eq!(v["ttl"], 600);
+}
