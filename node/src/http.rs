@@ -211,6 +211,11 @@ pub async fn handle(shard: Rc<Shard>, req: http::Request<hyper::body::Incoming>,
     };
     cors(resp.headers_mut());
     let status = resp.status().as_u16();
+    if status == 413 {
+        // The rest of the oversized body is never read, so this connection
+        // cannot carry another request: say so instead of dropping it.
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if (400..500).contains(&status) {
         metrics.responses_4xx.fetch_add(1, Ordering::Relaxed);
     } else if status >= 500 {

@@ -32,7 +32,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ruma_state_res=warn,ruma_common::push=warn".into()))
         .init();
     let cli = Cli::parse();
     let mut config = match Config::load(cli.config.as_deref(), std::env::vars()) {

@@ -148,6 +148,66 @@ impl Event {
     }
 }
 
+/// An event pre-rendered in the client format once, so that fanning it out
+/// to many syncing clients costs a copy, not a JSON round trip each. Only
+/// the per-viewer parts of `unsigned` (age, transaction id) are added at
+/// render time.
+pub struct Rendered {
+    pub event: Event,
+    /// The client JSON up to and including `"unsigned":{` and the static
+    /// unsigned members.
+    head: String,
+    has_static: bool,
+}
+
+impl Rendered {
+    pub fn new(event: Event) -> Rendered {
+        let mut value = event.to_client(0, None);
+        let mut unsigned = match value.get_mut("unsigned").map(Value::take) {
+            Some(Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        unsigned.remove("age");
+        unsigned.remove("transaction_id");
+        if let Value::Object(m) = &mut value {
+            m.remove("unsigned");
+        }
+        let body = serde_json::to_string(&value).unwrap_or_else(|_| "{}".into());
+        let statics = serde_json::to_string(&Value::Object(unsigned)).unwrap_or_else(|_| "{}".into());
+        let mut head = String::with_capacity(body.len() + statics.len() + 16);
+        head.push_str(&body[..body.len() - 1]);
+        if body.len() > 2 {
+            head.push(',');
+        }
+        head.push_str("\"unsigned\":{");
+        head.push_str(&statics[1..statics.len() - 1]);
+        Rendered { has_static: statics.len() > 2, head, event }
+    }
+
+    /// The client JSON for `viewer` at `now_ms`.
+    pub fn render(&self, now_ms: u64, viewer: Option<(&UserId, &str)>) -> Box<RawJsonValue> {
+        use std::fmt::Write as _;
+        let mut out = String::with_capacity(self.head.len() + 64);
+        out.push_str(&self.head);
+        if self.has_static {
+            out.push(',');
+        }
+        let ts: u64 = self.event.pdu.origin_server_ts.get().into();
+        let _ = write!(out, "\"age\":{}", now_ms.saturating_sub(ts));
+        if let (Some((user, device)), Some((txn_device, txn_id))) = (viewer, &self.event.stored.txn)
+            && self.event.pdu.sender == user
+            && txn_device == device
+        {
+            out.push_str(",\"transaction_id\":");
+            out.push_str(&serde_json::to_string(txn_id).unwrap_or_else(|_| "\"\"".into()));
+        }
+        out.push_str("}}");
+        // The head is serde_json output and the tail is well-formed, so this
+        // only fails on a bug; fall back to the slow path then.
+        RawJsonValue::from_string(out).unwrap_or_else(|_| serde_json::value::to_raw_value(&self.event.to_client(now_ms, viewer)).unwrap_or_default())
+    }
+}
+
 /// The content left after redaction, per the room v11 rules: only the keys
 /// the algorithm preserves for the event type survive.
 pub fn redacted_content(kind: &str, content: Value) -> Value {

@@ -9,12 +9,11 @@ use ruma::serde::Raw;
 use ruma::{OwnedUserId, RoomId, UInt, UserId};
 use serde_json::{Value, json};
 
-use crate::db::{Db, Unread, encode};
+use crate::db::{Db, Unread};
 use crate::error::ApiResult;
 use crate::pdu::{Event, Pdu, StoredEvent};
 use crate::room::CachedRoom;
 use crate::shard::Shard;
-use crate::storage::{Table, Write};
 
 /// The user's rule set: their stored one, or the server defaults.
 pub fn ruleset(db: &Db, user: &UserId) -> ApiResult<Ruleset> {
@@ -33,8 +32,16 @@ pub fn ruleset_content(rules: &Ruleset) -> Value {
 }
 
 /// Evaluates the push rules of every joined member (except the sender) for
-/// `pdu` and stages their updated unread counts.
-pub fn stage_unread(shard: &Shard, room: &RoomId, cached: &CachedRoom, pdu: &Arc<Pdu>, writes: &mut Vec<Write>) -> ApiResult<()> {
+/// `pdu` and returns the members whose unread counts change, with their new
+/// counts.
+///
+/// Members without rules of their own share one evaluation of the default
+/// rules: those rules depend on the member only through their user id,
+/// localpart and display name, so for every member none of which appears
+/// in the event, the outcome is the same as for a neutral identity. Members
+/// named in the event, and members with their own rules, are evaluated one
+/// by one.
+pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc<Pdu>) -> ApiResult<Vec<(OwnedUserId, Unread)>> {
     let members: Vec<(OwnedUserId, String)> = cached
         .state
         .iter()
@@ -46,35 +53,59 @@ pub fn stage_unread(shard: &Shard, room: &RoomId, cached: &CachedRoom, pdu: &Arc
         })
         .collect();
     if members.len() < 2 {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let member_count = UInt::try_from(members.len()).unwrap_or(UInt::MAX);
     let event = Event { pdu: pdu.clone(), stored: Arc::new(StoredEvent { json: String::new(), pos: 0, txn: None, redacted_by: None, prev_content: None, prev_sender: None, replaces_state: None }) };
     let client = event.to_client(0, None);
-    let Ok(raw) = serde_json::value::to_raw_value(&client) else { return Ok(()) };
+    let Ok(raw) = serde_json::value::to_raw_value(&client) else { return Ok(Vec::new()) };
+    let haystack = raw.get().to_lowercase();
     let raw: Raw<Value> = Raw::from_json(raw);
+    let outcome = |rules: &Ruleset, user: &UserId, name: &str| -> (bool, bool) {
+        let ctx = PushConditionRoomCtx::new(room.to_owned(), member_count, user.to_owned(), name.to_owned());
+        let actions = futures_lite::future::block_on(rules.get_actions(&raw, &ctx));
+        (actions.iter().any(Action::should_notify), actions.iter().any(Action::is_highlight))
+    };
+    let neutral_user = ruma::OwnedUserId::try_from(format!("@{NEUTRAL}:{}", shard.server_name)).ok();
+    let neutral_usable = neutral_user.is_some() && !haystack.contains(NEUTRAL);
+    let mut shared: Option<(bool, bool)> = None;
+    let mut out = Vec::new();
     for (user, name) in members {
         if user == pdu.sender {
             continue;
         }
-        let rules = ruleset(&shard.db, &user)?;
-        let ctx = PushConditionRoomCtx::new(room.to_owned(), member_count, user.clone(), name);
-        let actions: Vec<Action> = futures_lite::future::block_on(rules.get_actions(&raw, &ctx)).to_vec();
-        let notify = actions.iter().any(Action::should_notify);
-        let highlight = actions.iter().any(Action::is_highlight);
+        let named = haystack.contains(&user.as_str().to_lowercase()) || haystack.contains(&user.localpart().to_lowercase()) || haystack.contains(&name.to_lowercase());
+        let (notify, highlight) = match custom_ruleset(&shard.db, &user)? {
+            Some(rules) => outcome(&rules, &user, &name),
+            None if named || !neutral_usable => outcome(&Ruleset::server_default(&user), &user, &name),
+            None => *shared.get_or_insert_with(|| match &neutral_user {
+                Some(n) => outcome(&Ruleset::server_default(n), n, NEUTRAL),
+                None => (false, false),
+            }),
+        };
         if !notify && !highlight {
             continue;
         }
-        let mut counts: Unread = shard.db.unread(&user, room)?;
-        if notify {
-            counts.notifications += 1;
-        }
-        if highlight {
-            counts.highlights += 1;
-        }
-        writes.push(Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(&counts)));
+        let mut counts = match cached.unread.get(&user) {
+            Some(c) => *c,
+            None => shard.db.unread(&user, room)?,
+        };
+        counts.notifications += u64::from(notify);
+        counts.highlights += u64::from(highlight);
+        out.push((user, counts));
     }
-    Ok(())
+    Ok(out)
+}
+
+/// Localpart and display name of the neutral identity used for the shared
+/// evaluation of the default rules.
+const NEUTRAL: &str = "tessera.push.neutral.identity";
+
+/// The user's own rule set, if they have one.
+fn custom_ruleset(db: &Db, user: &UserId) -> ApiResult<Option<Ruleset>> {
+    Ok(db
+        .account_data(user, None, "m.push_rules")?
+        .and_then(|entry| entry.content.get("global").and_then(|g| serde_json::from_value::<Ruleset>(g.clone()).ok())))
 }
 
 #[cfg(test)]

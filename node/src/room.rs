@@ -36,6 +36,9 @@ pub struct CachedRoom {
     pub head: RoomHead,
     pub rules: RoomVersionRules,
     pub state: HashMap<(String, String), (Arc<Pdu>, u64)>,
+    /// Unread counts of members, loaded on first use; the owner shard is
+    /// their only writer (events and receipts both run here).
+    pub unread: HashMap<OwnedUserId, crate::db::Unread>,
 }
 
 /// The owner shard's cache of its rooms.
@@ -69,7 +72,7 @@ impl RoomCache {
             let ev = db.event(&entry.event_id)?.ok_or_else(|| Error::Corrupt(format!("state event {} missing", entry.event_id)))?;
             state.insert(key, (ev.pdu, entry.pos));
         }
-        let cached = Rc::new(RefCell::new(CachedRoom { head, rules, state }));
+        let cached = Rc::new(RefCell::new(CachedRoom { head, rules, state, unread: HashMap::new() }));
         let mut rooms = self.rooms.borrow_mut();
         if rooms.len() >= CACHED_ROOMS_MAX {
             rooms.clear();
@@ -99,6 +102,8 @@ struct Batch {
     writes: Vec<Write>,
     pos: u64,
     users: Vec<OwnedUserId>,
+    /// Events this batch redacts: their cached renderings go after the write.
+    redacted: Vec<OwnedEventId>,
 }
 
 fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply> {
@@ -107,8 +112,8 @@ fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply
         return Err(ApiError::new(http::StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", "Room id already exists"));
     }
     let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0 };
-    let mut cached = CachedRoom { head, rules, state: HashMap::new() };
-    let mut batch = Batch { writes: Vec::new(), pos: shard.pos(), users: Vec::new() };
+    let mut cached = CachedRoom { head, rules, state: HashMap::new(), unread: HashMap::new() };
+    let mut batch = Batch { writes: Vec::new(), pos: shard.pos(), users: Vec::new(), redacted: Vec::new() };
     let create = Draft { sender: new.creator.clone(), kind: "m.room.create".into(), state_key: Some(String::new()), content: new.create_content, txn: None, redacts: None };
     append(shard, room, &mut cached, create, &mut batch)?;
     for draft in new.events {
@@ -126,15 +131,15 @@ fn send(shard: &Rc<Shard>, room: &RoomId, draft: Draft) -> ApiResult<RoomReply> 
         return Ok(RoomReply::Event(id));
     }
     let cached_rc = shard.rooms.load(&shard.db, room)?;
-    // Work on a copy so a failed commit leaves the cache as it was.
-    let snapshot = {
-        let c = cached_rc.borrow();
-        CachedRoom { head: c.head.clone(), rules: c.rules.clone(), state: c.state.clone() }
-    };
-    let mut cached = snapshot;
-    let mut batch = Batch { writes: Vec::new(), pos: shard.pos(), users: Vec::new() };
+    let mut cached = cached_rc.borrow_mut();
+    let mut batch = Batch { writes: Vec::new(), pos: shard.pos(), users: Vec::new(), redacted: Vec::new() };
+    // `append` fails only before it touches the cache; a failed commit
+    // drops the cached room so it reloads from storage.
     let id = append(shard, room, &mut cached, draft, &mut batch)?;
-    match commit(shard, room, cached, batch) {
+    cached.head.last_event_pos = batch.pos;
+    let head = cached.head.clone();
+    drop(cached);
+    match commit_batch(shard, room, &head, batch) {
         Ok(()) => Ok(RoomReply::Event(id)),
         Err(e) => {
             shard.rooms.forget(room);
@@ -143,12 +148,22 @@ fn send(shard: &Rc<Shard>, room: &RoomId, draft: Draft) -> ApiResult<RoomReply> 
     }
 }
 
-fn commit(shard: &Rc<Shard>, room: &RoomId, mut cached: CachedRoom, mut batch: Batch) -> ApiResult<()> {
+fn commit(shard: &Rc<Shard>, room: &RoomId, mut cached: CachedRoom, batch: Batch) -> ApiResult<()> {
     cached.head.last_event_pos = batch.pos;
-    batch.writes.push(Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(&cached.head)));
+    let head = cached.head.clone();
+    commit_batch(shard, room, &head, batch)?;
+    shard.rooms.rooms.borrow_mut().insert(room.to_owned(), Rc::new(RefCell::new(cached)));
+    Ok(())
+}
+
+/// Writes a staged batch with the room head and stream head, then announces it.
+fn commit_batch(shard: &Rc<Shard>, room: &RoomId, head: &RoomHead, mut batch: Batch) -> ApiResult<()> {
+    batch.writes.push(Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(head)));
     batch.writes.push(Db::stream_head_write(shard.id as u16, batch.pos));
     shard.db.store.write(batch.writes)?;
-    shard.rooms.rooms.borrow_mut().insert(room.to_owned(), Rc::new(RefCell::new(cached)));
+    for id in &batch.redacted {
+        shard.invalidate_rendered(id);
+    }
     shard.publish(batch.pos, vec![room.to_owned()], batch.users);
     Ok(())
 }
@@ -240,6 +255,13 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
     let fetch_state = |ty: &StateEventType, sk: &str| cached.state.get(&(ty.to_string(), sk.to_owned())).map(|(p, _)| p.clone());
     ruma::state_res::check_state_dependent_auth_rules(&cached.rules.authorization, &*pdu, fetch_state).map_err(Error::AuthRules)?;
 
+    // Everything fallible happens before the cache is touched.
+    let unread = crate::push::evaluate(shard, room, cached, &pdu)?;
+    let redacted_target = match &draft.redacts {
+        Some(target) => shard.db.event(target)?.filter(|ev| ev.pdu.room_id == room),
+        None => None,
+    };
+
     // Staged: allocate the position and write everything.
     batch.pos += 1;
     let pos = batch.pos;
@@ -256,13 +278,11 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
     if let Some((device, txn_id)) = &draft.txn {
         batch.writes.push(Db::txn_write(&draft.sender, device, txn_id, &event_id));
     }
-    if let Some(target) = &draft.redacts
-        && let Some(ev) = shard.db.event(target)?
-        && ev.pdu.room_id == room
-    {
+    if let Some(ev) = redacted_target {
         let mut redacted = (*ev.stored).clone();
         redacted.redacted_by = Some(event_id.to_string());
-        batch.writes.push(Write::put(Table::Events, target.as_bytes(), b"".to_vec(), encode(&redacted)));
+        batch.writes.push(Write::put(Table::Events, ev.pdu.id().as_bytes(), b"".to_vec(), encode(&redacted)));
+        batch.redacted.push(ev.pdu.id().to_owned());
     }
     if let Some(sk) = &draft.state_key {
         let entry = StateEntry { event_id: event_id.clone(), pos };
@@ -276,7 +296,10 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         }
         cached.state.insert((draft.kind.clone(), sk.clone()), (pdu.clone(), pos));
     }
-    crate::push::stage_unread(shard, room, cached, &pdu, &mut batch.writes)?;
+    for (user, counts) in unread {
+        batch.writes.push(Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(&counts)));
+        cached.unread.insert(user, counts);
+    }
     cached.head.extremities = vec![event_id.clone()];
     cached.head.depth = depth;
     shard.metrics().events_created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -353,7 +376,12 @@ fn receipt(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId, kind: String, th
         writes.push(Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(&crate::db::Unread::default())));
     }
     shard.db.store.write(writes)?;
-    cached_rc.borrow_mut().head = head;
+    let mut cached = cached_rc.borrow_mut();
+    cached.head = head;
+    if kind == "m.read" || kind == "m.read.private" {
+        cached.unread.insert(user.clone(), crate::db::Unread::default());
+    }
+    drop(cached);
     shard.publish(pos, vec![room.to_owned()], vec![user]);
     Ok(RoomReply::Done)
 }

@@ -125,6 +125,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     rooms: Default::default(),
                     typing: Default::default(),
                     shutting_down: Default::default(),
+                    rendered: Default::default(),
                 });
                 shard_main(shard, receivers, rx).await
             })

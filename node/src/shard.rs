@@ -16,13 +16,14 @@ use std::sync::atomic::AtomicU64;
 
 use glommio::channels::channel_mesh::Senders;
 use ruma::signatures::Ed25519KeyPair;
-use ruma::{OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId};
+use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId};
 use serde_json::Value;
 use tessera_shared::ring::Ring;
 
 use crate::config::Config;
 use crate::db::Db;
 use crate::error::{ApiError, ApiResult, Error};
+use crate::pdu::Rendered;
 use crate::ratelimit::RateLimiter;
 use crate::room::RoomCache;
 
@@ -70,6 +71,8 @@ pub enum ShardMsg {
     Room { room: OwnedRoomId, op: RoomOp, reply: flume::Sender<ApiResult<RoomReply>> },
     /// A shard's stream advanced to `pos`, touching these rooms and users.
     Advanced { shard: u16, pos: u64, rooms: Vec<OwnedRoomId>, users: Vec<OwnedUserId> },
+    /// An event was redacted: drop its rendering from every cache.
+    Redacted(OwnedEventId),
     /// Typing state of a room changed (owner shard to all).
     Typing { room: OwnedRoomId, users: Vec<OwnedUserId>, pos: u64, shard: u16 },
 }
@@ -196,7 +199,13 @@ pub struct Shard {
     pub typing: RefCell<HashMap<OwnedRoomId, Typing>>,
     pub limiter: RateLimiter,
     pub shutting_down: Cell<bool>,
+    /// Events rendered for clients, shared by every sync this shard serves.
+    pub rendered: RefCell<HashMap<OwnedEventId, Rc<Rendered>>>,
 }
+
+/// Most rendered events a shard caches (about 1-2 KiB each); the cache is
+/// cleared when full.
+const RENDERED_CACHE_MAX: usize = 50_000;
 
 impl Shard {
     /// This shard's own stream head.
@@ -255,6 +264,31 @@ impl Shard {
         }
     }
 
+    /// The client rendering of an event, from the cache or storage.
+    ///
+    /// Loading and inserting happen without an await in between, and
+    /// redactions are announced after their write, so a cached rendering is
+    /// never older than the latest redaction this shard has been told of.
+    pub fn rendered(&self, id: &EventId) -> ApiResult<Option<Rc<Rendered>>> {
+        if let Some(r) = self.rendered.borrow().get(id) {
+            return Ok(Some(r.clone()));
+        }
+        let Some(event) = self.db.event(id)? else { return Ok(None) };
+        let r = Rc::new(Rendered::new(event));
+        let mut cache = self.rendered.borrow_mut();
+        if cache.len() >= RENDERED_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(id.to_owned(), r.clone());
+        Ok(Some(r))
+    }
+
+    /// Drops an event's rendering here and on every other shard.
+    pub fn invalidate_rendered(&self, id: &EventId) {
+        self.rendered.borrow_mut().remove(id);
+        self.broadcast(|| ShardMsg::Redacted(id.to_owned()));
+    }
+
     /// Handles a message from another shard.
     pub fn receive(self: &Rc<Self>, msg: ShardMsg) {
         match msg {
@@ -276,6 +310,9 @@ impl Shard {
                     }
                 }
                 self.notifier.notify(&rooms, &users);
+            }
+            ShardMsg::Redacted(id) => {
+                self.rendered.borrow_mut().remove(&id);
             }
             ShardMsg::Typing { room, users, pos, shard } => {
                 {

@@ -134,7 +134,7 @@ async fn authed(shard: &Rc<Shard>, req: &Req, auth: &LazyAuth<'_>, segs: &[&str]
             GET => ok(userdata::get_presence(shard, auth.get()?, user)?),
             PUT => ok(userdata::put_presence(shard, req, auth.get()?, user)?)),
         ["user_directory", "search"] => methods!(req, POST => ok(userdata::search_users(shard, req, auth.get()?)?)),
-        ["sync"] => methods!(req, GET => ok(sync::sync(shard, req, auth.get()?).await?)),
+        ["sync"] => methods!(req, GET => sync::sync(shard, req, auth.get()?).await),
         ["createRoom"] => methods!(req, POST => ok(rooms::create_room(shard, req, auth.get()?).await?)),
         ["joined_rooms"] => methods!(req, GET => ok(rooms::joined_rooms(shard, auth.get()?)?)),
         ["join", target] => methods!(req, POST => ok(rooms::join(shard, req, auth.get()?, target).await?)),

@@ -214,7 +214,7 @@ pub async fn create_room(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResu
         events.push(draft("m.room.name", "", json!({ "name": name })));
     }
     if let Some(topic) = &body.topic {
-        events.push(draft("m.room.topic", "", json!({ "topic": topic, "m.topic": [{ "mimetype": "text/plain", "body": topic }] })));
+        events.push(draft("m.room.topic", "", json!({ "topic": topic, "m.topic": { "m.text": [{ "mimetype": "text/plain", "body": topic }] } })));
     }
     for u in &invites {
         let mut content = member_content(&shard.db, u, "invite", None)?;
@@ -390,7 +390,13 @@ pub fn joined_members(shard: &Shard, auth: &Authed, room: &str) -> ApiResult<Val
             continue;
         }
         let c = ev.pdu.content_value();
-        joined.insert(key, json!({ "display_name": c.get("displayname"), "avatar_url": c.get("avatar_url") }));
+        let mut member = serde_json::Map::new();
+        for (from, to) in [("displayname", "display_name"), ("avatar_url", "avatar_url")] {
+            if let Some(v) = c.get(from).filter(|v| v.is_string()) {
+                member.insert(to.into(), v.clone());
+            }
+        }
+        joined.insert(key, Value::Object(member));
     }
     Ok(json!({ "joined": joined }))
 }
@@ -670,7 +676,7 @@ pub async fn receipt(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str, ki
     ensure_joined(shard, &room, &auth.user)?;
     match kind {
         "m.read" | "m.read.private" => {
-            let thread = body.thread_id.unwrap_or_else(|| "main".into());
+            let thread = body.thread_id.unwrap_or_default();
             shard.room_op(&room, RoomOp::Receipt { user: auth.user.clone(), kind: kind.into(), thread, event_id, ts: now_ms() }).await?;
         }
         "m.fully_read" => set_fully_read(shard, &auth.user, &room, &event_id)?,
@@ -700,7 +706,7 @@ pub async fn read_markers(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &st
     }
     for kind in ["m.read", "m.read.private"] {
         if let Some(e) = id(kind)? {
-            shard.room_op(&room, RoomOp::Receipt { user: auth.user.clone(), kind: kind.into(), thread: "main".into(), event_id: e, ts: now_ms() }).await?;
+            shard.room_op(&room, RoomOp::Receipt { user: auth.user.clone(), kind: kind.into(), thread: String::new(), event_id: e, ts: now_ms() }).await?;
         }
     }
     Ok(json!({}))

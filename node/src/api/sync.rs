@@ -16,17 +16,71 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use futures_lite::FutureExt;
 use ruma::{OwnedRoomId, RoomId};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::db::UserRoom;
 use crate::error::{ApiError, ApiResult};
 use crate::filter::SyncFilter;
-use crate::http::{Authed, Req};
-use crate::pdu::Event;
+use crate::http::{Authed, Req, Resp};
+use crate::pdu::Rendered;
 use crate::room::now_ms;
 use crate::shard::Shard;
+
+/// Events of a section, as the client receives them.
+#[derive(Serialize, Default)]
+struct Events<T: Serialize> {
+    events: Vec<T>,
+}
+
+#[derive(Serialize)]
+struct Timeline {
+    events: Vec<Box<RawValue>>,
+    limited: bool,
+    prev_batch: String,
+}
+
+#[derive(Serialize)]
+struct JoinedRoom {
+    timeline: Timeline,
+    state: Events<Box<RawValue>>,
+    ephemeral: Events<Value>,
+    account_data: Events<Value>,
+    unread_notifications: Value,
+    summary: Value,
+}
+
+#[derive(Serialize)]
+struct LeftRoom {
+    timeline: Timeline,
+    state: Events<Box<RawValue>>,
+    account_data: Events<Value>,
+}
+
+#[derive(Serialize, Default)]
+struct Rooms {
+    join: BTreeMap<String, JoinedRoom>,
+    invite: BTreeMap<String, Value>,
+    leave: BTreeMap<String, LeftRoom>,
+    knock: BTreeMap<String, Value>,
+}
+
+/// The `/sync` response body; events are pre-rendered JSON.
+#[derive(Serialize)]
+pub struct SyncResponse {
+    next_batch: String,
+    rooms: Rooms,
+    account_data: Events<Value>,
+    presence: Events<Value>,
+    to_device: Events<Value>,
+    device_lists: Value,
+    device_one_time_keys_count: Value,
+}
 
 /// Default timeline events per room when the filter sets no limit.
 const TIMELINE_LIMIT_DEFAULT: usize = 10;
@@ -76,7 +130,15 @@ fn load_filter(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<SyncFilter>
 }
 
 /// GET /_matrix/client/v3/sync
-pub async fn sync(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Value> {
+pub async fn sync(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Resp> {
+    let body = sync_body(shard, req, auth).await?;
+    let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::unknown(e.to_string()))?;
+    let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(bytes)));
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    Ok(resp)
+}
+
+async fn sync_body(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<SyncResponse> {
     shard.metrics().syncs.fetch_add(1, Ordering::Relaxed);
     let since = match req.query("since") {
         Some(s) => Some(SyncToken::parse(s, shard.count).ok_or_else(|| ApiError::invalid_param("Invalid since token"))?),
@@ -138,7 +200,7 @@ fn in_range(pos: u64, since: Option<&SyncToken>, upper: &SyncToken, shard: u16) 
     pos > s && pos <= u
 }
 
-fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &SyncToken, filter: &SyncFilter, full_state: bool, rooms: &[(String, UserRoom)]) -> ApiResult<(Value, bool)> {
+fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &SyncToken, filter: &SyncFilter, full_state: bool, rooms: &[(String, UserRoom)]) -> ApiResult<(SyncResponse, bool)> {
     let now = now_ms();
     let all_data = shard.db.all_account_data(&auth.user, ACCOUNT_DATA_MAX)?;
     let mut room_data: std::collections::HashMap<String, Vec<Value>> = std::collections::HashMap::new();
@@ -154,9 +216,7 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
             room_data.entry(room.clone()).or_default().push(json!({ "type": kind, "content": entry.content }));
         }
     }
-    let mut join = Map::new();
-    let mut invite = Map::new();
-    let mut leave = Map::new();
+    let mut out = Rooms::default();
     let mut changed = false;
     for (room_id, ur) in rooms {
         if !filter.allows_room(room_id) {
@@ -177,23 +237,19 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
                 let initial = s.is_none() || membership_changed;
                 let data = room_data.remove(room_id.as_str()).unwrap_or_default();
                 if let Some(v) = joined_room(shard, auth, &room, if initial { None } else { s }, u, filter, full_state || initial, data, now)? {
-                    join.insert(room_id.clone(), v);
+                    out.join.insert(room_id.clone(), v);
                     changed = true;
                 }
             }
             "invite" if membership_changed => {
-                invite.insert(room_id.clone(), json!({ "invite_state": { "events": invite_state(shard, &room, ur)? } }));
+                out.invite.insert(room_id.clone(), json!({ "invite_state": { "events": invite_state(shard, &room, ur)? } }));
                 changed = true;
             }
             "leave" | "ban" if !ur.forgotten && ((since.is_some() && membership_changed) || (since.is_none() && filter.include_leave)) => {
                 let from = s.unwrap_or(0);
-                let timeline = timeline(shard, auth, &room, Some(from), ur.pos, filter, now)?;
-                let state = if since.is_none() { state_events(shard, &room, None, &timeline.1, filter, now)? } else { vec![] };
-                leave.insert(room_id.clone(), json!({
-                    "timeline": { "events": timeline.0, "limited": timeline.2, "prev_batch": timeline.3 },
-                    "state": { "events": state },
-                    "account_data": { "events": [] },
-                }));
+                let (timeline, loaded) = timeline(shard, auth, &room, Some(from), ur.pos, filter, now)?;
+                let state = if since.is_none() { state_events(shard, &room, None, &loaded, filter, now)? } else { vec![] };
+                out.leave.insert(room_id.clone(), LeftRoom { timeline, state: Events { events: state }, account_data: Events::default() });
                 changed = true;
             }
             _ => {}
@@ -213,47 +269,64 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
         account_data.push(json!({ "type": "m.push_rules", "content": crate::push::ruleset_content(&rules) }));
     }
     changed |= !account_data.is_empty();
-    let body = json!({
-        "next_batch": upper.encode(),
-        "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
-        "account_data": { "events": account_data },
-        "presence": { "events": [] },
-        "to_device": { "events": [] },
-        "device_lists": { "changed": [], "left": [] },
-        "device_one_time_keys_count": {},
-    });
+    let body = SyncResponse {
+        next_batch: upper.encode(),
+        rooms: out,
+        account_data: Events { events: account_data },
+        presence: Events::default(),
+        to_device: Events::default(),
+        device_lists: json!({ "changed": [], "left": [] }),
+        device_one_time_keys_count: json!({}),
+    };
     Ok((body, changed))
 }
 
-/// Timeline events of a room in `(from, upto]`, newest `limit`:
-/// (client events, loaded events, limited, prev_batch).
-fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, from: Option<u64>, upto: u64, filter: &SyncFilter, now: u64) -> ApiResult<(Vec<Value>, Vec<Event>, bool, String)> {
+/// Timeline events of a room in `(from, upto]`, the newest `limit`, and
+/// the loaded events (for state and lazy-loading decisions).
+fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, from: Option<u64>, upto: u64, filter: &SyncFilter, now: u64) -> ApiResult<(Timeline, Vec<Rc<Rendered>>)> {
     let limit = filter.timeline.limit.unwrap_or(TIMELINE_LIMIT_DEFAULT).min(shard.config.limits.events_per_page_max);
     let lo = from.map_or(Bound::Unbounded, Bound::Excluded);
-    let ids = shard.db.timeline(room, lo, Bound::Included(upto), true, limit + 1)?;
-    let limited = ids.len() > limit;
+    // Newest first, in pages, until `limit` events pass the filter; the
+    // filter applies before the limit. Scanning is bounded by SCAN_PAGES.
+    const SCAN_PAGES: usize = 8;
     let mut events = Vec::new();
-    for (_, id) in ids.iter().take(limit).rev() {
-        if let Some(ev) = shard.db.event(id)?
-            && filter.timeline.allows(&ev.pdu)
-        {
-            events.push(ev);
+    let mut hi = Bound::Included(upto);
+    let mut first = upto + 1;
+    // Stays true unless the scan reaches the start of the range.
+    let mut limited = true;
+    'pages: for _ in 0..SCAN_PAGES {
+        let page = shard.db.timeline(room, lo, hi, true, limit + 1)?;
+        for (pos, id) in &page {
+            if events.len() == limit {
+                break 'pages;
+            }
+            first = *pos;
+            if let Some(ev) = shard.rendered(id)?
+                && filter.timeline.allows(&ev.event.pdu)
+            {
+                events.push(ev);
+            }
         }
+        if page.len() <= limit {
+            limited = false;
+            break;
+        }
+        hi = Bound::Excluded(first);
     }
-    let first = ids.iter().take(limit).last().map(|(p, _)| *p).unwrap_or(upto + 1);
+    events.reverse();
     let prev_batch = format!("t{}", first.saturating_sub(1));
     let viewer = Some((&*auth.user, auth.device.as_str()));
-    let client = events.iter().map(|e| e.to_client(now, viewer)).collect();
-    Ok((client, events, limited, prev_batch))
+    let rendered = events.iter().map(|e| e.render(now, viewer)).collect();
+    Ok((Timeline { events: rendered, limited, prev_batch }, events))
 }
 
 /// State to send with a timeline: the current state entries not in the
 /// timeline, optionally only those that changed after `changed_after`;
 /// lazy-loading keeps only the members who sent timeline events (and the viewer).
-fn state_events(shard: &Shard, room: &RoomId, changed_after: Option<u64>, timeline: &[Event], filter: &SyncFilter, now: u64) -> ApiResult<Vec<Value>> {
-    let in_timeline: HashSet<String> = timeline.iter().map(|e| e.pdu.id().to_string()).collect();
-    let senders: HashSet<String> = timeline.iter().map(|e| e.pdu.sender.to_string()).collect();
-    let first_pos = timeline.first().map(|e| e.stored.pos);
+fn state_events(shard: &Shard, room: &RoomId, changed_after: Option<u64>, timeline: &[Rc<Rendered>], filter: &SyncFilter, now: u64) -> ApiResult<Vec<Box<RawValue>>> {
+    let in_timeline: HashSet<String> = timeline.iter().map(|e| e.event.pdu.id().to_string()).collect();
+    let senders: HashSet<String> = timeline.iter().map(|e| e.event.pdu.sender.to_string()).collect();
+    let first_pos = timeline.first().map(|e| e.event.stored.pos);
     let mut out = Vec::new();
     for ((kind, key), entry) in shard.db.room_state(room, ROOM_STATE_MAX)? {
         if in_timeline.contains(entry.event_id.as_str()) || changed_after.is_some_and(|c| entry.pos <= c) || first_pos.is_some_and(|f| entry.pos >= f) {
@@ -265,21 +338,22 @@ fn state_events(shard: &Shard, room: &RoomId, changed_after: Option<u64>, timeli
         if filter.state.lazy_load_members && kind == "m.room.member" && !senders.contains(&key) {
             continue;
         }
-        if let Some(ev) = shard.db.event(&entry.event_id)? {
-            out.push(ev.to_client(now, None));
+        if let Some(ev) = shard.rendered(&entry.event_id)? {
+            out.push(ev.render(now, None));
         }
     }
     Ok(out)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, upto: u64, filter: &SyncFilter, with_state: bool, room_data: Vec<Value>, now: u64) -> ApiResult<Option<Value>> {
+fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, upto: u64, filter: &SyncFilter, with_state: bool, room_data: Vec<Value>, now: u64) -> ApiResult<Option<JoinedRoom>> {
     let head = shard.db.room_head(room)?;
-    let (timeline_events, loaded, limited, prev_batch) = if since.is_none_or(|s| head.as_ref().is_some_and(|h| h.last_event_pos > s)) {
+    let (timeline, loaded) = if since.is_none_or(|s| head.as_ref().is_some_and(|h| h.last_event_pos > s)) {
         timeline(shard, auth, room, since, upto, filter, now)?
     } else {
-        (Vec::new(), Vec::new(), false, format!("t{}", since.unwrap_or(0)))
+        (Timeline { events: Vec::new(), limited: false, prev_batch: format!("t{}", since.unwrap_or(0)) }, Vec::new())
     };
+    let limited = timeline.limited;
     let state = if with_state || since.is_none() {
         state_events(shard, room, None, &loaded, filter, now)?
     } else if limited {
@@ -305,7 +379,7 @@ fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, 
                 continue;
             }
             let mut receipt = json!({ "ts": r.ts });
-            if thread != "main" {
+            if !thread.is_empty() {
                 receipt["thread_id"] = json!(thread);
             }
             let by_event = content.entry(r.event_id.clone()).or_insert_with(|| json!({}));
@@ -316,18 +390,18 @@ fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, 
         }
     }
 
-    if since.is_some() && timeline_events.is_empty() && state.is_empty() && ephemeral.is_empty() && room_data.is_empty() {
+    if since.is_some() && timeline.events.is_empty() && state.is_empty() && ephemeral.is_empty() && room_data.is_empty() {
         return Ok(None);
     }
     let unread = shard.db.unread(&auth.user, room)?;
-    Ok(Some(json!({
-        "timeline": { "events": timeline_events, "limited": limited, "prev_batch": prev_batch },
-        "state": { "events": state },
-        "ephemeral": { "events": ephemeral },
-        "account_data": { "events": room_data },
-        "unread_notifications": { "notification_count": unread.notifications, "highlight_count": unread.highlights },
-        "summary": {},
-    })))
+    Ok(Some(JoinedRoom {
+        timeline,
+        state: Events { events: state },
+        ephemeral: Events { events: ephemeral },
+        account_data: Events { events: room_data },
+        unread_notifications: json!({ "notification_count": unread.notifications, "highlight_count": unread.highlights }),
+        summary: json!({}),
+    }))
 }
 
 /// Stripped state for an invite: the room's key state plus the invite itself.

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the system packages the test suites share, idempotently:
+# coturn (turnutils_uclient, and turnserver as a reference peer) and
+# iproute2 (network namespaces for the relay's security tests).
+set -euo pipefail
+need=()
+command -v turnutils_uclient >/dev/null 2>&1 || need+=(coturn)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-deps: missing ${need[*]} and no apt-get to install them" >&2
+    exit 1
+  fi
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
+fi
+# The Debian package starts a coturn service on some systems; tests start
+# their own servers on free ports, so make sure none is left running.
+if command -v systemctl >/dev/null 2>&1; then
+  systemctl stop coturn >/dev/null 2>&1 || true
+fi
+echo "install-deps: ok"
