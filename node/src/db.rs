@@ -127,6 +127,17 @@ pub struct Unread {
     pub highlights: u64,
 }
 
+/// A notification kept for `GET /notifications`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Notification {
+    pub room_id: String,
+    pub event_id: String,
+    pub ts: u64,
+    pub highlight: bool,
+    /// Stream position of the event (of the room owner's shard).
+    pub pos: u64,
+}
+
 /// A piece of account data with the stream position that last changed it.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct AccountDataEntry {
@@ -495,6 +506,53 @@ impl Db {
 
     pub fn stream_head_write(shard: u16, pos: u64) -> Write {
         Write::put(Table::StreamHeads, shard.to_be_bytes().to_vec(), b"".to_vec(), pos.to_be_bytes().to_vec())
+    }
+
+    /// Stages a notification; the clustering key (time, shard, position) orders
+    /// a user's notifications by time within a shard and keeps them unique.
+    pub fn notification_write(user: &UserId, shard: u16, note: &Notification) -> Write {
+        let mut ck = Vec::with_capacity(18);
+        ck.extend_from_slice(&note.ts.to_be_bytes());
+        ck.extend_from_slice(&shard.to_be_bytes());
+        ck.extend_from_slice(&note.pos.to_be_bytes());
+        Write::put(Table::Notifications, user.as_bytes(), ck, encode(note))
+    }
+
+    /// A user's notifications, newest first, older than `before` (a clustering key).
+    pub fn notifications(&self, user: &UserId, before: Option<&[u8]>, limit: usize) -> DbResult<Vec<(Vec<u8>, Notification)>> {
+        self.scan_json(Scan { table: Table::Notifications, pk: user.as_bytes(), from: Bound::Unbounded, to: before.map_or(Bound::Unbounded, Bound::Excluded), reverse: true, limit })
+    }
+
+    /// The inbox partition of one device.
+    pub fn inbox_key(user: &UserId, device: &str) -> Vec<u8> {
+        [user.as_bytes(), b"\0", device.as_bytes()].concat()
+    }
+
+    /// Stages a to-device message for a device's inbox.
+    pub fn to_device_write(user: &UserId, device: &str, shard: u16, pos: u64, index: u32, message: &Value) -> Write {
+        let mut ck = Vec::with_capacity(14);
+        ck.extend_from_slice(&shard.to_be_bytes());
+        ck.extend_from_slice(&pos.to_be_bytes());
+        ck.extend_from_slice(&index.to_be_bytes());
+        Write::put(Table::ToDevice, Db::inbox_key(user, device), ck, encode(message))
+    }
+
+    /// Messages in a device's inbox: (shard, position, clustering key, message).
+    pub fn inbox(&self, user: &UserId, device: &str, limit: usize) -> DbResult<Vec<(u16, u64, Vec<u8>, Value)>> {
+        let rows = self.scan_json::<Value>(Scan::partition(Table::ToDevice, &Db::inbox_key(user, device), limit))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(ck, v)| {
+                let shard = u16::from_be_bytes(ck.get(0..2)?.try_into().ok()?);
+                let pos = u64::from_be_bytes(ck.get(2..10)?.try_into().ok()?);
+                Some((shard, pos, ck, v))
+            })
+            .collect())
+    }
+
+    pub fn put_openid_token(&self, token: &str, user: &UserId, expires_ms: u64) -> DbResult<()> {
+        let record = serde_json::json!({ "user_id": user, "expires_ms": expires_ms });
+        Ok(self.store.write(vec![Write::put(Table::OpenIdTokens, token.as_bytes(), b"".to_vec(), encode(&record))])?)
     }
 
     /// Adds or updates a user in the user directory.

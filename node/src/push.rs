@@ -41,7 +41,7 @@ pub fn ruleset_content(rules: &Ruleset) -> Value {
 /// in the event, the outcome is the same as for a neutral identity. Members
 /// named in the event, and members with their own rules, are evaluated one
 /// by one.
-pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc<Pdu>) -> ApiResult<Vec<(OwnedUserId, Unread)>> {
+pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc<Pdu>) -> ApiResult<Vec<(OwnedUserId, Unread, bool)>> {
     let members: Vec<(OwnedUserId, String)> = cached
         .state
         .iter()
@@ -92,7 +92,7 @@ pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc
         };
         counts.notifications += u64::from(notify);
         counts.highlights += u64::from(highlight);
-        out.push((user, counts));
+        out.push((user, counts, highlight));
     }
     Ok(out)
 }

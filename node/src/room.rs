@@ -296,8 +296,10 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         }
         cached.state.insert((draft.kind.clone(), sk.clone()), (pdu.clone(), pos));
     }
-    for (user, counts) in unread {
+    for (user, counts, highlight) in unread {
         batch.writes.push(Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(&counts)));
+        let note = crate::db::Notification { room_id: room.to_string(), event_id: event_id.to_string(), ts, highlight, pos };
+        batch.writes.push(Db::notification_write(&user, shard.id as u16, &note));
         cached.unread.insert(user, counts);
     }
     cached.head.extremities = vec![event_id.clone()];

@@ -256,3 +256,51 @@ fn turn_server_hands_out_rest_credentials() {
     assert_eq!(v["password"].as_str(), Some(expected.as_str()));
     assert_eq!(v["ttl"], 600);
 }
+
+#[test]
+fn to_device_messages_are_delivered_until_acknowledged() {
+    let node = Node::start("todevice", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let bob_device = bob.get("/_matrix/client/v3/account/whoami").1["device_id"].as_str().expect("device").to_owned();
+    let (_, first) = bob.get("/_matrix/client/v3/sync");
+    let t0 = first["next_batch"].as_str().expect("token").to_owned();
+    let body = json!({ "messages": { "@bob:localhost": { &bob_device: { "n": 1 } } } });
+    assert_eq!(alice.put("/_matrix/client/v3/sendToDevice/org.example.ping/tx1", body.clone()).0, 200);
+    // Same transaction id: not delivered twice.
+    assert_eq!(alice.put("/_matrix/client/v3/sendToDevice/org.example.ping/tx1", body).0, 200);
+    let (_, s1) = bob.get(&format!("/_matrix/client/v3/sync?since={t0}"));
+    let events = s1["to_device"]["events"].as_array().expect("events").clone();
+    assert_eq!(events.len(), 1, "{s1}");
+    assert_eq!(events[0]["sender"], "@alice:localhost");
+    assert_eq!(events[0]["content"]["n"], 1);
+    // Repeating the same sync (no acknowledgement) delivers it again.
+    let (_, again) = bob.get(&format!("/_matrix/client/v3/sync?since={t0}"));
+    assert_eq!(again["to_device"]["events"].as_array().map(Vec::len), Some(1));
+    // Syncing from the later token acknowledges it: gone for good.
+    let t1 = s1["next_batch"].as_str().expect("token");
+    let (_, s2) = bob.get(&format!("/_matrix/client/v3/sync?since={t1}"));
+    assert_eq!(s2["to_device"]["events"].as_array().map(Vec::len), Some(0));
+    let (_, s3) = bob.get(&format!("/_matrix/client/v3/sync?since={t0}"));
+    assert_eq!(s3["to_device"]["events"].as_array().map(Vec::len), Some(0), "acknowledged messages are deleted");
+}
+
+#[test]
+fn redaction_removes_content_everywhere() {
+    let node = Node::start("redact", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let id = alice.send_text(&room, "r1", "secret");
+    // Render it into every shard's cache first.
+    let (_, before) = bob.get("/_matrix/client/v3/sync");
+    assert!(before.to_string().contains("secret"));
+    let (s, _) = bob.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{id}/x"), json!({}));
+    assert_eq!(s, 403, "bob may not redact alice's message");
+    let (s, v) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{id}/x"), json!({ "reason": "oops" }));
+    assert_eq!(s, 200, "{v}");
+    for _ in 0..4 {
+        let (_, sync) = bob.get("/_matrix/client/v3/sync");
+        assert!(!sync.to_string().contains("secret"), "{sync}");
+        let (_, ev) = bob.get(&format!("/_matrix/client/v3/rooms/{room}/event/{id}"));
+        assert!(ev["content"].as_object().is_some_and(|c| c.is_empty()), "{ev}");
+    }
+}

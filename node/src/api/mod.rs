@@ -6,6 +6,7 @@
 //! 404 `M_UNRECOGNIZED`.
 
 pub mod account;
+pub mod extras;
 pub mod info;
 pub mod profile;
 pub mod rooms;
@@ -133,6 +134,10 @@ async fn authed(shard: &Rc<Shard>, req: &Req, auth: &LazyAuth<'_>, segs: &[&str]
         ["presence", user, "status"] => methods!(req,
             GET => ok(userdata::get_presence(shard, auth.get()?, user)?),
             PUT => ok(userdata::put_presence(shard, req, auth.get()?, user)?)),
+        ["user", user, "openid", "request_token"] => methods!(req, POST => ok(extras::openid_token(shard, auth.get()?, user)?)),
+        ["sendToDevice", kind, txn] => methods!(req, PUT => ok(extras::send_to_device(shard, req, auth.get()?, kind, txn)?)),
+        ["notifications"] => methods!(req, GET => ok(extras::notifications(shard, req, auth.get()?)?)),
+        ["search"] => methods!(req, POST => ok(extras::search(shard, req, auth.get()?)?)),
         ["user_directory", "search"] => methods!(req, POST => ok(userdata::search_users(shard, req, auth.get()?)?)),
         ["sync"] => methods!(req, GET => sync::sync(shard, req, auth.get()?).await),
         ["createRoom"] => methods!(req, POST => ok(rooms::create_room(shard, req, auth.get()?).await?)),

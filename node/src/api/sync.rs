@@ -269,12 +269,31 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
         account_data.push(json!({ "type": "m.push_rules", "content": crate::push::ruleset_content(&rules) }));
     }
     changed |= !account_data.is_empty();
+    // To-device: messages up to `since` were delivered and are acknowledged
+    // by this request, so they are deleted; the rest up to `upper` is sent.
+    let mut to_device = Vec::new();
+    let mut acked = Vec::new();
+    // Every pending message up to `upper` is sent: holding some back would
+    // let the next token acknowledge them unseen. Inboxes are bounded.
+    for (writer, pos, ck, message) in shard.db.inbox(&auth.user, &auth.device, 2 * crate::api::extras::INBOX_MAX)? {
+        let s = since.and_then(|t| t.heads.get(usize::from(writer)).copied()).unwrap_or(0);
+        let u = upper.heads.get(usize::from(writer)).copied().unwrap_or(0);
+        if since.is_some() && pos <= s {
+            acked.push(crate::storage::Write::Delete { table: crate::storage::Table::ToDevice, pk: crate::db::Db::inbox_key(&auth.user, &auth.device), ck });
+        } else if pos <= u {
+            to_device.push(message);
+        }
+    }
+    if !acked.is_empty() {
+        shard.db.store.write(acked)?;
+    }
+    changed |= !to_device.is_empty();
     let body = SyncResponse {
         next_batch: upper.encode(),
         rooms: out,
         account_data: Events { events: account_data },
         presence: Events::default(),
-        to_device: Events::default(),
+        to_device: Events { events: to_device },
         device_lists: json!({ "changed": [], "left": [] }),
         device_one_time_keys_count: json!({}),
     };

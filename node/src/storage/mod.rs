@@ -73,11 +73,17 @@ pub enum Table {
     UserStream,
     /// pk = token -> registration token record.
     RegistrationTokens,
+    /// pk = user id; ck = (shard, stream position) -> notification record.
+    Notifications,
+    /// pk = OpenID token -> (user, expiry).
+    OpenIdTokens,
+    /// pk = user id \0 device id; ck = (shard, stream position, index) -> to-device message.
+    ToDevice,
 }
 
 impl Table {
     /// All tables, for backends that create them up front.
-    pub const ALL: [Table; 23] = [
+    pub const ALL: [Table; 26] = [
         Table::Meta,
         Table::Users,
         Table::AccessTokens,
@@ -101,6 +107,9 @@ impl Table {
         Table::StreamHeads,
         Table::UserStream,
         Table::RegistrationTokens,
+        Table::Notifications,
+        Table::OpenIdTokens,
+        Table::ToDevice,
     ];
 
     /// The table's name in every backend.
@@ -129,6 +138,9 @@ impl Table {
             Table::StreamHeads => "stream_heads",
             Table::UserStream => "user_stream",
             Table::RegistrationTokens => "registration_tokens",
+            Table::Notifications => "notifications",
+            Table::OpenIdTokens => "openid_tokens",
+            Table::ToDevice => "to_device",
         }
     }
 }

@@ -1,0 +1,213 @@
+//! Smaller client-server endpoints:
+//! `POST /user/{userId}/openid/request_token`, `GET /notifications`,
+//! `POST /search` (room events).
+
+use std::ops::Bound;
+
+use http::StatusCode;
+use ruma::RoomId;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::{ApiError, ApiResult};
+use crate::http::{Authed, Req};
+use crate::room::now_ms;
+use crate::shard::Shard;
+
+/// Lifetime of OpenID tokens.
+const OPENID_TOKEN_LIFETIME_SECS: u64 = 3600;
+/// Most events scanned per room by one search.
+const SEARCH_SCAN_PER_ROOM: usize = 2000;
+/// Most results one search or notifications page returns.
+const PAGE_MAX: usize = 100;
+
+/// POST /_matrix/client/v3/user/{userId}/openid/request_token
+pub fn openid_token(shard: &Shard, auth: &Authed, user: &str) -> ApiResult<Value> {
+    if user != auth.user.as_str() {
+        return Err(ApiError::forbidden("Cannot request a token for another user"));
+    }
+    let token = crate::api::account::random_string(32);
+    shard.db.put_openid_token(&token, &auth.user, now_ms() + OPENID_TOKEN_LIFETIME_SECS * 1000)?;
+    Ok(json!({ "access_token": token, "token_type": "Bearer", "matrix_server_name": shard.server_name, "expires_in": OPENID_TOKEN_LIFETIME_SECS }))
+}
+
+/// GET /_matrix/client/v3/notifications
+pub fn notifications(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value> {
+    let limit = (req.query_u64("limit")?.unwrap_or(20) as usize).clamp(1, PAGE_MAX);
+    let only_highlight = req.query("only") == Some("highlight");
+    let before = req
+        .query("from")
+        .map(|f| (0..f.len()).step_by(2).map(|i| f.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect::<Option<Vec<u8>>>())
+        .map(|v| v.ok_or_else(|| ApiError::invalid_param("Invalid from token")))
+        .transpose()?;
+    let now = now_ms();
+    let mut out = Vec::new();
+    let mut next = None;
+    let mut cursor = before;
+    // Pages of raw rows, so that `only=highlight` does not end pagination early.
+    'scan: for _ in 0..16 {
+        let rows = shard.db.notifications(&auth.user, cursor.as_deref(), PAGE_MAX)?;
+        if rows.is_empty() {
+            break;
+        }
+        for (ck, note) in &rows {
+            cursor = Some(ck.clone());
+            if only_highlight && !note.highlight {
+                continue;
+            }
+            let Ok(id) = ruma::OwnedEventId::try_from(note.event_id.as_str()) else { continue };
+            let Some(ev) = shard.db.event(&id)? else { continue };
+            let Ok(room) = RoomId::parse(note.room_id.as_str()) else { continue };
+            let read = shard
+                .db
+                .receipts(&room, 100_000)?
+                .into_iter()
+                .any(|((kind, _, user), r)| kind.starts_with("m.read") && user == auth.user.as_str() && r.pos >= note.pos);
+            let mut actions = vec![json!("notify")];
+            if note.highlight {
+                actions.push(json!({ "set_tweak": "highlight", "value": true }));
+            }
+            out.push(json!({ "actions": actions, "event": ev.to_client(now, None), "read": read, "room_id": note.room_id, "ts": note.ts }));
+            if out.len() == limit {
+                next = Some(ck.iter().map(|b| format!("{b:02x}")).collect::<String>());
+                break 'scan;
+            }
+        }
+        if rows.len() < PAGE_MAX {
+            break;
+        }
+    }
+    let mut body = json!({ "notifications": out });
+    if let Some(n) = next {
+        body["next_token"] = json!(n);
+    }
+    Ok(body)
+}
+
+#[derive(Deserialize)]
+struct SearchBody {
+    search_categories: Categories,
+}
+
+#[derive(Deserialize)]
+struct Categories {
+    room_events: Option<RoomEventsCriteria>,
+}
+
+#[derive(Deserialize)]
+struct RoomEventsCriteria {
+    search_term: String,
+    keys: Option<Vec<String>>,
+    filter: Option<Value>,
+}
+
+/// POST /_matrix/client/v3/search: case-insensitive substring search over
+/// the bodies, names and topics of events in the caller's joined rooms,
+/// newest first. Each room is scanned up to `SEARCH_SCAN_PER_ROOM` events back.
+pub fn search(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value> {
+    let body: SearchBody = req.json(shard)?;
+    let Some(criteria) = body.search_categories.room_events else {
+        return Ok(json!({ "search_categories": {} }));
+    };
+    if criteria.search_term.trim().is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", "search_term must not be empty"));
+    }
+    let term = criteria.search_term.to_lowercase();
+    let keys = criteria.keys.unwrap_or_else(|| vec!["content.body".into(), "content.name".into(), "content.topic".into()]);
+    let filter = crate::filter::EventFilter::from_value(criteria.filter.as_ref().unwrap_or(&Value::Null));
+    let limit = filter.limit.unwrap_or(10).clamp(1, PAGE_MAX);
+    let skip: usize = match req.query("next_batch") {
+        Some(n) => n.parse().map_err(|_| ApiError::invalid_param("Invalid next_batch"))?,
+        None => 0,
+    };
+    let now = now_ms();
+    let mut hits = Vec::new();
+    for (room, ur) in shard.db.user_rooms(&auth.user, shard.config.limits.rooms_per_user_max)? {
+        if ur.membership != "join" || !filter.allows_room(&room) {
+            continue;
+        }
+        let Ok(room_id) = RoomId::parse(room.as_str()) else { continue };
+        for (_, id) in shard.db.timeline(&room_id, Bound::Unbounded, Bound::Unbounded, true, SEARCH_SCAN_PER_ROOM)? {
+            let Some(ev) = shard.db.event(&id)? else { continue };
+            if ev.stored.redacted_by.is_some() || !filter.allows(&ev.pdu) {
+                continue;
+            }
+            let content = ev.pdu.content_value();
+            let matched = keys.iter().any(|k| {
+                let field = k.strip_prefix("content.").unwrap_or(k);
+                content.get(field).and_then(Value::as_str).is_some_and(|v| v.to_lowercase().contains(&term))
+            });
+            if matched {
+                hits.push(ev);
+            }
+        }
+    }
+    hits.sort_by(|a, b| b.pdu.origin_server_ts.cmp(&a.pdu.origin_server_ts));
+    let count = hits.len();
+    let results: Vec<Value> = hits.iter().skip(skip).take(limit).map(|e| json!({ "rank": 1.0, "result": e.to_client(now, None) })).collect();
+    let mut room_events = json!({ "count": count, "highlights": [criteria.search_term], "results": results });
+    if skip + limit < count {
+        room_events["next_batch"] = json!((skip + limit).to_string());
+    }
+    Ok(json!({ "search_categories": { "room_events": room_events } }))
+}
+
+/// Most messages waiting in one device's inbox; a send that would exceed
+/// it for any target device is refused whole with 429 `M_LIMIT_EXCEEDED`.
+pub const INBOX_MAX: usize = 10_000;
+/// Most target devices one send may address.
+const TO_DEVICE_TARGETS_MAX: usize = 10_000;
+
+/// PUT /_matrix/client/v3/sendToDevice/{eventType}/{txnId}
+///
+/// Every message of one request shares this shard's next stream position
+/// and is numbered within it; the request is idempotent per sending device
+/// and transaction id.
+pub fn send_to_device(shard: &Shard, req: &Req, auth: &Authed, kind: &str, txn: &str) -> ApiResult<Value> {
+    #[derive(Deserialize)]
+    struct Body {
+        messages: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>,
+    }
+    let body: Body = req.json(shard)?;
+    let txn_key = format!("sendToDevice\u{1}{txn}");
+    if shard.db.txn(&auth.user, &auth.device, &txn_key)?.is_some() {
+        return Ok(json!({}));
+    }
+    let pos = shard.next_pos();
+    let mut writes = Vec::new();
+    let mut users = Vec::new();
+    let mut index: u32 = 0;
+    for (user, devices) in &body.messages {
+        let user = crate::api::rooms::parse_user(user)?;
+        if user.server_name() != shard.server_name {
+            // Federation is not available yet; remote targets are dropped.
+            continue;
+        }
+        let targets: Vec<(String, &Value)> = match devices.get("*") {
+            Some(content) => shard.db.devices(&user, TO_DEVICE_TARGETS_MAX)?.into_iter().map(|(d, _)| (d, content)).collect(),
+            None => devices.iter().map(|(d, c)| (d.clone(), c)).collect(),
+        };
+        for (device, content) in targets {
+            if !content.is_object() {
+                return Err(ApiError::bad_json("to-device content must be an object"));
+            }
+            if shard.db.inbox(&user, &device, INBOX_MAX + 1)?.len() >= INBOX_MAX {
+                let mut e = ApiError::limit_exceeded(1000);
+                e.message = format!("The to-device inbox of {user} {device} is full");
+                return Err(e);
+            }
+            let message = json!({ "sender": auth.user, "type": kind, "content": content });
+            writes.push(crate::db::Db::to_device_write(&user, &device, shard.id as u16, pos, index, &message));
+            index = index.checked_add(1).ok_or_else(|| ApiError::too_large("too many to-device messages"))?;
+            if writes.len() > TO_DEVICE_TARGETS_MAX {
+                return Err(ApiError::too_large("too many target devices"));
+            }
+        }
+        users.push(user);
+    }
+    writes.push(crate::db::Db::txn_write(&auth.user, &auth.device, &txn_key, <&ruma::EventId>::try_from("$to-device").map_err(|e| ApiError::unknown(e.to_string()))?));
+    writes.push(crate::db::Db::stream_head_write(shard.id as u16, pos));
+    shard.db.store.write(writes)?;
+    shard.publish(pos, vec![], users);
+    Ok(json!({}))
+}
