@@ -205,7 +205,7 @@ pub struct Shard {
 
 /// Most rendered events a shard caches (about 1-2 KiB each); the cache is
 /// cleared when full.
-const RENDERED_CACHE_MAX: usize = 50_000;
+const RENDERED_CACHE_MAX: usize = 8_192;
 
 impl Shard {
     /// This shard's own stream head.

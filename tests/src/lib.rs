@@ -48,8 +48,10 @@ impl Node {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let port = free_port();
         let config_path = dir.join("config.toml");
+        // `extra` may bring its own [registration] section; otherwise registration is open.
+        let registration = if extra.contains("[registration]") { "" } else { "[registration]\nenabled = true\n" };
         let config = format!(
-            "server_name = \"localhost\"\ndata_dir = \"{}\"\n{extra}\n[listen]\naddress = \"127.0.0.1:{port}\"\n[registration]\nenabled = true\n[auth]\nargon2_m_cost_kib = 64\nargon2_t_cost = 1\n{rate_limits}",
+            "server_name = \"localhost\"\ndata_dir = \"{}\"\n{extra}\n[listen]\naddress = \"127.0.0.1:{port}\"\n{registration}[auth]\nargon2_m_cost_kib = 64\nargon2_t_cost = 1\n{rate_limits}",
             dir.join("data").display()
         );
         std::fs::write(&config_path, config).expect("config");

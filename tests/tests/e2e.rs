@@ -304,3 +304,54 @@ fn redaction_removes_content_everywhere() {
         assert!(ev["content"].as_object().is_some_and(|c| c.is_empty()), "{ev}");
     }
 }
+
+#[test]
+fn registration_tokens_and_guest_access() {
+    let node = Node::start("regtoken", "[registration]\nenabled = true\ntokens = [\"letmein\"]\n");
+    let c = node.client();
+    // With tokens configured the flow is the token stage.
+    let (s, v) = c.post("/_matrix/client/v3/register", json!({ "username": "erin", "password": "pw" }));
+    assert_eq!(s, 401);
+    assert_eq!(v["flows"][0]["stages"][0], "m.login.registration_token");
+    let (s, _) = c.post("/_matrix/client/v3/register", json!({ "username": "erin", "password": "pw", "auth": { "type": "m.login.dummy" } }));
+    assert_eq!(s, 401, "dummy auth is not enough");
+    let (s, v) = c.post("/_matrix/client/v3/register", json!({ "username": "erin", "password": "pw", "auth": { "type": "m.login.registration_token", "token": "wrong" } }));
+    assert_eq!(s, 401, "{v}");
+    let (s, v) = c.get("/_matrix/client/v1/register/m.login.registration_token/validity?token=letmein");
+    assert_eq!((s, v["valid"].as_bool()), (200, Some(true)));
+    let (s, v) = c.post("/_matrix/client/v3/register", json!({ "username": "erin", "password": "pw", "inhibit_login": true, "auth": { "type": "m.login.registration_token", "token": "letmein" } }));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["user_id"], "@erin:localhost");
+    assert!(v.get("access_token").is_none(), "inhibit_login returns no token");
+    // Guests are off by default.
+    let (s, v) = c.post("/_matrix/client/v3/register?kind=guest", json!({}));
+    assert_eq!((s, v["errcode"].as_str()), (403, Some("M_FORBIDDEN")));
+}
+
+#[test]
+fn room_versions_ten_and_eleven() {
+    let node = Node::start("versions", "");
+    let (alice, bob) = two_users(&node);
+    for version in ["10", "11"] {
+        let room = alice.create_room(json!({ "room_version": version, "preset": "public_chat" }));
+        let (s, create) = alice.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.create"));
+        assert_eq!(s, 200);
+        assert_eq!(create["room_version"], version);
+        // Public rooms accept joins without an invite; auth rules allow it.
+        let (s, v) = bob.post(&format!("/_matrix/client/v3/join/{room}"), json!({}));
+        assert_eq!(s, 200, "{v}");
+        bob.send_text(&room, &format!("v{version}"), "works");
+    }
+    let (s, v) = alice.post("/_matrix/client/v3/createRoom", json!({ "room_version": "1" }));
+    assert_eq!((s, v["errcode"].as_str()), (400, Some("M_UNSUPPORTED_ROOM_VERSION")));
+    // Auth rules: a non-member cannot send; a member without power cannot change the name.
+    let private = alice.create_room(json!({}));
+    let (s, _) = bob.put(&format!("/_matrix/client/v3/rooms/{private}/send/m.room.message/x"), json!({ "body": "hi", "msgtype": "m.text" }));
+    assert_eq!(s, 403);
+    let (s, _) = bob.post(&format!("/_matrix/client/v3/join/{private}"), json!({}));
+    assert_eq!(s, 403, "invite-only room");
+    let public = alice.create_room(json!({ "preset": "public_chat" }));
+    bob.post(&format!("/_matrix/client/v3/join/{public}"), json!({}));
+    let (s, _) = bob.put(&format!("/_matrix/client/v3/rooms/{public}/state/m.room.name"), json!({ "name": "mine" }));
+    assert_eq!(s, 403);
+}
