@@ -39,7 +39,7 @@ wait_udp() { timeout 20 bash -c "until ss -lun | grep -q '127.0.0.1:$PORT '; do 
 start_coturn() {
   turnserver -n --listening-ip 127.0.0.1 --listening-port "$PORT" --relay-ip 127.0.0.1 \
     --relay-threads "$THREADS" --lt-cred-mech --user "$USER:$PASS" --realm "$REALM" \
-    --allow-loopback-peers --no-tls --no-dtls --no-cli --min-port 46000 --max-port 49999 \
+    --allow-loopback-peers --no-tls --no-dtls --no-cli --min-port 61000 --max-port 64999 \
     --total-quota 0 --user-quota 0 --log-file /dev/null --no-stdout-log >/dev/null 2>&1 &
   SERVER=$!
 }
@@ -49,8 +49,8 @@ start_tessera() {
 realm = "$REALM"
 listen = ["127.0.0.1:$PORT"]
 relay_ipv4 = "127.0.0.1"
-min_port = 46000
-max_port = 49999
+min_port = 61000
+max_port = 64999
 threads = $THREADS
 static_users = { $USER = "$PASS" }
 max_allocations_per_user = 10000
@@ -63,7 +63,7 @@ TOML
 
 echo "| server | clients | bytes | relayed pkt/s | Mbit/s | loss % | RTT ms | jitter ms | alloc/s | CPU us/pkt | CPU s |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
-for server in coturn tessera; do
+for server in ${SERVERS:-coturn tessera}; do
   for load in $LOADS; do
     m=${load%%:*}; len=${load##*:}
     # A fresh server per load: uclient exits without deleting its
@@ -74,7 +74,7 @@ for server in coturn tessera; do
     wait_udp || { echo "$server did not start"; exit 1; }
     # Allocation rate: m clients allocate (RTP+RTCP), bind and send one message.
     t0=$(date +%s.%N)
-    timeout 120 turnutils_uclient -u "$USER" -w "$PASS" -e 127.0.0.1 -r "$PEER_PORT" -m "$m" -n 1 -l 100 -p "$PORT" 127.0.0.1 >/dev/null 2>&1
+    timeout 120 turnutils_uclient -u "$USER" -w "$PASS" -e 127.0.0.1 -r "$PEER_PORT" -m "$m" -n 1 -l 100 -p "$PORT" 127.0.0.1 >"$WORK/a.log" 2>&1 || { echo "$server alloc run failed:" >&2; tail -n 5 "$WORK/a.log" >&2; }
     t1=$(date +%s.%N)
     allocs=$(awk -v m="$m" -v a="$t0" -v b="$t1" 'BEGIN{printf "%.0f", 2*m/(b-a)}')
     c0=$(cpu_ticks "$SERVER"); t0=$(date +%s.%N)

@@ -355,3 +355,27 @@ fn room_versions_ten_and_eleven() {
     let (s, _) = bob.put(&format!("/_matrix/client/v3/rooms/{public}/state/m.room.name"), json!({ "name": "mine" }));
     assert_eq!(s, 403);
 }
+
+#[test]
+fn lazy_loading_sends_only_needed_members() {
+    let node = Node::start("lazy", "");
+    let (alice, bob) = two_users(&node);
+    let mut carol = node.client();
+    carol.register("carol");
+    let room = alice.create_room(json!({ "preset": "public_chat" }));
+    for c in [&bob, &carol] {
+        assert_eq!(c.post(&format!("/_matrix/client/v3/join/{room}"), json!({})).0, 200);
+    }
+    for i in 0..12 {
+        alice.send_text(&room, &format!("l{i}"), "only alice talks");
+    }
+    let filter = "%7B%22room%22%3A%7B%22state%22%3A%7B%22lazy_load_members%22%3Atrue%7D%2C%22timeline%22%3A%7B%22limit%22%3A5%7D%7D%7D";
+    let (s, sync) = bob.get(&format!("/_matrix/client/v3/sync?filter={filter}"));
+    assert_eq!(s, 200);
+    let state = sync["rooms"]["join"][&room]["state"]["events"].as_array().expect("state").clone();
+    let members: Vec<&str> = state.iter().filter(|e| e["type"] == "m.room.member").filter_map(|e| e["state_key"].as_str()).collect();
+    assert!(members.contains(&"@alice:localhost"), "the sender's membership: {members:?}");
+    assert!(members.contains(&"@bob:localhost"), "the viewer's own membership: {members:?}");
+    assert!(!members.contains(&"@carol:localhost"), "silent members are not loaded: {members:?}");
+    assert_eq!(sync["rooms"]["join"][&room]["timeline"]["limited"], true);
+}

@@ -248,7 +248,7 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
             "leave" | "ban" if !ur.forgotten && ((since.is_some() && membership_changed) || (since.is_none() && filter.include_leave)) => {
                 let from = s.unwrap_or(0);
                 let (timeline, loaded) = timeline(shard, auth, &room, Some(from), ur.pos, filter, now)?;
-                let state = if since.is_none() { state_events(shard, &room, None, &loaded, filter, now)? } else { vec![] };
+                let state = if since.is_none() { state_events(shard, &auth.user, &room, None, &loaded, filter, now)? } else { vec![] };
                 out.leave.insert(room_id.clone(), LeftRoom { timeline, state: Events { events: state }, account_data: Events::default() });
                 changed = true;
             }
@@ -342,9 +342,13 @@ fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, from: Option<u64>, upto
 /// State to send with a timeline: the current state entries not in the
 /// timeline, optionally only those that changed after `changed_after`;
 /// lazy-loading keeps only the members who sent timeline events (and the viewer).
-fn state_events(shard: &Shard, room: &RoomId, changed_after: Option<u64>, timeline: &[Rc<Rendered>], filter: &SyncFilter, now: u64) -> ApiResult<Vec<Box<RawValue>>> {
+fn state_events(shard: &Shard, viewer: &ruma::UserId, room: &RoomId, changed_after: Option<u64>, timeline: &[Rc<Rendered>], filter: &SyncFilter, now: u64) -> ApiResult<Vec<Box<RawValue>>> {
     let in_timeline: HashSet<String> = timeline.iter().map(|e| e.event.pdu.id().to_string()).collect();
-    let senders: HashSet<String> = timeline.iter().map(|e| e.event.pdu.sender.to_string()).collect();
+    // Lazy loading keeps the members who sent timeline events, and the viewer.
+    let mut senders: HashSet<String> = timeline.iter().map(|e| e.event.pdu.sender.to_string()).collect();
+    if changed_after.is_none() {
+        senders.insert(viewer.to_string());
+    }
     let first_pos = timeline.first().map(|e| e.event.stored.pos);
     let mut out = Vec::new();
     for ((kind, key), entry) in shard.db.room_state(room, ROOM_STATE_MAX)? {
@@ -374,9 +378,9 @@ fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, 
     };
     let limited = timeline.limited;
     let state = if with_state || since.is_none() {
-        state_events(shard, room, None, &loaded, filter, now)?
+        state_events(shard, &auth.user, room, None, &loaded, filter, now)?
     } else if limited {
-        state_events(shard, room, since, &loaded, filter, now)?
+        state_events(shard, &auth.user, room, since, &loaded, filter, now)?
     } else {
         Vec::new()
     };

@@ -1,0 +1,207 @@
+//! The relay's TOML configuration file and its translation into the
+//! protocol core's [`ServerConfig`]. Every knob has a default; each bound
+//! states what it costs in memory.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::auth::CredentialStore;
+use crate::policy::{Cidr, PeerPolicy};
+use crate::turn::ServerConfig;
+
+/// The configuration file (all fields optional).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Realm of the long-term credentials.
+    pub realm: String,
+    /// UDP and TCP listening addresses (STUN/TURN, usually port 3478).
+    pub listen: Vec<SocketAddr>,
+    /// TLS listening addresses (usually port 5349); need `tls_cert` and `tls_key`.
+    pub tls_listen: Vec<SocketAddr>,
+    /// PEM certificate chain for TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    pub tls_key: Option<PathBuf>,
+    /// Address IPv4 relay sockets bind to (and advertise).
+    pub relay_ipv4: Option<IpAddr>,
+    /// Address IPv6 relay sockets bind to (RFC 6156); none disables IPv6 relays.
+    pub relay_ipv6: Option<IpAddr>,
+    /// Lowest relay port.
+    pub min_port: u16,
+    /// Highest relay port.
+    pub max_port: u16,
+    /// Executor threads (one per core); 0 means one per available CPU.
+    pub threads: usize,
+    /// glommio I/O memory per executor in KiB (locked memory).
+    pub io_memory_kib: usize,
+    /// TURN REST shared secrets; the first is current, the others are
+    /// accepted during rotation.
+    pub rest_secrets: Vec<String>,
+    /// Static users: name -> password.
+    pub static_users: HashMap<String, String>,
+    /// Allocations per username across all cores.
+    pub max_allocations_per_user: u32,
+    /// Allocations in total; each costs one relay socket and ~1 KiB plus
+    /// its permissions and channels.
+    pub max_allocations: u32,
+    /// Per-allocation bandwidth cap in bytes per second (0: none).
+    pub bandwidth_bytes_per_sec: u64,
+    /// Longest lifetime granted per Allocate/Refresh.
+    pub max_lifetime_secs: u32,
+    /// Nonce lifetime.
+    pub nonce_lifetime_secs: u64,
+    /// Permissions per allocation (~48 bytes each).
+    pub max_permissions: usize,
+    /// Channels per allocation (~64 bytes each).
+    pub max_channels: usize,
+    /// Peer ranges allowed although special-purpose (e.g. "127.0.0.0/8" for
+    /// tests on one host). Empty by default: never needed in production.
+    pub allowed_peer_ranges: Vec<String>,
+    /// Extra peer ranges to refuse.
+    pub denied_peer_ranges: Vec<String>,
+    /// Prometheus endpoint address (plain HTTP, `GET /metrics`).
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long to keep relaying existing allocations after SIGTERM.
+    pub drain_secs: u64,
+    /// SOFTWARE attribute in responses (empty: none).
+    pub software: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            realm: "tessera".to_owned(),
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 3478))],
+            tls_listen: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            relay_ipv4: None,
+            relay_ipv6: None,
+            min_port: 49152,
+            max_port: 65535,
+            threads: 0,
+            io_memory_kib: 2048,
+            rest_secrets: Vec::new(),
+            static_users: HashMap::new(),
+            max_allocations_per_user: 16,
+            max_allocations: 10_000,
+            bandwidth_bytes_per_sec: 0,
+            max_lifetime_secs: 3600,
+            nonce_lifetime_secs: 600,
+            max_permissions: 64,
+            max_channels: 64,
+            allowed_peer_ranges: Vec::new(),
+            denied_peer_ranges: Vec::new(),
+            metrics_listen: None,
+            drain_secs: 30,
+            software: "tessera-relay".to_owned(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// TOML syntax or unknown key.
+    #[error("config: {0}")]
+    Toml(#[from] toml::de::Error),
+    /// A peer range does not parse.
+    #[error("config: {0}")]
+    Cidr(#[from] crate::policy::CidrError),
+    /// Inconsistent values.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Parses a TOML document.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let c: Config = toml::from_str(text)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.min_port > self.max_port || self.min_port == 0 {
+            return Err(ConfigError::Invalid("need 0 < min_port <= max_port".into()));
+        }
+        if self.listen.is_empty() && self.tls_listen.is_empty() {
+            return Err(ConfigError::Invalid("no listen address".into()));
+        }
+        if !self.tls_listen.is_empty() && (self.tls_cert.is_none() || self.tls_key.is_none()) {
+            return Err(ConfigError::Invalid("tls_listen needs tls_cert and tls_key".into()));
+        }
+        if self.rest_secrets.is_empty() && self.static_users.is_empty() {
+            return Err(ConfigError::Invalid("no credentials: set rest_secrets or static_users".into()));
+        }
+        if self.relay_ipv4.is_some_and(|a| !a.is_ipv4()) || self.relay_ipv6.is_some_and(|a| !a.is_ipv6()) {
+            return Err(ConfigError::Invalid("relay_ipv4/relay_ipv6 of the wrong family".into()));
+        }
+        Ok(())
+    }
+
+    /// The peer policy.
+    pub fn policy(&self) -> Result<PeerPolicy, ConfigError> {
+        let parse = |v: &Vec<String>| v.iter().map(|s| s.parse::<Cidr>()).collect::<Result<Vec<_>, _>>();
+        Ok(PeerPolicy { allow: parse(&self.allowed_peer_ranges)?, deny: parse(&self.denied_peer_ranges)? })
+    }
+
+    /// The protocol core's configuration.
+    pub fn server_config(&self) -> Result<ServerConfig, ConfigError> {
+        let creds = CredentialStore {
+            rest_secrets: self.rest_secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            static_users: self.static_users.clone(),
+        };
+        let mut sc = ServerConfig::new(&self.realm, creds);
+        sc.software = (!self.software.is_empty()).then(|| self.software.clone());
+        sc.max_lifetime_secs = self.max_lifetime_secs.max(1);
+        sc.default_lifetime_secs = sc.default_lifetime_secs.min(sc.max_lifetime_secs);
+        sc.max_permissions = self.max_permissions;
+        sc.max_channels = self.max_channels;
+        sc.bandwidth_bytes_per_sec = (self.bandwidth_bytes_per_sec > 0).then_some(self.bandwidth_bytes_per_sec);
+        sc.policy = self.policy()?;
+        Ok(sc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_example() {
+        let c = Config::from_toml(
+            r#"
+            realm = "turn.example.org"
+            listen = ["127.0.0.1:3478"]
+            relay_ipv4 = "127.0.0.1"
+            min_port = 50000
+            max_port = 50100
+            rest_secrets = ["s1", "s0"]
+            static_users = { alice = "pw" }
+            allowed_peer_ranges = ["127.0.0.0/8"]
+            bandwidth_bytes_per_sec = 1000
+            "#,
+        )
+        .expect("valid");
+        let sc = c.server_config().expect("valid");
+        assert_eq!(sc.realm, "turn.example.org");
+        assert_eq!(sc.credentials.rest_secrets.len(), 2);
+        assert!(sc.policy.check("127.0.0.1".parse().expect("literal")).is_ok());
+        assert_eq!(sc.bandwidth_bytes_per_sec, Some(1000));
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        assert!(Config::from_toml("realm = 1").is_err());
+        assert!(Config::from_toml("nope = 1").is_err());
+        assert!(Config::from_toml("static_users = { a = \"b\" }\nmin_port = 10\nmax_port = 5").is_err());
+        assert!(Config::from_toml("").is_err(), "no credentials");
+        let c = Config::from_toml("rest_secrets = [\"x\"]\nallowed_peer_ranges = [\"bad\"]").expect("parses");
+        assert!(c.server_config().is_err());
+    }
+}

@@ -1,0 +1,353 @@
+//! The I/O driver: one glommio executor per core around the sans-IO core.
+//!
+//! Each shard binds its own SO_REUSEPORT UDP and TCP listeners on the
+//! configured addresses, so the kernel hashes a client's 5-tuple to one
+//! shard for its whole life; that shard owns the client's allocation, opens
+//! its relay socket from its own slice of the port range and runs the relay
+//! socket's receive task. Invariant: the data path never crosses cores; the
+//! only state shared between shards is the quota table (touched on
+//! Allocate and on removal) and the config.
+//!
+//! Shutdown: on SIGTERM the main thread raises `stop`; each shard stops
+//! granting allocations (508), keeps relaying until its allocations are gone
+//! or `drain_secs` pass, then returns, which drops its tasks and sockets.
+
+mod stream;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use glommio::net::UdpSocket;
+
+use crate::metrics::{DropReason, Metrics};
+use crate::turn::{BindError, ClientOutput, Family, FiveTuple, Now, PeerOutput, RelayBinder, Server, Transport};
+
+/// Everything a shard needs, built on the main thread.
+#[derive(Clone)]
+pub struct ShardSetup {
+    /// Shard index.
+    pub index: usize,
+    /// Number of shards (for the port range split).
+    pub shards: usize,
+    /// Parsed configuration.
+    pub config: Arc<crate::config::Config>,
+    /// Protocol configuration.
+    pub server_config: Arc<crate::turn::ServerConfig>,
+    /// Shared quotas.
+    pub quotas: Arc<crate::turn::Quotas>,
+    /// This shard's counters.
+    pub metrics: Arc<Metrics>,
+    /// Random key for nonces (same on all shards: a client may move).
+    pub nonce_key: [u8; 32],
+    /// TLS server configuration, if TLS listeners are configured.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Raised on SIGTERM.
+    pub stop: Arc<AtomicBool>,
+    /// Told once the shard's listeners are bound (or failed).
+    pub ready: std::sync::mpsc::Sender<Result<(), String>>,
+}
+
+/// The current time as the core wants it.
+pub fn now() -> Now {
+    let unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    Now { mono: Instant::now(), unix_secs }
+}
+
+/// State of one shard, shared by its tasks (all on one thread).
+pub(crate) struct Shard {
+    pub(crate) server: RefCell<Server>,
+    pub(crate) binder: RefCell<UdpBinder>,
+    udp: HashMap<SocketAddr, Rc<UdpSocket>>,
+    /// Writers of stream (TCP/TLS) clients, by 5-tuple.
+    pub(crate) streams: RefCell<HashMap<FiveTuple, Rc<LocalSender<Vec<u8>>>>>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl Shard {
+    /// Sends bytes to a client over its transport. Stream frames are padded
+    /// to four bytes (RFC 8656 §12.5).
+    pub(crate) async fn send_to_client(&self, to: FiveTuple, bytes: &[u8]) {
+        match to.transport {
+            Transport::Udp => {
+                let Some(sock) = self.udp.get(&to.server).cloned() else { return };
+                if sock.send_to(bytes, to.client).await.is_err() {
+                    self.metrics.drop_packet(DropReason::Io);
+                }
+            }
+            Transport::Tcp | Transport::Tls => {
+                let mut v = Vec::with_capacity(bytes.len() + 3);
+                v.extend_from_slice(bytes);
+                v.resize((bytes.len() + 3) & !3, 0);
+                // A full writer queue means the client cannot keep up: drop,
+                // as a UDP path would.
+                let sent = self.streams.borrow().get(&to).is_some_and(|tx| tx.try_send(v).is_ok());
+                if !sent {
+                    self.metrics.drop_packet(DropReason::Io);
+                }
+            }
+        }
+    }
+
+    /// Runs one client message through the core and performs the outcome.
+    /// Returns the reply for the caller to send on its own transport.
+    pub(crate) async fn client_message(&self, tuple: FiveTuple, buf: &[u8]) -> Option<Vec<u8>> {
+        let out = {
+            let mut server = self.server.borrow_mut();
+            let mut binder = self.binder.borrow_mut();
+            server.handle_client(now(), tuple, buf, &mut *binder)
+        };
+        match out {
+            ClientOutput::Nothing => None,
+            ClientOutput::Reply(r) => Some(r),
+            ClientOutput::ToPeer { relay, peer, payload } => {
+                let sock = self.binder.borrow().socket(relay);
+                match sock {
+                    Some(s) => {
+                        if s.send_to(payload, peer).await.is_err() {
+                            self.metrics.drop_packet(DropReason::Io);
+                        }
+                    }
+                    None => self.metrics.drop_packet(DropReason::NoAllocation),
+                }
+                None
+            }
+        }
+    }
+
+    /// A stream client went away: remove its allocation.
+    pub(crate) fn stream_closed(&self, tuple: FiveTuple) {
+        self.streams.borrow_mut().remove(&tuple);
+        let mut server = self.server.borrow_mut();
+        let mut binder = self.binder.borrow_mut();
+        server.client_closed(tuple, &mut *binder);
+    }
+}
+
+struct RelaySocket {
+    sock: Rc<UdpSocket>,
+    /// Dropping it ends the socket's receive task.
+    _close: LocalSender<()>,
+}
+
+/// Opens relay sockets from this shard's slice of the port range.
+pub(crate) struct UdpBinder {
+    shard: Weak<Shard>,
+    ipv4: Option<IpAddr>,
+    ipv6: Option<IpAddr>,
+    ports: Vec<u16>,
+    min_port: u16,
+    max_port: u16,
+    cursor: usize,
+    sockets: HashMap<SocketAddr, RelaySocket>,
+}
+
+impl UdpBinder {
+    fn new(setup: &ShardSetup) -> Self {
+        let c = &setup.config;
+        // Shard i owns the port pairs (2k, 2k+1) with k % shards == i, so
+        // shards never race for a port and an EVEN-PORT reservation's odd
+        // port belongs to the same shard.
+        let ports = (c.min_port..=c.max_port).filter(|p| usize::from(p / 2) % setup.shards == setup.index).collect();
+        UdpBinder {
+            shard: Weak::new(),
+            ipv4: c.relay_ipv4,
+            ipv6: c.relay_ipv6,
+            ports,
+            min_port: c.min_port,
+            max_port: c.max_port,
+            cursor: 0,
+            sockets: HashMap::new(),
+        }
+    }
+
+    fn open(&mut self, addr: SocketAddr) -> Result<SocketAddr, BindError> {
+        if self.sockets.contains_key(&addr) {
+            return Err(BindError::Exhausted);
+        }
+        let std_sock = std::net::UdpSocket::bind(addr).map_err(|_| BindError::Exhausted)?;
+        std_sock.set_nonblocking(true).map_err(|_| BindError::Exhausted)?;
+        // SAFETY: the descriptor comes from `into_raw_fd`, so it is an open
+        // UDP socket that nothing else owns.
+        let sock = Rc::new(unsafe { UdpSocket::from_raw_fd(std_sock.into_raw_fd()) });
+        let (close_tx, close_rx) = local_channel::new_bounded(1);
+        glommio::spawn_local(relay_recv_loop(self.shard.clone(), sock.clone(), addr, close_rx)).detach();
+        self.sockets.insert(addr, RelaySocket { sock, _close: close_tx });
+        Ok(addr)
+    }
+
+    fn ip_of(&self, addr: SocketAddr) -> Option<IpAddr> {
+        if addr.is_ipv4() { self.ipv4 } else { self.ipv6 }
+    }
+
+    fn socket(&self, relay: SocketAddr) -> Option<Rc<UdpSocket>> {
+        self.sockets.get(&relay).map(|s| s.sock.clone())
+    }
+}
+
+impl RelayBinder for UdpBinder {
+    fn bind(&mut self, family: Family, even_port: bool) -> Result<SocketAddr, BindError> {
+        let ip = match family {
+            Family::V4 => self.ipv4,
+            Family::V6 => self.ipv6,
+        }
+        .ok_or(BindError::FamilyUnsupported)?;
+        for _ in 0..self.ports.len() {
+            let port = self.ports[self.cursor % self.ports.len()];
+            self.cursor = self.cursor.wrapping_add(1);
+            if even_port && port % 2 == 1 {
+                continue;
+            }
+            // An EVEN-PORT request may reserve the odd port next to it for a
+            // later Allocate: only hand out even ports whose partner is free
+            // now, so the reservation can be honoured.
+            if even_port
+                && (port == u16::MAX || std::net::UdpSocket::bind(SocketAddr::new(ip, port + 1)).is_err())
+            {
+                continue;
+            }
+            if let Ok(addr) = self.open(SocketAddr::new(ip, port)) {
+                return Ok(addr);
+            }
+        }
+        Err(BindError::Exhausted)
+    }
+
+    fn bind_exact(&mut self, addr: SocketAddr) -> Result<SocketAddr, BindError> {
+        // A reserved port may come from another shard's slice: the reserving
+        // shard only recorded it, and every shard skips reserved ports.
+        if addr.port() < self.min_port || addr.port() > self.max_port || Some(addr.ip()) != self.ip_of(addr) {
+            return Err(BindError::Exhausted);
+        }
+        self.open(addr)
+    }
+
+    fn release(&mut self, relay: SocketAddr) {
+        self.sockets.remove(&relay);
+    }
+}
+
+/// Receives peer datagrams on one relay socket until it is released.
+async fn relay_recv_loop(shard: Weak<Shard>, sock: Rc<UdpSocket>, relay: SocketAddr, close: LocalReceiver<()>) {
+    // Four bytes of headroom for the ChannelData header, so channel traffic
+    // is forwarded without a copy.
+    let mut buf = vec![0u8; 4 + 65536];
+    loop {
+        let got = futures_lite::future::or(async { Some(sock.recv_from(&mut buf[4..]).await) }, async {
+            close.recv().await;
+            None
+        })
+        .await;
+        let Some(result) = got else { return };
+        // ICMP errors from earlier sends surface here; they end nothing.
+        let Ok((n, peer)) = result else { continue };
+        let Some(shard) = shard.upgrade() else { return };
+        let out = shard.server.borrow_mut().handle_peer(now(), relay, peer, &buf[4..4 + n]);
+        match out {
+            PeerOutput::Drop => {}
+            PeerOutput::ChannelData { to, header } => {
+                buf[..4].copy_from_slice(&header);
+                shard.send_to_client(to, &buf[..4 + n]).await;
+            }
+            PeerOutput::DataIndication { to, message } => shard.send_to_client(to, &message).await,
+        }
+    }
+}
+
+async fn udp_client_loop(shard: Rc<Shard>, sock: Rc<UdpSocket>, local: SocketAddr) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let Ok((n, from)) = sock.recv_from(&mut buf).await else { continue };
+        let tuple = FiveTuple { client: from, server: local, transport: Transport::Udp };
+        if let Some(reply) = shard.client_message(tuple, &buf[..n]).await
+            && sock.send_to(&reply, from).await.is_err()
+        {
+            shard.metrics.drop_packet(DropReason::Io);
+        }
+    }
+}
+
+/// A shard's bound UDP sockets (by address), TCP listeners and TLS listeners.
+type Listeners = (HashMap<SocketAddr, Rc<UdpSocket>>, Vec<glommio::net::TcpListener>, Vec<glommio::net::TcpListener>);
+
+/// Runs one shard until shutdown.
+pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
+    let mut tid_salt = [0u8; 4];
+    tid_salt.copy_from_slice(&setup.nonce_key[..4]);
+    let server = Server::new(
+        setup.server_config.clone(),
+        crate::auth::NonceKey::new(setup.nonce_key, setup.config.nonce_lifetime_secs),
+        setup.quotas.clone(),
+        setup.metrics.clone(),
+        u32::from_be_bytes(tid_salt) ^ setup.index as u32,
+    );
+    let bound = (|| -> anyhow::Result<Listeners> {
+        let mut udp = HashMap::new();
+        let mut tcp = Vec::new();
+        let mut tls = Vec::new();
+        for addr in &setup.config.listen {
+            let s = UdpSocket::bind(*addr).map_err(|e| anyhow::anyhow!("bind UDP {addr}: {e}"))?;
+            udp.insert(*addr, Rc::new(s));
+            tcp.push(glommio::net::TcpListener::bind(*addr).map_err(|e| anyhow::anyhow!("bind TCP {addr}: {e}"))?);
+        }
+        for addr in &setup.config.tls_listen {
+            tls.push(glommio::net::TcpListener::bind(*addr).map_err(|e| anyhow::anyhow!("bind TLS {addr}: {e}"))?);
+        }
+        Ok((udp, tcp, tls))
+    })();
+    let (udp, tcp, tls) = match bound {
+        Ok(b) => {
+            let _ = setup.ready.send(Ok(()));
+            b
+        }
+        Err(e) => {
+            let _ = setup.ready.send(Err(e.to_string()));
+            return Err(e);
+        }
+    };
+    let shard = Rc::new(Shard {
+        server: RefCell::new(server),
+        binder: RefCell::new(UdpBinder::new(&setup)),
+        udp: udp.clone(),
+        streams: RefCell::new(HashMap::new()),
+        metrics: setup.metrics.clone(),
+    });
+    shard.binder.borrow_mut().shard = Rc::downgrade(&shard);
+    for (addr, sock) in udp {
+        glommio::spawn_local(udp_client_loop(shard.clone(), sock, addr)).detach();
+    }
+    for l in tcp {
+        glommio::spawn_local(stream::accept_loop(shard.clone(), l, None)).detach();
+    }
+    for l in tls {
+        glommio::spawn_local(stream::accept_loop(shard.clone(), l, setup.tls.clone())).detach();
+    }
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        glommio::timer::sleep(Duration::from_millis(250)).await;
+        {
+            let mut server = shard.server.borrow_mut();
+            let mut binder = shard.binder.borrow_mut();
+            server.handle_timeout(now(), &mut *binder);
+        }
+        if setup.stop.load(Ordering::Relaxed) {
+            let deadline = *drain_deadline.get_or_insert_with(|| {
+                shard.server.borrow_mut().set_draining();
+                Instant::now() + Duration::from_secs(setup.config.drain_secs)
+            });
+            if shard.server.borrow().allocation_count() == 0 || Instant::now() >= deadline {
+                break;
+            }
+        }
+    }
+    let mut server = shard.server.borrow_mut();
+    let mut binder = shard.binder.borrow_mut();
+    server.remove_all(&mut *binder);
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! TCP and TLS client connections (RFC 8656 §3.1, §12.5 framing).
+//!
+//! A connection is read by one task and written by another, each on its own
+//! duplicate of the socket descriptor, so peer data can be pushed to the
+//! client while the reader waits. Writes go through a bounded queue
+//! ([`WRITE_QUEUE`] frames, at most ~64 KiB each); a client that does not
+//! drain it loses frames rather than growing memory. For TLS both tasks share
+//! the rustls connection state. Messages are framed by their own headers:
+//! STUN by its length field, ChannelData by its length padded to four.
+
+use std::cell::RefCell;
+use std::io::{Read as _, Write as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _};
+use glommio::channels::local_channel::{self, LocalReceiver};
+use glommio::net::{TcpListener, TcpStream};
+
+use super::Shard;
+use crate::stun::{HEADER_LEN, channel_data, framed_len};
+use crate::turn::{FiveTuple, Transport};
+
+/// Frames queued per connection for writing.
+const WRITE_QUEUE: usize = 1024;
+/// Largest frame accepted from a client (STUN header + 64 KiB).
+const MAX_FRAME: usize = HEADER_LEN + 65535 + 3;
+
+pub(super) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
+    let transport = if tls.is_some() { Transport::Tls } else { Transport::Tcp };
+    let Ok(local) = listener.local_addr() else { return };
+    loop {
+        let Ok(stream) = listener.accept().await else { continue };
+        let Ok(client) = stream.peer_addr() else { continue };
+        let _ = stream.set_nodelay(true);
+        let tuple = FiveTuple { client, server: local, transport };
+        let tls_conn = match &tls {
+            Some(cfg) => match rustls::ServerConnection::new(cfg.clone()) {
+                Ok(c) => Some(Rc::new(RefCell::new(c))),
+                Err(_) => continue,
+            },
+            None => None,
+        };
+        glommio::spawn_local(connection(shard.clone(), stream, tuple, tls_conn)).detach();
+    }
+}
+
+/// Splits the next complete frame off the front of `buf`.
+fn next_frame(buf: &[u8]) -> Result<Option<usize>, ()> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = if channel_data::is_channel_data(buf) {
+        channel_data::framed_len(buf).ok_or(())?
+    } else if buf[0] & 0xC0 == 0 {
+        framed_len(buf).ok_or(())?
+    } else {
+        return Err(());
+    };
+    if len > MAX_FRAME {
+        return Err(());
+    }
+    Ok((buf.len() >= len).then_some(len))
+}
+
+async fn connection(shard: Rc<Shard>, stream: TcpStream, tuple: FiveTuple, tls: Option<Rc<RefCell<rustls::ServerConnection>>>) {
+    // SAFETY: `dup` returns a new descriptor for the same socket that only
+    // the writer owns; a failed dup (-1) is checked before use.
+    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: `fd` is a freshly duplicated, open TCP socket owned by nobody else.
+    let writer_stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let (tx, rx) = local_channel::new_bounded::<Vec<u8>>(WRITE_QUEUE);
+    let tx = Rc::new(tx);
+    shard.streams.borrow_mut().insert(tuple, tx.clone());
+    let writer = glommio::spawn_local(write_loop(writer_stream, rx, tls.clone()));
+    read_loop(&shard, stream, tuple, tls, &tx).await;
+    shard.stream_closed(tuple);
+    drop(tx);
+    writer.await;
+}
+
+async fn read_loop(
+    shard: &Rc<Shard>,
+    mut stream: TcpStream,
+    tuple: FiveTuple,
+    tls: Option<Rc<RefCell<rustls::ServerConnection>>>,
+    tx: &glommio::channels::local_channel::LocalSender<Vec<u8>>,
+) {
+    let mut raw = vec![0u8; 16384];
+    let mut buf: Vec<u8> = Vec::with_capacity(16384);
+    loop {
+        let n = match stream.read(&mut raw).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        match &tls {
+            None => buf.extend_from_slice(&raw[..n]),
+            Some(conn) => {
+                let mut c = conn.borrow_mut();
+                let mut input = &raw[..n];
+                while !input.is_empty() {
+                    if c.read_tls(&mut input).is_err() {
+                        return;
+                    }
+                    if c.process_new_packets().is_err() {
+                        drop(c);
+                        let _ = tx.try_send(Vec::new());
+                        return;
+                    }
+                }
+                let mut plain = [0u8; 16384];
+                loop {
+                    match c.reader().read(&mut plain) {
+                        Ok(0) => break,
+                        Ok(k) => buf.extend_from_slice(&plain[..k]),
+                        Err(_) => break,
+                    }
+                    if buf.len() > 4 * MAX_FRAME {
+                        return;
+                    }
+                }
+                // Handshake records or alerts may be waiting.
+                if c.wants_write() {
+                    let _ = tx.try_send(Vec::new());
+                }
+            }
+        }
+        let mut start = 0;
+        loop {
+            match next_frame(&buf[start..]) {
+                Err(()) => {
+                    shard.metrics.drop_packet(crate::metrics::DropReason::Malformed);
+                    return;
+                }
+                Ok(None) => break,
+                Ok(Some(len)) => {
+                    let frame = &buf[start..start + len];
+                    // ChannelData frames carry padding the core must not see
+                    // as payload; STUN frames are exact.
+                    if let Some(reply) = shard.client_message(tuple, frame).await
+                        && tx.try_send(reply).is_err()
+                    {
+                        shard.metrics.drop_packet(crate::metrics::DropReason::Io);
+                    }
+                    start += len;
+                }
+            }
+        }
+        buf.drain(..start);
+    }
+}
+
+async fn write_loop(mut stream: TcpStream, rx: LocalReceiver<Vec<u8>>, tls: Option<Rc<RefCell<rustls::ServerConnection>>>) {
+    while let Some(bytes) = rx.recv().await {
+        match &tls {
+            None => {
+                if stream.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            Some(conn) => {
+                let out = {
+                    let mut c = conn.borrow_mut();
+                    if !bytes.is_empty() && c.writer().write_all(&bytes).is_err() {
+                        return;
+                    }
+                    let mut out = Vec::new();
+                    while c.wants_write() {
+                        if c.write_tls(&mut out).is_err() {
+                            return;
+                        }
+                    }
+                    out
+                };
+                if !out.is_empty() && stream.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,966 @@
+//! TURN server state machine (RFC 8656, RFC 6156), sans-IO.
+//!
+//! One [`Server`] runs per shard and owns every allocation whose client
+//! 5-tuple lands on that shard. Input comes in through
+//! [`Server::handle_client`] (a datagram or framed message from a client),
+//! [`Server::handle_peer`] (a datagram that arrived on a relay address) and
+//! [`Server::handle_timeout`]; output is returned by value. The server never
+//! reads a clock, a socket or the RNG: time arrives as [`Now`], randomness
+//! as the nonce key, and relay sockets are opened through the
+//! [`RelayBinder`] the driver passes in, so tests drive it directly.
+//!
+//! Invariants:
+//! - A peer refused by [`PeerPolicy`] never gets a permission or channel,
+//!   and every relayed packet is checked against the policy again, so a
+//!   packet can only reach a peer the policy allows.
+//! - Every allocation holds one quota slot from [`Quotas`] and one relay
+//!   address from the binder; both are returned exactly once, when the
+//!   allocation is removed (refresh to 0, expiry, or connection close).
+//! - Tables are bounded: allocations by [`Quotas`], permissions and channels
+//!   per allocation by [`ServerConfig`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::auth::{CredentialStore, LookupError, NonceCheck, NonceKey};
+use crate::metrics::{DropReason, Metrics};
+use crate::policy::PeerPolicy;
+use crate::stun::{
+    Class, IntegrityKind, Message, MessageBuilder, PasswordAlgorithm, attr, channel_data, code, method,
+};
+
+/// The current time, as the driver read it.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// Monotonic time for lifetimes.
+    pub mono: Instant,
+    /// Wall-clock seconds for TURN REST expiry and nonces.
+    pub unix_secs: u64,
+}
+
+/// Client transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// UDP.
+    Udp,
+    /// TCP.
+    Tcp,
+    /// TLS over TCP.
+    Tls,
+}
+
+/// A client's 5-tuple: its address, the server address it reached and the
+/// transport. Allocations are keyed by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FiveTuple {
+    /// Client transport address.
+    pub client: SocketAddr,
+    /// Server transport address the client sent to.
+    pub server: SocketAddr,
+    /// Transport protocol.
+    pub transport: Transport,
+}
+
+/// Address family of a relay address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl Family {
+    fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+}
+
+/// Why a relay address could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindError {
+    /// No relay address of that family is configured (440).
+    FamilyUnsupported,
+    /// The port range is exhausted or the socket could not be opened (508).
+    Exhausted,
+}
+
+/// Opens and closes relay transport addresses; implemented by the I/O
+/// driver (one UDP socket per allocation) and by tests.
+pub trait RelayBinder {
+    /// Opens a relay address of a family.
+    fn bind(&mut self, family: Family, even_port: bool) -> Result<SocketAddr, BindError>;
+    /// Opens exactly this relay address (the odd port an EVEN-PORT
+    /// reservation holds for a later Allocate).
+    fn bind_exact(&mut self, addr: SocketAddr) -> Result<SocketAddr, BindError>;
+    /// Closes a relay address opened by `bind`.
+    fn release(&mut self, relay: SocketAddr);
+}
+
+/// Protocol limits and policy of one relay.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Realm of the long-term credentials.
+    pub realm: String,
+    /// SOFTWARE attribute sent in responses, if any.
+    pub software: Option<String>,
+    /// Lifetime given when the client asks for none or less (seconds).
+    pub default_lifetime_secs: u32,
+    /// Longest allocation lifetime granted per refresh (seconds).
+    pub max_lifetime_secs: u32,
+    /// Permission lifetime (RFC 8656: 300 s).
+    pub permission_lifetime_secs: u32,
+    /// Channel binding lifetime (RFC 8656: 600 s).
+    pub channel_lifetime_secs: u32,
+    /// Permissions per allocation; each costs ~48 bytes.
+    pub max_permissions: usize,
+    /// Channels per allocation; each costs ~64 bytes.
+    pub max_channels: usize,
+    /// Per-allocation bandwidth cap in bytes per second, both directions
+    /// together; `None` for no cap. Bursts of one second are allowed.
+    pub bandwidth_bytes_per_sec: Option<u64>,
+    /// Which peers may be relayed to.
+    pub policy: PeerPolicy,
+    /// Where passwords come from.
+    pub credentials: CredentialStore,
+}
+
+impl ServerConfig {
+    /// RFC defaults with a realm and credentials.
+    pub fn new(realm: &str, credentials: CredentialStore) -> Self {
+        ServerConfig {
+            realm: realm.to_owned(),
+            software: Some("tessera-relay".to_owned()),
+            default_lifetime_secs: 600,
+            max_lifetime_secs: 3600,
+            permission_lifetime_secs: 300,
+            channel_lifetime_secs: 600,
+            max_permissions: 64,
+            max_channels: 64,
+            bandwidth_bytes_per_sec: None,
+            policy: PeerPolicy::default(),
+            credentials,
+        }
+    }
+}
+
+/// Allocation quotas shared by all shards (taken only when an allocation is
+/// created or removed, never on the data path).
+#[derive(Debug)]
+pub struct Quotas {
+    per_user: u32,
+    total: u32,
+    state: Mutex<QuotaState>,
+}
+
+#[derive(Debug, Default)]
+struct QuotaState {
+    users: HashMap<String, u32>,
+    total: u32,
+    /// RESERVATION-TOKEN -> reserved relay address and its expiry.
+    reservations: HashMap<[u8; 8], (SocketAddr, Instant)>,
+}
+
+/// Which quota refused an allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaError {
+    /// The user has `per_user` allocations (486).
+    User,
+    /// The relay has `total` allocations (508).
+    Total,
+}
+
+impl Quotas {
+    /// Quotas of `per_user` allocations per username and `total` overall.
+    pub fn new(per_user: u32, total: u32) -> Self {
+        Quotas { per_user, total, state: Mutex::new(QuotaState::default()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QuotaState> {
+        // The state stays consistent even if a holder panicked: every
+        // update is a single counter change.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a slot for `user`.
+    pub fn acquire(&self, user: &str) -> Result<(), QuotaError> {
+        let mut s = self.lock();
+        if s.total >= self.total {
+            return Err(QuotaError::Total);
+        }
+        let n = s.users.get(user).copied().unwrap_or(0);
+        if n >= self.per_user {
+            return Err(QuotaError::User);
+        }
+        s.users.insert(user.to_owned(), n + 1);
+        s.total += 1;
+        Ok(())
+    }
+
+    /// Returns a slot taken by `acquire`.
+    pub fn release(&self, user: &str) {
+        let mut s = self.lock();
+        s.total = s.total.saturating_sub(1);
+        if let Some(n) = s.users.get_mut(user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.users.remove(user);
+            }
+        }
+    }
+
+    /// Records a reservation; false if the table is full.
+    pub fn reserve(&self, token: [u8; 8], addr: SocketAddr, expires: Instant) -> bool {
+        let mut s = self.lock();
+        if s.reservations.len() >= MAX_RESERVATIONS {
+            return false;
+        }
+        s.reservations.insert(token, (addr, expires));
+        true
+    }
+
+    /// Takes a live reservation by token (single use).
+    pub fn take_reservation(&self, token: &[u8; 8], now: Instant) -> Option<SocketAddr> {
+        let mut s = self.lock();
+        s.reservations.remove(token).filter(|(_, e)| *e > now).map(|(a, _)| a)
+    }
+
+    /// True if a reservation holds this address.
+    pub fn is_reserved(&self, addr: SocketAddr) -> bool {
+        self.lock().reservations.values().any(|(a, _)| *a == addr)
+    }
+
+    /// Drops expired reservations.
+    pub fn expire_reservations(&self, now: Instant) {
+        self.lock().reservations.retain(|_, (_, e)| *e > now);
+    }
+
+    /// Reservations currently held.
+    pub fn reservations(&self) -> usize {
+        self.lock().reservations.len()
+    }
+
+    /// Allocations currently counted.
+    pub fn total(&self) -> u32 {
+        self.lock().total
+    }
+}
+
+/// What to do with a packet from a client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientOutput<'a> {
+    /// Nothing to send (dropped, or an indication that needs no answer).
+    Nothing,
+    /// A STUN response to send back on the same 5-tuple.
+    Reply(Vec<u8>),
+    /// Payload to send from relay address `relay` to `peer`.
+    ToPeer {
+        /// Relay address to send from.
+        relay: SocketAddr,
+        /// Peer to send to.
+        peer: SocketAddr,
+        /// The application data.
+        payload: &'a [u8],
+    },
+}
+
+/// What to do with a packet from a peer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PeerOutput {
+    /// Dropped (counted in metrics).
+    Drop,
+    /// Send `header` followed by the payload to the client as ChannelData.
+    ChannelData {
+        /// Client 5-tuple.
+        to: FiveTuple,
+        /// ChannelData header for the payload.
+        header: [u8; 4],
+    },
+    /// Send this Data indication to the client.
+    DataIndication {
+        /// Client 5-tuple.
+        to: FiveTuple,
+        /// Encoded indication.
+        message: Vec<u8>,
+    },
+}
+
+#[derive(Debug)]
+struct Channel {
+    peer: SocketAddr,
+    expires: Instant,
+}
+
+#[derive(Debug)]
+struct TokenBucket {
+    rate: u64,
+    tokens: u64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn take(&mut self, now: Instant, bytes: usize) -> bool {
+        let elapsed_us = now.saturating_duration_since(self.last).as_micros();
+        if elapsed_us > 0 {
+            let add = (u128::from(self.rate) * elapsed_us / 1_000_000).min(u128::from(self.rate));
+            self.tokens = (self.tokens + add as u64).min(self.rate);
+            self.last = now;
+        }
+        let bytes = bytes as u64;
+        if self.tokens >= bytes {
+            self.tokens -= bytes;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Allocation {
+    username: String,
+    relay: SocketAddr,
+    expires: Instant,
+    allocate_tid: [u8; 12],
+    allocate_lifetime: u32,
+    permissions: HashMap<IpAddr, Instant>,
+    channels: HashMap<u16, Channel>,
+    peer_channels: HashMap<SocketAddr, u16>,
+    bucket: Option<TokenBucket>,
+}
+
+impl Allocation {
+    fn permitted(&self, ip: IpAddr, now: Instant) -> bool {
+        self.permissions.get(&ip).is_some_and(|e| *e > now)
+    }
+}
+
+/// Authenticated request context.
+struct Authed {
+    username: String,
+    key: Vec<u8>,
+    kind: IntegrityKind,
+}
+
+/// Comprehension-required attributes this server understands.
+const KNOWN_ATTRS: &[u16] = &[
+    attr::USERNAME,
+    attr::MESSAGE_INTEGRITY,
+    attr::MESSAGE_INTEGRITY_SHA256,
+    attr::ERROR_CODE,
+    attr::CHANNEL_NUMBER,
+    attr::LIFETIME,
+    attr::XOR_PEER_ADDRESS,
+    attr::DATA,
+    attr::REALM,
+    attr::NONCE,
+    attr::REQUESTED_ADDRESS_FAMILY,
+    attr::EVEN_PORT,
+    attr::REQUESTED_TRANSPORT,
+    attr::DONT_FRAGMENT,
+    attr::PASSWORD_ALGORITHM,
+    attr::RESERVATION_TOKEN,
+    attr::XOR_MAPPED_ADDRESS,
+    attr::MAPPED_ADDRESS,
+    // ICE attributes clients put in Binding requests (RFC 8445).
+    0x0024,
+    0x0025,
+];
+
+/// The TURN server of one shard.
+#[derive(Debug)]
+pub struct Server {
+    cfg: Arc<ServerConfig>,
+    nonces: NonceKey,
+    quotas: Arc<Quotas>,
+    metrics: Arc<Metrics>,
+    allocations: HashMap<FiveTuple, Allocation>,
+    by_relay: HashMap<SocketAddr, FiveTuple>,
+    draining: bool,
+    tid_counter: u64,
+    tid_salt: u32,
+}
+
+/// Reservations (EVEN-PORT with R) held at once, all shards together.
+const MAX_RESERVATIONS: usize = 4096;
+/// How long a reserved port is held (RFC 8656 §7.2: about 30 seconds).
+const RESERVATION_SECS: u64 = 30;
+
+impl Server {
+    /// A server with shared config, nonce key, quotas and this shard's metrics.
+    /// `tid_salt` distinguishes transaction ids of Data indications between
+    /// shards.
+    pub fn new(cfg: Arc<ServerConfig>, nonces: NonceKey, quotas: Arc<Quotas>, metrics: Arc<Metrics>, tid_salt: u32) -> Self {
+        Server {
+            cfg,
+            nonces,
+            quotas,
+            metrics,
+            allocations: HashMap::new(),
+            by_relay: HashMap::new(),
+            draining: false,
+            tid_counter: 0,
+            tid_salt,
+        }
+    }
+
+    /// This shard's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Number of live allocations on this shard.
+    pub fn allocation_count(&self) -> usize {
+        self.allocations.len()
+    }
+
+    /// Stops granting new allocations (answering 508); existing ones keep
+    /// working until they expire or are refreshed to zero.
+    pub fn set_draining(&mut self) {
+        self.draining = true;
+    }
+
+    /// Handles one message from a client.
+    pub fn handle_client<'a>(
+        &mut self,
+        now: Now,
+        tuple: FiveTuple,
+        buf: &'a [u8],
+        binder: &mut dyn RelayBinder,
+    ) -> ClientOutput<'a> {
+        if channel_data::is_channel_data(buf) {
+            return self.client_channel_data(now, tuple, buf);
+        }
+        let Ok(msg) = Message::parse(buf) else {
+            self.metrics.drop_packet(DropReason::Malformed);
+            return ClientOutput::Nothing;
+        };
+        match msg.class() {
+            Class::Request => {
+                self.metrics.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ClientOutput::Reply(self.request(now, tuple, &msg, binder))
+            }
+            Class::Indication if msg.method() == method::SEND => self.send_indication(now, tuple, &msg),
+            _ => ClientOutput::Nothing,
+        }
+    }
+
+    /// Handles a datagram from `peer` that arrived on relay address `relay`.
+    pub fn handle_peer(&mut self, now: Now, relay: SocketAddr, peer: SocketAddr, payload: &[u8]) -> PeerOutput {
+        let Some(tuple) = self.by_relay.get(&relay).copied() else {
+            self.metrics.drop_packet(DropReason::NoAllocation);
+            return PeerOutput::Drop;
+        };
+        let Some(alloc) = self.allocations.get_mut(&tuple) else {
+            self.metrics.drop_packet(DropReason::NoAllocation);
+            return PeerOutput::Drop;
+        };
+        if !alloc.permitted(peer.ip(), now.mono) {
+            self.metrics.drop_packet(DropReason::NoPermission);
+            return PeerOutput::Drop;
+        }
+        let Ok(len) = u16::try_from(payload.len()) else {
+            self.metrics.drop_packet(DropReason::Malformed);
+            return PeerOutput::Drop;
+        };
+        if let Some(b) = alloc.bucket.as_mut()
+            && !b.take(now.mono, payload.len())
+        {
+            self.metrics.drop_packet(DropReason::Bandwidth);
+            return PeerOutput::Drop;
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics.packets_to_client.fetch_add(1, Relaxed);
+        self.metrics.bytes_to_client.fetch_add(payload.len() as u64, Relaxed);
+        if let Some(ch) = alloc.peer_channels.get(&peer)
+            && alloc.channels.get(ch).is_some_and(|c| c.expires > now.mono)
+        {
+            return PeerOutput::ChannelData { to: tuple, header: channel_data::header(*ch, len) };
+        }
+        self.tid_counter = self.tid_counter.wrapping_add(1);
+        let mut tid = [0u8; 12];
+        tid[..4].copy_from_slice(&self.tid_salt.to_be_bytes());
+        tid[4..].copy_from_slice(&self.tid_counter.to_be_bytes());
+        let mut b = MessageBuilder::new(method::DATA, Class::Indication, tid);
+        b.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, payload);
+        PeerOutput::DataIndication { to: tuple, message: b.finish() }
+    }
+
+    /// Removes expired allocations, permissions and channels.
+    pub fn handle_timeout(&mut self, now: Now, binder: &mut dyn RelayBinder) {
+        let expired: Vec<FiveTuple> =
+            self.allocations.iter().filter(|(_, a)| a.expires <= now.mono).map(|(t, _)| *t).collect();
+        for t in expired {
+            self.remove(t, binder);
+        }
+        self.quotas.expire_reservations(now.mono);
+        for a in self.allocations.values_mut() {
+            a.permissions.retain(|_, e| *e > now.mono);
+            let gone: Vec<u16> = a.channels.iter().filter(|(_, c)| c.expires <= now.mono).map(|(n, _)| *n).collect();
+            for n in gone {
+                if let Some(c) = a.channels.remove(&n) {
+                    a.peer_channels.remove(&c.peer);
+                }
+            }
+        }
+    }
+
+    /// The client's stream connection closed: its allocation goes with it
+    /// (RFC 8656 §7).
+    pub fn client_closed(&mut self, tuple: FiveTuple, binder: &mut dyn RelayBinder) {
+        self.remove(tuple, binder);
+    }
+
+    /// Removes every allocation (shutdown).
+    pub fn remove_all(&mut self, binder: &mut dyn RelayBinder) {
+        let all: Vec<FiveTuple> = self.allocations.keys().copied().collect();
+        for t in all {
+            self.remove(t, binder);
+        }
+    }
+
+    fn remove(&mut self, tuple: FiveTuple, binder: &mut dyn RelayBinder) {
+        if let Some(a) = self.allocations.remove(&tuple) {
+            self.by_relay.remove(&a.relay);
+            binder.release(a.relay);
+            self.quotas.release(&a.username);
+            self.metrics.allocations.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn relay_payload<'a>(&mut self, now: Now, tuple: FiveTuple, peer: SocketAddr, payload: &'a [u8]) -> ClientOutput<'a> {
+        if self.cfg.policy.check(peer.ip()).is_err() {
+            self.metrics.drop_packet(DropReason::PeerDenied);
+            return ClientOutput::Nothing;
+        }
+        let Some(alloc) = self.allocations.get_mut(&tuple) else {
+            self.metrics.drop_packet(DropReason::NoAllocation);
+            return ClientOutput::Nothing;
+        };
+        if Family::of(peer.ip()) != Family::of(alloc.relay.ip()) || !alloc.permitted(peer.ip(), now.mono) {
+            self.metrics.drop_packet(DropReason::NoPermission);
+            return ClientOutput::Nothing;
+        }
+        if let Some(b) = alloc.bucket.as_mut()
+            && !b.take(now.mono, payload.len())
+        {
+            self.metrics.drop_packet(DropReason::Bandwidth);
+            return ClientOutput::Nothing;
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics.packets_to_peer.fetch_add(1, Relaxed);
+        self.metrics.bytes_to_peer.fetch_add(payload.len() as u64, Relaxed);
+        ClientOutput::ToPeer { relay: alloc.relay, peer, payload }
+    }
+
+    fn client_channel_data<'a>(&mut self, now: Now, tuple: FiveTuple, buf: &'a [u8]) -> ClientOutput<'a> {
+        let Some((ch, payload)) = channel_data::parse(buf) else {
+            self.metrics.drop_packet(DropReason::Malformed);
+            return ClientOutput::Nothing;
+        };
+        let Some(alloc) = self.allocations.get(&tuple) else {
+            self.metrics.drop_packet(DropReason::NoAllocation);
+            return ClientOutput::Nothing;
+        };
+        let Some(peer) = alloc.channels.get(&ch).filter(|c| c.expires > now.mono).map(|c| c.peer) else {
+            self.metrics.drop_packet(DropReason::NoChannel);
+            return ClientOutput::Nothing;
+        };
+        self.relay_payload(now, tuple, peer, payload)
+    }
+
+    fn send_indication<'a>(&mut self, now: Now, tuple: FiveTuple, msg: &Message<'a>) -> ClientOutput<'a> {
+        if !self.allocations.contains_key(&tuple) {
+            self.metrics.drop_packet(DropReason::NoAllocation);
+            return ClientOutput::Nothing;
+        }
+        let (Some(Ok(peer)), Some(data)) = (msg.get_xor_addr(attr::XOR_PEER_ADDRESS), msg.get(attr::DATA)) else {
+            self.metrics.drop_packet(DropReason::Malformed);
+            return ClientOutput::Nothing;
+        };
+        self.relay_payload(now, tuple, peer, data)
+    }
+
+    fn response(&self, req: &Message<'_>, class: Class) -> MessageBuilder {
+        MessageBuilder::new(req.method(), class, req.transaction_id())
+    }
+
+    fn finish(&self, req: &Message<'_>, mut b: MessageBuilder, auth: Option<&Authed>) -> Vec<u8> {
+        if let Some(s) = &self.cfg.software {
+            b.attr(attr::SOFTWARE, s.as_bytes());
+        }
+        if let Some(a) = auth {
+            b.integrity_of(a.kind, &a.key);
+        }
+        if fingerprint_present(req.bytes()) {
+            b.fingerprint();
+        }
+        b.finish()
+    }
+
+    fn error(&self, req: &Message<'_>, err: u16, auth: Option<&Authed>) -> Vec<u8> {
+        tracing::debug!(method = req.method(), err, attrs = ?req.attribute_types().collect::<Vec<_>>(), "error response");
+        let mut b = self.response(req, Class::Error);
+        b.error_code(err);
+        self.finish(req, b, auth)
+    }
+
+    fn challenge(&self, now: Now, tuple: FiveTuple, req: &Message<'_>, err: u16) -> Vec<u8> {
+        let mut b = self.response(req, Class::Error);
+        b.error_code(err)
+            .attr(attr::REALM, self.cfg.realm.as_bytes())
+            .attr(attr::NONCE, self.nonces.issue(now.unix_secs, tuple.client).as_bytes());
+        self.finish(req, b, None)
+    }
+
+    fn auth_failure(&self, now: Now, tuple: FiveTuple, req: &Message<'_>) -> Vec<u8> {
+        self.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.challenge(now, tuple, req, code::UNAUTHENTICATED)
+    }
+
+    fn authenticate(&self, now: Now, tuple: FiveTuple, req: &Message<'_>) -> Result<Authed, Vec<u8>> {
+        let Some(kind) = req.integrity_kind() else {
+            return Err(self.challenge(now, tuple, req, code::UNAUTHENTICATED));
+        };
+        let (Some(username), Some(realm), Some(nonce)) =
+            (req.get_str(attr::USERNAME), req.get_str(attr::REALM), req.get_str(attr::NONCE))
+        else {
+            self.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(self.error(req, code::BAD_REQUEST, None));
+        };
+        if self.nonces.check(nonce, now.unix_secs, tuple.client) != NonceCheck::Valid {
+            return Err(self.challenge(now, tuple, req, code::STALE_NONCE));
+        }
+        if realm != self.cfg.realm {
+            return Err(self.auth_failure(now, tuple, req));
+        }
+        let alg = match req.get(attr::PASSWORD_ALGORITHM) {
+            None => PasswordAlgorithm::Md5,
+            Some(v) => match PasswordAlgorithm::decode(v) {
+                Some(a) => a,
+                None => return Err(self.error(req, code::BAD_REQUEST, None)),
+            },
+        };
+        let passwords = match self.cfg.credentials.passwords(username, now.unix_secs) {
+            Ok(p) => p,
+            Err(LookupError::UnknownUser | LookupError::Expired) => return Err(self.auth_failure(now, tuple, req)),
+        };
+        for p in passwords {
+            let key = alg.key(username, realm, &p);
+            if req.verify_integrity(&key) {
+                return Ok(Authed { username: username.to_owned(), key, kind });
+            }
+        }
+        Err(self.auth_failure(now, tuple, req))
+    }
+
+    fn request(&mut self, now: Now, tuple: FiveTuple, req: &Message<'_>, binder: &mut dyn RelayBinder) -> Vec<u8> {
+        let m = req.method();
+        if m == method::BINDING {
+            let mut b = self.response(req, Class::Success);
+            b.xor_addr(attr::XOR_MAPPED_ADDRESS, tuple.client);
+            return self.finish(req, b, None);
+        }
+        if !matches!(m, method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND) {
+            return self.error(req, code::BAD_REQUEST, None);
+        }
+        let unknown = req.unknown_required(KNOWN_ATTRS);
+        if !unknown.is_empty() {
+            let mut b = self.response(req, Class::Error);
+            b.error_code(code::UNKNOWN_ATTRIBUTE);
+            let v: Vec<u8> = unknown.iter().take(16).flat_map(|t| t.to_be_bytes()).collect();
+            b.attr(attr::UNKNOWN_ATTRIBUTES, &v);
+            return self.finish(req, b, None);
+        }
+        let auth = match self.authenticate(now, tuple, req) {
+            Ok(a) => a,
+            Err(resp) => return resp,
+        };
+        if m != method::ALLOCATE {
+            match self.allocations.get(&tuple) {
+                None => return self.error(req, code::ALLOCATION_MISMATCH, Some(&auth)),
+                Some(a) if a.username != auth.username => {
+                    return self.error(req, code::WRONG_CREDENTIALS, Some(&auth));
+                }
+                Some(_) => {}
+            }
+        }
+        match m {
+            method::ALLOCATE => self.allocate(now, tuple, req, &auth, binder),
+            method::REFRESH => self.refresh(now, tuple, req, &auth, binder),
+            method::CREATE_PERMISSION => self.create_permission(now, tuple, req, &auth),
+            _ => self.channel_bind(now, tuple, req, &auth),
+        }
+    }
+
+    fn allocate_success(
+        &self,
+        req: &Message<'_>,
+        tuple: FiveTuple,
+        relay: SocketAddr,
+        lifetime: u32,
+        token: Option<[u8; 8]>,
+        auth: &Authed,
+    ) -> Vec<u8> {
+        let mut b = self.response(req, Class::Success);
+        b.xor_addr(attr::XOR_RELAYED_ADDRESS, relay)
+            .attr_u32(attr::LIFETIME, lifetime)
+            .xor_addr(attr::XOR_MAPPED_ADDRESS, tuple.client);
+        if let Some(t) = token {
+            b.attr(attr::RESERVATION_TOKEN, &t);
+        }
+        self.finish(req, b, Some(auth))
+    }
+
+    fn lifetime(&self, req: &Message<'_>) -> u32 {
+        let asked = req.get_u32(attr::LIFETIME).unwrap_or(self.cfg.default_lifetime_secs);
+        asked.clamp(self.cfg.default_lifetime_secs.min(self.cfg.max_lifetime_secs), self.cfg.max_lifetime_secs)
+    }
+
+    fn allocate(&mut self, now: Now, tuple: FiveTuple, req: &Message<'_>, auth: &Authed, binder: &mut dyn RelayBinder) -> Vec<u8> {
+        if let Some(a) = self.allocations.get(&tuple) {
+            // A retransmitted Allocate gets the original success again.
+            if a.allocate_tid == req.transaction_id() && a.username == auth.username {
+                return self.allocate_success(req, tuple, a.relay, a.allocate_lifetime, None, auth);
+            }
+            return self.error(req, code::ALLOCATION_MISMATCH, Some(auth));
+        }
+        match req.get(attr::REQUESTED_TRANSPORT) {
+            None => return self.error(req, code::BAD_REQUEST, Some(auth)),
+            Some(v) if v.len() != 4 => return self.error(req, code::BAD_REQUEST, Some(auth)),
+            Some(v) if v[0] != 17 => return self.error(req, code::UNSUPPORTED_TRANSPORT, Some(auth)),
+            Some(_) => {}
+        }
+        let family_attr = req.get(attr::REQUESTED_ADDRESS_FAMILY);
+        if req.has(attr::RESERVATION_TOKEN) && (req.has(attr::EVEN_PORT) || family_attr.is_some()) {
+            return self.error(req, code::BAD_REQUEST, Some(auth));
+        }
+        let family = match family_attr {
+            None => Family::V4,
+            Some([0x01, ..]) => Family::V4,
+            Some([0x02, ..]) => Family::V6,
+            Some(_) => return self.error(req, code::ADDRESS_FAMILY_NOT_SUPPORTED, Some(auth)),
+        };
+        if self.draining {
+            return self.error(req, code::INSUFFICIENT_CAPACITY, Some(auth));
+        }
+        let even = req.get(attr::EVEN_PORT).is_some();
+        let reserve = req.get(attr::EVEN_PORT).is_some_and(|v| v.first().is_some_and(|b| b & 0x80 != 0));
+        match self.quotas.acquire(&auth.username) {
+            Ok(()) => {}
+            Err(q) => {
+                self.metrics.quota_rejections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let c = if q == QuotaError::User { code::ALLOCATION_QUOTA_REACHED } else { code::INSUFFICIENT_CAPACITY };
+                return self.error(req, c, Some(auth));
+            }
+        }
+        let reserved = match req.get(attr::RESERVATION_TOKEN) {
+            None => None,
+            Some(t) => match <[u8; 8]>::try_from(t).ok().and_then(|t| self.quotas.take_reservation(&t, now.mono)) {
+                Some(addr) => match binder.bind_exact(addr) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        tracing::debug!(%addr, ?e, "reserved relay address could not be opened");
+                        self.quotas.release(&auth.username);
+                        return self.error(req, code::INSUFFICIENT_CAPACITY, Some(auth));
+                    }
+                },
+                None => {
+                    tracing::debug!(token = ?t, "unknown or expired RESERVATION-TOKEN");
+                    self.quotas.release(&auth.username);
+                    return self.error(req, code::INSUFFICIENT_CAPACITY, Some(auth));
+                }
+            },
+        };
+        let relay = match reserved.map_or_else(|| self.bind_unreserved(binder, family, even), Ok) {
+            Ok(r) => r,
+            Err(e) => {
+                self.quotas.release(&auth.username);
+                let c = match e {
+                    BindError::FamilyUnsupported => code::ADDRESS_FAMILY_NOT_SUPPORTED,
+                    BindError::Exhausted => code::INSUFFICIENT_CAPACITY,
+                };
+                return self.error(req, c, Some(auth));
+            }
+        };
+        let mut token = None;
+        if reserve && relay.port() % 2 == 0 {
+            // The odd port is only recorded, not held open: the client's next
+            // Allocate may land on another shard, which opens it there.
+            let next = SocketAddr::new(relay.ip(), relay.port().wrapping_add(1));
+            self.tid_counter = self.tid_counter.wrapping_add(1);
+            let mut t = [0u8; 8];
+            t[..4].copy_from_slice(&self.tid_salt.to_be_bytes());
+            t[4..].copy_from_slice(&(self.tid_counter as u32).to_be_bytes());
+            tracing::debug!(token = ?t, %next, "reserving");
+            if self.quotas.reserve(t, next, now.mono + Duration::from_secs(RESERVATION_SECS)) {
+                token = Some(t);
+            }
+        }
+        let lifetime = self.lifetime(req);
+        let bucket = self.cfg.bandwidth_bytes_per_sec.map(|rate| TokenBucket { rate, tokens: rate, last: now.mono });
+        self.allocations.insert(
+            tuple,
+            Allocation {
+                username: auth.username.clone(),
+                relay,
+                expires: now.mono + Duration::from_secs(u64::from(lifetime)),
+                allocate_tid: req.transaction_id(),
+                allocate_lifetime: lifetime,
+                permissions: HashMap::new(),
+                channels: HashMap::new(),
+                peer_channels: HashMap::new(),
+                bucket,
+            },
+        );
+        self.by_relay.insert(relay, tuple);
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics.allocations.fetch_add(1, Relaxed);
+        self.metrics.allocations_total.fetch_add(1, Relaxed);
+        self.allocate_success(req, tuple, relay, lifetime, token, auth)
+    }
+
+    /// Binds a relay address that no reservation holds.
+    fn bind_unreserved(&self, binder: &mut dyn RelayBinder, family: Family, even: bool) -> Result<SocketAddr, BindError> {
+        for _ in 0..8 {
+            let addr = binder.bind(family, even)?;
+            if !self.quotas.is_reserved(addr) {
+                return Ok(addr);
+            }
+            binder.release(addr);
+        }
+        Err(BindError::Exhausted)
+    }
+
+    fn refresh(&mut self, now: Now, tuple: FiveTuple, req: &Message<'_>, auth: &Authed, binder: &mut dyn RelayBinder) -> Vec<u8> {
+        let Some(relay_family) = self.allocations.get(&tuple).map(|a| Family::of(a.relay.ip())) else {
+            return self.error(req, code::ALLOCATION_MISMATCH, Some(auth));
+        };
+        match req.get(attr::REQUESTED_ADDRESS_FAMILY) {
+            Some([0x01, ..]) if relay_family != Family::V4 => {
+                return self.error(req, code::PEER_ADDRESS_FAMILY_MISMATCH, Some(auth));
+            }
+            Some([0x02, ..]) if relay_family != Family::V6 => {
+                return self.error(req, code::PEER_ADDRESS_FAMILY_MISMATCH, Some(auth));
+            }
+            _ => {}
+        }
+        let granted = if req.get_u32(attr::LIFETIME) == Some(0) {
+            self.remove(tuple, binder);
+            0
+        } else {
+            let lifetime = self.lifetime(req);
+            if let Some(a) = self.allocations.get_mut(&tuple) {
+                a.expires = now.mono + Duration::from_secs(u64::from(lifetime));
+            }
+            lifetime
+        };
+        let mut b = self.response(req, Class::Success);
+        b.attr_u32(attr::LIFETIME, granted);
+        self.finish(req, b, Some(auth))
+    }
+
+    /// Checks a peer for CreatePermission/ChannelBind; `Err` is the error code.
+    fn check_peer(&self, tuple: FiveTuple, peer: SocketAddr) -> Result<(), u16> {
+        let Some(a) = self.allocations.get(&tuple) else { return Err(code::ALLOCATION_MISMATCH) };
+        // Policy first: a refused peer is always 403, whatever its family.
+        if self.cfg.policy.check(peer.ip()).is_err() {
+            self.metrics.peer_refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(code::FORBIDDEN);
+        }
+        if Family::of(peer.ip()) != Family::of(a.relay.ip()) {
+            return Err(code::PEER_ADDRESS_FAMILY_MISMATCH);
+        }
+        Ok(())
+    }
+
+    fn create_permission(&mut self, now: Now, tuple: FiveTuple, req: &Message<'_>, auth: &Authed) -> Vec<u8> {
+        let mut peers = Vec::new();
+        for v in req.get_all(attr::XOR_PEER_ADDRESS) {
+            match crate::stun::decode_xor_addr(v, &req.transaction_id()) {
+                Ok(p) => peers.push(p),
+                Err(_) => return self.error(req, code::BAD_REQUEST, Some(auth)),
+            }
+        }
+        if peers.is_empty() {
+            return self.error(req, code::BAD_REQUEST, Some(auth));
+        }
+        for p in &peers {
+            if let Err(c) = self.check_peer(tuple, *p) {
+                return self.error(req, c, Some(auth));
+            }
+        }
+        let max = self.cfg.max_permissions;
+        let expires = now.mono + Duration::from_secs(u64::from(self.cfg.permission_lifetime_secs));
+        let Some(a) = self.allocations.get_mut(&tuple) else {
+            return self.error(req, code::ALLOCATION_MISMATCH, Some(auth));
+        };
+        a.permissions.retain(|_, e| *e > now.mono);
+        let new = peers.iter().filter(|p| !a.permissions.contains_key(&p.ip())).count();
+        if a.permissions.len() + new > max {
+            return self.error(req, code::INSUFFICIENT_CAPACITY, Some(auth));
+        }
+        for p in peers {
+            a.permissions.insert(p.ip(), expires);
+        }
+        let b = self.response(req, Class::Success);
+        self.finish(req, b, Some(auth))
+    }
+
+    fn channel_bind(&mut self, now: Now, tuple: FiveTuple, req: &Message<'_>, auth: &Authed) -> Vec<u8> {
+        let number = match req.get(attr::CHANNEL_NUMBER) {
+            Some(v) if v.len() == 4 => u16::from_be_bytes([v[0], v[1]]),
+            _ => return self.error(req, code::BAD_REQUEST, Some(auth)),
+        };
+        if !(channel_data::MIN_CHANNEL..=channel_data::MAX_CHANNEL).contains(&number) {
+            tracing::debug!(number, "channel number out of range");
+            return self.error(req, code::BAD_REQUEST, Some(auth));
+        }
+        let peer = match req.get_xor_addr(attr::XOR_PEER_ADDRESS) {
+            Some(Ok(p)) => p,
+            other => {
+                tracing::debug!(?other, "bad XOR-PEER-ADDRESS");
+                return self.error(req, code::BAD_REQUEST, Some(auth));
+            }
+        };
+        if let Err(c) = self.check_peer(tuple, peer) {
+            return self.error(req, c, Some(auth));
+        }
+        let max = self.cfg.max_channels;
+        let max_perms = self.cfg.max_permissions;
+        let ch_exp = now.mono + Duration::from_secs(u64::from(self.cfg.channel_lifetime_secs));
+        let perm_exp = now.mono + Duration::from_secs(u64::from(self.cfg.permission_lifetime_secs));
+        let Some(a) = self.allocations.get_mut(&tuple) else {
+            return self.error(req, code::ALLOCATION_MISMATCH, Some(auth));
+        };
+        if a.channels.get(&number).is_some_and(|c| c.peer != peer) {
+            return self.error(req, code::BAD_REQUEST, Some(auth));
+        }
+        if a.peer_channels.get(&peer).is_some_and(|n| *n != number) {
+            return self.error(req, code::BAD_REQUEST, Some(auth));
+        }
+        if !a.channels.contains_key(&number) && a.channels.len() >= max {
+            return self.error(req, code::INSUFFICIENT_CAPACITY, Some(auth));
+        }
+        if !a.permissions.contains_key(&peer.ip()) && a.permissions.len() >= max_perms {
+            return self.error(req, code::INSUFFICIENT_CAPACITY, Some(auth));
+        }
+        a.channels.insert(number, Channel { peer, expires: ch_exp });
+        a.peer_channels.insert(peer, number);
+        a.permissions.insert(peer.ip(), perm_exp);
+        let b = self.response(req, Class::Success);
+        self.finish(req, b, Some(auth))
+    }
+}
+
+/// True if the message's last attribute is a FINGERPRINT (the parser
+/// validates it but does not list it among the attributes).
+fn fingerprint_present(buf: &[u8]) -> bool {
+    let n = buf.len();
+    n >= crate::stun::HEADER_LEN + 8 && u16::from_be_bytes([buf[n - 8], buf[n - 7]]) == attr::FINGERPRINT && buf[n - 6..n - 4] == [0, 4]
+}
+
+#[cfg(test)]
+mod tests;

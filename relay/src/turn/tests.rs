@@ -1,0 +1,622 @@
+//! State machine tests: the full TURN flows driven directly, with a fake
+//! relay binder and explicit time.
+
+use super::*;
+use crate::stun::decode_error_code;
+use tessera_shared::turn_rest::turn_rest_credentials;
+
+const REALM: &str = "tessera.test";
+const SECRET: &[u8] = b"rest-secret";
+const T0: u64 = 1_800_000_000;
+
+#[derive(Default)]
+struct FakeBinder {
+    next_port: u16,
+    open: Vec<SocketAddr>,
+    released: Vec<SocketAddr>,
+    v6: bool,
+    exhausted: bool,
+}
+
+impl RelayBinder for FakeBinder {
+    fn bind(&mut self, family: Family, _even: bool) -> Result<SocketAddr, BindError> {
+        if self.exhausted {
+            return Err(BindError::Exhausted);
+        }
+        self.next_port += 2;
+        let a: SocketAddr = match family {
+            Family::V4 => format!("198.51.100.1:{}", 50000 + self.next_port).parse().expect("literal"),
+            Family::V6 if self.v6 => format!("[2001:db8::1]:{}", 50000 + self.next_port).parse().expect("literal"),
+            Family::V6 => return Err(BindError::FamilyUnsupported),
+        };
+        self.open.push(a);
+        Ok(a)
+    }
+    fn bind_exact(&mut self, addr: SocketAddr) -> Result<SocketAddr, BindError> {
+        if self.open.contains(&addr) {
+            return Err(BindError::Exhausted);
+        }
+        self.open.push(addr);
+        Ok(addr)
+    }
+    fn release(&mut self, relay: SocketAddr) {
+        self.open.retain(|a| *a != relay);
+        self.released.push(relay);
+    }
+}
+
+struct Harness {
+    server: Server,
+    binder: FakeBinder,
+    start: Instant,
+    quotas: Arc<Quotas>,
+}
+
+fn cfg() -> ServerConfig {
+    let mut static_users = HashMap::new();
+    static_users.insert("alice".to_owned(), "wonderland".to_owned());
+    static_users.insert("bob".to_owned(), "builder".to_owned());
+    let mut c = ServerConfig::new(REALM, CredentialStore { rest_secrets: vec![SECRET.to_vec()], static_users });
+    // The tests use documentation addresses as peers; allow that range only.
+    c.policy.allow.push("203.0.113.0/24".parse().expect("literal"));
+    c.policy.allow.push("2001:db8:beef::/48".parse().expect("literal"));
+    c
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(cfg(), Quotas::new(4, 100))
+    }
+
+    fn with(cfg: ServerConfig, quotas: Quotas) -> Self {
+        let quotas = Arc::new(quotas);
+        Harness {
+            server: Server::new(Arc::new(cfg), NonceKey::new([9; 32], 600), quotas.clone(), Arc::default(), 1),
+            binder: FakeBinder::default(),
+            start: Instant::now(),
+            quotas,
+        }
+    }
+
+    fn now(&self, secs: u64) -> Now {
+        Now { mono: self.start + Duration::from_secs(secs), unix_secs: T0 + secs }
+    }
+
+    fn send(&mut self, at: u64, tuple: FiveTuple, bytes: &[u8]) -> Option<Vec<u8>> {
+        let now = self.now(at);
+        match self.server.handle_client(now, tuple, bytes, &mut self.binder) {
+            ClientOutput::Reply(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+fn tuple(port: u16) -> FiveTuple {
+    FiveTuple {
+        client: format!("192.0.2.10:{port}").parse().expect("literal"),
+        server: "192.0.2.1:3478".parse().expect("literal"),
+        transport: Transport::Udp,
+    }
+}
+
+/// A client's credentials and the state it learned from 401s.
+struct Client {
+    user: String,
+    pass: String,
+    nonce: Option<String>,
+    tid: u8,
+}
+
+impl Client {
+    fn new(user: &str, pass: &str) -> Self {
+        Client { user: user.into(), pass: pass.into(), nonce: None, tid: 0 }
+    }
+
+    fn request(&mut self, m: u16, add: impl FnOnce(&mut MessageBuilder)) -> Vec<u8> {
+        self.tid = self.tid.wrapping_add(1);
+        let mut b = MessageBuilder::new(m, Class::Request, [self.tid; 12]);
+        add(&mut b);
+        if let Some(n) = &self.nonce {
+            b.attr(attr::USERNAME, self.user.as_bytes()).attr(attr::REALM, REALM.as_bytes()).attr(attr::NONCE, n.as_bytes());
+            b.integrity(&PasswordAlgorithm::Md5.key(&self.user, REALM, &self.pass));
+        }
+        b.fingerprint();
+        b.finish()
+    }
+
+    fn learn(&mut self, resp: &[u8]) {
+        let m = Message::parse(resp).expect("server response parses");
+        if let Some(n) = m.get_str(attr::NONCE) {
+            self.nonce = Some(n.to_owned());
+        }
+    }
+
+    fn verify(&self, resp: &[u8]) -> bool {
+        let m = Message::parse(resp).expect("server response parses");
+        m.verify_integrity(&PasswordAlgorithm::Md5.key(&self.user, REALM, &self.pass))
+    }
+}
+
+fn error_code(resp: &[u8]) -> Option<u16> {
+    let m = Message::parse(resp).expect("server response parses");
+    m.get(attr::ERROR_CODE).and_then(decode_error_code).map(|(c, _)| c)
+}
+
+fn allocate_req(b: &mut MessageBuilder) {
+    b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+}
+
+/// Runs the 401 round trip and an Allocate; returns the relay address.
+fn allocate(h: &mut Harness, c: &mut Client, t: FiveTuple) -> SocketAddr {
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    assert_eq!(error_code(&r), Some(401));
+    c.learn(&r);
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    assert_eq!(error_code(&r), None, "allocate failed");
+    assert!(c.verify(&r));
+    let m = Message::parse(&r).expect("parses");
+    assert_eq!(m.get_u32(attr::LIFETIME), Some(600));
+    assert_eq!(m.get_xor_addr(attr::XOR_MAPPED_ADDRESS), Some(Ok(t.client)));
+    m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).expect("relayed").expect("valid")
+}
+
+fn permit(h: &mut Harness, c: &mut Client, t: FiveTuple, peer: SocketAddr) -> Option<u16> {
+    let r = h.send(0, t, &c.request(method::CREATE_PERMISSION, |b| {
+        b.xor_addr(attr::XOR_PEER_ADDRESS, peer);
+    }));
+    error_code(&r.expect("reply"))
+}
+
+fn bind(h: &mut Harness, c: &mut Client, t: FiveTuple, ch: u16, peer: SocketAddr) -> Option<u16> {
+    let r = h.send(0, t, &c.request(method::CHANNEL_BIND, |b| {
+        b.attr(attr::CHANNEL_NUMBER, &[(ch >> 8) as u8, ch as u8, 0, 0]).xor_addr(attr::XOR_PEER_ADDRESS, peer);
+    }));
+    error_code(&r.expect("reply"))
+}
+
+fn send_indication(peer: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut b = MessageBuilder::new(method::SEND, Class::Indication, [0x55; 12]);
+    b.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, data);
+    b.finish()
+}
+
+fn peer() -> SocketAddr {
+    "203.0.113.5:9000".parse().expect("literal")
+}
+
+#[test]
+fn binding_request_needs_no_auth() {
+    let mut h = Harness::new();
+    let mut b = MessageBuilder::new(method::BINDING, Class::Request, [1; 12]);
+    b.fingerprint();
+    let r = h.send(0, tuple(1), &b.finish()).expect("reply");
+    let m = Message::parse(&r).expect("parses");
+    assert_eq!(m.class(), Class::Success);
+    assert_eq!(m.get_xor_addr(attr::XOR_MAPPED_ADDRESS), Some(Ok(tuple(1).client)));
+}
+
+#[test]
+fn full_flow_with_send_indication_and_channel() {
+    let mut h = Harness::new();
+    let mut c = Client::new("alice", "wonderland");
+    let t = tuple(1);
+    let relay = allocate(&mut h, &mut c, t);
+
+    // Without a permission, data to the peer is dropped.
+    let ind = send_indication(peer(), b"hello");
+    assert_eq!(h.send(0, t, &ind), None);
+    assert_eq!(h.server.metrics().drops(DropReason::NoPermission), 1);
+    // And data from the peer too.
+    assert_eq!(h.server.handle_peer(h.now(0), relay, peer(), b"x"), PeerOutput::Drop);
+
+    assert_eq!(permit(&mut h, &mut c, t, peer()), None);
+    let now = h.now(1);
+    match h.server.handle_client(now, t, &ind, &mut h.binder) {
+        ClientOutput::ToPeer { relay: r, peer: p, payload } => {
+            assert_eq!((r, p, payload), (relay, peer(), &b"hello"[..]));
+        }
+        other => panic!("expected ToPeer, got {other:?}"),
+    }
+    // Peer answers: a Data indication (no channel yet).
+    match h.server.handle_peer(h.now(1), relay, peer(), b"back") {
+        PeerOutput::DataIndication { to, message } => {
+            assert_eq!(to, t);
+            let m = Message::parse(&message).expect("parses");
+            assert_eq!(m.method(), method::DATA);
+            assert_eq!(m.get(attr::DATA), Some(&b"back"[..]));
+            assert_eq!(m.get_xor_addr(attr::XOR_PEER_ADDRESS), Some(Ok(peer())));
+        }
+        other => panic!("expected DataIndication, got {other:?}"),
+    }
+
+    assert_eq!(bind(&mut h, &mut c, t, 0x4001, peer()), None);
+    let mut frame = channel_data::header(0x4001, 3).to_vec();
+    frame.extend_from_slice(b"abc");
+    let now = h.now(2);
+    assert_eq!(
+        h.server.handle_client(now, t, &frame, &mut h.binder),
+        ClientOutput::ToPeer { relay, peer: peer(), payload: b"abc" }
+    );
+    assert_eq!(
+        h.server.handle_peer(h.now(2), relay, peer(), b"xyz"),
+        PeerOutput::ChannelData { to: t, header: channel_data::header(0x4001, 3) }
+    );
+    // Unbound channel.
+    let mut frame = channel_data::header(0x4002, 1).to_vec();
+    frame.push(0);
+    assert_eq!(h.server.handle_client(now, t, &frame, &mut h.binder), ClientOutput::Nothing);
+    assert_eq!(h.server.metrics().drops(DropReason::NoChannel), 1);
+}
+
+#[test]
+fn channel_bind_conflicts_and_range() {
+    let mut h = Harness::new();
+    let mut c = Client::new("alice", "wonderland");
+    let t = tuple(1);
+    allocate(&mut h, &mut c, t);
+    let other: SocketAddr = "203.0.113.6:1".parse().expect("literal");
+    assert_eq!(bind(&mut h, &mut c, t, 0x3FFF, peer()), Some(400));
+    assert_eq!(bind(&mut h, &mut c, t, 0x8000, peer()), Some(400));
+    assert_eq!(bind(&mut h, &mut c, t, 0x4000, peer()), None);
+    // Refresh of the same binding is fine.
+    assert_eq!(bind(&mut h, &mut c, t, 0x4000, peer()), None);
+    assert_eq!(bind(&mut h, &mut c, t, 0x4000, other), Some(400));
+    assert_eq!(bind(&mut h, &mut c, t, 0x4001, peer()), Some(400));
+}
+
+#[test]
+fn wrong_password_unknown_user_and_stale_nonce() {
+    let mut h = Harness::new();
+    let t = tuple(1);
+    let mut c = Client::new("alice", "wrong");
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    assert_eq!(error_code(&r), Some(401));
+    let mut c = Client::new("mallory", "x");
+    c.nonce = Some(h.server.nonces.issue(T0, t.client));
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    assert_eq!(error_code(&r), Some(401));
+    assert_eq!(h.server.metrics().auth_failures.load(std::sync::atomic::Ordering::Relaxed), 2);
+
+    // A nonce past its lifetime is stale: 438 with a fresh nonce.
+    let mut c = Client::new("alice", "wonderland");
+    c.nonce = Some(h.server.nonces.issue(T0, t.client));
+    let now = h.now(601);
+    let req = c.request(method::ALLOCATE, allocate_req);
+    let ClientOutput::Reply(r) = h.server.handle_client(now, t, &req, &mut h.binder) else { panic!("no reply") };
+    assert_eq!(error_code(&r), Some(438));
+    let m = Message::parse(&r).expect("parses");
+    assert!(m.get_str(attr::NONCE).is_some() && m.get_str(attr::REALM) == Some(REALM));
+    // A nonce issued to another client address is stale too.
+    c.nonce = Some(h.server.nonces.issue(T0, tuple(2).client));
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    assert_eq!(error_code(&r), Some(438));
+}
+
+#[test]
+fn turn_rest_credentials_accepted_and_expired_rejected() {
+    let mut h = Harness::new();
+    let (user, pass) = turn_rest_credentials(SECRET, "@alice:example.org", T0 + 3600);
+    let mut c = Client::new(&user, &pass);
+    allocate(&mut h, &mut c, tuple(1));
+
+    let (user, pass) = turn_rest_credentials(SECRET, "@bob:example.org", T0 - 1);
+    let mut c = Client::new(&user, &pass);
+    let r = h.send(0, tuple(2), &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    let r = h.send(0, tuple(2), &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    assert_eq!(error_code(&r), Some(401));
+
+    let (user, pass) = turn_rest_credentials(b"not-our-secret", "@eve:example.org", T0 + 3600);
+    let mut c = Client::new(&user, &pass);
+    let r = h.send(0, tuple(3), &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    let r = h.send(0, tuple(3), &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    assert_eq!(error_code(&r), Some(401));
+}
+
+#[test]
+fn allocation_mismatch_wrong_credentials_and_retransmit() {
+    let mut h = Harness::new();
+    let t = tuple(1);
+    let mut c = Client::new("alice", "wonderland");
+    let relay = allocate(&mut h, &mut c, t);
+    // Retransmission of the same Allocate (same transaction id) succeeds again.
+    c.tid -= 1;
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    let m = Message::parse(&r).expect("parses");
+    assert_eq!(m.get_xor_addr(attr::XOR_RELAYED_ADDRESS), Some(Ok(relay)));
+    // A new Allocate on the same 5-tuple is a mismatch.
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    assert_eq!(error_code(&r), Some(437));
+    // Refresh without allocation.
+    let r = h.send(0, tuple(2), &c.request(method::REFRESH, |_| {})).expect("reply");
+    assert_eq!(error_code(&r), Some(438), "nonce is bound to the first client address");
+    let mut c2 = Client::new("alice", "wonderland");
+    let r = h.send(0, tuple(2), &c2.request(method::REFRESH, |_| {})).expect("reply");
+    c2.learn(&r);
+    let r = h.send(0, tuple(2), &c2.request(method::REFRESH, |_| {})).expect("reply");
+    assert_eq!(error_code(&r), Some(437));
+    // Another user on the allocation's 5-tuple.
+    let mut bob = Client::new("bob", "builder");
+    bob.nonce = c.nonce.clone();
+    let r = h.send(0, t, &bob.request(method::REFRESH, |_| {})).expect("reply");
+    assert_eq!(error_code(&r), Some(441));
+}
+
+#[test]
+fn unsupported_transport_and_family() {
+    let mut h = Harness::new();
+    let t = tuple(1);
+    let mut c = Client::new("alice", "wonderland");
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    let r = h.send(0, t, &c.request(method::ALLOCATE, |b| {
+        b.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+    }));
+    assert_eq!(error_code(&r.expect("reply")), Some(442));
+    let r = h.send(0, t, &c.request(method::ALLOCATE, |_| {}));
+    assert_eq!(error_code(&r.expect("reply")), Some(400));
+    let r = h.send(0, t, &c.request(method::ALLOCATE, |b| {
+        allocate_req(b);
+        b.attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    }));
+    assert_eq!(error_code(&r.expect("reply")), Some(440), "no IPv6 relay configured");
+    let r = h.send(0, t, &c.request(method::ALLOCATE, |b| {
+        allocate_req(b);
+        b.attr(0x7777, &[0; 4]);
+    }));
+    assert_eq!(error_code(&r.expect("reply")), Some(420));
+}
+
+#[test]
+fn ipv6_relay_and_family_mismatch() {
+    let mut h = Harness::new();
+    h.binder.v6 = true;
+    let t = tuple(1);
+    let mut c = Client::new("alice", "wonderland");
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    let r = h.send(0, t, &c.request(method::ALLOCATE, |b| {
+        allocate_req(b);
+        b.attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    }));
+    let r = r.expect("reply");
+    assert_eq!(error_code(&r), None);
+    let relay = Message::parse(&r).expect("parses").get_xor_addr(attr::XOR_RELAYED_ADDRESS).expect("a").expect("v");
+    assert!(relay.is_ipv6());
+    assert_eq!(permit(&mut h, &mut c, t, peer()), Some(443));
+    let p6: SocketAddr = "[2001:db8:beef::5]:7000".parse().expect("literal");
+    assert_eq!(permit(&mut h, &mut c, t, p6), None);
+}
+
+#[test]
+fn refresh_and_expiry_release_everything() {
+    let mut h = Harness::new();
+    let t = tuple(1);
+    let mut c = Client::new("alice", "wonderland");
+    let relay = allocate(&mut h, &mut c, t);
+    assert_eq!(h.quotas.total(), 1);
+    // Refresh extends past the original 600 s.
+    let r = h.send(0, t, &c.request(method::REFRESH, |b| {
+        b.attr_u32(attr::LIFETIME, 99_999);
+    }));
+    let m_bytes = r.expect("reply");
+    let m = Message::parse(&m_bytes).expect("parses");
+    assert_eq!(m.get_u32(attr::LIFETIME), Some(3600), "capped at max lifetime");
+    let now = h.now(3599);
+    h.server.handle_timeout(now, &mut h.binder);
+    assert_eq!(h.server.allocation_count(), 1);
+    let now = h.now(3600);
+    h.server.handle_timeout(now, &mut h.binder);
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(h.binder.released, vec![relay]);
+    assert_eq!(h.quotas.total(), 0);
+    assert_eq!(h.server.handle_peer(h.now(3600), relay, peer(), b"x"), PeerOutput::Drop);
+
+    // Refresh with lifetime 0 deletes at once.
+    let mut c = Client::new("alice", "wonderland");
+    let relay = allocate(&mut h, &mut c, t);
+    let r = h.send(0, t, &c.request(method::REFRESH, |b| {
+        b.attr_u32(attr::LIFETIME, 0);
+    }));
+    assert_eq!(Message::parse(&r.expect("reply")).expect("parses").get_u32(attr::LIFETIME), Some(0));
+    assert!(h.binder.released.contains(&relay));
+    assert_eq!(h.quotas.total(), 0);
+}
+
+#[test]
+fn permissions_expire() {
+    let mut h = Harness::new();
+    let t = tuple(1);
+    let mut c = Client::new("alice", "wonderland");
+    let relay = allocate(&mut h, &mut c, t);
+    assert_eq!(permit(&mut h, &mut c, t, peer()), None);
+    assert!(matches!(h.server.handle_peer(h.now(299), relay, peer(), b"x"), PeerOutput::DataIndication { .. }));
+    assert_eq!(h.server.handle_peer(h.now(300), relay, peer(), b"x"), PeerOutput::Drop);
+}
+
+#[test]
+fn quotas_per_user_and_total() {
+    let mut h = Harness::with(cfg(), Quotas::new(2, 3));
+    let mut a = Client::new("alice", "wonderland");
+    allocate(&mut h, &mut a, tuple(1));
+    let mut a2 = Client::new("alice", "wonderland");
+    allocate(&mut h, &mut a2, tuple(2));
+    let mut a3 = Client::new("alice", "wonderland");
+    let r = h.send(0, tuple(3), &a3.request(method::ALLOCATE, allocate_req)).expect("reply");
+    a3.learn(&r);
+    let r = h.send(0, tuple(3), &a3.request(method::ALLOCATE, allocate_req)).expect("reply");
+    assert_eq!(error_code(&r), Some(486));
+    let mut b = Client::new("bob", "builder");
+    allocate(&mut h, &mut b, tuple(4));
+    let mut b2 = Client::new("bob", "builder");
+    let r = h.send(0, tuple(5), &b2.request(method::ALLOCATE, allocate_req)).expect("reply");
+    b2.learn(&r);
+    let r = h.send(0, tuple(5), &b2.request(method::ALLOCATE, allocate_req)).expect("reply");
+    assert_eq!(error_code(&r), Some(508));
+    assert_eq!(h.binder.open.len(), 3);
+}
+
+#[test]
+fn bandwidth_cap_drops_excess() {
+    let mut c = cfg();
+    c.bandwidth_bytes_per_sec = Some(1000);
+    let mut h = Harness::with(c, Quotas::new(4, 100));
+    let t = tuple(1);
+    let mut cl = Client::new("alice", "wonderland");
+    allocate(&mut h, &mut cl, t);
+    assert_eq!(permit(&mut h, &mut cl, t, peer()), None);
+    let ind = send_indication(peer(), &[0u8; 400]);
+    let now = h.now(0);
+    let mut sent = 0;
+    for _ in 0..5 {
+        if matches!(h.server.handle_client(now, t, &ind, &mut h.binder), ClientOutput::ToPeer { .. }) {
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, 2);
+    assert_eq!(h.server.metrics().drops(DropReason::Bandwidth), 3);
+    let now = h.now(1);
+    assert!(matches!(h.server.handle_client(now, t, &ind, &mut h.binder), ClientOutput::ToPeer { .. }));
+}
+
+#[test]
+fn default_policy_refuses_special_peers() {
+    let mut h = Harness::with(ServerConfig::new(REALM, cfg().credentials), Quotas::new(4, 100));
+    let t = tuple(1);
+    let mut c = Client::new("alice", "wonderland");
+    allocate(&mut h, &mut c, t);
+    for p in ["127.0.0.1:80", "0.0.0.0:80", "10.0.0.1:80", "169.254.169.254:80"] {
+        let p: SocketAddr = p.parse().expect("literal");
+        assert_eq!(permit(&mut h, &mut c, t, p), Some(403), "{p}");
+        assert_eq!(bind(&mut h, &mut c, t, 0x4000, p), Some(403), "{p}");
+        let now = h.now(0);
+        assert_eq!(h.server.handle_client(now, t, &send_indication(p, b"x"), &mut h.binder), ClientOutput::Nothing);
+    }
+    assert_eq!(h.server.metrics().drops(DropReason::PeerDenied), 4);
+    assert_eq!(h.server.metrics().peer_refusals.load(std::sync::atomic::Ordering::Relaxed), 8);
+}
+
+#[test]
+fn draining_refuses_new_allocations() {
+    let mut h = Harness::new();
+    h.server.set_draining();
+    let mut c = Client::new("alice", "wonderland");
+    let r = h.send(0, tuple(1), &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    let r = h.send(0, tuple(1), &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    assert_eq!(error_code(&r), Some(508));
+}
+
+#[test]
+fn sha256_integrity_is_answered_in_kind() {
+    let mut h = Harness::new();
+    let t = tuple(1);
+    let mut c = Client::new("alice", "wonderland");
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    let key = PasswordAlgorithm::Sha256.key("alice", REALM, "wonderland");
+    let mut b = MessageBuilder::new(method::ALLOCATE, Class::Request, [42; 12]);
+    allocate_req(&mut b);
+    b.attr(attr::USERNAME, b"alice")
+        .attr(attr::REALM, REALM.as_bytes())
+        .attr(attr::NONCE, c.nonce.clone().expect("nonce").as_bytes())
+        .attr(attr::PASSWORD_ALGORITHM, &[0, 2, 0, 0])
+        .integrity_sha256(&key);
+    let r = h.send(0, t, &b.finish()).expect("reply");
+    assert_eq!(error_code(&r), None);
+    let m = Message::parse(&r).expect("parses");
+    assert_eq!(m.integrity_kind(), Some(IntegrityKind::Sha256));
+    assert!(m.verify_integrity(&key));
+}
+
+#[test]
+fn relay_port_exhaustion_is_508_and_returns_quota() {
+    let mut h = Harness::new();
+    h.binder.exhausted = true;
+    let mut c = Client::new("alice", "wonderland");
+    let r = h.send(0, tuple(1), &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    let r = h.send(0, tuple(1), &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    assert_eq!(error_code(&r), Some(508));
+    assert_eq!(h.quotas.total(), 0);
+}
+
+proptest::proptest! {
+    #[test]
+    fn arbitrary_client_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+        let mut h = Harness::new();
+        let mut c = Client::new("alice", "wonderland");
+        let t = tuple(1);
+        allocate(&mut h, &mut c, t);
+        let now = h.now(1);
+        let _ = h.server.handle_client(now, t, &bytes, &mut h.binder);
+        let _ = h.server.handle_client(now, tuple(2), &bytes, &mut h.binder);
+    }
+}
+
+#[test]
+fn even_port_reservation_is_honoured_once_and_expires() {
+    let mut h = Harness::new();
+    let mut c = Client::new("alice", "wonderland");
+    let t = tuple(1);
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    let r = h.send(0, t, &c.request(method::ALLOCATE, |b| {
+        allocate_req(b);
+        b.attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
+    }));
+    let r = r.expect("reply");
+    assert_eq!(error_code(&r), None);
+    let m = Message::parse(&r).expect("parses");
+    let relay = m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).expect("a").expect("v");
+    assert_eq!(relay.port() % 2, 0);
+    let token = m.get(attr::RESERVATION_TOKEN).expect("token").to_vec();
+    // A second client uses the token and gets the odd port.
+    let t2 = tuple(2);
+    let mut c2 = Client::new("alice", "wonderland");
+    let r = h.send(0, t2, &c2.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c2.learn(&r);
+    let tok = token.clone();
+    let r = h.send(0, t2, &c2.request(method::ALLOCATE, move |b| {
+        allocate_req(b);
+        b.attr(attr::RESERVATION_TOKEN, &tok);
+    }));
+    let r = r.expect("reply");
+    let relay2 = Message::parse(&r).expect("parses").get_xor_addr(attr::XOR_RELAYED_ADDRESS).expect("a").expect("v");
+    assert_eq!(relay2.port(), relay.port() + 1);
+    // The token is single-use.
+    let t3 = tuple(3);
+    let mut c3 = Client::new("alice", "wonderland");
+    let r = h.send(0, t3, &c3.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c3.learn(&r);
+    let r = h.send(0, t3, &c3.request(method::ALLOCATE, move |b| {
+        allocate_req(b);
+        b.attr(attr::RESERVATION_TOKEN, &token);
+    }));
+    assert_eq!(error_code(&r.expect("reply")), Some(508));
+    assert_eq!(h.quotas.total(), 2);
+}
+
+#[test]
+fn unused_reservation_is_released_after_30_seconds() {
+    let mut h = Harness::new();
+    let mut c = Client::new("alice", "wonderland");
+    let t = tuple(1);
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    let r = h.send(0, t, &c.request(method::ALLOCATE, |b| {
+        allocate_req(b);
+        b.attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
+    }));
+    assert_eq!(error_code(&r.expect("reply")), None);
+    assert_eq!(h.quotas.reservations(), 1);
+    let now = h.now(29);
+    h.server.handle_timeout(now, &mut h.binder);
+    assert_eq!(h.quotas.reservations(), 1);
+    let now = h.now(30);
+    h.server.handle_timeout(now, &mut h.binder);
+    assert_eq!(h.quotas.reservations(), 0);
+}

@@ -1,0 +1,416 @@
+//! Test support: network-namespace isolation, a relay process wrapper and a
+//! minimal blocking TURN client built on the crate's own codec.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tessera_relay::stun::{
+    Class, Message, MessageBuilder, PasswordAlgorithm, attr, channel_data, decode_error_code, method,
+};
+
+pub const SECRET: &str = "current-secret";
+pub const OLD_SECRET: &str = "previous-secret";
+pub const REALM: &str = "tessera.test";
+/// Bound on every blocking receive: a lost reply fails the test instead of
+/// hanging it.
+const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+const ENV_INSIDE: &str = "TESSERA_RELAY_TEST_NETNS";
+
+fn only_loopback() -> bool {
+    std::fs::read_dir("/sys/class/net")
+        .map(|d| d.filter_map(|e| e.ok()).all(|e| e.file_name() == "lo"))
+        .unwrap_or(false)
+}
+
+/// Returns true when the caller is inside an isolated namespace and should
+/// run its body. Otherwise creates a namespace with only `lo` up, re-runs
+/// the named test inside it, asserts it passed and returns false.
+pub fn in_netns(test: &str) -> bool {
+    if std::env::var_os(ENV_INSIDE).is_some() {
+        assert!(only_loopback(), "test namespace has interfaces other than lo");
+        return true;
+    }
+    let ns = format!("tessera-relay-{}-{}", std::process::id(), test.len() ^ test.as_bytes()[0] as usize);
+    let ip = |args: &[&str]| Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ip(&["netns", "add", &ns]), "`ip netns add` failed: these tests need root and iproute2");
+    let up = ip(&["-n", &ns, "link", "set", "lo", "up"]);
+    let exe = std::env::current_exe().expect("test binary path");
+    let status = up.then(|| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(exe)
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env(ENV_INSIDE, "1")
+            .status()
+    });
+    let _ = ip(&["netns", "del", &ns]);
+    assert!(up, "could not bring lo up in {ns}");
+    let status = status.and_then(|s| s.ok()).expect("run test in namespace");
+    assert!(status.success(), "{test} failed inside its network namespace");
+    false
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    // Ask the kernel for a port free for both UDP and TCP.
+    loop {
+        let u = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let port = u.local_addr().expect("addr").port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A config with static users alice/wonderland and bob/builder, the REST
+/// secrets, loopback listeners and relay addresses; `extra` is appended.
+pub fn base_config(extra: &str) -> String {
+    format!(
+        "realm = \"{REALM}\"\nlisten = [\"127.0.0.1:{{UDP}}\"]\nrelay_ipv4 = \"127.0.0.1\"\nrelay_ipv6 = \"::1\"\n\
+         min_port = 64000\nmax_port = 64999\nthreads = 2\nio_memory_kib = 1024\n\
+         rest_secrets = [\"{SECRET}\", \"{OLD_SECRET}\"]\nstatic_users = {{ alice = \"wonderland\", bob = \"builder\" }}\n\
+         metrics_listen = \"127.0.0.1:{{METRICS}}\"\ndrain_secs = 1\n{extra}"
+    )
+}
+
+pub struct Relay {
+    child: Child,
+    pub udp: SocketAddr,
+    metrics: SocketAddr,
+    _dir: TempDir,
+}
+
+pub struct TempDir(pub std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Relay {
+    pub fn start(config: &str) -> Relay {
+        let udp_port = free_port();
+        let metrics_port = free_port();
+        let config = config.replace("{UDP}", &udp_port.to_string()).replace("{METRICS}", &metrics_port.to_string());
+        let dir = std::env::temp_dir().join(format!("tessera-relay-it-{}-{udp_port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("relay.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera-relay"))
+            .arg("--config")
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tessera-relay");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let mut log = String::new();
+        // Readiness is the relay's own "ready" line (printed after every
+        // shard bound its sockets); EOF means it failed to start.
+        loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    log.push_str(&line);
+                    log.push('\n');
+                    if line.contains("tessera-relay ready") {
+                        break;
+                    }
+                }
+                _ => panic!("relay did not start:\n{log}"),
+            }
+        }
+        // Keep draining stderr so the relay never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Relay {
+            child,
+            udp: SocketAddr::from(([127, 0, 0, 1], udp_port)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+            _dir: TempDir(dir),
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn metrics(&self) -> String {
+        let mut s = std::net::TcpStream::connect(self.metrics).expect("metrics endpoint");
+        s.set_read_timeout(Some(RECV_TIMEOUT)).expect("timeout");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").expect("request");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // SIGTERM exercises the drain path; the test waits for the exit.
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads a metric value from Prometheus text by its full series name.
+pub fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("metric {series} missing in:\n{text}"))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum DataFrom {
+    Channel(u16),
+    Peer(SocketAddr),
+}
+
+impl From<u16> for DataFrom {
+    fn from(c: u16) -> Self {
+        DataFrom::Channel(c)
+    }
+}
+
+pub struct TurnClient {
+    sock: UdpSocket,
+    server: SocketAddr,
+    user: String,
+    pass: String,
+    nonce: Option<String>,
+    tid: u32,
+    pub last_request: Vec<u8>,
+}
+
+impl TurnClient {
+    pub fn new(server: SocketAddr, user: &str, pass: &str) -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind client");
+        sock.set_read_timeout(Some(RECV_TIMEOUT)).expect("timeout");
+        TurnClient { sock, server, user: user.into(), pass: pass.into(), nonce: None, tid: 0, last_request: Vec::new() }
+    }
+
+    fn key(&self) -> Vec<u8> {
+        PasswordAlgorithm::Md5.key(&self.user, REALM, &self.pass)
+    }
+
+    fn build(&mut self, m: u16, add: &dyn Fn(&mut MessageBuilder)) -> (Vec<u8>, [u8; 12]) {
+        self.tid += 1;
+        let mut tid = [0u8; 12];
+        tid[8..].copy_from_slice(&self.tid.to_be_bytes());
+        tid[..4].copy_from_slice(&(self.sock.local_addr().expect("addr").port() as u32).to_be_bytes());
+        let mut b = MessageBuilder::new(m, Class::Request, tid);
+        add(&mut b);
+        if let Some(n) = &self.nonce {
+            b.attr(attr::USERNAME, self.user.as_bytes()).attr(attr::REALM, REALM.as_bytes()).attr(attr::NONCE, n.as_bytes());
+            let key = self.key();
+            b.integrity(&key);
+        }
+        b.fingerprint();
+        (b.finish(), tid)
+    }
+
+    /// Receives until a response with `tid` arrives (indications are skipped).
+    fn recv_response(&mut self, tid: [u8; 12]) -> Vec<u8> {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let (n, _) = self.sock.recv_from(&mut buf).expect("response within timeout");
+            if let Ok(m) = Message::parse(&buf[..n])
+                && m.transaction_id() == tid
+            {
+                return buf[..n].to_vec();
+            }
+        }
+    }
+
+    /// Sends a request (retrying once after a 401/438 challenge); returns
+    /// the response bytes.
+    pub fn request(&mut self, m: u16, add: &dyn Fn(&mut MessageBuilder)) -> Vec<u8> {
+        for _ in 0..2 {
+            let (req, tid) = self.build(m, add);
+            self.last_request = req.clone();
+            self.sock.send_to(&req, self.server).expect("send");
+            let resp = self.recv_response(tid);
+            let msg = Message::parse(&resp).expect("response parses");
+            let code = msg.get(attr::ERROR_CODE).and_then(decode_error_code).map(|(c, _)| c);
+            if matches!(code, Some(401) | Some(438))
+                && let Some(n) = msg.get_str(attr::NONCE)
+            {
+                let retry = self.nonce.is_none() || code == Some(438);
+                self.nonce = Some(n.to_owned());
+                if retry {
+                    continue;
+                }
+            }
+            if code.is_none() {
+                assert!(msg.verify_integrity(&self.key()), "success response integrity");
+            }
+            return resp;
+        }
+        panic!("no final response");
+    }
+
+    fn code(resp: &[u8]) -> Option<u16> {
+        Message::parse(resp).ok()?.get(attr::ERROR_CODE).and_then(decode_error_code).map(|(c, _)| c)
+    }
+
+    pub fn allocate_relay(&mut self) -> Result<SocketAddr, u16> {
+        let r = self.request(method::ALLOCATE, &|b| {
+            b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        });
+        if let Some(c) = Self::code(&r) {
+            return Err(c);
+        }
+        let m = Message::parse(&r).map_err(|_| 0u16)?;
+        m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).and_then(|a| a.ok()).ok_or(0)
+    }
+
+    pub fn allocate(&mut self) -> Result<(), u16> {
+        self.allocate_relay().map(|_| ())
+    }
+
+    pub fn refresh(&mut self, lifetime: u32) -> Result<u32, u16> {
+        let r = self.request(method::REFRESH, &|b| {
+            b.attr_u32(attr::LIFETIME, lifetime);
+        });
+        match Self::code(&r) {
+            Some(c) => Err(c),
+            None => Message::parse(&r).ok().and_then(|m| m.get_u32(attr::LIFETIME)).ok_or(0),
+        }
+    }
+
+    pub fn create_permission(&mut self, peer: SocketAddr) -> Option<u16> {
+        let r = self.request(method::CREATE_PERMISSION, &|b| {
+            b.xor_addr(attr::XOR_PEER_ADDRESS, peer);
+        });
+        Self::code(&r)
+    }
+
+    pub fn channel_bind(&mut self, channel: u16, peer: SocketAddr) -> Option<u16> {
+        let r = self.request(method::CHANNEL_BIND, &|b| {
+            b.attr(attr::CHANNEL_NUMBER, &[(channel >> 8) as u8, channel as u8, 0, 0]).xor_addr(attr::XOR_PEER_ADDRESS, peer);
+        });
+        Self::code(&r)
+    }
+
+    pub fn binding(&mut self) -> Result<SocketAddr, ()> {
+        self.tid += 1;
+        let tid = [0xB1; 12];
+        let mut b = MessageBuilder::new(method::BINDING, Class::Request, tid);
+        b.fingerprint();
+        self.sock.send_to(&b.finish(), self.server).map_err(|_| ())?;
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let (n, _) = self.sock.recv_from(&mut buf).map_err(|_| ())?;
+            if let Ok(m) = Message::parse(&buf[..n])
+                && m.transaction_id() == tid
+            {
+                return m.get_xor_addr(attr::XOR_MAPPED_ADDRESS).and_then(|a| a.ok()).ok_or(());
+            }
+        }
+    }
+
+    pub fn send_indication(&mut self, peer: SocketAddr, data: &[u8]) {
+        let mut b = MessageBuilder::new(method::SEND, Class::Indication, [0x5E; 12]);
+        b.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, data);
+        self.sock.send_to(&b.finish(), self.server).expect("send");
+    }
+
+    pub fn send_channel_data(&mut self, channel: u16, data: &[u8]) {
+        let mut f = channel_data::header(channel, data.len() as u16).to_vec();
+        f.extend_from_slice(data);
+        self.sock.send_to(&f, self.server).expect("send");
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.sock.send_to(bytes, self.server);
+    }
+
+    /// Waits for relayed data (ChannelData or a Data indication).
+    pub fn recv_data(&mut self) -> (DataFrom, Vec<u8>) {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let (n, _) = self.sock.recv_from(&mut buf).expect("relayed data within timeout");
+            let pkt = &buf[..n];
+            if let Some((ch, payload)) = channel_data::parse(pkt) {
+                return (DataFrom::Channel(ch), payload.to_vec());
+            }
+            if let Ok(m) = Message::parse(pkt)
+                && m.method() == method::DATA
+                && m.class() == Class::Indication
+            {
+                let peer = m.get_xor_addr(attr::XOR_PEER_ADDRESS).and_then(|a| a.ok()).expect("peer address");
+                return (DataFrom::Peer(peer), m.get(attr::DATA).unwrap_or_default().to_vec());
+            }
+        }
+    }
+}
+
+/// Malformed and hostile packets: truncations and bit flips of a valid
+/// authenticated request, lying length fields, attribute overruns, huge
+/// attribute counts, bad ChannelData, and seeded pseudo-random bytes.
+pub fn malformed_corpus(valid: &[u8]) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for cut in 0..valid.len() {
+        out.push(valid[..cut].to_vec());
+    }
+    for i in 0..valid.len() {
+        for bit in [0x01u8, 0x80] {
+            let mut v = valid.to_vec();
+            v[i] ^= bit;
+            out.push(v);
+        }
+    }
+    // Length field larger than the datagram, and not a multiple of 4.
+    for len in [0xFFFFu16, 0x0004, 0x0003, 0x1000] {
+        let mut v = valid.to_vec();
+        v[2..4].copy_from_slice(&len.to_be_bytes());
+        out.push(v);
+    }
+    // An attribute claiming 65535 bytes.
+    let mut v = valid[..20].to_vec();
+    v[2..4].copy_from_slice(&8u16.to_be_bytes());
+    v.extend_from_slice(&[0x00, 0x06, 0xFF, 0xFF, 0, 0, 0, 0]);
+    out.push(v);
+    // Thousands of empty attributes.
+    let mut v = valid[..20].to_vec();
+    let n = 4000u16;
+    v[2..4].copy_from_slice(&(n * 4).to_be_bytes());
+    for _ in 0..n {
+        v.extend_from_slice(&[0x80, 0x22, 0x00, 0x00]);
+    }
+    out.push(v);
+    // ChannelData lying about its length, on bound and unbound channels.
+    out.push(vec![0x40, 0x00, 0xFF, 0xFF, 1, 2, 3, 4]);
+    out.push(vec![0x4F, 0xFF, 0x00, 0x10]);
+    out.push(vec![0x7F, 0xFF, 0x00, 0x00]);
+    // Send indication with a bad peer address family and no DATA.
+    let mut b = MessageBuilder::new(method::SEND, Class::Indication, [1; 12]);
+    b.attr(attr::XOR_PEER_ADDRESS, &[0, 9, 0, 0, 1, 2, 3, 4]);
+    out.push(b.finish());
+    // Seeded xorshift noise, some with a STUN header in front.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..2000 {
+        let len = (i * 7) % 600;
+        let mut v = Vec::with_capacity(len + 20);
+        if i % 2 == 0 {
+            v.extend_from_slice(&valid[..20.min(valid.len())]);
+            let body = (len & !3) as u16;
+            v[2..4].copy_from_slice(&body.to_be_bytes());
+        }
+        for _ in 0..len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.push(x as u8);
+        }
+        out.push(v);
+    }
+    out
+}
