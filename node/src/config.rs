@@ -60,6 +60,9 @@ pub struct Storage {
     pub durability: Durability,
     /// Block cache of the embedded engine, in MiB.
     pub cache_mib: u64,
+    /// Largest in-memory write buffer (memtable) per table before it is
+    /// flushed to disk, in MiB. Applies to tables created after the change.
+    pub memtable_mib: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -178,7 +181,7 @@ impl Default for Runtime {
 
 impl Default for Storage {
     fn default() -> Self {
-        Storage { backend: "embedded".into(), durability: Durability::Process, cache_mib: 64 }
+        Storage { backend: "embedded".into(), durability: Durability::Process, cache_mib: 32, memtable_mib: 8 }
     }
 }
 
@@ -282,6 +285,9 @@ impl Config {
         }
         if self.storage.backend != "embedded" {
             return invalid("storage.backend", "supported backends: \"embedded\"");
+        }
+        if self.storage.memtable_mib == 0 {
+            return invalid("storage.memtable_mib", "must be at least 1");
         }
         if self.limits.request_body_bytes_max < 1024 {
             return invalid("limits.request_body_bytes_max", "must be at least 1024");

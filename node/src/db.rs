@@ -127,15 +127,14 @@ pub struct Unread {
     pub highlights: u64,
 }
 
-/// A notification kept for `GET /notifications`.
+/// The members an event notified, kept once per event for
+/// `GET /notifications` (one write per event, not one per member).
 #[derive(Clone, Debug, Deserialize, Serialize)]
-pub struct Notification {
-    pub room_id: String,
+pub struct EventNotifications {
     pub event_id: String,
     pub ts: u64,
-    pub highlight: bool,
-    /// Stream position of the event (of the room owner's shard).
-    pub pos: u64,
+    /// (user id, highlight) of every member the event notified.
+    pub users: Vec<(String, bool)>,
 }
 
 /// A piece of account data with the stream position that last changed it.
@@ -508,19 +507,16 @@ impl Db {
         Write::put(Table::StreamHeads, shard.to_be_bytes().to_vec(), b"".to_vec(), pos.to_be_bytes().to_vec())
     }
 
-    /// Stages a notification; the clustering key (time, shard, position) orders
-    /// a user's notifications by time within a shard and keeps them unique.
-    pub fn notification_write(user: &UserId, shard: u16, note: &Notification) -> Write {
-        let mut ck = Vec::with_capacity(18);
-        ck.extend_from_slice(&note.ts.to_be_bytes());
-        ck.extend_from_slice(&shard.to_be_bytes());
-        ck.extend_from_slice(&note.pos.to_be_bytes());
-        Write::put(Table::Notifications, user.as_bytes(), ck, encode(note))
+    /// Stages the notifications of one event; the clustering key is the
+    /// event's position, so a room's rows are in timeline order.
+    pub fn notifications_write(room: &RoomId, pos: u64, notes: &EventNotifications) -> Write {
+        Write::put(Table::Notifications, room.as_bytes(), pos.to_be_bytes().to_vec(), encode(notes))
     }
 
-    /// A user's notifications, newest first, older than `before` (a clustering key).
-    pub fn notifications(&self, user: &UserId, before: Option<&[u8]>, limit: usize) -> DbResult<Vec<(Vec<u8>, Notification)>> {
-        self.scan_json(Scan { table: Table::Notifications, pk: user.as_bytes(), from: Bound::Unbounded, to: before.map_or(Bound::Unbounded, Bound::Excluded), reverse: true, limit })
+    /// A room's notification rows, newest first: (position, row).
+    pub fn room_notifications(&self, room: &RoomId, limit: usize) -> DbResult<Vec<(u64, EventNotifications)>> {
+        let rows = self.scan_json::<EventNotifications>(Scan { table: Table::Notifications, pk: room.as_bytes(), from: Bound::Unbounded, to: Bound::Unbounded, reverse: true, limit })?;
+        Ok(rows.into_iter().filter_map(|(ck, n)| Some((u64::from_be_bytes(ck.as_slice().try_into().ok()?), n))).collect())
     }
 
     /// The inbox partition of one device.

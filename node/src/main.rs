@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use tessera_node::config::Config;
 
+// Request handling allocates many short-lived buffers on every shard;
+// mimalloc's per-thread heaps keep that off glibc's shared arenas.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Tessera homeserver node.
 #[derive(Parser, Debug)]
 #[command(name = "tessera-node", version, about)]

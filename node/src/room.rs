@@ -334,11 +334,15 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         }
         cached.state.insert((draft.kind.clone(), sk.clone()), (pdu.clone(), pos));
     }
+    let mut notified = Vec::with_capacity(unread.len());
     for (user, counts, highlight) in unread {
         batch.writes.push(Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(&counts)));
-        let note = crate::db::Notification { room_id: room.to_string(), event_id: event_id.to_string(), ts, highlight, pos };
-        batch.writes.push(Db::notification_write(&user, shard.id as u16, &note));
+        notified.push((user.to_string(), highlight));
         cached.unread.insert(user, counts);
+    }
+    if !notified.is_empty() {
+        let notes = crate::db::EventNotifications { event_id: event_id.to_string(), ts, users: notified };
+        batch.writes.push(Db::notifications_write(room, pos, &notes));
     }
     cached.head.extremities = vec![event_id.clone()];
     cached.head.depth = depth;

@@ -70,7 +70,7 @@ impl hyper::rt::Write for HyperIo {
 /// Opens the configured storage backend.
 pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let dir = config.data_dir.join("store");
-    let store = Embedded::open(&dir, config.storage.durability, config.storage.cache_mib << 20)
+    let store = Embedded::open(&dir, config.storage.durability, config.storage.cache_mib << 20, config.storage.memtable_mib << 20)
         .with_context(|| format!("opening embedded store at {}", dir.display()))?;
     Ok(Arc::new(store))
 }

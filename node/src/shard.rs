@@ -203,9 +203,11 @@ pub struct Shard {
     pub rendered: RefCell<HashMap<OwnedEventId, Rc<Rendered>>>,
 }
 
-/// Most rendered events a shard caches (about 1-2 KiB each); the cache is
+/// Most rendered events a shard caches (about 3-4 KiB each with the parsed
+/// event); fan-out reads an event within moments of its creation, so a
+/// small cache serves it; the cache is
 /// cleared when full.
-const RENDERED_CACHE_MAX: usize = 8_192;
+const RENDERED_CACHE_MAX: usize = 1_024;
 
 impl Shard {
     /// This shard's own stream head.

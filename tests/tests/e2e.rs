@@ -379,3 +379,34 @@ fn lazy_loading_sends_only_needed_members() {
     assert!(!members.contains(&"@carol:localhost"), "silent members are not loaded: {members:?}");
     assert_eq!(sync["rooms"]["join"][&room]["timeline"]["limited"], true);
 }
+
+#[test]
+fn notifications_and_search() {
+    let node = Node::start("notify", "");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    alice.send_text(&room, "n1", "plain words");
+    // Highlights come from intentional mentions (`m.mentions`).
+    let (s, v) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/n2"), json!({ "msgtype": "m.text", "body": "hey bob, look", "m.mentions": { "user_ids": ["@bob:localhost"] } }));
+    assert_eq!(s, 200, "{v}");
+    let mention = v["event_id"].as_str().expect("event_id").to_owned();
+    let (s, v) = bob.get("/_matrix/client/v3/notifications");
+    assert_eq!(s, 200, "{v}");
+    let list = v["notifications"].as_array().expect("list");
+    assert_eq!(list.len(), 2, "{v}");
+    assert_eq!(list[0]["event"]["event_id"].as_str(), Some(mention.as_str()), "newest first");
+    assert_eq!(list[0]["read"], false);
+    let (_, only) = bob.get("/_matrix/client/v3/notifications?only=highlight");
+    assert_eq!(only["notifications"].as_array().map(Vec::len), Some(1), "only the mention highlights: {only}");
+    bob.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{mention}"), json!({}));
+    let (_, after) = bob.get("/_matrix/client/v3/notifications");
+    assert!(after["notifications"].as_array().expect("list").iter().all(|n| n["read"] == true), "{after}");
+    // Alice's own messages never notify her.
+    assert_eq!(alice.get("/_matrix/client/v3/notifications").1["notifications"].as_array().map(Vec::len), Some(0));
+
+    let (s, found) = bob.post("/_matrix/client/v3/search", json!({ "search_categories": { "room_events": { "search_term": "LOOK" } } }));
+    assert_eq!(s, 200, "{found}");
+    let results = found["search_categories"]["room_events"]["results"].as_array().expect("results");
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["result"]["event_id"].as_str(), Some(mention.as_str()));
+}

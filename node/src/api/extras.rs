@@ -31,55 +31,57 @@ pub fn openid_token(shard: &Shard, auth: &Authed, user: &str) -> ApiResult<Value
     Ok(json!({ "access_token": token, "token_type": "Bearer", "matrix_server_name": shard.server_name, "expires_in": OPENID_TOKEN_LIFETIME_SECS }))
 }
 
-/// GET /_matrix/client/v3/notifications
+/// GET /_matrix/client/v3/notifications: newest first across the caller's
+/// joined rooms; `from` is the timestamp (ms) to continue below. Each room
+/// contributes at most `NOTIFICATIONS_SCAN_PER_ROOM` recent rows.
 pub fn notifications(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value> {
+    const NOTIFICATIONS_SCAN_PER_ROOM: usize = 1000;
     let limit = (req.query_u64("limit")?.unwrap_or(20) as usize).clamp(1, PAGE_MAX);
     let only_highlight = req.query("only") == Some("highlight");
-    let before = req
-        .query("from")
-        .map(|f| (0..f.len()).step_by(2).map(|i| f.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect::<Option<Vec<u8>>>())
-        .map(|v| v.ok_or_else(|| ApiError::invalid_param("Invalid from token")))
-        .transpose()?;
-    let now = now_ms();
-    let mut out = Vec::new();
-    let mut next = None;
-    let mut cursor = before;
-    // Pages of raw rows, so that `only=highlight` does not end pagination early.
-    'scan: for _ in 0..16 {
-        let rows = shard.db.notifications(&auth.user, cursor.as_deref(), PAGE_MAX)?;
-        if rows.is_empty() {
-            break;
+    let before = req.query_u64("from")?.unwrap_or(u64::MAX);
+    let mut found = Vec::new();
+    for (room, ur) in shard.db.user_rooms(&auth.user, shard.config.limits.rooms_per_user_max)? {
+        if ur.membership != "join" {
+            continue;
         }
-        for (ck, note) in &rows {
-            cursor = Some(ck.clone());
-            if only_highlight && !note.highlight {
+        let Ok(room_id) = RoomId::parse(room.as_str()) else { continue };
+        let read_pos = shard
+            .db
+            .receipts(&room_id, 100_000)?
+            .into_iter()
+            .filter(|((kind, _, user), _)| kind.starts_with("m.read") && user == auth.user.as_str())
+            .filter_map(|(_, r)| ruma::OwnedEventId::try_from(r.event_id).ok())
+            .filter_map(|id| shard.db.event(&id).ok().flatten().map(|e| e.stored.pos))
+            .max()
+            .unwrap_or(0);
+        for (pos, row) in shard.db.room_notifications(&room_id, NOTIFICATIONS_SCAN_PER_ROOM)? {
+            if row.ts >= before {
                 continue;
             }
-            let Ok(id) = ruma::OwnedEventId::try_from(note.event_id.as_str()) else { continue };
-            let Some(ev) = shard.db.event(&id)? else { continue };
-            let Ok(room) = RoomId::parse(note.room_id.as_str()) else { continue };
-            let read = shard
-                .db
-                .receipts(&room, 100_000)?
-                .into_iter()
-                .any(|((kind, _, user), r)| kind.starts_with("m.read") && user == auth.user.as_str() && r.pos >= note.pos);
-            let mut actions = vec![json!("notify")];
-            if note.highlight {
-                actions.push(json!({ "set_tweak": "highlight", "value": true }));
+            let Some((_, highlight)) = row.users.iter().find(|(u, _)| u == auth.user.as_str()) else { continue };
+            if only_highlight && !highlight {
+                continue;
             }
-            out.push(json!({ "actions": actions, "event": ev.to_client(now, None), "read": read, "room_id": note.room_id, "ts": note.ts }));
-            if out.len() == limit {
-                next = Some(ck.iter().map(|b| format!("{b:02x}")).collect::<String>());
-                break 'scan;
-            }
-        }
-        if rows.len() < PAGE_MAX {
-            break;
+            found.push((row.ts, room.clone(), row.event_id.clone(), *highlight, pos <= read_pos));
         }
     }
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    let now = now_ms();
+    let mut out = Vec::new();
+    for (ts, room, event_id, highlight, read) in found.iter().take(limit) {
+        let Ok(id) = ruma::OwnedEventId::try_from(event_id.as_str()) else { continue };
+        let Some(ev) = shard.db.event(&id)? else { continue };
+        let mut actions = vec![json!("notify")];
+        if *highlight {
+            actions.push(json!({ "set_tweak": "highlight", "value": true }));
+        }
+        out.push(json!({ "actions": actions, "event": ev.to_client(now, None), "read": read, "room_id": room, "ts": ts }));
+    }
     let mut body = json!({ "notifications": out });
-    if let Some(n) = next {
-        body["next_token"] = json!(n);
+    if found.len() > limit
+        && let Some(last) = found.get(limit - 1)
+    {
+        body["next_token"] = json!(last.0.to_string());
     }
     Ok(body)
 }

@@ -62,12 +62,12 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 
 impl Embedded {
     /// Opens (or creates) the store under `dir`.
-    pub fn open(dir: &Path, durability: Durability, cache_bytes: u64) -> StorageResult<Self> {
+    pub fn open(dir: &Path, durability: Durability, cache_bytes: u64, memtable_bytes: u64) -> StorageResult<Self> {
         std::fs::create_dir_all(dir).map_err(engine)?;
         let db = Database::builder(dir).cache_size(cache_bytes).open().map_err(engine)?;
         let mut tables = HashMap::new();
         for table in Table::ALL {
-            let ks = db.keyspace(table.name(), KeyspaceCreateOptions::default).map_err(engine)?;
+            let ks = db.keyspace(table.name(), || KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)).map_err(engine)?;
             tables.insert(table, ks);
         }
         let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();

@@ -73,7 +73,7 @@ pub enum Table {
     UserStream,
     /// pk = token -> registration token record.
     RegistrationTokens,
-    /// pk = user id; ck = (shard, stream position) -> notification record.
+    /// pk = room id; ck = stream position -> members the event notified.
     Notifications,
     /// pk = OpenID token -> (user, expiry).
     OpenIdTokens,

@@ -15,7 +15,7 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 #[test]
 fn passes_conformance_suite() {
     let dir = temp_dir("conformance");
-    let store = Embedded::open(&dir, Durability::Process, 8 << 20).expect("open");
+    let store = Embedded::open(&dir, Durability::Process, 8 << 20, 1 << 20).expect("open");
     conformance::run_all(Arc::new(store));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -24,10 +24,10 @@ fn passes_conformance_suite() {
 fn data_survives_reopen() {
     let dir = temp_dir("reopen");
     {
-        let store = Embedded::open(&dir, Durability::Power, 8 << 20).expect("open");
+        let store = Embedded::open(&dir, Durability::Power, 8 << 20, 1 << 20).expect("open");
         store.write(vec![Write::put(Table::Meta, b"k".to_vec(), b"".to_vec(), b"v".to_vec())]).expect("write");
     }
-    let store = Embedded::open(&dir, Durability::Process, 8 << 20).expect("reopen");
+    let store = Embedded::open(&dir, Durability::Process, 8 << 20, 1 << 20).expect("reopen");
     assert_eq!(store.get(Table::Meta, b"k", b"").expect("get").as_deref(), Some(&b"v"[..]));
     let _ = std::fs::remove_dir_all(&dir);
 }
