@@ -1,7 +1,8 @@
-//! Criterion benchmarks of the node's hot paths: building a signed event
+//! Criterion benchmarks of the hot paths: building a signed event
 //! (canonical JSON, content hash, ed25519 signature, reference hash),
 //! verifying an event signature, parsing a send body with simd-json and with
-//! serde_json, hash-ring lookups, and sync token encoding.
+//! serde_json, hash-ring lookups, sync token encoding, and the relay's STUN
+//! codec (Send indications, authenticated requests, ChannelData).
 //!
 //! `cargo bench -p tessera-bench` runs them; results are recorded in
 //! `docs/benchmarks.md` with the machine they ran on.
@@ -11,7 +12,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
-use ruma::signatures::{Ed25519KeyPair, KeyPair};
+use ruma::signatures::Ed25519KeyPair;
 use ruma::RoomVersionId;
 use tessera_node::api::sync::SyncToken;
 use tessera_shared::ring::Ring;
@@ -85,5 +86,36 @@ fn bench_ring_and_tokens(c: &mut Criterion) {
     c.bench_function("sync token: parse (16 shards)", |b| b.iter(|| black_box(SyncToken::parse(&encoded, 16))));
 }
 
-criterion_group!(benches, bench_events, bench_parsing, bench_ring_and_tokens);
+fn bench_stun(c: &mut Criterion) {
+    use tessera_relay::stun::{Class, Message, MessageBuilder, attr, channel_data, method};
+    let peer: std::net::SocketAddr = "198.51.100.7:40000".parse().expect("addr");
+    let payload = [0x5au8; 160];
+    let tid = [7u8; 12];
+    c.bench_function("stun: build Send indication (160 B, fingerprint)", |b| {
+        b.iter(|| {
+            let mut m = MessageBuilder::new(method::SEND, Class::Indication, tid);
+            m.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, &payload).fingerprint();
+            black_box(m.finish())
+        })
+    });
+    let mut m = MessageBuilder::new(method::SEND, Class::Indication, tid);
+    m.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, &payload).fingerprint();
+    let send = m.finish();
+    c.bench_function("stun: parse Send indication (160 B)", |b| b.iter(|| black_box(Message::parse(black_box(&send)).is_ok())));
+    let key = [0x42u8; 16];
+    let mut m = MessageBuilder::new(method::CREATE_PERMISSION, Class::Request, tid);
+    m.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr(attr::USERNAME, b"1700000000:@alice:example.org").attr(attr::REALM, b"example.org").attr(attr::NONCE, b"abcdefghijklmnop").integrity(&key).fingerprint();
+    let request = m.finish();
+    c.bench_function("stun: parse + verify MESSAGE-INTEGRITY (CreatePermission)", |b| {
+        b.iter(|| {
+            let msg = Message::parse(black_box(&request)).expect("valid");
+            black_box(msg.verify_integrity(&key))
+        })
+    });
+    let mut frame = channel_data::header(0x4001, 160).to_vec();
+    frame.extend_from_slice(&payload);
+    c.bench_function("stun: ChannelData parse (160 B)", |b| b.iter(|| black_box(channel_data::parse(black_box(&frame)))));
+}
+
+criterion_group!(benches, bench_events, bench_parsing, bench_ring_and_tokens, bench_stun);
 criterion_main!(benches);

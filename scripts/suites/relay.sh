@@ -119,6 +119,56 @@ if curl -sf "http://127.0.0.1:$METRICS_PORT/metrics" -o "$WORK/metrics.txt" 2>/d
   else bad "metrics count relayed packets"; fi
 else bad "metrics endpoint"; fi
 
+# --- credentials minted by a running tessera-node ---------------------------
+# The node's /voip/turnServer hands out TURN REST credentials for the same
+# shared secret; the relay must accept them, and refuse expired ones.
+NODE_BIN=${TESSERA_NODE_BIN:-$TARGET/debug/tessera-node}
+if [ ! -x "$NODE_BIN" ]; then
+  if cargo build -q -p tessera-node; then NODE_BIN=$TARGET/debug/tessera-node; else bad "build tessera-node"; fi
+fi
+NODE_PORT=$((PORT + 4))
+cat > "$WORK/node.toml" <<TOML
+server_name = "localhost"
+data_dir = "$WORK/node-data"
+[listen]
+address = "127.0.0.1:$NODE_PORT"
+[registration]
+enabled = true
+[auth]
+argon2_m_cost_kib = 64
+argon2_t_cost = 1
+[turn]
+uris = ["turn:127.0.0.1:$PORT?transport=udp"]
+shared_secret = "$SECRET"
+ttl_secs = 600
+TOML
+"$NODE_BIN" --config "$WORK/node.toml" >"$WORK/node.log" 2>&1 &
+PIDS+=($!)
+node_up=0
+for _ in $(seq 1 300); do
+  if curl -sf "http://127.0.0.1:$NODE_PORT/_matrix/client/versions" >/dev/null; then node_up=1; break; fi
+  sleep 0.1
+done
+if [ "$node_up" = 1 ]; then
+  token=$(curl -sf -XPOST "http://127.0.0.1:$NODE_PORT/_matrix/client/v3/register" \
+    -d '{"username":"caller","password":"pw","auth":{"type":"m.login.dummy"}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+  creds=$(curl -sf -H "Authorization: Bearer $token" "http://127.0.0.1:$NODE_PORT/_matrix/client/v3/voip/turnServer")
+  tu=$(printf '%s' "$creds" | python3 -c 'import json,sys; print(json.load(sys.stdin)["username"])')
+  tp=$(printf '%s' "$creds" | python3 -c 'import json,sys; print(json.load(sys.stdin)["password"])')
+  uclient node-minted-credentials -u "$tu" -w "$tp" -e 127.0.0.1 -r "$PEER_PORT" -m 5 -n 20 -l 160 -p "$PORT"
+  # The same scheme with an expiry in the past must be refused.
+  old_user="$(( $(date +%s) - 60 )):@caller:localhost"
+  old_pass=$(printf '%s' "$old_user" | openssl dgst -sha1 -hmac "$SECRET" -binary | base64)
+  if timeout 30 turnutils_uclient -u "$old_user" -w "$old_pass" -e 127.0.0.1 -r "$PEER_PORT" -m 1 -n 5 -l 160 -p "$PORT" 127.0.0.1 >"$WORK/uclient-expired.log" 2>&1 \
+     && grep -q 'Total lost packets 0' "$WORK/uclient-expired.log"; then
+    bad "expired credentials were accepted"
+  else
+    ok "expired credentials refused"
+  fi
+else
+  bad "tessera-node for credential tests did not start"; tail -n 20 "$WORK/node.log"
+fi
+
 # Graceful drain: SIGTERM makes the relay exit 0 by itself.
 kill -TERM "$RELAY_PID"
 if timeout 15 tail --pid="$RELAY_PID" -f /dev/null && wait "$RELAY_PID"; then ok "SIGTERM drains and exits 0"; else bad "SIGTERM drain"; fi
