@@ -17,15 +17,9 @@ export HS_KIND="${HS_KIND:-tessera}"
 export TESSERA_NODE_BIN="${TESSERA_NODE_BIN:-target/debug/tessera-node}"
 VENV="${CONFORMANCE_VENV:-$REPO_ROOT/.venv-conformance}"
 
-apt_install() {
-    if command -v apt-get >/dev/null 2>&1; then
-        apt-get update -q >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
-    else
-        echo "conformance: missing $* and no apt-get to install it" >&2
-        exit 1
-    fi
-}
+SUITE=conformance
+# shellcheck source=../lib/suite.sh
+. "$REPO_ROOT/scripts/lib/suite.sh"
 
 command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
 
@@ -35,23 +29,7 @@ if [ ! -d "$spec_dir/data/api/client-server" ]; then
     exit 1
 fi
 
-case "$HS_KIND" in
-    tessera)
-        bin="$TESSERA_NODE_BIN"
-        case "$bin" in /*) ;; *) bin="$REPO_ROOT/$bin" ;; esac
-        if [ ! -x "$bin" ]; then
-            echo "conformance: tessera-node binary not found at $bin (build it or set TESSERA_NODE_BIN)" >&2
-            exit 1
-        fi
-        ;;
-    synapse)
-        bash "$REPO_ROOT/scripts/install-synapse.sh"
-        ;;
-    *)
-        echo "conformance: HS_KIND must be tessera or synapse, not $HS_KIND" >&2
-        exit 1
-        ;;
-esac
+prepare_server_under_test
 
 if [ ! -x "$VENV/bin/python" ]; then
     if ! python3 -m venv "$VENV"; then

@@ -13,15 +13,9 @@ cd "$REPO_ROOT"
 export HS_KIND="${HS_KIND:-tessera}"
 export TESSERA_NODE_BIN="${TESSERA_NODE_BIN:-target/debug/tessera-node}"
 
-apt_install() {
-    if command -v apt-get >/dev/null 2>&1; then
-        apt-get update -q >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
-    else
-        echo "js-core: missing $* and no apt-get to install it" >&2
-        exit 1
-    fi
-}
+SUITE=js-core
+# shellcheck source=../lib/suite.sh
+. "$REPO_ROOT/scripts/lib/suite.sh"
 
 command -v node >/dev/null 2>&1 || apt_install nodejs npm
 command -v npm >/dev/null 2>&1 || apt_install npm
@@ -33,23 +27,7 @@ if [ "$node_major" -lt 20 ]; then
     exit 1
 fi
 
-case "$HS_KIND" in
-    tessera)
-        bin="$TESSERA_NODE_BIN"
-        case "$bin" in /*) ;; *) bin="$REPO_ROOT/$bin" ;; esac
-        if [ ! -x "$bin" ]; then
-            echo "js-core: tessera-node binary not found at $bin (build it or set TESSERA_NODE_BIN)" >&2
-            exit 1
-        fi
-        ;;
-    synapse)
-        bash "$REPO_ROOT/scripts/install-synapse.sh"
-        ;;
-    *)
-        echo "js-core: HS_KIND must be tessera or synapse, not $HS_KIND" >&2
-        exit 1
-        ;;
-esac
+prepare_server_under_test
 
 cd "$REPO_ROOT/tests/js"
 # npm ci is fast when node_modules already matches the lockfile.
