@@ -230,15 +230,19 @@ impl Shard {
         &self.metrics[self.id]
     }
 
+    /// Raises the known head of `shard`'s stream to `pos` (never lowers it).
+    pub fn note_head(&self, shard: usize, pos: u64) {
+        if let Some(h) = self.heads.borrow_mut().get_mut(shard)
+            && *h < pos
+        {
+            *h = pos;
+        }
+    }
+
     /// Records that this shard's stream reached `pos` (after the write
     /// returned) and tells every shard, waking affected syncs.
     pub fn publish(&self, pos: u64, rooms: Vec<OwnedRoomId>, users: Vec<OwnedUserId>) {
-        {
-            let mut heads = self.heads.borrow_mut();
-            if heads[self.id] < pos {
-                heads[self.id] = pos;
-            }
-        }
+        self.note_head(self.id, pos);
         self.notifier.notify(&rooms, &users);
         self.broadcast(|| ShardMsg::Advanced { shard: self.id as u16, pos, rooms: rooms.clone(), users: users.clone() });
     }
@@ -303,28 +307,14 @@ impl Shard {
                 .detach();
             }
             ShardMsg::Advanced { shard, pos, rooms, users } => {
-                {
-                    let mut heads = self.heads.borrow_mut();
-                    if let Some(h) = heads.get_mut(usize::from(shard))
-                        && *h < pos
-                    {
-                        *h = pos;
-                    }
-                }
+                self.note_head(usize::from(shard), pos);
                 self.notifier.notify(&rooms, &users);
             }
             ShardMsg::Redacted(id) => {
                 self.rendered.borrow_mut().remove(&id);
             }
             ShardMsg::Typing { room, users, pos, shard } => {
-                {
-                    let mut heads = self.heads.borrow_mut();
-                    if let Some(h) = heads.get_mut(usize::from(shard))
-                        && *h < pos
-                    {
-                        *h = pos;
-                    }
-                }
+                self.note_head(usize::from(shard), pos);
                 self.typing.borrow_mut().insert(room.clone(), Typing { users, pos, shard });
                 self.notifier.notify(&[room], &[]);
             }
