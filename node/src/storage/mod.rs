@@ -79,11 +79,31 @@ pub enum Table {
     OpenIdTokens,
     /// pk = user id \0 device id; ck = (shard, stream position, index) -> to-device message.
     ToDevice,
+    /// pk = user id; ck = device id -> signed device keys.
+    DeviceKeys,
+    /// pk = user id \0 device id; ck = algorithm:key id -> one-time key.
+    OneTimeKeys,
+    /// pk = user id \0 device id; ck = algorithm:key id -> claimer (exactly-once claims).
+    ClaimedKeys,
+    /// pk = user id \0 device id; ck = algorithm -> fallback key and its used flag.
+    FallbackKeys,
+    /// pk = user id; ck = usage (master, self_signing, user_signing) -> cross-signing key.
+    CrossSigningKeys,
+    /// pk = target user; ck = target key \0 signer user \0 signer key -> signature.
+    KeySignatures,
+    /// pk = watching user; ck = (shard, stream position, user) -> change kind.
+    KeyChanges,
+    /// pk = user id; ck = version (u64) -> backup version record.
+    BackupVersions,
+    /// pk = user id \0 version; ck = room id \0 session id -> backed-up session key.
+    BackupKeys,
+    /// pk = user id; ck = "" -> the user's dehydrated device.
+    DehydratedDevices,
 }
 
 impl Table {
     /// All tables, for backends that create them up front.
-    pub const ALL: [Table; 26] = [
+    pub const ALL: [Table; 36] = [
         Table::Meta,
         Table::Users,
         Table::AccessTokens,
@@ -110,6 +130,16 @@ impl Table {
         Table::Notifications,
         Table::OpenIdTokens,
         Table::ToDevice,
+        Table::DeviceKeys,
+        Table::OneTimeKeys,
+        Table::ClaimedKeys,
+        Table::FallbackKeys,
+        Table::CrossSigningKeys,
+        Table::KeySignatures,
+        Table::KeyChanges,
+        Table::BackupVersions,
+        Table::BackupKeys,
+        Table::DehydratedDevices,
     ];
 
     /// The table's name in every backend.
@@ -141,6 +171,16 @@ impl Table {
             Table::Notifications => "notifications",
             Table::OpenIdTokens => "openid_tokens",
             Table::ToDevice => "to_device",
+            Table::DeviceKeys => "device_keys",
+            Table::OneTimeKeys => "one_time_keys",
+            Table::ClaimedKeys => "claimed_keys",
+            Table::FallbackKeys => "fallback_keys",
+            Table::CrossSigningKeys => "cross_signing_keys",
+            Table::KeySignatures => "key_signatures",
+            Table::KeyChanges => "key_changes",
+            Table::BackupVersions => "backup_versions",
+            Table::BackupKeys => "backup_keys",
+            Table::DehydratedDevices => "dehydrated_devices",
         }
     }
 }
