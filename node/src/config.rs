@@ -107,6 +107,10 @@ pub struct Limits {
     pub connections_per_shard_max: usize,
     /// Most rooms one user may be joined to (bounds sync cost).
     pub rooms_per_user_max: usize,
+    /// Most unclaimed one-time keys one device may hold.
+    pub one_time_keys_per_device_max: usize,
+    /// Most sessions one key backup version may hold.
+    pub backup_keys_per_version_max: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -207,6 +211,8 @@ impl Default for Limits {
             sync_waiters_per_shard_max: 100_000,
             connections_per_shard_max: 100_000,
             rooms_per_user_max: 10_000,
+            one_time_keys_per_device_max: 1_000,
+            backup_keys_per_version_max: 1_000_000,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Typed stores: every key layout of the node lives here, so handlers never
-//! touch raw partition or clustering keys.
+//! Typed stores: every key layout of the node lives here (the key server's
+//! in `crate::keystore`), so handlers never touch raw partition or
+//! clustering keys.
 
 use std::ops::Bound;
 use std::sync::Arc;
@@ -249,7 +250,7 @@ impl Db {
         Ok(self.store.write(vec![Write::put(Table::Devices, user.as_bytes(), device_id.as_bytes(), encode(device))])?)
     }
 
-    /// Deletes a device and its tokens.
+    /// Deletes a device, its tokens and its keys in one batch.
     pub fn delete_device(&self, user: &UserId, device_id: &str) -> DbResult<bool> {
         let Some(device) = self.device(user, device_id)? else { return Ok(false) };
         let mut writes = vec![
@@ -259,6 +260,7 @@ impl Db {
         if let Some(rt) = device.refresh_token {
             writes.push(Write::delete(Table::RefreshTokens, rt.as_bytes(), b"".to_vec()));
         }
+        writes.extend(self.device_keys_deletes(user, device_id)?);
         self.store.write(writes)?;
         Ok(true)
     }

@@ -60,7 +60,6 @@ fn key_version(der: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ruma::signatures::KeyPair as _;
 
     #[test]
     fn key_is_created_once_and_reloaded() {

@@ -5,10 +5,12 @@
 pub mod api;
 pub mod config;
 pub mod db;
+pub mod e2ee;
 pub mod error;
 pub mod filter;
 pub mod http;
 pub mod keys;
+pub mod keystore;
 pub mod pdu;
 pub mod push;
 pub mod ratelimit;

@@ -450,8 +450,6 @@ pub fn member_content(db: &Db, user: &UserId, membership: &str, reason: Option<&
 mod tests {
     use std::collections::BTreeMap;
 
-    use ruma::signatures::KeyPair;
-
     use super::*;
 
     fn fields<'a>(room: &'a RoomId, sender: &'a UserId, prev: &'a [OwnedEventId], content: &str) -> PduFields<'a> {

@@ -5,6 +5,9 @@ use std::process::Command;
 use serde_json::{Value, json};
 use tessera_tests::{Client, Node, node_bin};
 
+#[path = "e2e/keys.rs"]
+mod keys;
+
 fn two_users(node: &Node) -> (Client, Client) {
     let mut alice = node.client();
     alice.register("alice");

@@ -292,6 +292,8 @@ pub async fn login(shard: &Rc<Shard>, req: &Req) -> ApiResult<Value> {
         return Err(ApiError::forbidden("Invalid username or password"));
     }
     let session = open_session(shard, &user, body.device_id, body.initial_device_display_name, body.refresh_token, &client_ip(req))?;
+    // A new login is a new device for everyone who shares a room.
+    crate::api::keys::devices_changed(shard, &user)?;
     let mut v = session_json(&user, &session, shard);
     v["well_known"] = json!({ "m.homeserver": { "base_url": shard.config.base_url() } });
     Ok(v)
@@ -305,6 +307,7 @@ pub fn whoami(auth: &Authed) -> Value {
 /// POST /_matrix/client/v3/logout
 pub fn logout(shard: &Shard, auth: &Authed) -> ApiResult<Value> {
     shard.db.delete_device(&auth.user, &auth.device)?;
+    crate::api::keys::devices_changed(shard, &auth.user)?;
     Ok(json!({}))
 }
 
@@ -313,6 +316,7 @@ pub fn logout_all(shard: &Shard, auth: &Authed) -> ApiResult<Value> {
     for (id, _) in shard.db.devices(&auth.user, usize::MAX)? {
         shard.db.delete_device(&auth.user, &id)?;
     }
+    crate::api::keys::devices_changed(shard, &auth.user)?;
     Ok(json!({}))
 }
 
@@ -335,7 +339,7 @@ pub fn refresh(shard: &Shard, req: &Req) -> ApiResult<Value> {
 }
 
 /// Checks the `auth` of a sensitive request: `m.login.password` for the caller.
-async fn require_password(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<()> {
+pub(crate) async fn require_password(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<()> {
     #[derive(Deserialize)]
     struct WithAuth {
         auth: Option<AuthData>,
@@ -392,6 +396,7 @@ pub async fn change_password(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> Api
                 shard.db.delete_device(&auth.user, &id)?;
             }
         }
+        crate::api::keys::devices_changed(shard, &auth.user)?;
     }
     Ok(json!({}))
 }
@@ -449,6 +454,7 @@ pub fn update_device(shard: &Shard, req: &Req, auth: &Authed, device: &str) -> A
         d.display_name = Some(name);
     }
     shard.db.put_device(&auth.user, device, &d)?;
+    crate::api::keys::devices_changed(shard, &auth.user)?;
     Ok(json!({}))
 }
 
@@ -458,6 +464,7 @@ pub async fn delete_device(shard: &Rc<Shard>, req: &Req, auth: &Authed, device: 
     if !shard.db.delete_device(&auth.user, device)? {
         return Err(ApiError::not_found("Unknown device"));
     }
+    crate::api::keys::devices_changed(shard, &auth.user)?;
     Ok(json!({}))
 }
 
@@ -472,6 +479,7 @@ pub async fn delete_devices(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiR
     for d in body.devices {
         shard.db.delete_device(&auth.user, &d)?;
     }
+    crate::api::keys::devices_changed(shard, &auth.user)?;
     Ok(json!({}))
 }
 

@@ -8,6 +8,8 @@
 pub mod account;
 pub mod extras;
 pub mod info;
+pub mod keys;
+pub mod backup;
 pub mod profile;
 pub mod rooms;
 pub mod sync;
@@ -139,6 +141,23 @@ async fn authed(shard: &Rc<Shard>, req: &Req, auth: &LazyAuth<'_>, segs: &[&str]
         ["notifications"] => methods!(req, GET => ok(extras::notifications(shard, req, auth.get()?)?)),
         ["search"] => methods!(req, POST => ok(extras::search(shard, req, auth.get()?)?)),
         ["user_directory", "search"] => methods!(req, POST => ok(userdata::search_users(shard, req, auth.get()?)?)),
+        ["keys", "upload"] => methods!(req, POST => ok(keys::upload(shard, req, auth.get()?)?)),
+        ["keys", "query"] => methods!(req, POST => ok(keys::query(shard, req, auth.get()?)?)),
+        ["keys", "claim"] => methods!(req, POST => ok(keys::claim(shard, req, auth.get()?)?)),
+        ["keys", "changes"] => methods!(req, GET => ok(keys::changes(shard, req, auth.get()?)?)),
+        ["keys", "device_signing", "upload"] => methods!(req, POST => ok(keys::device_signing_upload(shard, req, auth.get()?).await?)),
+        ["keys", "signatures", "upload"] => methods!(req, POST => ok(keys::signatures_upload(shard, req, auth.get()?)?)),
+        ["room_keys", "version"] => methods!(req,
+            GET => ok(backup::get_version(shard, auth.get()?, None)?),
+            POST => ok(backup::create_version(shard, req, auth.get()?)?)),
+        ["room_keys", "version", version] => methods!(req,
+            GET => ok(backup::get_version(shard, auth.get()?, Some(version))?),
+            PUT => ok(backup::update_version(shard, req, auth.get()?, version)?),
+            DELETE => ok(backup::delete_version(shard, auth.get()?, version)?)),
+        ["room_keys", "keys", rest @ ..] if rest.len() <= 2 => methods!(req,
+            GET => ok(backup::get_keys(shard, req, auth.get()?, rest)?),
+            PUT => ok(backup::put_keys(shard, req, auth.get()?, rest)?),
+            DELETE => ok(backup::delete_keys(shard, req, auth.get()?, rest)?)),
         ["sync"] => methods!(req, GET => sync::sync(shard, req, auth.get()?).await),
         ["createRoom"] => methods!(req, POST => ok(rooms::create_room(shard, req, auth.get()?).await?)),
         ["joined_rooms"] => methods!(req, GET => ok(rooms::joined_rooms(shard, auth.get()?)?)),

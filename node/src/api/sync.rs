@@ -80,6 +80,7 @@ pub struct SyncResponse {
     to_device: Events<Value>,
     device_lists: Value,
     device_one_time_keys_count: Value,
+    device_unused_fallback_key_types: Value,
 }
 
 /// Default timeline events per room when the filter sets no limit.
@@ -288,14 +289,17 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
         shard.db.store.write(acked)?;
     }
     changed |= !to_device.is_empty();
+    let (device_lists, otk_counts, fallback_types, keys_changed) = crate::api::keys::sync_fields(shard, auth, since, upper)?;
+    changed |= keys_changed;
     let body = SyncResponse {
         next_batch: upper.encode(),
         rooms: out,
         account_data: Events { events: account_data },
         presence: Events::default(),
         to_device: Events { events: to_device },
-        device_lists: json!({ "changed": [], "left": [] }),
-        device_one_time_keys_count: json!({}),
+        device_lists,
+        device_one_time_keys_count: otk_counts,
+        device_unused_fallback_key_types: fallback_types,
     };
     Ok((body, changed))
 }

@@ -39,15 +39,22 @@ export class SyncTap extends EventEmitter {
         super();
         /** Every successful /sync response: { since, body }. */
         this.responses = [];
+        /** Every successful non-GET request: { method, path, body }. */
+        this.requests = [];
         this.nextBatch = null;
     }
 
     fetchFn = async (input, init) => {
         const res = await fetch(input, init);
         const url = new URL(typeof input === "string" || input instanceof URL ? input : input.url);
+        const method = (init?.method ?? "GET").toUpperCase();
+        if (method !== "GET" && res.ok) {
+            // Successful writes, for tests that check what a client sent.
+            this.requests.push({ method, path: url.pathname, body: typeof init?.body === "string" ? init.body : null });
+        }
         if (url.pathname.endsWith("/sync") && res.status === 200) {
             const body = await res.clone().json();
-            this.responses.push({ since: url.searchParams.get("since"), body });
+            this.responses.push({ since: url.searchParams.get("since"), filter: url.searchParams.get("filter"), body });
             this.nextBatch = body.next_batch;
             this.emit("sync", body);
         }
@@ -110,7 +117,7 @@ export function timelineIds(syncBody) {
     return ids;
 }
 
-export function makeClient(hs, { userId, accessToken, deviceId }) {
+export function makeClient(hs, { userId, accessToken, deviceId, ...options }) {
     const tap = new SyncTap();
     const client = sdk.createClient({
         baseUrl: hs.baseUrl,
@@ -122,6 +129,7 @@ export function makeClient(hs, { userId, accessToken, deviceId }) {
         timelineSupport: true,
         pendingEventOrdering: sdk.PendingEventOrdering.Detached,
         logger: quietLogger,
+        ...options,
     });
     return { client, tap };
 }

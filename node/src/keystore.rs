@@ -1,0 +1,321 @@
+//! Typed storage of the key server: device keys, one-time and fallback
+//! keys, cross-signing keys and signatures, device-list changes and
+//! server-side key backups. Every key layout of these tables lives here.
+//!
+//! **Invariant**: a one-time key is handed out at most once. A claim first
+//! wins a conditional insert into `ClaimedKeys` (a lightweight transaction
+//! on CQL), then deletes the key; a key that was claimed is never uploaded
+//! again, even when a client repeats an upload.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+
+use ruma::UserId;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::db::{Db, DbResult, encode};
+use crate::e2ee::BackupKey;
+use crate::storage::{Scan, Table, Write};
+
+/// Most devices read per user by key queries.
+pub const DEVICES_PER_USER_MAX: usize = 10_000;
+/// Most signature rows read per user.
+const SIGNATURES_PER_USER_MAX: usize = 100_000;
+/// One-time keys examined per claim before giving up on a contended device.
+const CLAIM_SCAN: usize = 64;
+
+/// A device's fallback key for one algorithm.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FallbackKey {
+    pub key_id: String,
+    pub key: Value,
+    pub used: bool,
+}
+
+/// A server-side backup version.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackupVersion {
+    pub algorithm: String,
+    pub auth_data: Value,
+    /// Bumped on every change of the version's keys.
+    pub etag: u64,
+    pub count: u64,
+    pub deleted: bool,
+}
+
+/// The partition of a device's one-time, claimed and fallback keys.
+pub fn device_pk(user: &UserId, device: &str) -> Vec<u8> {
+    [user.as_bytes(), b"\0", device.as_bytes()].concat()
+}
+
+fn backup_pk(user: &UserId, version: u64) -> Vec<u8> {
+    [user.as_bytes(), b"\0", &version.to_be_bytes()].concat()
+}
+
+fn backup_ck(room: &str, session: &str) -> Vec<u8> {
+    [room.as_bytes(), b"\0", session.as_bytes()].concat()
+}
+
+/// Clustering key of a signature: target key, signer user, signer key id.
+fn signature_ck(target: &str, signer: &str, signer_key: &str) -> Vec<u8> {
+    [target.as_bytes(), b"\0", signer.as_bytes(), b"\0", signer_key.as_bytes()].concat()
+}
+
+/// The exclusive upper bound of every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    end.push(0xff);
+    end
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+impl Db {
+    fn scan_values(&self, scan: Scan<'_>) -> DbResult<Vec<(Vec<u8>, Value)>> {
+        let rows = self.store.scan(scan)?;
+        Ok(rows.into_iter().filter_map(|(k, v)| serde_json::from_slice(&v).ok().map(|v| (k.to_vec(), v))).collect())
+    }
+
+    // ---- device keys
+
+    pub fn device_keys(&self, user: &UserId, device: &str) -> DbResult<Option<Value>> {
+        Ok(self.store.get(Table::DeviceKeys, user.as_bytes(), device.as_bytes())?.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Every device's keys of a user: (device id, keys).
+    pub fn all_device_keys(&self, user: &UserId) -> DbResult<Vec<(String, Value)>> {
+        Ok(self.scan_values(Scan::partition(Table::DeviceKeys, user.as_bytes(), DEVICES_PER_USER_MAX))?.into_iter().map(|(k, v)| (text(&k), v)).collect())
+    }
+
+    pub fn device_keys_write(user: &UserId, device: &str, keys: &Value) -> Write {
+        Write::put(Table::DeviceKeys, user.as_bytes(), device.as_bytes(), encode(keys))
+    }
+
+    /// Everything stored for a device's keys, to delete with the device.
+    pub fn device_keys_deletes(&self, user: &UserId, device: &str) -> DbResult<Vec<Write>> {
+        let pk = device_pk(user, device);
+        let mut writes = vec![Write::delete(Table::DeviceKeys, user.as_bytes(), device.as_bytes())];
+        for table in [Table::OneTimeKeys, Table::ClaimedKeys, Table::FallbackKeys] {
+            for (ck, _) in self.store.scan(Scan::partition(table, &pk, usize::MAX))? {
+                writes.push(Write::delete(table, pk.clone(), ck.to_vec()));
+            }
+        }
+        let prefix = [device.as_bytes(), b"\0"].concat();
+        let end = prefix_end(&prefix);
+        let scan = Scan { table: Table::KeySignatures, pk: user.as_bytes(), from: Bound::Included(&prefix), to: Bound::Excluded(&end), reverse: false, limit: SIGNATURES_PER_USER_MAX };
+        for (ck, _) in self.store.scan(scan)? {
+            writes.push(Write::delete(Table::KeySignatures, user.as_bytes(), ck.to_vec()));
+        }
+        Ok(writes)
+    }
+
+    // ---- one-time keys
+
+    /// Unclaimed one-time keys of a device: (`algorithm:key id`, key).
+    pub fn one_time_keys(&self, user: &UserId, device: &str, limit: usize) -> DbResult<Vec<(String, Value)>> {
+        Ok(self.scan_values(Scan::partition(Table::OneTimeKeys, &device_pk(user, device), limit))?.into_iter().map(|(k, v)| (text(&k), v)).collect())
+    }
+
+    /// Counts of unclaimed one-time keys by algorithm (always naming
+    /// `signed_curve25519`, which clients watch).
+    pub fn one_time_key_counts(&self, user: &UserId, device: &str, limit: usize) -> DbResult<BTreeMap<String, u64>> {
+        let mut counts = BTreeMap::from([("signed_curve25519".to_owned(), 0)]);
+        for (ck, _) in self.store.scan(Scan::partition(Table::OneTimeKeys, &device_pk(user, device), limit))? {
+            let id = text(&ck);
+            let algorithm = id.split_once(':').map_or(id.as_str(), |(a, _)| a).to_owned();
+            *counts.entry(algorithm).or_default() += 1;
+        }
+        Ok(counts)
+    }
+
+    pub fn one_time_key(&self, user: &UserId, device: &str, id: &str) -> DbResult<Option<Value>> {
+        Ok(self.store.get(Table::OneTimeKeys, &device_pk(user, device), id.as_bytes())?.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    pub fn was_claimed(&self, user: &UserId, device: &str, id: &str) -> DbResult<bool> {
+        Ok(self.store.get(Table::ClaimedKeys, &device_pk(user, device), id.as_bytes())?.is_some())
+    }
+
+    pub fn one_time_key_write(user: &UserId, device: &str, id: &str, key: &Value) -> Write {
+        Write::put(Table::OneTimeKeys, device_pk(user, device), id.as_bytes(), encode(key))
+    }
+
+    /// Claims one one-time key of `algorithm`; each key is returned to
+    /// exactly one claimer, whatever the concurrency.
+    pub fn claim_one_time_key(&self, user: &UserId, device: &str, algorithm: &str, claimer: &str) -> DbResult<Option<(String, Value)>> {
+        let pk = device_pk(user, device);
+        let prefix = format!("{algorithm}:").into_bytes();
+        let end = prefix_end(&prefix);
+        let mut from = prefix.clone();
+        loop {
+            let scan = Scan { table: Table::OneTimeKeys, pk: &pk, from: Bound::Included(&from), to: Bound::Excluded(&end), reverse: false, limit: CLAIM_SCAN };
+            let rows = self.store.scan(scan)?;
+            for (ck, value) in &rows {
+                if self.store.insert_if_absent(Table::ClaimedKeys, &pk, ck, claimer.as_bytes())?.is_some() {
+                    // Another claim won this key; it deletes it.
+                    continue;
+                }
+                self.store.write(vec![Write::delete(Table::OneTimeKeys, pk.clone(), ck.to_vec())])?;
+                let Ok(key) = serde_json::from_slice(value) else { continue };
+                return Ok(Some((text(ck), key)));
+            }
+            if rows.len() < CLAIM_SCAN {
+                return Ok(None);
+            }
+            let Some((last, _)) = rows.last() else { return Ok(None) };
+            from = [last.as_ref(), b"\0"].concat();
+        }
+    }
+
+    // ---- fallback keys
+
+    pub fn fallback_keys(&self, user: &UserId, device: &str) -> DbResult<Vec<(String, FallbackKey)>> {
+        let rows = self.store.scan(Scan::partition(Table::FallbackKeys, &device_pk(user, device), 64))?;
+        Ok(rows.into_iter().filter_map(|(k, v)| serde_json::from_slice(&v).ok().map(|f| (text(&k), f))).collect())
+    }
+
+    pub fn fallback_key_write(user: &UserId, device: &str, algorithm: &str, key: &FallbackKey) -> Write {
+        Write::put(Table::FallbackKeys, device_pk(user, device), algorithm.as_bytes(), encode(key))
+    }
+
+    /// Returns the fallback key of `algorithm` and marks it used (it stays
+    /// until the device replaces it).
+    pub fn claim_fallback_key(&self, user: &UserId, device: &str, algorithm: &str) -> DbResult<Option<(String, Value)>> {
+        let pk = device_pk(user, device);
+        let Some(bytes) = self.store.get(Table::FallbackKeys, &pk, algorithm.as_bytes())? else { return Ok(None) };
+        let Ok(mut key) = serde_json::from_slice::<FallbackKey>(&bytes) else { return Ok(None) };
+        if !key.used {
+            key.used = true;
+            self.store.write(vec![Db::fallback_key_write(user, device, algorithm, &key)])?;
+        }
+        Ok(Some((key.key_id, key.key)))
+    }
+
+    // ---- cross-signing keys and signatures
+
+    /// The user's cross-signing keys by usage name.
+    pub fn cross_signing_keys(&self, user: &UserId) -> DbResult<BTreeMap<String, Value>> {
+        Ok(self.scan_values(Scan::partition(Table::CrossSigningKeys, user.as_bytes(), 8))?.into_iter().map(|(k, v)| (text(&k), v)).collect())
+    }
+
+    pub fn cross_signing_write(user: &UserId, usage: &str, key: &Value) -> Write {
+        Write::put(Table::CrossSigningKeys, user.as_bytes(), usage.as_bytes(), encode(key))
+    }
+
+    /// Signatures others (or the user's other keys) made over a user's keys:
+    /// (target key or device id, signer user, signer key id, signature).
+    pub fn key_signatures(&self, user: &UserId) -> DbResult<Vec<(String, String, String, String)>> {
+        let rows = self.store.scan(Scan::partition(Table::KeySignatures, user.as_bytes(), SIGNATURES_PER_USER_MAX))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(ck, v)| {
+                let mut parts = ck.splitn(3, |b| *b == 0);
+                let (target, signer, key) = (parts.next()?, parts.next()?, parts.next()?);
+                Some((text(target), text(signer), text(key), text(&v)))
+            })
+            .collect())
+    }
+
+    pub fn signature_write(user: &UserId, target: &str, signer: &str, signer_key: &str, signature: &str) -> Write {
+        Write::put(Table::KeySignatures, user.as_bytes(), signature_ck(target, signer, signer_key), signature.as_bytes().to_vec())
+    }
+
+    // ---- device-list changes
+
+    /// Records, for `watcher`, that `user`'s keys changed at `shard`'s position `pos`.
+    pub fn key_change_write(watcher: &UserId, shard: u16, pos: u64, user: &UserId) -> Write {
+        let ck = [&shard.to_be_bytes()[..], &pos.to_be_bytes(), user.as_bytes()].concat();
+        Write::put(Table::KeyChanges, watcher.as_bytes(), ck, b"changed".to_vec())
+    }
+
+    /// Users whose keys changed for `watcher` between two position vectors
+    /// (`since` exclusive, `upper` inclusive), read shard by shard.
+    pub fn key_changes(&self, watcher: &UserId, since: &[u64], upper: &[u64], limit: usize) -> DbResult<BTreeSet<String>> {
+        let mut out = BTreeSet::new();
+        for (shard, hi) in upper.iter().enumerate() {
+            let lo = since.get(shard).copied().unwrap_or(0);
+            if *hi <= lo {
+                continue;
+            }
+            let s = (shard as u16).to_be_bytes();
+            let from = [&s[..], &(lo + 1).to_be_bytes()].concat();
+            let to = [&s[..], &(hi.saturating_add(1)).to_be_bytes()].concat();
+            let scan = Scan { table: Table::KeyChanges, pk: watcher.as_bytes(), from: Bound::Included(&from), to: Bound::Excluded(&to), reverse: false, limit };
+            for (ck, _) in self.store.scan(scan)? {
+                if let Some(user) = ck.get(10..) {
+                    out.insert(text(user));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- server-side key backup
+
+    /// Every backup version of a user, newest first (deleted ones included).
+    pub fn backup_versions(&self, user: &UserId, limit: usize) -> DbResult<Vec<(u64, BackupVersion)>> {
+        let scan = Scan { table: Table::BackupVersions, pk: user.as_bytes(), from: Bound::Unbounded, to: Bound::Unbounded, reverse: true, limit };
+        let rows = self.store.scan(scan)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(ck, v)| {
+                let version = u64::from_be_bytes(ck.as_ref().try_into().ok()?);
+                Some((version, serde_json::from_slice(&v).ok()?))
+            })
+            .collect())
+    }
+
+    pub fn backup_version(&self, user: &UserId, version: u64) -> DbResult<Option<BackupVersion>> {
+        Ok(self.store.get(Table::BackupVersions, user.as_bytes(), &version.to_be_bytes())?.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Creates a version if that number is still free.
+    pub fn create_backup_version(&self, user: &UserId, version: u64, record: &BackupVersion) -> DbResult<bool> {
+        Ok(self.store.insert_if_absent(Table::BackupVersions, user.as_bytes(), &version.to_be_bytes(), &encode(record))?.is_none())
+    }
+
+    pub fn backup_version_write(user: &UserId, version: u64, record: &BackupVersion) -> Write {
+        Write::put(Table::BackupVersions, user.as_bytes(), version.to_be_bytes().to_vec(), encode(record))
+    }
+
+    pub fn backup_key(&self, user: &UserId, version: u64, room: &str, session: &str) -> DbResult<Option<BackupKey>> {
+        Ok(self.store.get(Table::BackupKeys, &backup_pk(user, version), &backup_ck(room, session))?.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    pub fn backup_key_write(user: &UserId, version: u64, room: &str, session: &str, key: &BackupKey) -> Write {
+        Write::put(Table::BackupKeys, backup_pk(user, version), backup_ck(room, session), encode(key))
+    }
+
+    pub fn backup_key_delete(user: &UserId, version: u64, room: &str, session: &str) -> Write {
+        Write::delete(Table::BackupKeys, backup_pk(user, version), backup_ck(room, session))
+    }
+
+    /// Backed-up keys of a version, optionally of one room:
+    /// (room id, session id, key).
+    pub fn backup_keys(&self, user: &UserId, version: u64, room: Option<&str>, limit: usize) -> DbResult<Vec<(String, String, BackupKey)>> {
+        let pk = backup_pk(user, version);
+        let prefix = room.map(|r| [r.as_bytes(), b"\0"].concat());
+        let end = prefix.as_deref().map(prefix_end);
+        let scan = Scan {
+            table: Table::BackupKeys,
+            pk: &pk,
+            from: prefix.as_deref().map_or(Bound::Unbounded, Bound::Included),
+            to: end.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+            reverse: false,
+            limit,
+        };
+        Ok(self
+            .store
+            .scan(scan)?
+            .into_iter()
+            .filter_map(|(ck, v)| {
+                let split = ck.iter().position(|b| *b == 0)?;
+                let key = serde_json::from_slice(&v).ok()?;
+                Some((text(&ck[..split]), text(&ck[split + 1..]), key))
+            })
+            .collect())
+    }
+}
