@@ -107,7 +107,7 @@ describe(`js-crypto against ${hs.kind}`, () => {
     });
 
     after(async () => {
-        for (const key of ["alice", "bob", "alice2", "bob2"]) s[key]?.client.stopClient();
+        for (const key of ["alice", "bob", "alice2", "alice3", "bob2"]) s[key]?.client.stopClient();
         await hs.kill();
         if (passed) hs.cleanup();
         else console.log(`# server workdir kept for inspection: ${hs.workdir}`);
@@ -127,6 +127,7 @@ describe(`js-crypto against ${hs.kind}`, () => {
         for (const who of ["alice", "bob"]) await register(hs, username(who), PASSWORD);
         s.alice = await cryptoLogin("alice");
         s.bob = await cryptoLogin("bob");
+        s.aliceLive = s.alice; // alice's device that is online now
         // The crypto machine uploaded its device keys and one-time keys.
         const [status, keys] = await api(s.alice.accessToken, "POST", "/keys/query", { device_keys: { [s.alice.userId]: [] } });
         assert.equal(status, 200);
@@ -242,8 +243,41 @@ describe(`js-crypto against ${hs.kind}`, () => {
         await expectDecrypted(alice2.client, roomId, alice.userId, history, "alice's new device to decrypt the history");
     });
 
-    step("bob's second device receives alice's next message; a deleted device is no longer encrypted to", async () => {
+    step("a dehydrated device receives keys while alice is offline; a new login rehydrates it", async () => {
         const alice = need("alice");
+        const bob = need("bob");
+        const roomId = need("roomId");
+        need("alice2");
+        assert.equal(await alice.crypto.isDehydrationSupported(), true);
+        await alice.crypto.startDehydration({ createNewKey: true });
+        const [status, dehydrated] = await api(alice.accessToken, "GET", "/../unstable/org.matrix.msc3814.v1/dehydrated_device");
+        assert.equal(status, 200, JSON.stringify(dehydrated));
+        const dehydratedId = dehydrated.device_id;
+        await waitFor(
+            async () => (await bob.crypto.getUserDeviceInfo([alice.userId])).get(alice.userId)?.get(dehydratedId)?.dehydrated,
+            { what: "bob to see alice's dehydrated device" },
+        );
+
+        // Every client of alice stops; bob writes to her.
+        for (const key of ["alice", "alice2"]) s[key].client.stopClient();
+        const sinceTs = Date.now();
+        const offline = `${RUN}: while alice is offline`;
+        await bob.client.sendTextMessage(roomId, offline);
+
+        const alice3 = await cryptoLogin("alice");
+        s.alice3 = alice3;
+        s.aliceLive = alice3;
+        await alice3.crypto.bootstrapCrossSigning({});
+        await alice3.crypto.startDehydration();
+        await expectDecrypted(alice3.client, roomId, bob.userId, [offline], "alice's new device to decrypt through the rehydrated device", { sinceTs });
+        const failed = alice3.tap.failures.filter((r) => r.path.includes("/dehydrated_device"));
+        assert.deepEqual(failed, [], "every dehydrated-device request succeeded");
+        const [, replaced] = await api(alice3.accessToken, "GET", "/../unstable/org.matrix.msc3814.v1/dehydrated_device");
+        assert.notEqual(replaced.device_id, dehydratedId, "rehydration leaves a fresh dehydrated device");
+    });
+
+    step("bob's second device receives alice's next message; a deleted device is no longer encrypted to", async () => {
+        const alice = need("aliceLive");
         const bob = need("bob");
         const roomId = need("roomId");
         const bob2 = await cryptoLogin("bob");
@@ -285,10 +319,10 @@ describe(`js-crypto against ${hs.kind}`, () => {
         const bob2 = need("bob2");
         const carolName = `carol-${RUN}`;
         const carol = await register(hs, carolName, PASSWORD);
-        const otks = Object.fromEntries(Array.from({ length: 10 }, (_, i) => [`signed_curve25519:C${i}`, { key: `carol-key-${i}` }]));
+        const otks = Object.fromEntries(Array.from({ length: 10 }, (_, i) => [`signed_curve25519:C${i}`, { key: `carol-key-${i}`, signatures: {} }]));
         const [status, up] = await api(carol.access_token, "POST", "/keys/upload", {
             one_time_keys: otks,
-            fallback_keys: { "signed_curve25519:CFB": { key: "carol-fallback", fallback: true } },
+            fallback_keys: { "signed_curve25519:CFB": { key: "carol-fallback", fallback: true, signatures: {} } },
         });
         assert.equal(status, 200, JSON.stringify(up));
         assert.equal(up.one_time_key_counts.signed_curve25519, 10);

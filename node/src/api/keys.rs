@@ -80,9 +80,10 @@ pub fn devices_changed(shard: &Shard, user: &UserId) -> ApiResult<()> {
     commit_change(shard, user, w, Vec::new())
 }
 
-#[derive(Deserialize)]
-struct UploadBody {
-    device_keys: Option<Value>,
+/// The keys of a `/keys/upload` body (also part of a dehydrated device).
+#[derive(Deserialize, Default)]
+pub(crate) struct UploadBody {
+    pub(crate) device_keys: Option<Value>,
     #[serde(default)]
     one_time_keys: BTreeMap<String, Value>,
     #[serde(default)]
@@ -101,20 +102,23 @@ fn algorithm_of(key_id: &str) -> ApiResult<&str> {
 fn check_key_value(key_id: &str, key: &Value) -> ApiResult<()> {
     let ok = match key {
         Value::String(s) => !s.is_empty(),
-        Value::Object(m) => m.get("key").is_some_and(Value::is_string),
+        Value::Object(m) => m.get("key").is_some_and(Value::is_string) && m.get("signatures").is_some_and(Value::is_object),
         _ => false,
     };
-    if ok { Ok(()) } else { Err(ApiError::invalid_param(format!("Key {key_id} must be a string or an object with a key"))) }
+    if ok { Ok(()) } else { Err(ApiError::invalid_param(format!("Key {key_id} must be a string or an object with a key and signatures"))) }
 }
 
 /// POST /_matrix/client/v3/keys/upload
-///
-/// Everything is checked before anything is written: a bad key refuses
-/// the whole upload.
 pub fn upload(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value> {
     let body: UploadBody = req.json(shard)?;
-    let (user, device) = (&*auth.user, auth.device.as_str());
-    let mut writes = Vec::new();
+    let counts = store_keys(shard, &auth.user, &auth.device, body, Vec::new())?;
+    Ok(json!({ "one_time_key_counts": counts }))
+}
+
+/// Checks and stores a device's uploaded keys together with `writes`;
+/// returns the device's one-time key counts. Everything is checked before
+/// anything is written: a bad key refuses the whole upload.
+pub(crate) fn store_keys(shard: &Shard, user: &UserId, device: &str, body: UploadBody, mut writes: Vec<Write>) -> ApiResult<BTreeMap<String, u64>> {
     let mut changed = false;
     if let Some(mut keys) = body.device_keys {
         e2ee::check_device_keys(&keys, user.as_str(), device).map_err(key_error)?;
@@ -162,8 +166,7 @@ pub fn upload(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value> {
     } else if !writes.is_empty() {
         shard.db.store.write(writes)?;
     }
-    let counts = shard.db.one_time_key_counts(user, device, max + 1)?;
-    Ok(json!({ "one_time_key_counts": counts }))
+    Ok(shard.db.one_time_key_counts(user, device, max + 1)?)
 }
 
 /// Adds the signatures stored apart from a key object: those of its owner

@@ -10,6 +10,7 @@ pub mod extras;
 pub mod info;
 pub mod keys;
 pub mod backup;
+pub mod dehydrated;
 pub mod profile;
 pub mod rooms;
 pub mod sync;
@@ -147,6 +148,13 @@ async fn authed(shard: &Rc<Shard>, req: &Req, auth: &LazyAuth<'_>, segs: &[&str]
         ["keys", "changes"] => methods!(req, GET => ok(keys::changes(shard, req, auth.get()?)?)),
         ["keys", "device_signing", "upload"] => methods!(req, POST => ok(keys::device_signing_upload(shard, req, auth.get()?).await?)),
         ["keys", "signatures", "upload"] => methods!(req, POST => ok(keys::signatures_upload(shard, req, auth.get()?)?)),
+        ["org.matrix.msc3814.v1", "dehydrated_device"] => methods!(req,
+            GET => ok(dehydrated::get(shard, auth.get()?)?),
+            PUT => ok(dehydrated::put(shard, req, auth.get()?)?),
+            DELETE => ok(dehydrated::delete(shard, auth.get()?)?)),
+        ["org.matrix.msc3814.v1", "dehydrated_device", device, "events"] => methods!(req,
+            GET => ok(dehydrated::events(shard, req, auth.get()?, device)?),
+            POST => ok(dehydrated::events(shard, req, auth.get()?, device)?)),
         ["room_keys", "version"] => methods!(req,
             GET => ok(backup::get_version(shard, auth.get()?, None)?),
             POST => ok(backup::create_version(shard, req, auth.get()?)?)),

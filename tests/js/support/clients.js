@@ -41,6 +41,8 @@ export class SyncTap extends EventEmitter {
         this.responses = [];
         /** Every successful non-GET request: { method, path, body }. */
         this.requests = [];
+        /** Every request answered with an error status: { method, path, status }. */
+        this.failures = [];
         this.nextBatch = null;
     }
 
@@ -52,6 +54,7 @@ export class SyncTap extends EventEmitter {
             // Successful writes, for tests that check what a client sent.
             this.requests.push({ method, path: url.pathname, body: typeof init?.body === "string" ? init.body : null });
         }
+        if (!res.ok) this.failures.push({ method, path: url.pathname, status: res.status });
         if (url.pathname.endsWith("/sync") && res.status === 200) {
             const body = await res.clone().json();
             this.responses.push({ since: url.searchParams.get("since"), filter: url.searchParams.get("filter"), body });

@@ -29,8 +29,8 @@ fn one_time_keys_are_claimed_exactly_once_then_fallback() {
     let node = Node::start("keys-claim", "");
     let (alice, bob) = two_users(&node);
     let device = whoami_device(&alice);
-    let otks: serde_json::Map<String, Value> = (0..10).map(|i| (format!("signed_curve25519:K{i}"), json!({ "key": format!("key-{i}") }))).collect();
-    let (s, v) = alice.post("/_matrix/client/v3/keys/upload", json!({ "one_time_keys": otks, "fallback_keys": { "signed_curve25519:FB": { "key": "fallback", "fallback": true } } }));
+    let otks: serde_json::Map<String, Value> = (0..10).map(|i| (format!("signed_curve25519:K{i}"), json!({ "key": format!("key-{i}"), "signatures": {} }))).collect();
+    let (s, v) = alice.post("/_matrix/client/v3/keys/upload", json!({ "one_time_keys": otks, "fallback_keys": { "signed_curve25519:FB": { "key": "fallback", "fallback": true, "signatures": {} } } }));
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["one_time_key_counts"]["signed_curve25519"], 10);
     let (_, sync) = alice.get("/_matrix/client/v3/sync");
@@ -65,7 +65,7 @@ fn one_time_keys_are_claimed_exactly_once_then_fallback() {
     let (_, sync) = alice.get("/_matrix/client/v3/sync");
     assert_eq!(sync["device_one_time_keys_count"]["signed_curve25519"], 0);
     assert_eq!(sync["device_unused_fallback_key_types"], json!([]));
-    let (s, v) = alice.post("/_matrix/client/v3/keys/upload", json!({ "one_time_keys": { "signed_curve25519:K0": { "key": "key-0" } } }));
+    let (s, v) = alice.post("/_matrix/client/v3/keys/upload", json!({ "one_time_keys": { "signed_curve25519:K0": { "key": "key-0", "signatures": {} } } }));
     assert_eq!(s, 200);
     assert_eq!(v["one_time_key_counts"]["signed_curve25519"], 0, "a claimed key is never stored again");
 }
@@ -75,10 +75,10 @@ fn conflicting_or_malformed_uploads_store_nothing() {
     let node = Node::start("keys-bad", "");
     let (alice, _bob) = two_users(&node);
     let device = whoami_device(&alice);
-    let (s, _) = alice.post("/_matrix/client/v3/keys/upload", json!({ "one_time_keys": { "signed_curve25519:A": { "key": "one" } } }));
+    let (s, _) = alice.post("/_matrix/client/v3/keys/upload", json!({ "one_time_keys": { "signed_curve25519:A": { "key": "one", "signatures": {} } } }));
     assert_eq!(s, 200);
     // Same id, other content: refused, and the new key in the same upload is not stored.
-    let (s, v) = alice.post("/_matrix/client/v3/keys/upload", json!({ "one_time_keys": { "signed_curve25519:A": { "key": "two" }, "signed_curve25519:B": { "key": "three" } } }));
+    let (s, v) = alice.post("/_matrix/client/v3/keys/upload", json!({ "one_time_keys": { "signed_curve25519:A": { "key": "two", "signatures": {} }, "signed_curve25519:B": { "key": "three", "signatures": {} } } }));
     assert_eq!((s, v["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{v}");
     let (_, v) = alice.post("/_matrix/client/v3/keys/upload", json!({}));
     assert_eq!(v["one_time_key_counts"]["signed_curve25519"], 1);
@@ -96,6 +96,8 @@ fn conflicting_or_malformed_uploads_store_nothing() {
     let (s, v) = alice.post("/_matrix/client/v3/keys/upload", keys("@alice:localhost", forged));
     assert_eq!((s, v["errcode"].as_str()), (400, Some("M_INVALID_SIGNATURE")), "{v}");
     let (s, v) = alice.post("/_matrix/client/v3/keys/upload", json!({ "one_time_keys": { "no-algorithm": "k" } }));
+    assert_eq!((s, v["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{v}");
+    let (s, v) = alice.post("/_matrix/client/v3/keys/upload", json!({ "one_time_keys": { "signed_curve25519:U": { "key": "unsigned" } } }));
     assert_eq!((s, v["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{v}");
     let (s, v) = alice.post("/_matrix/client/v3/keys/query", json!({ "device_keys": { "@alice:localhost": [] } }));
     assert_eq!(s, 200);
