@@ -54,7 +54,8 @@ pub struct Runtime {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Storage {
-    /// "embedded" (the only backend so far).
+    /// "embedded" (one machine, data in `data_dir`) or "scylla" (a CQL
+    /// cluster: ScyllaDB or Apache Cassandra, see `[storage.scylla]`).
     pub backend: String,
     /// What an answered write survives: "process" (SIGKILL) or "power" (fsync).
     pub durability: Durability,
@@ -63,9 +64,74 @@ pub struct Storage {
     /// Largest in-memory write buffer (memtable) per table before it is
     /// flushed to disk, in MiB. Applies to tables created after the change.
     pub memtable_mib: u64,
+    /// The CQL backend, used when `backend = "scylla"`.
+    pub scylla: Scylla,
 }
 
+/// The CQL (ScyllaDB / Cassandra) backend. See `docs/storage-cql.md`.
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scylla {
+    /// `host:port` of nodes to discover the cluster from; a list, or one
+    /// comma-separated string (handy in an environment variable).
+    #[serde(deserialize_with = "list_or_csv")]
+    pub contact_points: Vec<String>,
+    /// Keyspace holding every table; created on start when absent.
+    pub keyspace: String,
+    /// CQL replication map used when the keyspace is created, e.g.
+    /// `{'class': 'NetworkTopologyStrategy', 'dc1': 3}`. Ignored afterwards.
+    pub replication: String,
+    /// Credentials for PasswordAuthenticator; both or neither.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// TLS to the database. Not supported yet: `true` is rejected.
+    pub tls: bool,
+    /// Consistency of reads and writes: "local_quorum", "quorum", "one",
+    /// "local_one", "two", "three", "all", "each_quorum".
+    pub consistency: String,
+    /// Serial consistency of conditional inserts: "local_serial" or "serial".
+    pub serial_consistency: String,
+    /// Client-side timeout of one request (each retry gets its own), in ms.
+    pub request_timeout_ms: u64,
+    /// Timeout of establishing a connection, in ms; also bounds how long an
+    /// unreachable database delays start-up.
+    pub connect_timeout_ms: u64,
+    /// Retries of an idempotent request (reads, writes; never conditional
+    /// inserts) after a timeout or an unavailable replica, with backoff.
+    pub retries: u32,
+    /// Worker threads of the tokio side runtime running the driver.
+    pub runtime_threads: usize,
+    /// Depth of the queue from shards to the driver runtime (requests);
+    /// a full queue answers 503 after `request_timeout_ms`.
+    pub queue_depth: usize,
+}
+
+/// A string kept out of `Debug` output (passwords).
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// Accepts `["a", "b"]` or `"a,b"`.
+fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrCsv {
+        List(Vec<String>),
+        Csv(String),
+    }
+    Ok(match ListOrCsv::deserialize(d)? {
+        ListOrCsv::List(v) => v,
+        ListOrCsv::Csv(s) => s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect(),
+    })
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Registration {
     /// Whether anyone may register an account.
@@ -185,13 +251,27 @@ impl Default for Runtime {
 
 impl Default for Storage {
     fn default() -> Self {
-        Storage { backend: "embedded".into(), durability: Durability::Process, cache_mib: 32, memtable_mib: 8 }
+        Storage { backend: "embedded".into(), durability: Durability::Process, cache_mib: 32, memtable_mib: 8, scylla: Scylla::default() }
     }
 }
 
-impl Default for Registration {
+impl Default for Scylla {
     fn default() -> Self {
-        Registration { enabled: false, tokens: Vec::new(), allow_guests: false }
+        Scylla {
+            contact_points: vec!["127.0.0.1:9042".into()],
+            keyspace: "tessera".into(),
+            replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+            username: None,
+            password: None,
+            tls: false,
+            consistency: "local_quorum".into(),
+            serial_consistency: "local_serial".into(),
+            request_timeout_ms: 5_000,
+            connect_timeout_ms: 5_000,
+            retries: 2,
+            runtime_threads: 2,
+            queue_depth: 1024,
+        }
     }
 }
 
@@ -289,8 +369,13 @@ impl Config {
         if !matches!(self.rooms.default_version.as_str(), "10" | "11") {
             return invalid("rooms.default_version", "supported room versions are \"10\" and \"11\"");
         }
-        if self.storage.backend != "embedded" {
-            return invalid("storage.backend", "supported backends: \"embedded\"");
+        match self.storage.backend.as_str() {
+            "embedded" => {}
+            "scylla" => self.storage.scylla.validate()?,
+            _ => return invalid("storage.backend", "supported backends: \"embedded\", \"scylla\""),
+        }
+        if self.storage.backend == "scylla" && self.storage.durability == Durability::Power {
+            return invalid("storage.durability", "\"power\" applies to the embedded backend; with \"scylla\" use the database's `commitlog_sync: batch`");
         }
         if self.storage.memtable_mib == 0 {
             return invalid("storage.memtable_mib", "must be at least 1");
@@ -337,6 +422,43 @@ impl Config {
             Some(url) => url.trim_end_matches('/').to_owned(),
             None => format!("http://{}", self.listen.address),
         }
+    }
+}
+
+impl Scylla {
+    /// Checks the `[storage.scylla]` values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
+        if self.contact_points.is_empty() {
+            return invalid("storage.scylla.contact_points", "needs at least one host:port");
+        }
+        let ks = self.keyspace.as_bytes();
+        if ks.is_empty() || ks.len() > 48 || !ks[0].is_ascii_alphabetic() || !ks.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_') {
+            return invalid("storage.scylla.keyspace", "1 to 48 letters, digits or '_', starting with a letter");
+        }
+        let r = self.replication.trim();
+        if !(r.starts_with('{') && r.ends_with('}')) || r.contains(';') {
+            return invalid("storage.scylla.replication", "a CQL map such as {'class': 'SimpleStrategy', 'replication_factor': 1}");
+        }
+        if self.username.is_some() != self.password.is_some() {
+            return invalid("storage.scylla.username", "set both username and password, or neither");
+        }
+        if self.tls {
+            return invalid("storage.scylla.tls", "TLS to the database is not supported yet; use a private network or a TLS tunnel");
+        }
+        if crate::storage::cql::parse_consistency(&self.consistency).is_none() {
+            return invalid("storage.scylla.consistency", "one of local_quorum, quorum, one, local_one, two, three, all, each_quorum");
+        }
+        if crate::storage::cql::parse_serial_consistency(&self.serial_consistency).is_none() {
+            return invalid("storage.scylla.serial_consistency", "\"local_serial\" or \"serial\"");
+        }
+        if self.request_timeout_ms == 0 || self.connect_timeout_ms == 0 {
+            return invalid("storage.scylla.request_timeout_ms", "timeouts must be at least 1 ms");
+        }
+        if self.runtime_threads == 0 || self.queue_depth == 0 {
+            return invalid("storage.scylla.runtime_threads", "runtime_threads and queue_depth must be at least 1");
+        }
+        Ok(())
     }
 }
 
@@ -391,6 +513,42 @@ mod tests {
         std::fs::write(&path, "[listen]\nadress = \"127.0.0.1:1\"\n").expect("write");
         let err = Config::load(Some(&path), env(&[])).expect_err("must fail").to_string();
         assert!(err.contains("adress"), "{err}");
+    }
+
+    #[test]
+    fn scylla_backend_from_environment() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("TESSERA__STORAGE__BACKEND", "scylla"),
+                ("TESSERA__STORAGE__SCYLLA__CONTACT_POINTS", "10.0.0.1:9042, 10.0.0.2:9042"),
+                ("TESSERA__STORAGE__SCYLLA__KEYSPACE", "prod"),
+                ("TESSERA__STORAGE__SCYLLA__REQUEST_TIMEOUT_MS", "750"),
+            ]),
+        )
+        .expect("config");
+        assert_eq!(c.storage.backend, "scylla");
+        assert_eq!(c.storage.scylla.contact_points, ["10.0.0.1:9042", "10.0.0.2:9042"]);
+        assert_eq!(c.storage.scylla.keyspace, "prod");
+        assert_eq!(c.storage.scylla.request_timeout_ms, 750);
+        let c = Config::load(None, env(&[("TESSERA__STORAGE__SCYLLA__CONTACT_POINTS", "[\"a:1\", \"b:2\"]")])).expect("list form");
+        assert_eq!(c.storage.scylla.contact_points, ["a:1", "b:2"]);
+    }
+
+    #[test]
+    fn scylla_bad_values_are_named() {
+        for (var, value, key) in [
+            ("TESSERA__STORAGE__SCYLLA__TLS", "true", "storage.scylla.tls"),
+            ("TESSERA__STORAGE__SCYLLA__CONSISTENCY", "most", "storage.scylla.consistency"),
+            ("TESSERA__STORAGE__SCYLLA__KEYSPACE", "bad-name", "storage.scylla.keyspace"),
+            ("TESSERA__STORAGE__SCYLLA__USERNAME", "cassandra", "storage.scylla.username"),
+            ("TESSERA__STORAGE__DURABILITY", "power", "storage.durability"),
+        ] {
+            let err = Config::load(None, env(&[("TESSERA__STORAGE__BACKEND", "scylla"), (var, value)])).expect_err(var).to_string();
+            assert!(err.contains(key), "{var}: {err}");
+        }
+        let c = Config::load(None, env(&[("TESSERA__STORAGE__SCYLLA__PASSWORD", "hunter2"), ("TESSERA__STORAGE__SCYLLA__USERNAME", "u")])).expect("config");
+        assert!(!format!("{c:?}").contains("hunter2"), "passwords stay out of Debug output");
     }
 
     #[test]

@@ -16,5 +16,6 @@ pub mod push;
 pub mod ratelimit;
 pub mod room;
 pub mod server;
+pub mod side;
 pub mod shard;
 pub mod storage;

@@ -33,6 +33,15 @@ struct Cli {
     /// Opens registration (`registration.enabled = true`).
     #[arg(long)]
     enable_registration: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Applies the storage schema migrations (creating the keyspace and
+    /// tables of the CQL backend) and exits; the node also applies them on start.
+    Migrate,
 }
 
 fn main() -> ExitCode {
@@ -66,7 +75,11 @@ fn main() -> ExitCode {
         eprintln!("tessera-node: {e}");
         return ExitCode::from(2);
     }
-    match tessera_node::server::run(config) {
+    let result = match cli.command {
+        Some(Command::Migrate) => tessera_node::server::migrate(&config).map(|()| eprintln!("tessera-node: storage schema is up to date ({})", config.storage.backend)),
+        None => tessera_node::server::run(config),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tessera-node: {e:#}");

@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::shard::{Notifier, Shard, ShardMetrics, ShardMsg};
 use crate::storage::Store;
+use crate::storage::cql::Cql;
 use crate::storage::embedded::Embedded;
 
 /// Virtual nodes per shard on the ring.
@@ -67,12 +68,26 @@ impl hyper::rt::Write for HyperIo {
     }
 }
 
-/// Opens the configured storage backend.
+/// Opens the configured storage backend; the CQL backend connects and
+/// applies its schema migrations.
 pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    if config.storage.backend == "scylla" {
+        let cql = &config.storage.scylla;
+        let store = Cql::connect(cql).with_context(|| format!("opening the CQL store (keyspace {} at {})", cql.keyspace, cql.contact_points.join(", ")))?;
+        return Ok(Arc::new(store));
+    }
     let dir = config.data_dir.join("store");
     let store = Embedded::open(&dir, config.storage.durability, config.storage.cache_mib << 20, config.storage.memtable_mib << 20)
         .with_context(|| format!("opening embedded store at {}", dir.display()))?;
     Ok(Arc::new(store))
+}
+
+/// `tessera-node migrate`: brings the configured store's schema up to date
+/// (opening a store applies its migrations) and returns.
+pub fn migrate(config: &Config) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    store.flush().context("flushing storage")?;
+    Ok(())
 }
 
 /// Runs the node until SIGTERM or SIGINT.
@@ -90,6 +105,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         heads.push(db.stream_head(s)?);
     }
     let metrics: Arc<Vec<ShardMetrics>> = Arc::new((0..count).map(|_| ShardMetrics::default()).collect());
+    let redactions = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mesh = MeshBuilder::<ShardMsg, _>::full(count, config.runtime.mesh_channel_depth);
 
     let mut shutdown_txs = Vec::new();
@@ -97,8 +113,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     for id in 0..count {
         let (tx, rx) = flume::bounded::<()>(1);
         shutdown_txs.push(tx);
-        let (config, db, key, server_name, ring, metrics, mesh, heads) =
-            (config.clone(), db.clone(), key.clone(), server_name.clone(), ring.clone(), metrics.clone(), mesh.clone(), heads.clone());
+        let (config, db, key, server_name, ring, metrics, mesh, heads, redactions) =
+            (config.clone(), db.clone(), key.clone(), server_name.clone(), ring.clone(), metrics.clone(), mesh.clone(), heads.clone(), redactions.clone());
         let handle = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("shard-{id}"))
             .io_memory(config.runtime.io_memory_kib << 10)
@@ -126,6 +142,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     typing: Default::default(),
                     shutting_down: Default::default(),
                     rendered: Default::default(),
+                    redactions,
+                    redactions_seen: Default::default(),
                 });
                 shard_main(shard, receivers, rx).await
             })

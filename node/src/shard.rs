@@ -12,7 +12,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use glommio::channels::channel_mesh::Senders;
 use ruma::signatures::Ed25519KeyPair;
@@ -71,8 +71,6 @@ pub enum ShardMsg {
     Room { room: OwnedRoomId, op: RoomOp, reply: flume::Sender<ApiResult<RoomReply>> },
     /// A shard's stream advanced to `pos`, touching these rooms and users.
     Advanced { shard: u16, pos: u64, rooms: Vec<OwnedRoomId>, users: Vec<OwnedUserId> },
-    /// An event was redacted: drop its rendering from every cache.
-    Redacted(OwnedEventId),
     /// Typing state of a room changed (owner shard to all).
     Typing { room: OwnedRoomId, users: Vec<OwnedUserId>, pos: u64, shard: u16 },
 }
@@ -201,6 +199,11 @@ pub struct Shard {
     pub shutting_down: Cell<bool>,
     /// Events rendered for clients, shared by every sync this shard serves.
     pub rendered: RefCell<HashMap<OwnedEventId, Rc<Rendered>>>,
+    /// Redactions written on any shard of the node, counted; a shard that
+    /// sees the count move drops its whole rendering cache.
+    pub redactions: Arc<AtomicU64>,
+    /// The count of `redactions` this shard's cache reflects.
+    pub redactions_seen: Cell<u64>,
 }
 
 /// Most rendered events a shard caches (about 3-4 KiB each with the parsed
@@ -276,6 +279,11 @@ impl Shard {
     /// redactions are announced after their write, so a cached rendering is
     /// never older than the latest redaction this shard has been told of.
     pub fn rendered(&self, id: &EventId) -> ApiResult<Option<Rc<Rendered>>> {
+        let redactions = self.redactions.load(Ordering::Acquire);
+        if redactions != self.redactions_seen.get() {
+            self.rendered.borrow_mut().clear();
+            self.redactions_seen.set(redactions);
+        }
         if let Some(r) = self.rendered.borrow().get(id) {
             return Ok(Some(r.clone()));
         }
@@ -289,10 +297,13 @@ impl Shard {
         Ok(Some(r))
     }
 
-    /// Drops an event's rendering here and on every other shard.
+    /// Drops an event's rendering here and on every other shard. Called
+    /// after the redaction's write and before its answer: the counter is
+    /// shared memory, so every shard sees it before it serves the next
+    /// request that could follow that answer.
     pub fn invalidate_rendered(&self, id: &EventId) {
         self.rendered.borrow_mut().remove(id);
-        self.broadcast(|| ShardMsg::Redacted(id.to_owned()));
+        self.redactions.fetch_add(1, Ordering::Release);
     }
 
     /// Handles a message from another shard.
@@ -309,9 +320,6 @@ impl Shard {
             ShardMsg::Advanced { shard, pos, rooms, users } => {
                 self.note_head(usize::from(shard), pos);
                 self.notifier.notify(&rooms, &users);
-            }
-            ShardMsg::Redacted(id) => {
-                self.rendered.borrow_mut().remove(&id);
             }
             ShardMsg::Typing { room, users, pos, shard } => {
                 self.note_head(usize::from(shard), pos);

@@ -63,7 +63,18 @@ impl Node {
     /// Starts the process again (after a stop or kill) with the same data.
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("node.log")).expect("log file");
-        let child = Command::new(node_bin())
+        let mut command = Command::new(node_bin());
+        // TESSERA_E2E_STORAGE=scylla: the same tests on the CQL backend, one
+        // keyspace per node (stable across restarts: same process, same port).
+        if std::env::var("TESSERA_E2E_STORAGE").as_deref() == Ok("scylla") {
+            let point = std::env::var("TESSERA_TEST_CQL").expect("TESSERA_E2E_STORAGE=scylla needs TESSERA_TEST_CQL (scripts/cassandra.sh start)");
+            let keyspace = format!("e2e_{}_{}", std::process::id(), self.port);
+            command
+                .env("TESSERA__STORAGE__BACKEND", "scylla")
+                .env("TESSERA__STORAGE__SCYLLA__CONTACT_POINTS", point)
+                .env("TESSERA__STORAGE__SCYLLA__KEYSPACE", keyspace);
+        }
+        let child = command
             .arg("--config")
             .arg(&self.config_path)
             .stdout(Stdio::from(log.try_clone().expect("log")))

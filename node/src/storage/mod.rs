@@ -15,6 +15,7 @@
 //! **API boundary**: request handlers never use this module directly; they go
 //! through the typed stores in `crate::db`, which own every key layout.
 
+pub mod cql;
 pub mod embedded;
 #[cfg(test)]
 pub mod conformance;
