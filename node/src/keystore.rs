@@ -24,6 +24,9 @@ pub const DEVICES_PER_USER_MAX: usize = 10_000;
 const SIGNATURES_PER_USER_MAX: usize = 100_000;
 /// One-time keys examined per claim before giving up on a contended device.
 const CLAIM_SCAN: usize = 64;
+/// Kinds of device-list change rows.
+const CHANGED: &[u8] = b"changed";
+const LEFT: &[u8] = b"left";
 
 /// A device's fallback key for one algorithm.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -228,13 +231,22 @@ impl Db {
     /// Records, for `watcher`, that `user`'s keys changed at `shard`'s position `pos`.
     pub fn key_change_write(watcher: &UserId, shard: u16, pos: u64, user: &UserId) -> Write {
         let ck = [&shard.to_be_bytes()[..], &pos.to_be_bytes(), user.as_bytes()].concat();
-        Write::put(Table::KeyChanges, watcher.as_bytes(), ck, b"changed".to_vec())
+        Write::put(Table::KeyChanges, watcher.as_bytes(), ck, CHANGED.to_vec())
+    }
+
+    /// Records, for `watcher`, that `user` no longer shares a room with them.
+    pub fn key_left_write(watcher: &UserId, shard: u16, pos: u64, user: &UserId) -> Write {
+        let ck = [&shard.to_be_bytes()[..], &pos.to_be_bytes(), user.as_bytes()].concat();
+        Write::put(Table::KeyChanges, watcher.as_bytes(), ck, LEFT.to_vec())
     }
 
     /// Users whose keys changed for `watcher` between two position vectors
-    /// (`since` exclusive, `upper` inclusive), read shard by shard.
-    pub fn key_changes(&self, watcher: &UserId, since: &[u64], upper: &[u64], limit: usize) -> DbResult<BTreeSet<String>> {
-        let mut out = BTreeSet::new();
+    /// (`since` exclusive, `upper` inclusive), read shard by shard, and the
+    /// users who stopped sharing a room with `watcher` in that range
+    /// (candidates: the caller checks they still share none).
+    pub fn key_changes_and_left(&self, watcher: &UserId, since: &[u64], upper: &[u64], limit: usize) -> DbResult<(BTreeSet<String>, BTreeSet<String>)> {
+        let mut changed = BTreeSet::new();
+        let mut left = BTreeSet::new();
         for (shard, hi) in upper.iter().enumerate() {
             let lo = since.get(shard).copied().unwrap_or(0);
             if *hi <= lo {
@@ -244,13 +256,18 @@ impl Db {
             let from = [&s[..], &(lo + 1).to_be_bytes()].concat();
             let to = [&s[..], &(hi.saturating_add(1)).to_be_bytes()].concat();
             let scan = Scan { table: Table::KeyChanges, pk: watcher.as_bytes(), from: Bound::Included(&from), to: Bound::Excluded(&to), reverse: false, limit };
-            for (ck, _) in self.store.scan(scan)? {
+            for (ck, kind) in self.store.scan(scan)? {
                 if let Some(user) = ck.get(10..) {
-                    out.insert(text(user));
+                    if kind.as_ref() == LEFT { left.insert(text(user)) } else { changed.insert(text(user)) };
                 }
             }
         }
-        Ok(out)
+        Ok((changed, left))
+    }
+
+    /// Users whose keys changed for `watcher` between two position vectors.
+    pub fn key_changes(&self, watcher: &UserId, since: &[u64], upper: &[u64], limit: usize) -> DbResult<BTreeSet<String>> {
+        Ok(self.key_changes_and_left(watcher, since, upper, limit)?.0)
     }
 
     // ---- server-side key backup
@@ -319,3 +336,6 @@ impl Db {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests;

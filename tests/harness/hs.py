@@ -139,6 +139,13 @@ def prepare_tessera(workdir: Path, port: int) -> dict:
             ]
         )
     )
+    if os.environ.get("TESSERA_HS_STORAGE") == "scylla":
+        # The CQL backend on the test Cassandra, one fresh keyspace per server.
+        point = os.environ.get("TESSERA_TEST_CQL")
+        if not point:
+            raise SystemExit("TESSERA_HS_STORAGE=scylla needs TESSERA_TEST_CQL (scripts/cassandra.sh start)")
+        with config.open("a") as f:
+            f.write(f'[storage]\nbackend = "scylla"\n\n[storage.scylla]\ncontact_points = [{_toml_str(point)}]\nkeyspace = "hs_{secrets.token_hex(6)}"\n')
     return {
         "argv": [str(binary), "--config", str(config)],
         "env": {},

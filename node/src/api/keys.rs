@@ -73,6 +73,67 @@ fn commit_change(shard: &Shard, user: &UserId, watchers: Vec<OwnedUserId>, mut w
     Ok(())
 }
 
+/// Whether two users are both joined to some room.
+fn share_a_room(shard: &Shard, a: &UserId, b: &UserId) -> ApiResult<bool> {
+    for (room, ur) in shard.db.user_rooms(a, shard.config.limits.rooms_per_user_max)? {
+        if ur.membership == "join"
+            && let Ok(room) = RoomId::parse(room.as_str())
+            && shard.db.membership(&room, b)?.as_deref() == Some("join")
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// After `user` joined or left `room`: a join puts the user and every
+/// local member in each other's `device_lists.changed`; a leave puts in
+/// each other's `left` the members who no longer share any room with them.
+pub fn membership_changed(shard: &Shard, room: &RoomId, user: &UserId, joined: bool) -> ApiResult<()> {
+    let mut others = Vec::new();
+    for member in shard.db.members(room, "join", MEMBERS_PER_ROOM_MAX)? {
+        if let Ok(m) = OwnedUserId::try_from(member)
+            && m != user
+            && m.server_name() == shard.server_name
+            && (joined || !share_a_room(shard, user, &m)?)
+        {
+            others.push(m);
+        }
+    }
+    if others.is_empty() {
+        return Ok(());
+    }
+    // No await from here to `publish`: positions are handed out in order.
+    let pos = shard.next_pos();
+    let me = shard.id as u16;
+    let row = if joined { Db::key_change_write } else { Db::key_left_write };
+    let mut writes: Vec<Write> = others.iter().flat_map(|m| [row(m, me, pos, user), row(user, me, pos, m)]).collect();
+    writes.push(Db::stream_head_write(me, pos));
+    shard.db.store.write(writes)?;
+    others.push(user.to_owned());
+    shard.publish(pos, vec![], others);
+    Ok(())
+}
+
+/// `changed` and `left` for `watcher` between two tokens: a user counts as
+/// left only if they share no room with the watcher now and did not change
+/// in the range.
+fn changed_and_left(shard: &Shard, watcher: &UserId, since: &[u64], upper: &[u64]) -> ApiResult<(BTreeSet<String>, BTreeSet<String>)> {
+    let (changed, candidates) = shard.db.key_changes_and_left(watcher, since, upper, CHANGES_MAX)?;
+    let mut left = BTreeSet::new();
+    for user in candidates {
+        if changed.contains(&user) {
+            continue;
+        }
+        if let Ok(u) = UserId::parse(user.as_str())
+            && !share_a_room(shard, watcher, &u)?
+        {
+            left.insert(user);
+        }
+    }
+    Ok((changed, left))
+}
+
 /// Tells everyone sharing a room with `user` that their devices changed
 /// (a device was added, renamed or removed).
 pub fn devices_changed(shard: &Shard, user: &UserId) -> ApiResult<()> {
@@ -288,22 +349,22 @@ pub fn changes(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value> {
         SyncToken::parse(raw, shard.count).ok_or_else(|| ApiError::invalid_param(format!("Invalid {name} token")))
     };
     let (from, to) = (parse("from")?, parse("to")?);
-    let changed = shard.db.key_changes(&auth.user, &from.heads, &to.heads, CHANGES_MAX)?;
-    Ok(json!({ "changed": changed, "left": [] }))
+    let (changed, left) = changed_and_left(shard, &auth.user, &from.heads, &to.heads)?;
+    Ok(json!({ "changed": changed, "left": left }))
 }
 
 /// The key fields of a sync response: `device_lists`,
 /// `device_one_time_keys_count`, `device_unused_fallback_key_types`, and
 /// whether anything changed for a long-poll.
 pub fn sync_fields(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &SyncToken) -> ApiResult<(Value, Value, Value, bool)> {
-    let changed = match since {
-        Some(s) => shard.db.key_changes(&auth.user, &s.heads, &upper.heads, CHANGES_MAX)?,
-        None => BTreeSet::new(),
+    let (changed, left) = match since {
+        Some(s) => changed_and_left(shard, &auth.user, &s.heads, &upper.heads)?,
+        None => (BTreeSet::new(), BTreeSet::new()),
     };
     let counts = shard.db.one_time_key_counts(&auth.user, &auth.device, shard.config.limits.one_time_keys_per_device_max + 1)?;
     let unused: Vec<String> = shard.db.fallback_keys(&auth.user, &auth.device)?.into_iter().filter(|(_, f)| !f.used).map(|(alg, _)| alg).collect();
-    let any = !changed.is_empty();
-    Ok((json!({ "changed": changed, "left": [] }), json!(counts), json!(unused), any))
+    let any = !changed.is_empty() || !left.is_empty();
+    Ok((json!({ "changed": changed, "left": left }), json!(counts), json!(unused), any))
 }
 
 #[derive(Deserialize)]

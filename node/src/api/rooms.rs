@@ -276,6 +276,7 @@ pub async fn join(shard: &Rc<Shard>, req: &Req, auth: &Authed, target: &str) -> 
     shard.limiter.check(Action::Join, auth.user.as_str(), Instant::now())?;
     let content = member_content(&shard.db, &auth.user, "join", body.reason.as_deref())?;
     send_member(shard, &room, &auth.user, &auth.user, content).await?;
+    crate::api::keys::membership_changed(shard, &room, &auth.user, true)?;
     Ok(json!({ "room_id": room }))
 }
 
@@ -329,7 +330,11 @@ pub async fn membership(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str,
             member_content(&shard.db, &target, "leave", reason)?
         }
     };
+    let was_joined = shard.db.membership(&room, &target)?.as_deref() == Some("join");
     send_member(shard, &room, &auth.user, &target, content).await?;
+    if was_joined && matches!(action, "leave" | "kick" | "ban") {
+        crate::api::keys::membership_changed(shard, &room, &target, false)?;
+    }
     Ok(json!({}))
 }
 

@@ -150,6 +150,28 @@ fn device_list_changes_reach_room_members() {
     assert_eq!(v["changed"], json!([]));
     let (s, v) = bob.get("/_matrix/client/v3/keys/changes?from=s0");
     assert_eq!((s, v["errcode"].as_str()), (400, Some("M_MISSING_PARAM")));
+
+    // Carol joins: she and the members hear of each other. She leaves and
+    // shares no other room: each is in the other's `left`.
+    let room = alice.create_room(json!({ "preset": "public_chat" }));
+    let (s, _) = bob.post(&format!("/_matrix/client/v3/join/{room}"), json!({}));
+    assert_eq!(s, 200);
+    let (_, before_carol) = bob.get(&format!("/_matrix/client/v3/sync?since={to}"));
+    let mark = before_carol["next_batch"].as_str().expect("next_batch").to_owned();
+    let (_, carol_sync) = carol.get("/_matrix/client/v3/sync");
+    let carol_mark = carol_sync["next_batch"].as_str().expect("next_batch").to_owned();
+    let (s, _) = carol.post(&format!("/_matrix/client/v3/join/{room}"), json!({}));
+    assert_eq!(s, 200);
+    let (_, v) = bob.get(&format!("/_matrix/client/v3/sync?since={mark}"));
+    assert_eq!(v["device_lists"]["changed"], json!(["@carol:localhost"]), "{v}");
+    let mark = v["next_batch"].as_str().expect("next_batch").to_owned();
+    let (_, v) = carol.get(&format!("/_matrix/client/v3/sync?since={carol_mark}"));
+    assert_eq!(v["device_lists"]["changed"], json!(["@alice:localhost", "@bob:localhost"]), "{v}");
+    let (s, _) = carol.post(&format!("/_matrix/client/v3/rooms/{room}/leave"), json!({}));
+    assert_eq!(s, 200);
+    let (_, v) = bob.get(&format!("/_matrix/client/v3/sync?since={mark}"));
+    assert_eq!(v["device_lists"]["left"], json!(["@carol:localhost"]), "{v}");
+    assert_eq!(v["device_lists"]["changed"], json!([]), "{v}");
 }
 
 fn backup_key(index: u64, forwarded: u64, verified: bool, tag: &str) -> Value {
