@@ -253,10 +253,11 @@ impl Db {
     /// Deletes a device, its tokens and its keys in one batch.
     pub fn delete_device(&self, user: &UserId, device_id: &str) -> DbResult<bool> {
         let Some(device) = self.device(user, device_id)? else { return Ok(false) };
-        let mut writes = vec![
-            Write::delete(Table::Devices, user.as_bytes(), device_id.as_bytes()),
-            Write::delete(Table::AccessTokens, device.access_token.as_bytes(), b"".to_vec()),
-        ];
+        let mut writes = vec![Write::delete(Table::Devices, user.as_bytes(), device_id.as_bytes())];
+        // Dehydrated devices have no access token (and CQL refuses empty keys).
+        if !device.access_token.is_empty() {
+            writes.push(Write::delete(Table::AccessTokens, device.access_token.as_bytes(), b"".to_vec()));
+        }
         if let Some(rt) = device.refresh_token {
             writes.push(Write::delete(Table::RefreshTokens, rt.as_bytes(), b"".to_vec()));
         }

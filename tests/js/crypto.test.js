@@ -267,6 +267,9 @@ describe(`js-crypto against ${hs.kind}`, () => {
         const alice3 = await cryptoLogin("alice");
         s.alice3 = alice3;
         s.aliceLive = alice3;
+        // The new device first learns its user's public identity, then
+        // imports the private keys from secret storage.
+        await waitFor(() => alice3.crypto.userHasCrossSigningKeys(alice.userId, true), { what: "alice's new device to see her identity" });
         await alice3.crypto.bootstrapCrossSigning({});
         await alice3.crypto.startDehydration();
         await expectDecrypted(alice3.client, roomId, bob.userId, [offline], "alice's new device to decrypt through the rehydrated device", { sinceTs });
