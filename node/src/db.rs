@@ -177,14 +177,14 @@ impl Db {
         Db { store }
     }
 
-    fn get_json<T: DeserializeOwned>(&self, table: Table, pk: &[u8], ck: &[u8]) -> DbResult<Option<T>> {
+    pub(crate) fn get_json<T: DeserializeOwned>(&self, table: Table, pk: &[u8], ck: &[u8]) -> DbResult<Option<T>> {
         match self.store.get(table, pk, ck)? {
             Some(bytes) => Ok(Some(decode(table, &bytes)?)),
             None => Ok(None),
         }
     }
 
-    fn scan_json<T: DeserializeOwned>(&self, scan: Scan<'_>) -> DbResult<Vec<(Vec<u8>, T)>> {
+    pub(crate) fn scan_json<T: DeserializeOwned>(&self, scan: Scan<'_>) -> DbResult<Vec<(Vec<u8>, T)>> {
         let table = scan.table;
         self.store.scan(scan)?.into_iter().map(|(k, v)| Ok((k.to_vec(), decode(table, &v)?))).collect()
     }

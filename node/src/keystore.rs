@@ -77,20 +77,15 @@ fn text(bytes: &[u8]) -> String {
 }
 
 impl Db {
-    fn scan_values(&self, scan: Scan<'_>) -> DbResult<Vec<(Vec<u8>, Value)>> {
-        let rows = self.store.scan(scan)?;
-        Ok(rows.into_iter().filter_map(|(k, v)| serde_json::from_slice(&v).ok().map(|v| (k.to_vec(), v))).collect())
-    }
-
     // ---- device keys
 
     pub fn device_keys(&self, user: &UserId, device: &str) -> DbResult<Option<Value>> {
-        Ok(self.store.get(Table::DeviceKeys, user.as_bytes(), device.as_bytes())?.and_then(|v| serde_json::from_slice(&v).ok()))
+        self.get_json(Table::DeviceKeys, user.as_bytes(), device.as_bytes())
     }
 
     /// Every device's keys of a user: (device id, keys).
     pub fn all_device_keys(&self, user: &UserId) -> DbResult<Vec<(String, Value)>> {
-        Ok(self.scan_values(Scan::partition(Table::DeviceKeys, user.as_bytes(), DEVICES_PER_USER_MAX))?.into_iter().map(|(k, v)| (text(&k), v)).collect())
+        Ok(self.scan_json::<Value>(Scan::partition(Table::DeviceKeys, user.as_bytes(), DEVICES_PER_USER_MAX))?.into_iter().map(|(k, v)| (text(&k), v)).collect())
     }
 
     pub fn device_keys_write(user: &UserId, device: &str, keys: &Value) -> Write {
@@ -119,7 +114,7 @@ impl Db {
 
     /// Unclaimed one-time keys of a device: (`algorithm:key id`, key).
     pub fn one_time_keys(&self, user: &UserId, device: &str, limit: usize) -> DbResult<Vec<(String, Value)>> {
-        Ok(self.scan_values(Scan::partition(Table::OneTimeKeys, &device_pk(user, device), limit))?.into_iter().map(|(k, v)| (text(&k), v)).collect())
+        Ok(self.scan_json::<Value>(Scan::partition(Table::OneTimeKeys, &device_pk(user, device), limit))?.into_iter().map(|(k, v)| (text(&k), v)).collect())
     }
 
     /// Counts of unclaimed one-time keys by algorithm (always naming
@@ -135,7 +130,7 @@ impl Db {
     }
 
     pub fn one_time_key(&self, user: &UserId, device: &str, id: &str) -> DbResult<Option<Value>> {
-        Ok(self.store.get(Table::OneTimeKeys, &device_pk(user, device), id.as_bytes())?.and_then(|v| serde_json::from_slice(&v).ok()))
+        self.get_json(Table::OneTimeKeys, &device_pk(user, device), id.as_bytes())
     }
 
     pub fn was_claimed(&self, user: &UserId, device: &str, id: &str) -> DbResult<bool> {
@@ -176,8 +171,7 @@ impl Db {
     // ---- fallback keys
 
     pub fn fallback_keys(&self, user: &UserId, device: &str) -> DbResult<Vec<(String, FallbackKey)>> {
-        let rows = self.store.scan(Scan::partition(Table::FallbackKeys, &device_pk(user, device), 64))?;
-        Ok(rows.into_iter().filter_map(|(k, v)| serde_json::from_slice(&v).ok().map(|f| (text(&k), f))).collect())
+        Ok(self.scan_json(Scan::partition(Table::FallbackKeys, &device_pk(user, device), 64))?.into_iter().map(|(k, f)| (text(&k), f)).collect())
     }
 
     pub fn fallback_key_write(user: &UserId, device: &str, algorithm: &str, key: &FallbackKey) -> Write {
@@ -201,7 +195,7 @@ impl Db {
 
     /// The user's cross-signing keys by usage name.
     pub fn cross_signing_keys(&self, user: &UserId) -> DbResult<BTreeMap<String, Value>> {
-        Ok(self.scan_values(Scan::partition(Table::CrossSigningKeys, user.as_bytes(), 8))?.into_iter().map(|(k, v)| (text(&k), v)).collect())
+        Ok(self.scan_json::<Value>(Scan::partition(Table::CrossSigningKeys, user.as_bytes(), 8))?.into_iter().map(|(k, v)| (text(&k), v)).collect())
     }
 
     pub fn cross_signing_write(user: &UserId, usage: &str, key: &Value) -> Write {
@@ -286,7 +280,7 @@ impl Db {
     }
 
     pub fn backup_version(&self, user: &UserId, version: u64) -> DbResult<Option<BackupVersion>> {
-        Ok(self.store.get(Table::BackupVersions, user.as_bytes(), &version.to_be_bytes())?.and_then(|v| serde_json::from_slice(&v).ok()))
+        self.get_json(Table::BackupVersions, user.as_bytes(), &version.to_be_bytes())
     }
 
     /// Creates a version if that number is still free.
@@ -299,7 +293,7 @@ impl Db {
     }
 
     pub fn backup_key(&self, user: &UserId, version: u64, room: &str, session: &str) -> DbResult<Option<BackupKey>> {
-        Ok(self.store.get(Table::BackupKeys, &backup_pk(user, version), &backup_ck(room, session))?.and_then(|v| serde_json::from_slice(&v).ok()))
+        self.get_json(Table::BackupKeys, &backup_pk(user, version), &backup_ck(room, session))
     }
 
     pub fn backup_key_write(user: &UserId, version: u64, room: &str, session: &str, key: &BackupKey) -> Write {

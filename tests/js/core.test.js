@@ -5,11 +5,12 @@
 //
 // The steps share state and run in order; a step that needs an earlier one
 // fails (never skips) when that one did not produce its result.
-import { describe, it, before, after } from "node:test";
+import { describe } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 
 import { HomeServer } from "./support/server.js";
+import { sharedState, serverSteps } from "./support/steps.js";
 import { sdk, makeClient, register, login, startSyncing, timelineIds, collectEventIds } from "./support/clients.js";
 import { waitFor, waitForEvent, DEFAULT_TIMEOUT_MS } from "./support/wait.js";
 
@@ -18,12 +19,7 @@ const RUN = randomBytes(4).toString("hex");
 const PASSWORD = `pw-${randomBytes(12).toString("hex")}`;
 
 const hs = new HomeServer();
-const s = {}; // state shared between the ordered steps
-
-function need(key) {
-    if (s[key] === undefined) throw new Error(`an earlier step did not produce '${key}'`);
-    return s[key];
-}
+const { s, need } = sharedState(); // state shared between the ordered steps
 
 /** Our test messages among `events` (raw JSON), in the given order. */
 function testMessages(events, tag = `${RUN}:`) {
@@ -54,28 +50,7 @@ async function paginateBackwards(client, roomId, from, pageSize) {
 }
 
 describe(`js-core against ${hs.kind}`, () => {
-    let passed = true;
-
-    before(async () => {
-        await hs.start();
-    });
-
-    after(async () => {
-        for (const who of ["alice", "bob"]) s[who]?.client.stopClient();
-        await hs.kill();
-        if (passed) hs.cleanup();
-        else console.log(`# server workdir kept for inspection: ${hs.workdir}`);
-    });
-
-    const step = (name, fn) =>
-        it(name, async (t) => {
-            try {
-                await fn(t);
-            } catch (err) {
-                passed = false;
-                throw err;
-            }
-        });
+    const step = serverSteps(hs, () => ["alice", "bob"].map((key) => s[key]));
 
     step("registers two users through UIA m.login.dummy", async () => {
         for (const who of ["alice", "bob"]) {

@@ -7,13 +7,14 @@
 //
 // The steps share state and run in order; a step that needs an earlier one
 // fails (never skips) when that one did not produce its result.
-import { describe, it, before, after } from "node:test";
+import { describe } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 
 import { decodeRecoveryKey } from "matrix-js-sdk/lib/crypto-api/index.js";
 
 import { HomeServer } from "./support/server.js";
+import { sharedState, serverSteps } from "./support/steps.js";
 import { sdk, makeClient, register, login, startSyncing } from "./support/clients.js";
 import { waitFor, DEFAULT_TIMEOUT_MS } from "./support/wait.js";
 
@@ -22,12 +23,7 @@ const RUN = randomBytes(4).toString("hex");
 const PASSWORD = `pw-${randomBytes(12).toString("hex")}`;
 
 const hs = new HomeServer();
-const s = {}; // state shared between the ordered steps
-
-function need(key) {
-    if (s[key] === undefined) throw new Error(`an earlier step did not produce '${key}'`);
-    return s[key];
-}
+const { s, need } = sharedState(); // state shared between the ordered steps
 
 const username = (who) => `${who}-${RUN}`;
 const passwordAuth = (who) => ({ type: "m.login.password", identifier: { type: "m.id.user", user: username(who) }, password: PASSWORD });
@@ -100,28 +96,7 @@ async function sendAll(client, roomId, bodies) {
 }
 
 describe(`js-crypto against ${hs.kind}`, () => {
-    let passed = true;
-
-    before(async () => {
-        await hs.start();
-    });
-
-    after(async () => {
-        for (const key of ["alice", "bob", "alice2", "alice3", "bob2"]) s[key]?.client.stopClient();
-        await hs.kill();
-        if (passed) hs.cleanup();
-        else console.log(`# server workdir kept for inspection: ${hs.workdir}`);
-    });
-
-    const step = (name, fn) =>
-        it(name, async (t) => {
-            try {
-                await fn(t);
-            } catch (err) {
-                passed = false;
-                throw err;
-            }
-        });
+    const step = serverSteps(hs, () => ["alice", "bob", "alice2", "alice3", "bob2"].map((key) => s[key]));
 
     step("alice and bob register and log in with Rust crypto", async () => {
         for (const who of ["alice", "bob"]) await register(hs, username(who), PASSWORD);
