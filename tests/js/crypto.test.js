@@ -103,10 +103,15 @@ describe(`js-crypto against ${hs.kind}`, () => {
         s.alice = await cryptoLogin("alice");
         s.bob = await cryptoLogin("bob");
         s.aliceLive = s.alice; // alice's device that is online now
-        // The crypto machine uploaded its device keys and one-time keys.
-        const [status, keys] = await api(s.alice.accessToken, "POST", "/keys/query", { device_keys: { [s.alice.userId]: [] } });
-        assert.equal(status, 200);
-        assert.ok(keys.device_keys[s.alice.userId][s.alice.deviceId], `alice's device keys are queryable: ${JSON.stringify(keys)}`);
+        // The crypto machine uploads its device keys in the background.
+        await waitFor(
+            async () => {
+                const [status, keys] = await api(s.alice.accessToken, "POST", "/keys/query", { device_keys: { [s.alice.userId]: [] } });
+                assert.equal(status, 200);
+                return keys.device_keys[s.alice.userId][s.alice.deviceId];
+            },
+            { what: "alice's device keys to be queryable" },
+        );
     });
 
     step("alice creates an encrypted room and bob joins", async () => {
