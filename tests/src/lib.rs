@@ -200,6 +200,23 @@ impl Client {
         self.request("PUT", path, Some(&body))
     }
 
+    /// Long-polls `/sync` from `since` until `done` holds for a response,
+    /// and returns that response. A write answered by one shard reaches the
+    /// other shards' sync tokens moments later, so a test that expects a
+    /// change waits for it (bounded) instead of reading once.
+    pub fn sync_until(&self, since: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
+        for _ in 0..50 {
+            let (s, v) = self.get(&format!("/_matrix/client/v3/sync?since={since}&timeout=2000"));
+            assert_eq!(s, 200, "{v}");
+            if done(&v) {
+                return v;
+            }
+            last = v;
+        }
+        panic!("sync from {since} never satisfied the condition: {last}");
+    }
+
     /// Registers `name` (UIA dummy) and keeps its access token.
     pub fn register(&mut self, name: &str) -> Value {
         let (status, body) = self.post("/_matrix/client/v3/register", json!({ "username": name, "password": "secret-pass", "auth": { "type": "m.login.dummy" } }));

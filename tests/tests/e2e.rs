@@ -93,8 +93,7 @@ fn rooms_messages_and_sync_across_shards() {
     for (i, room) in rooms.iter().enumerate() {
         alice.send_text(room, &format!("t{i}"), &format!("hello {i}"));
     }
-    let (s, inc) = bob.get(&format!("/_matrix/client/v3/sync?since={token}"));
-    assert_eq!(s, 200);
+    let inc = bob.sync_until(&token, |v| rooms.iter().all(|r| !bodies(v, r).is_empty()));
     for (i, room) in rooms.iter().enumerate() {
         assert_eq!(bodies(&inc, room), vec![format!("hello {i}")], "room {i}: {inc}");
     }
@@ -191,8 +190,7 @@ fn sigterm_stops_cleanly_and_tokens_survive_restart() {
     assert_eq!(node.stop(), Some(0), "exit code after SIGTERM: {}", node.log());
     node.spawn();
     alice.send_text(&room, "after", "after restart");
-    let (s, inc) = bob.get(&format!("/_matrix/client/v3/sync?since={token}"));
-    assert_eq!(s, 200);
+    let inc = bob.sync_until(&token, |v| !bodies(v, &room).is_empty());
     assert_eq!(bodies(&inc, &room), vec!["after restart".to_owned()], "{inc}");
 }
 
@@ -201,17 +199,21 @@ fn unread_counts_follow_push_rules_and_receipts() {
     let node = Node::start("unread", "");
     let (alice, bob) = two_users(&node);
     let room = shared_room(&alice, &bob);
+    let token = |c: &Client| c.get("/_matrix/client/v3/sync").1["next_batch"].as_str().expect("next_batch").to_owned();
+    let bob_mark = token(&bob);
     alice.send_text(&room, "u1", "one");
     let last = alice.send_text(&room, "u2", "bob: two");
-    let (_, sync) = bob.get("/_matrix/client/v3/sync");
+    let sync = bob.sync_until(&bob_mark, |v| bodies(v, &room).len() == 2);
     let counts = &sync["rooms"]["join"][&room]["unread_notifications"];
     assert_eq!(counts["notification_count"], 2, "{sync}");
+    let bob_mark = sync["next_batch"].as_str().expect("next_batch").to_owned();
+    let alice_mark = token(&alice);
     let (s, _) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{last}"), json!({}));
     assert_eq!(s, 200);
-    let (_, sync) = bob.get("/_matrix/client/v3/sync");
-    assert_eq!(sync["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 0);
+    let sync = bob.sync_until(&bob_mark, |v| v["rooms"]["join"][&room].is_object());
+    assert_eq!(sync["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 0, "{sync}");
     // Alice sees Bob's receipt.
-    let receipts = alice.get("/_matrix/client/v3/sync").1;
+    let receipts = alice.sync_until(&alice_mark, |v| v["rooms"]["join"][&room]["ephemeral"]["events"].as_array().is_some_and(|a| !a.is_empty()));
     let eph = receipts["rooms"]["join"][&room]["ephemeral"]["events"].to_string();
     assert!(eph.contains("@bob:localhost") && eph.contains(&last), "{eph}");
 }
@@ -271,13 +273,15 @@ fn to_device_messages_are_delivered_until_acknowledged() {
     assert_eq!(alice.put("/_matrix/client/v3/sendToDevice/org.example.ping/tx1", body.clone()).0, 200);
     // Same transaction id: not delivered twice.
     assert_eq!(alice.put("/_matrix/client/v3/sendToDevice/org.example.ping/tx1", body).0, 200);
-    let (_, s1) = bob.get(&format!("/_matrix/client/v3/sync?since={t0}"));
+    // The message was stored by whichever shard served Alice; Bob's shard
+    // hears of it moments later.
+    let s1 = bob.sync_until(&t0, |v| v["to_device"]["events"].as_array().is_some_and(|a| !a.is_empty()));
     let events = s1["to_device"]["events"].as_array().expect("events").clone();
     assert_eq!(events.len(), 1, "{s1}");
     assert_eq!(events[0]["sender"], "@alice:localhost");
     assert_eq!(events[0]["content"]["n"], 1);
     // Repeating the same sync (no acknowledgement) delivers it again.
-    let (_, again) = bob.get(&format!("/_matrix/client/v3/sync?since={t0}"));
+    let again = bob.sync_until(&t0, |v| v["to_device"]["events"].as_array().is_some_and(|a| !a.is_empty()));
     assert_eq!(again["to_device"]["events"].as_array().map(Vec::len), Some(1));
     // Syncing from the later token acknowledges it: gone for good.
     let t1 = s1["next_batch"].as_str().expect("token");
@@ -292,9 +296,10 @@ fn redaction_removes_content_everywhere() {
     let node = Node::start("redact", "[runtime]\nshards = 2\n");
     let (alice, bob) = two_users(&node);
     let room = shared_room(&alice, &bob);
+    let mark = bob.get("/_matrix/client/v3/sync").1["next_batch"].as_str().expect("next_batch").to_owned();
     let id = alice.send_text(&room, "r1", "secret");
-    // Render it into every shard's cache first.
-    let (_, before) = bob.get("/_matrix/client/v3/sync");
+    // Render it into a shard's cache first.
+    let before = bob.sync_until(&mark, |v| !bodies(v, &room).is_empty());
     assert!(before.to_string().contains("secret"));
     let (s, _) = bob.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{id}/x"), json!({}));
     assert_eq!(s, 403, "bob may not redact alice's message");

@@ -27,19 +27,6 @@ fn whoami_device(c: &Client) -> String {
 /// Syncs from `since` (long-polling, always from the same token) until the
 /// response satisfies `done`: a change written on another shard reaches
 /// this shard's token moments after the write's answer.
-fn sync_until(c: &Client, since: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..50 {
-        let (s, v) = c.get(&format!("/_matrix/client/v3/sync?since={since}&timeout=2000"));
-        assert_eq!(s, 200, "{v}");
-        if done(&v) {
-            return v;
-        }
-        last = v;
-    }
-    panic!("sync from {since} never satisfied the condition: {last}");
-}
-
 #[test]
 fn one_time_keys_are_claimed_exactly_once_then_fallback() {
     let node = Node::start("keys-claim", "");
@@ -158,7 +145,7 @@ fn device_list_changes_reach_room_members() {
     assert_eq!(s, 200, "{v}");
     // A long-poll: the change was written on whichever shard served the
     // logout, and reaches this shard's token moments later.
-    let after = sync_until(&bob, &mid, |v| v["device_lists"]["changed"].as_array().is_some_and(|a| a.contains(&json!("@alice:localhost"))));
+    let after = bob.sync_until(&mid, |v| v["device_lists"]["changed"].as_array().is_some_and(|a| a.contains(&json!("@alice:localhost"))));
     let to = after["next_batch"].as_str().expect("next_batch");
     let (s, v) = bob.get(&format!("/_matrix/client/v3/keys/changes?from={since}&to={to}"));
     assert_eq!(s, 200);
@@ -179,14 +166,14 @@ fn device_list_changes_reach_room_members() {
     let carol_mark = carol_sync["next_batch"].as_str().expect("next_batch").to_owned();
     let (s, _) = carol.post(&format!("/_matrix/client/v3/join/{room}"), json!({}));
     assert_eq!(s, 200);
-    let v = sync_until(&bob, &mark, |v| v["device_lists"]["changed"] != json!([]));
+    let v = bob.sync_until(&mark, |v| v["device_lists"]["changed"] != json!([]));
     assert_eq!(v["device_lists"]["changed"], json!(["@carol:localhost"]), "{v}");
     let mark = v["next_batch"].as_str().expect("next_batch").to_owned();
-    let v = sync_until(&carol, &carol_mark, |v| v["device_lists"]["changed"] != json!([]));
+    let v = carol.sync_until(&carol_mark, |v| v["device_lists"]["changed"] != json!([]));
     assert_eq!(v["device_lists"]["changed"], json!(["@alice:localhost", "@bob:localhost"]), "{v}");
     let (s, _) = carol.post(&format!("/_matrix/client/v3/rooms/{room}/leave"), json!({}));
     assert_eq!(s, 200);
-    let v = sync_until(&bob, &mark, |v| v["device_lists"]["left"] != json!([]));
+    let v = bob.sync_until(&mark, |v| v["device_lists"]["left"] != json!([]));
     assert_eq!(v["device_lists"]["left"], json!(["@carol:localhost"]), "{v}");
     assert_eq!(v["device_lists"]["changed"], json!([]), "{v}");
 }
