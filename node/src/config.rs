@@ -104,6 +104,12 @@ pub struct Scylla {
     /// Depth of the queue from shards to the driver runtime (requests);
     /// a full queue answers 503 after `request_timeout_ms`.
     pub queue_depth: usize,
+    /// How long transaction ids (idempotency of sends) are kept, in seconds
+    /// (the table's `default_time_to_live`); 0 keeps them for ever.
+    pub transaction_ttl_secs: u32,
+    /// How long a claimed one-time key id is remembered (so it is never
+    /// stored again), in seconds; 0 keeps them for ever.
+    pub claimed_key_ttl_secs: u32,
 }
 
 /// A string kept out of `Debug` output (passwords).
@@ -271,6 +277,8 @@ impl Default for Scylla {
             retries: 2,
             runtime_threads: 2,
             queue_depth: 1024,
+            transaction_ttl_secs: 86_400,
+            claimed_key_ttl_secs: 30 * 86_400,
         }
     }
 }
@@ -457,6 +465,14 @@ impl Scylla {
         }
         if self.runtime_threads == 0 || self.queue_depth == 0 {
             return invalid("storage.scylla.runtime_threads", "runtime_threads and queue_depth must be at least 1");
+        }
+        // CQL refuses TTLs above 20 years.
+        const TTL_MAX: u32 = 20 * 365 * 86_400;
+        if self.transaction_ttl_secs > TTL_MAX {
+            return invalid("storage.scylla.transaction_ttl_secs", "at most 630720000 (20 years)");
+        }
+        if self.claimed_key_ttl_secs > TTL_MAX {
+            return invalid("storage.scylla.claimed_key_ttl_secs", "at most 630720000 (20 years)");
         }
         Ok(())
     }

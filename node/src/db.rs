@@ -13,9 +13,13 @@ use crate::error::Error;
 use crate::pdu::{Event, Pdu, StoredEvent};
 use crate::storage::{Scan, Store, Table, Write};
 
-/// Directory partitions: published rooms and the user directory.
-const DIR_ROOMS: &[u8] = b"rooms";
-const DIR_USERS: &[u8] = b"users";
+mod buckets;
+mod directory;
+
+/// Length of an inbox clustering key: writer shard (u16), position (u64),
+/// index within the request (u32).
+pub const INBOX_CK_LEN: usize = 14;
+pub use buckets::{BUCKET_EVENTS, bucket_index_write, bucket_of, bucket_pk};
 
 /// Result of typed store calls.
 pub type DbResult<T> = Result<T, Error>;
@@ -104,6 +108,10 @@ pub struct RoomHead {
     pub last_receipt_pos: u64,
     #[serde(default)]
     pub last_typing_pos: u64,
+    /// Events appended so far: the next event's sequence number, which
+    /// picks its timeline bucket (see `buckets`).
+    #[serde(default)]
+    pub timeline_len: u64,
 }
 
 /// A current-state entry.
@@ -296,26 +304,24 @@ impl Db {
         }
     }
 
-    /// Timeline event ids of a room with positions in `(from, to]`,
-    /// newest first when `reverse`.
+    /// Timeline event ids of a room with positions within the bounds,
+    /// newest first when `reverse` (walks the room's buckets).
     pub fn timeline(&self, room: &RoomId, from: Bound<u64>, to: Bound<u64>, reverse: bool, limit: usize) -> DbResult<Vec<(u64, OwnedEventId)>> {
-        let enc = |b: Bound<u64>| b.map(|p| p.to_be_bytes());
-        let (f, t) = (enc(from), enc(to));
-        let rows = self.store.scan(Scan {
-            table: Table::Timeline,
-            pk: room.as_bytes(),
-            from: f.as_ref().map(|b| &b[..]),
-            to: t.as_ref().map(|b| &b[..]),
-            reverse,
-            limit,
-        })?;
-        rows.into_iter()
-            .map(|(ck, v)| {
-                let pos = u64::from_be_bytes(ck.as_ref().try_into().map_err(|_| Error::Corrupt("timeline key".into()))?);
+        self.bucket_scan(Table::Timeline, room, from, to, reverse, limit)?
+            .into_iter()
+            .map(|(pos, v)| {
                 let id = OwnedEventId::try_from(String::from_utf8_lossy(&v).into_owned()).map_err(|e| Error::Corrupt(e.to_string()))?;
                 Ok((pos, id))
             })
             .collect()
+    }
+
+    /// Stages the timeline row of the room's `seq`-th event (counted from 0)
+    /// at `pos`, and the bucket index row when it opens a bucket.
+    pub fn timeline_writes(room: &RoomId, seq: u64, pos: u64, event_id: &EventId) -> Vec<Write> {
+        let mut writes = vec![Write::put(Table::Timeline, bucket_pk(room, bucket_of(seq)), pos.to_be_bytes().to_vec(), event_id.as_bytes())];
+        writes.extend(bucket_index_write(room, seq, pos));
+        writes
     }
 
     pub fn user_rooms(&self, user: &UserId, limit: usize) -> DbResult<Vec<(String, UserRoom)>> {
@@ -461,21 +467,6 @@ impl Db {
         Ok(self.store.scan(Scan::partition(Table::RoomAliases, room.as_bytes(), limit))?.into_iter().map(|(k, _)| String::from_utf8_lossy(&k).into_owned()).collect())
     }
 
-    pub fn set_published(&self, room: &RoomId, public: bool) -> DbResult<()> {
-        let w = if public { Write::put(Table::Directory, DIR_ROOMS.to_vec(), room.as_bytes(), b"".to_vec()) } else { Write::delete(Table::Directory, DIR_ROOMS.to_vec(), room.as_bytes()) };
-        Ok(self.store.write(vec![w])?)
-    }
-
-    pub fn is_published(&self, room: &RoomId) -> DbResult<bool> {
-        Ok(self.store.get(Table::Directory, DIR_ROOMS, room.as_bytes())?.is_some())
-    }
-
-    pub fn published_rooms(&self, after: Option<&str>, limit: usize) -> DbResult<Vec<String>> {
-        let from = after.map(|a| a.as_bytes());
-        let rows = self.store.scan(Scan { table: Table::Directory, pk: DIR_ROOMS, from: from.map_or(Bound::Unbounded, Bound::Excluded), to: Bound::Unbounded, reverse: false, limit })?;
-        Ok(rows.into_iter().map(|(k, _)| String::from_utf8_lossy(&k).into_owned()).collect())
-    }
-
     pub fn presence(&self, user: &UserId) -> DbResult<Option<Value>> {
         self.get_json(Table::Presence, user.as_bytes(), b"")
     }
@@ -510,16 +501,18 @@ impl Db {
         Write::put(Table::StreamHeads, shard.to_be_bytes().to_vec(), b"".to_vec(), pos.to_be_bytes().to_vec())
     }
 
-    /// Stages the notifications of one event; the clustering key is the
-    /// event's position, so a room's rows are in timeline order.
-    pub fn notifications_write(room: &RoomId, pos: u64, notes: &EventNotifications) -> Write {
-        Write::put(Table::Notifications, room.as_bytes(), pos.to_be_bytes().to_vec(), encode(notes))
+    /// Stages the notifications of the room's `seq`-th event; rows share
+    /// the timeline's buckets and are keyed by position, in timeline order.
+    pub fn notifications_write(room: &RoomId, seq: u64, pos: u64, notes: &EventNotifications) -> Write {
+        Write::put(Table::Notifications, bucket_pk(room, bucket_of(seq)), pos.to_be_bytes().to_vec(), encode(notes))
     }
 
     /// A room's notification rows, newest first: (position, row).
     pub fn room_notifications(&self, room: &RoomId, limit: usize) -> DbResult<Vec<(u64, EventNotifications)>> {
-        let rows = self.scan_json::<EventNotifications>(Scan { table: Table::Notifications, pk: room.as_bytes(), from: Bound::Unbounded, to: Bound::Unbounded, reverse: true, limit })?;
-        Ok(rows.into_iter().filter_map(|(ck, n)| Some((u64::from_be_bytes(ck.as_slice().try_into().ok()?), n))).collect())
+        self.bucket_scan(Table::Notifications, room, Bound::Unbounded, Bound::Unbounded, true, limit)?
+            .into_iter()
+            .map(|(pos, v)| Ok((pos, decode(Table::Notifications, &v)?)))
+            .collect()
     }
 
     /// The inbox partition of one device.
@@ -527,9 +520,18 @@ impl Db {
         [user.as_bytes(), b"\0", device.as_bytes()].concat()
     }
 
+    /// Stages the deletion of every message of a device's inbox written by
+    /// `shard` at positions up to `upto`: one range, so a busy inbox leaves
+    /// one range tombstone per acknowledgement, not one per message.
+    pub fn inbox_ack_write(user: &UserId, device: &str, shard: u16, upto: u64) -> Write {
+        let from = [&shard.to_be_bytes()[..], &0u64.to_be_bytes(), &0u32.to_be_bytes()].concat();
+        let to = [&shard.to_be_bytes()[..], &upto.to_be_bytes(), &u32::MAX.to_be_bytes()].concat();
+        Write::delete_range(Table::ToDevice, Db::inbox_key(user, device), from, to)
+    }
+
     /// Stages a to-device message for a device's inbox.
     pub fn to_device_write(user: &UserId, device: &str, shard: u16, pos: u64, index: u32, message: &Value) -> Write {
-        let mut ck = Vec::with_capacity(14);
+        let mut ck = Vec::with_capacity(INBOX_CK_LEN);
         ck.extend_from_slice(&shard.to_be_bytes());
         ck.extend_from_slice(&pos.to_be_bytes());
         ck.extend_from_slice(&index.to_be_bytes());
@@ -552,20 +554,6 @@ impl Db {
     pub fn put_openid_token(&self, token: &str, user: &UserId, expires_ms: u64) -> DbResult<()> {
         let record = serde_json::json!({ "user_id": user, "expires_ms": expires_ms });
         Ok(self.store.write(vec![Write::put(Table::OpenIdTokens, token.as_bytes(), b"".to_vec(), encode(&record))])?)
-    }
-
-    /// Adds or updates a user in the user directory.
-    pub fn put_directory_user(&self, user: &UserId, profile: &Value) -> DbResult<()> {
-        Ok(self.store.write(vec![Write::put(Table::Directory, DIR_USERS.to_vec(), user.as_bytes(), encode(profile))])?)
-    }
-
-    /// Users of the directory (bounded scan): (user id, profile).
-    pub fn directory_users(&self, limit: usize) -> DbResult<Vec<(String, Value)>> {
-        Ok(self
-            .scan_json::<Value>(Scan::partition(Table::Directory, DIR_USERS, limit))?
-            .into_iter()
-            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
-            .collect())
     }
 
     pub fn meta(&self, key: &str) -> DbResult<Option<Value>> {

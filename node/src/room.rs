@@ -112,7 +112,7 @@ fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply
     if shard.db.room_head(room)?.is_some() {
         return Err(ApiError::new(http::StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", "Room id already exists"));
     }
-    let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0 };
+    let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 0 };
     let mut cached = CachedRoom { head, rules, state: HashMap::new(), unread: HashMap::new() };
     let mut batch = Batch { writes: Vec::new(), pos: shard.pos(), users: Vec::new(), redacted: Vec::new() };
     let create = Draft { sender: new.creator.clone(), kind: "m.room.create".into(), state_key: Some(String::new()), content: new.create_content, txn: None, redacts: None };
@@ -312,7 +312,8 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         stored.replaces_state = Some(prev.id().to_string());
     }
     batch.writes.push(Write::put(Table::Events, event_id.as_bytes(), b"".to_vec(), encode(&stored)));
-    batch.writes.push(Write::put(Table::Timeline, room.as_bytes(), pos.to_be_bytes().to_vec(), event_id.as_bytes()));
+    let seq = cached.head.timeline_len;
+    batch.writes.extend(Db::timeline_writes(room, seq, pos, &event_id));
     if let Some((device, txn_id)) = &draft.txn {
         batch.writes.push(Db::txn_write(&draft.sender, device, txn_id, &event_id));
     }
@@ -342,10 +343,11 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
     }
     if !notified.is_empty() {
         let notes = crate::db::EventNotifications { event_id: event_id.to_string(), ts, users: notified };
-        batch.writes.push(Db::notifications_write(room, pos, &notes));
+        batch.writes.push(Db::notifications_write(room, seq, pos, &notes));
     }
     cached.head.extremities = vec![event_id.clone()];
     cached.head.depth = depth;
+    cached.head.timeline_len = seq + 1;
     shard.metrics().events_created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(event_id)
 }

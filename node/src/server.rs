@@ -71,15 +71,18 @@ impl hyper::rt::Write for HyperIo {
 /// Opens the configured storage backend; the CQL backend connects and
 /// applies its schema migrations.
 pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    if config.storage.backend == "scylla" {
+    let store: Arc<dyn Store> = if config.storage.backend == "scylla" {
         let cql = &config.storage.scylla;
-        let store = Cql::connect(cql).with_context(|| format!("opening the CQL store (keyspace {} at {})", cql.keyspace, cql.contact_points.join(", ")))?;
-        return Ok(Arc::new(store));
-    }
-    let dir = config.data_dir.join("store");
-    let store = Embedded::open(&dir, config.storage.durability, config.storage.cache_mib << 20, config.storage.memtable_mib << 20)
-        .with_context(|| format!("opening embedded store at {}", dir.display()))?;
-    Ok(Arc::new(store))
+        Arc::new(Cql::connect(cql).with_context(|| format!("opening the CQL store (keyspace {} at {})", cql.keyspace, cql.contact_points.join(", ")))?)
+    } else {
+        let dir = config.data_dir.join("store");
+        Arc::new(
+            Embedded::open(&dir, config.storage.durability, config.storage.cache_mib << 20, config.storage.memtable_mib << 20)
+                .with_context(|| format!("opening embedded store at {}", dir.display()))?,
+        )
+    };
+    Db::new(store.clone()).upgrade_layout().context("upgrading the stored data layout")?;
+    Ok(store)
 }
 
 /// `tessera-node migrate`: brings the configured store's schema up to date
@@ -88,6 +91,32 @@ pub fn migrate(config: &Config) -> anyhow::Result<()> {
     let store = open_store(config)?;
     store.flush().context("flushing storage")?;
     Ok(())
+}
+
+/// Meta key: the shard count the stream heads were last laid out for.
+const SHARD_COUNT_KEY: &str = "shard_count";
+
+/// Each shard's stream head at start.
+///
+/// A room's events take positions from its owner shard's stream, and a
+/// room's timeline is ordered by them. When the shard count changes, rooms
+/// move to other owners; every head is then raised to the highest head of
+/// any earlier shard (and persisted before anything is written), so a
+/// moved room's next position is above all its earlier ones.
+fn stream_heads(db: &Db, count: u16) -> anyhow::Result<Vec<u64>> {
+    let previous = db.meta(SHARD_COUNT_KEY)?.and_then(|v| v.as_u64()).and_then(|n| u16::try_from(n).ok()).unwrap_or(count);
+    let mut heads = (0..count).map(|s| db.stream_head(s)).collect::<Result<Vec<u64>, _>>()?;
+    if previous != count {
+        let mut floor = heads.iter().copied().max().unwrap_or(0);
+        for s in count..previous {
+            floor = floor.max(db.stream_head(s)?);
+        }
+        tracing::info!(previous, count, floor, "shard count changed: every stream continues above the highest earlier position");
+        heads = vec![floor; usize::from(count)];
+        db.store.write((0..count).map(|s| Db::stream_head_write(s, floor)).collect())?;
+    }
+    db.store.write(vec![crate::storage::Write::put(crate::storage::Table::Meta, SHARD_COUNT_KEY.as_bytes().to_vec(), b"".to_vec(), crate::db::encode(&count))])?;
+    Ok(heads)
 }
 
 /// Runs the node until SIGTERM or SIGINT.
@@ -100,10 +129,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let count_u16 = u16::try_from(count).context("too many shards")?;
     let ring = Ring::single_node(count_u16, RING_VNODES)?;
     let db = Db::new(store.clone());
-    let mut heads = Vec::with_capacity(count);
-    for s in 0..count_u16 {
-        heads.push(db.stream_head(s)?);
-    }
+    let heads = stream_heads(&db, count_u16)?;
     let metrics: Arc<Vec<ShardMetrics>> = Arc::new((0..count).map(|_| ShardMetrics::default()).collect());
     let redactions = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mesh = MeshBuilder::<ShardMsg, _>::full(count, config.runtime.mesh_channel_depth);

@@ -90,7 +90,10 @@ impl Node {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // On the CQL backend a first start creates a keyspace and its
+        // tables, one schema change at a time: far slower than embedded.
+        let patience = if std::env::var("TESSERA_E2E_STORAGE").as_deref() == Ok("scylla") { 150 } else { 30 };
+        let deadline = Instant::now() + Duration::from_secs(patience);
         let agent = agent();
         loop {
             if let Ok(r) = agent.get(&self.url("/_matrix/client/versions")).call()
@@ -103,7 +106,7 @@ impl Node {
             {
                 panic!("node exited early with {status}: {}", self.log());
             }
-            assert!(Instant::now() < deadline, "node did not answer within 30 s: {}", self.log());
+            assert!(Instant::now() < deadline, "node did not answer within {patience} s: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -100,20 +100,12 @@ pub fn delete(shard: &Shard, auth: &Authed) -> ApiResult<Value> {
     Ok(json!({ "device_id": d.device_id }))
 }
 
-/// Deletes a device's to-device messages up to `upto` (clustering key), or all.
+/// Deletes a device's to-device messages up to `upto` (clustering key,
+/// included), or all: one range delete.
 fn delete_inbox(shard: &Shard, auth: &Authed, device: &str, upto: Option<&[u8]>) -> ApiResult<()> {
-    loop {
-        let rows = shard.db.inbox(&auth.user, device, 1000)?;
-        let deletes: Vec<Write> = rows
-            .into_iter()
-            .filter(|(_, _, ck, _)| upto.is_none_or(|u| ck.as_slice() <= u))
-            .map(|(_, _, ck, _)| Write::Delete { table: Table::ToDevice, pk: Db::inbox_key(&auth.user, device), ck })
-            .collect();
-        if deletes.is_empty() {
-            return Ok(());
-        }
-        shard.db.store.write(deletes)?;
-    }
+    let to = upto.map_or_else(|| vec![0xff; crate::db::INBOX_CK_LEN], <[u8]>::to_vec);
+    shard.db.store.write(vec![Write::delete_range(Table::ToDevice, Db::inbox_key(&auth.user, device), Vec::new(), to)])?;
+    Ok(())
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -273,20 +273,21 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
     // To-device: messages up to `since` were delivered and are acknowledged
     // by this request, so they are deleted; the rest up to `upper` is sent.
     let mut to_device = Vec::new();
-    let mut acked = Vec::new();
+    let mut acked: std::collections::BTreeMap<u16, u64> = std::collections::BTreeMap::new();
     // Every pending message up to `upper` is sent: holding some back would
     // let the next token acknowledge them unseen. Inboxes are bounded.
-    for (writer, pos, ck, message) in shard.db.inbox(&auth.user, &auth.device, 2 * crate::api::extras::INBOX_MAX)? {
+    for (writer, pos, _, message) in shard.db.inbox(&auth.user, &auth.device, 2 * crate::api::extras::INBOX_MAX)? {
         let s = since.and_then(|t| t.heads.get(usize::from(writer)).copied()).unwrap_or(0);
         let u = upper.heads.get(usize::from(writer)).copied().unwrap_or(0);
         if since.is_some() && pos <= s {
-            acked.push(crate::storage::Write::Delete { table: crate::storage::Table::ToDevice, pk: crate::db::Db::inbox_key(&auth.user, &auth.device), ck });
+            acked.insert(writer, s);
         } else if pos <= u {
             to_device.push(message);
         }
     }
     if !acked.is_empty() {
-        shard.db.store.write(acked)?;
+        // Everything of a writer up to `since` was delivered: one range each.
+        shard.db.store.write(acked.into_iter().map(|(writer, upto)| crate::db::Db::inbox_ack_write(&auth.user, &auth.device, writer, upto)).collect())?;
     }
     changed |= !to_device.is_empty();
     let (device_lists, otk_counts, fallback_types, keys_changed) = crate::api::keys::sync_fields(shard, auth, since, upper)?;

@@ -15,6 +15,7 @@ pub fn run_all(store: Arc<dyn Store>) {
     long_scans_are_complete_and_ordered(&*store);
     partitions_are_isolated(&*store);
     batch_is_applied_whole(&*store);
+    range_deletes(&*store);
     large_batches_and_values(&*store);
     conditional_insert_is_unique_under_concurrency(store.clone());
 }
@@ -216,4 +217,32 @@ fn conditional_insert_is_unique_under_concurrency(store: Arc<dyn Store>) {
         let existing = store.insert_if_absent(Table::Users, key.as_bytes(), b"", b"late").expect("lwt");
         assert_eq!(existing, Some(stored), "a later insert sees the winner's value, unchanged");
     }
+}
+
+fn range_deletes(store: &dyn Store) {
+    let pk = b"@r:x\0DEV";
+    let other = b"@r:x\0OTHER";
+    let key = |shard: u16, pos: u64| [&shard.to_be_bytes()[..], &pos.to_be_bytes()[..]].concat();
+    let mut writes = Vec::new();
+    for shard in 0..3u16 {
+        for pos in 1..=5u64 {
+            writes.push(Write::put(Table::ToDevice, pk.to_vec(), key(shard, pos), b"m".to_vec()));
+        }
+    }
+    writes.push(Write::put(Table::ToDevice, other.to_vec(), key(1, 2), b"kept".to_vec()));
+    store.write(writes).expect("write");
+    // Shard 1, positions 2..=4 (both ends included).
+    store.write(vec![Write::delete_range(Table::ToDevice, pk.to_vec(), key(1, 2), key(1, 4))]).expect("range delete");
+    let left: Vec<Vec<u8>> = store.scan(Scan::partition(Table::ToDevice, pk, 100)).expect("scan").into_iter().map(|(ck, _)| ck.to_vec()).collect();
+    let mut expected: Vec<Vec<u8>> = (0..3u16).flat_map(|s| (1..=5u64).map(move |p| key(s, p))).collect();
+    expected.retain(|ck| !(key(1, 2)..=key(1, 4)).contains(ck));
+    assert_eq!(left, expected);
+    assert_eq!(store.get(Table::ToDevice, other, &key(1, 2)).expect("get").as_deref(), Some(&b"kept"[..]), "other partitions untouched");
+    // An empty range and a range with no rows are fine.
+    store.write(vec![Write::delete_range(Table::ToDevice, pk.to_vec(), key(9, 0), key(9, 9))]).expect("no rows");
+    // A batch writing inside a range it deletes is refused whole.
+    let err = store.write(vec![Write::put(Table::Users, b"@clash:x".to_vec(), b"".to_vec(), b"v".to_vec()), Write::delete_range(Table::ToDevice, pk.to_vec(), key(0, 0), key(0, 9)), Write::put(Table::ToDevice, pk.to_vec(), key(0, 3), b"new".to_vec())]);
+    assert!(err.is_err(), "a clashing batch must be refused");
+    assert_eq!(store.get(Table::Users, b"@clash:x", b"").expect("get"), None, "nothing of a refused batch is applied");
+    assert_eq!(store.scan(Scan::partition(Table::ToDevice, pk, 100)).expect("scan").len(), expected.len());
 }

@@ -62,12 +62,13 @@ use crate::side::{BridgeError, SideRuntime};
 const MIGRATIONS: &[(i32, &str, &[&str])] = &[(1, "baseline: one (pk, ck, v) table per storage table", &[])];
 
 /// Statement kinds prepared per table: get, put, delete, conditional insert,
-/// then 18 scans (3 lower bounds x 3 upper bounds x 2 orders).
+/// range delete, then 18 scans (3 lower bounds x 3 upper bounds x 2 orders).
 const KIND_GET: usize = 0;
 const KIND_PUT: usize = 1;
 const KIND_DELETE: usize = 2;
 const KIND_LWT: usize = 3;
-const KIND_SCAN: usize = 4;
+const KIND_DELETE_RANGE: usize = 4;
+const KIND_SCAN: usize = 5;
 const KINDS: usize = KIND_SCAN + 18;
 
 /// Longest start-up (connection and migrations) before giving up.
@@ -207,6 +208,7 @@ fn statement_text(t: &str, kind: usize) -> String {
         KIND_PUT => format!("INSERT INTO {t} (pk, ck, v) VALUES (?, ?, ?)"),
         KIND_DELETE => format!("DELETE FROM {t} WHERE pk = ? AND ck = ?"),
         KIND_LWT => format!("INSERT INTO {t} (pk, ck, v) VALUES (?, ?, ?) IF NOT EXISTS"),
+        KIND_DELETE_RANGE => format!("DELETE FROM {t} WHERE pk = ? AND ck >= ? AND ck <= ?"),
         _ => {
             let scan = kind - KIND_SCAN;
             let (bounds, reverse) = (scan / 2, scan % 2 == 1);
@@ -223,9 +225,10 @@ fn statement_text(t: &str, kind: usize) -> String {
 }
 
 /// Creates the keyspace, the migrations table and every missing storage
-/// table, then applies pending [`MIGRATIONS`]. Idempotent; refuses a
-/// database whose schema is newer than this binary.
-async fn migrate(session: &Session, keyspace: &str, replication: &str) -> StorageResult<()> {
+/// table, sets the configured row expiries (`ttls`: table and
+/// `default_time_to_live` in seconds), then applies pending [`MIGRATIONS`].
+/// Idempotent; refuses a database whose schema is newer than this binary.
+async fn migrate(session: &Session, keyspace: &str, replication: &str, ttls: &[(Table, i32)]) -> StorageResult<()> {
     // The session does not wait for schema agreement after each statement
     // (that costs a polling round per table); we wait once per step instead.
     // Schema changes queue behind each other on the server (one at a time),
@@ -242,26 +245,42 @@ async fn migrate(session: &Session, keyspace: &str, replication: &str) -> Storag
     ddl(format!("CREATE TABLE IF NOT EXISTS {keyspace}.schema_migrations (version int PRIMARY KEY, description text, applied_at timestamp)")).await?;
 
     let existing = session
-        .query_unpaged("SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", (keyspace,))
+        .query_unpaged("SELECT table_name, default_time_to_live FROM system_schema.tables WHERE keyspace_name = ?", (keyspace,))
         .await
         .map_err(execution_error)?
         .into_rows_result()
         .map_err(engine)?
-        .rows::<(String,)>()
+        .rows::<(String, i32)>()
         .map_err(engine)?
-        .map(|r| r.map(|(name,)| name))
-        .collect::<Result<std::collections::HashSet<_>, _>>()
+        .collect::<Result<HashMap<String, i32>, _>>()
         .map_err(engine)?;
-    let missing: Vec<Table> = Table::ALL.into_iter().filter(|t| !existing.contains(t.name())).collect();
-    if !missing.is_empty() {
+    let missing: Vec<Table> = Table::ALL.into_iter().filter(|t| !existing.contains_key(t.name())).collect();
+    let missing_was_empty = missing.is_empty();
+    if !missing_was_empty {
         tracing::info!(keyspace, count = missing.len(), "creating CQL tables");
     }
+    let ttl_of = |table: Table| ttls.iter().find(|(t, _)| *t == table).map_or(0, |&(_, ttl)| ttl);
     for table in missing {
         let name = table.name();
-        ddl(format!("CREATE TABLE IF NOT EXISTS {keyspace}.{name} (pk blob, ck blob, v blob, PRIMARY KEY ((pk), ck)) WITH CLUSTERING ORDER BY (ck ASC)"))
-            .await?;
+        let ttl = ttl_of(table);
+        ddl(format!(
+            "CREATE TABLE IF NOT EXISTS {keyspace}.{name} (pk blob, ck blob, v blob, PRIMARY KEY ((pk), ck)) WITH CLUSTERING ORDER BY (ck ASC) AND default_time_to_live = {ttl}"
+        ))
+        .await?;
     }
-    agree().await?;
+    // Expiring rows bound partitions that would otherwise only grow; the
+    // setting follows the configuration on every start.
+    let mut altered = false;
+    for &(table, ttl) in ttls {
+        if existing.get(table.name()).is_some_and(|&current| current != ttl) {
+            tracing::info!(table = table.name(), ttl, "setting CQL default_time_to_live");
+            ddl(format!("ALTER TABLE {keyspace}.{} WITH default_time_to_live = {ttl}", table.name())).await?;
+            altered = true;
+        }
+    }
+    if altered || !missing_was_empty {
+        agree().await?;
+    }
 
     let applied = session
         .query_unpaged(format!("SELECT version FROM {keyspace}.schema_migrations"), &[])
@@ -333,6 +352,8 @@ impl Cql {
             builder = builder.user(user, &password.0);
         }
         let (keyspace, replication) = (config.keyspace.clone(), config.replication.clone());
+        let ttl = |secs: u32| i32::try_from(secs).map_err(|_| engine(format!("TTL {secs} s is out of range")));
+        let ttls = [(Table::Transactions, ttl(config.transaction_ttl_secs)?), (Table::ClaimedKeys, ttl(config.claimed_key_ttl_secs)?)];
         let points = config.contact_points.join(", ");
         let connect = async move {
             // Discovery may take a few round trips after the first connection.
@@ -341,7 +362,7 @@ impl Cql {
                 .await
                 .map_err(|_| unavailable(format!("no answer from the CQL database at {points} within {wait:?}")))?
                 .map_err(|e| unavailable(format!("cannot connect to the CQL database at {points}: {e}")))?;
-            migrate(&session, &keyspace, &replication).await?;
+            migrate(&session, &keyspace, &replication, &ttls).await?;
             Ok::<_, StorageError>(session)
         };
         // Creating tables waits for schema agreement each time: on a fresh
@@ -473,6 +494,7 @@ impl Inner {
             let (p, v) = match w {
                 Write::Put { table, pk, ck, value } => (self.statement(*table, KIND_PUT).await?, vec![pk, ck, value]),
                 Write::Delete { table, pk, ck } => (self.statement(*table, KIND_DELETE).await?, vec![pk, ck]),
+                Write::DeleteRange { table, pk, from, to } => (self.statement(*table, KIND_DELETE_RANGE).await?, vec![pk, from, to]),
             };
             statements.push(p);
             values.push(v);
@@ -523,8 +545,11 @@ fn last_write_per_row(writes: Vec<Write>) -> Vec<Write> {
         .into_iter()
         .rev()
         .filter(|w| {
-            let (Write::Put { table, pk, ck, .. } | Write::Delete { table, pk, ck }) = w;
-            seen.insert((*table, pk.clone(), ck.clone()))
+            match w {
+                Write::Put { table, pk, ck, .. } | Write::Delete { table, pk, ck } => seen.insert((*table, pk.clone(), ck.clone())),
+                // `check_batch` keeps row writes out of deleted ranges.
+                Write::DeleteRange { .. } => true,
+            }
         })
         .collect();
     kept.reverse();
@@ -551,6 +576,7 @@ impl Store for Cql {
         if writes.is_empty() {
             return Ok(());
         }
+        super::check_batch(&writes)?;
         let writes = last_write_per_row(writes);
         self.run(|inner| async move {
             let timestamp = inner.timestamps.next_timestamp();

@@ -145,11 +145,20 @@ impl Store for Embedded {
     }
 
     fn write(&self, writes: Vec<Write>) -> StorageResult<()> {
+        super::check_batch(&writes)?;
         let mut batch = self.db.batch();
         for w in writes {
             match w {
                 Write::Put { table, pk, ck, value } => batch.insert(self.ks(table)?, row_key(&pk, &ck)?, value),
                 Write::Delete { table, pk, ck } => batch.remove(self.ks(table)?, row_key(&pk, &ck)?),
+                Write::DeleteRange { table, pk, from, to } => {
+                    // The engine has no atomic range delete: the range's
+                    // keys are removed one by one in the same batch.
+                    let ks = self.ks(table)?;
+                    for guard in ks.range::<Vec<u8>, _>(row_key(&pk, &from)?..=row_key(&pk, &to)?) {
+                        batch.remove(ks, guard.key().map_err(engine)?);
+                    }
+                }
             }
         }
         batch.commit().map_err(engine)?;

@@ -46,7 +46,7 @@ pub enum Table {
     Transactions,
     /// pk = event id -> stored event (PDU + metadata).
     Events,
-    /// pk = room id; ck = stream position -> event id.
+    /// pk = room id (+ bucket, see `db::buckets`); ck = stream position -> event id.
     Timeline,
     /// pk = room id; ck = (type, state key) -> current state entry.
     RoomState,
@@ -70,11 +70,11 @@ pub enum Table {
     Pushers,
     /// pk = shard index; ck = "" -> last written stream position.
     StreamHeads,
-    /// pk = user id; ck = home-shard stream position -> change record.
-    UserStream,
+    /// pk = room id; ck = first stream position of a timeline bucket -> bucket number.
+    TimelineBuckets,
     /// pk = token -> registration token record.
     RegistrationTokens,
-    /// pk = room id; ck = stream position -> members the event notified.
+    /// pk = room id (+ bucket, as the timeline); ck = stream position -> members the event notified.
     Notifications,
     /// pk = OpenID token -> (user, expiry).
     OpenIdTokens,
@@ -126,7 +126,7 @@ impl Table {
         Table::Presence,
         Table::Pushers,
         Table::StreamHeads,
-        Table::UserStream,
+        Table::TimelineBuckets,
         Table::RegistrationTokens,
         Table::Notifications,
         Table::OpenIdTokens,
@@ -167,7 +167,7 @@ impl Table {
             Table::Presence => "presence",
             Table::Pushers => "pushers",
             Table::StreamHeads => "stream_heads",
-            Table::UserStream => "user_stream",
+            Table::TimelineBuckets => "timeline_buckets",
             Table::RegistrationTokens => "registration_tokens",
             Table::Notifications => "notifications",
             Table::OpenIdTokens => "openid_tokens",
@@ -193,6 +193,11 @@ pub enum Write {
     Put { table: Table, pk: Vec<u8>, ck: Vec<u8>, value: Vec<u8> },
     /// Delete a row (absent rows are fine).
     Delete { table: Table, pk: Vec<u8>, ck: Vec<u8> },
+    /// Delete every row of one partition with `from <= ck <= to`: one range
+    /// tombstone on CQL, where deleting row by row would leave a tombstone
+    /// per row for later scans to wade through. A batch must not also write
+    /// a row inside a range it deletes (refused, see [`check_batch`]).
+    DeleteRange { table: Table, pk: Vec<u8>, from: Vec<u8>, to: Vec<u8> },
 }
 
 impl Write {
@@ -205,6 +210,28 @@ impl Write {
     pub fn delete(table: Table, pk: impl Into<Vec<u8>>, ck: impl Into<Vec<u8>>) -> Self {
         Write::Delete { table, pk: pk.into(), ck: ck.into() }
     }
+
+    /// Shorthand for [`Write::DeleteRange`] (both ends included).
+    pub fn delete_range(table: Table, pk: impl Into<Vec<u8>>, from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) -> Self {
+        Write::DeleteRange { table, pk: pk.into(), from: from.into(), to: to.into() }
+    }
+}
+
+/// Refuses a batch that writes a row inside a range the same batch deletes:
+/// backends order such writes differently (CQL gives every write of a batch
+/// one timestamp, and a tombstone wins a tie), so no order is promised.
+pub fn check_batch(writes: &[Write]) -> StorageResult<()> {
+    for w in writes {
+        let Write::DeleteRange { table, pk, from, to } = w else { continue };
+        let clash = writes.iter().any(|o| match o {
+            Write::Put { table: t, pk: p, ck, .. } | Write::Delete { table: t, pk: p, ck } => t == table && p == pk && from <= ck && ck <= to,
+            Write::DeleteRange { .. } => false,
+        });
+        if clash {
+            return Err(StorageError::Engine(format!("a batch writes inside a range it deletes ({})", table.name())));
+        }
+    }
+    Ok(())
 }
 
 /// A clustering-key range scan of one partition.

@@ -68,6 +68,18 @@ fn migrations_are_recorded_and_idempotent() {
         assert!(tables.iter().any(|row| row.contains(t.name())), "table {} exists: {tables:?}", t.name());
     }
 
+    // Row expiry follows the configuration on every start.
+    let ttl_of = |store: &Cql, table: &str| -> String {
+        let rows = store.raw_rows(format!("SELECT default_time_to_live FROM system_schema.tables WHERE keyspace_name = '{ks}' AND table_name = '{table}'")).expect("ttl");
+        rows.join(",")
+    };
+    assert!(ttl_of(&again, "transactions").contains("86400"), "{}", ttl_of(&again, "transactions"));
+    assert!(ttl_of(&again, "claimed_keys").contains("2592000"), "{}", ttl_of(&again, "claimed_keys"));
+    assert!(ttl_of(&again, "timeline").contains("Int(0)"), "{}", ttl_of(&again, "timeline"));
+    let changed = Cql::connect(&CqlConfig { transaction_ttl_secs: 3600, claimed_key_ttl_secs: 0, ..config(&ks) }).expect("start with other TTLs");
+    assert!(ttl_of(&changed, "transactions").contains("3600"), "{}", ttl_of(&changed, "transactions"));
+    assert!(ttl_of(&changed, "claimed_keys").contains("Int(0)"), "{}", ttl_of(&changed, "claimed_keys"));
+
     // A schema from a newer binary is refused rather than misread.
     again.raw(format!("INSERT INTO {ks}.schema_migrations (version, description) VALUES (9999, 'future')")).expect("insert");
     let err = Cql::connect(&config(&ks)).err().expect("newer schema must be refused").to_string();
