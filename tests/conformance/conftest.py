@@ -128,7 +128,9 @@ def server():
     workdir = Path(tempfile.mkdtemp(prefix="tessera-conformance-"))
     srv = hs.Server(workdir)
     srv.start()
-    results.RUN_INFO.update(kind=srv.kind, base_url=srv.base_url)
+    # The CQL backend's results get their own section of the summary.
+    storage = "_scylla" if srv.kind == "tessera" and os.environ.get("TESSERA_HS_STORAGE") == "scylla" else ""
+    results.RUN_INFO.update(kind=srv.kind + storage, base_url=srv.base_url)
     try:
         resp = requests.get(srv.base_url + "/_matrix/client/versions", timeout=10)
         results.RUN_INFO["server_header"] = resp.headers.get("Server", "")
