@@ -68,7 +68,7 @@ impl Node {
         // keyspace per node (stable across restarts: same process, same port).
         if std::env::var("TESSERA_E2E_STORAGE").as_deref() == Ok("scylla") {
             let point = std::env::var("TESSERA_TEST_CQL").expect("TESSERA_E2E_STORAGE=scylla needs TESSERA_TEST_CQL (scripts/cassandra.sh start)");
-            let keyspace = format!("e2e_{}_{}", std::process::id(), self.port);
+            let keyspace = self.keyspace();
             command
                 .env("TESSERA__STORAGE__BACKEND", "scylla")
                 .env("TESSERA__STORAGE__SCYLLA__CONTACT_POINTS", point)
@@ -145,11 +145,38 @@ impl Node {
     }
 }
 
+impl Node {
+    /// The node's keyspace on the CQL backend (stable across restarts).
+    fn keyspace(&self) -> String {
+        format!("e2e_{}_{}", std::process::id(), self.port)
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var("TESSERA_E2E_STORAGE").as_deref() == Ok("scylla")
+            && let Ok(point) = std::env::var("TESSERA_TEST_CQL")
+        {
+            // Every keyspace left behind costs the test database memory and
+            // slows its later schema changes.
+            if let Err(e) = drop_keyspace(&point, &self.keyspace()) {
+                eprintln!("could not drop keyspace {}: {e}", self.keyspace());
+            }
+        }
     }
+}
+
+fn drop_keyspace(point: &str, keyspace: &str) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let session = scylla::client::session_builder::SessionBuilder::new().known_node(point).build().await?;
+        let mut statement = scylla::statement::Statement::new(format!("DROP KEYSPACE IF EXISTS {keyspace}"));
+        statement.set_request_timeout(Some(Duration::from_secs(60)));
+        session.query_unpaged(statement, &[]).await?;
+        Ok(())
+    })
 }
 
 fn agent() -> ureq::Agent {
