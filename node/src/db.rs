@@ -28,6 +28,9 @@ pub type DbResult<T> = Result<T, Error>;
 #[derive(Clone)]
 pub struct Db {
     pub store: Arc<dyn Store>,
+    /// Per writer shard, the last position whose device-list change rows
+    /// may be in the unbucketed layout (see `keystore`); read once.
+    pub(crate) key_change_floors: Arc<std::sync::OnceLock<Vec<u64>>>,
 }
 
 fn decode<T: DeserializeOwned>(table: Table, bytes: &[u8]) -> DbResult<T> {
@@ -182,7 +185,7 @@ pub fn account_data_ck(room: Option<&RoomId>, kind: &str) -> Vec<u8> {
 
 impl Db {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Db { store }
+        Db { store, key_change_floors: Arc::default() }
     }
 
     pub(crate) fn get_json<T: DeserializeOwned>(&self, table: Table, pk: &[u8], ck: &[u8]) -> DbResult<Option<T>> {

@@ -27,6 +27,35 @@ const CLAIM_SCAN: usize = 64;
 /// Kinds of device-list change rows.
 const CHANGED: &[u8] = b"changed";
 const LEFT: &[u8] = b"left";
+/// Device-list change rows are bucketed per watcher, writer shard and
+/// `position >> KEY_CHANGE_BUCKET_BITS` (about a million positions).
+const KEY_CHANGE_BUCKET_BITS: u32 = 20;
+/// Most buckets one read walks per writer shard; a longer range (a very old
+/// sync token) reports every co-member as changed instead.
+const KEY_CHANGE_BUCKETS_MAX: u64 = 16;
+/// Meta key of the per-shard positions up to which change rows may still be
+/// in the layout before buckets (one partition per watcher).
+const KEY_CHANGE_FLOORS: &str = "key_changes_bucketed_from";
+
+/// Device-list changes for a watcher between two tokens.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct KeyChanges {
+    pub changed: BTreeSet<String>,
+    /// Users who stopped sharing a room (candidates: the caller checks).
+    pub left: BTreeSet<String>,
+    /// The range was too long to read: the caller must treat everyone who
+    /// shares a room with the watcher as changed.
+    pub too_old: bool,
+}
+
+fn key_change_pk(watcher: &UserId, shard: u16, bucket: u64) -> Vec<u8> {
+    [watcher.as_bytes(), b"\0", &shard.to_be_bytes(), &bucket.to_be_bytes()].concat()
+}
+
+fn key_change_row(watcher: &UserId, shard: u16, pos: u64, user: &UserId, kind: &[u8]) -> Write {
+    let ck = [&pos.to_be_bytes()[..], user.as_bytes()].concat();
+    Write::put(Table::KeyChanges, key_change_pk(watcher, shard, pos >> KEY_CHANGE_BUCKET_BITS), ck, kind.to_vec())
+}
 
 /// A device's fallback key for one algorithm.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -224,44 +253,86 @@ impl Db {
 
     /// Records, for `watcher`, that `user`'s keys changed at `shard`'s position `pos`.
     pub fn key_change_write(watcher: &UserId, shard: u16, pos: u64, user: &UserId) -> Write {
-        let ck = [&shard.to_be_bytes()[..], &pos.to_be_bytes(), user.as_bytes()].concat();
-        Write::put(Table::KeyChanges, watcher.as_bytes(), ck, CHANGED.to_vec())
+        key_change_row(watcher, shard, pos, user, CHANGED)
     }
 
     /// Records, for `watcher`, that `user` no longer shares a room with them.
     pub fn key_left_write(watcher: &UserId, shard: u16, pos: u64, user: &UserId) -> Write {
-        let ck = [&shard.to_be_bytes()[..], &pos.to_be_bytes(), user.as_bytes()].concat();
-        Write::put(Table::KeyChanges, watcher.as_bytes(), ck, LEFT.to_vec())
+        key_change_row(watcher, shard, pos, user, LEFT)
     }
 
-    /// Users whose keys changed for `watcher` between two position vectors
-    /// (`since` exclusive, `upper` inclusive), read shard by shard, and the
-    /// users who stopped sharing a room with `watcher` in that range
-    /// (candidates: the caller checks they still share none).
-    pub fn key_changes_and_left(&self, watcher: &UserId, since: &[u64], upper: &[u64], limit: usize) -> DbResult<(BTreeSet<String>, BTreeSet<String>)> {
-        let mut changed = BTreeSet::new();
-        let mut left = BTreeSet::new();
-        for (shard, hi) in upper.iter().enumerate() {
+    /// Records, once, the stream heads at the first start with bucketed
+    /// change rows: older rows are in the watcher's single partition.
+    pub fn record_key_change_floors(&self, heads: &[u64]) -> DbResult<()> {
+        if self.meta(KEY_CHANGE_FLOORS)?.is_none() {
+            self.store.write(vec![Write::put(Table::Meta, KEY_CHANGE_FLOORS.as_bytes().to_vec(), b"".to_vec(), encode(&heads))])?;
+        }
+        Ok(())
+    }
+
+    fn key_change_floor(&self, shard: usize) -> DbResult<u64> {
+        if let Some(floors) = self.key_change_floors.get() {
+            return Ok(floors.get(shard).copied().unwrap_or(0));
+        }
+        let floors: Vec<u64> = self.get_json(Table::Meta, KEY_CHANGE_FLOORS.as_bytes(), b"")?.unwrap_or_default();
+        let floor = floors.get(shard).copied().unwrap_or(0);
+        let _ = self.key_change_floors.set(floors);
+        Ok(floor)
+    }
+
+    /// Device-list changes for `watcher` between two position vectors
+    /// (`since` exclusive, `upper` inclusive), read shard by shard and
+    /// bucket by bucket.
+    pub fn key_changes_and_left(&self, watcher: &UserId, since: &[u64], upper: &[u64], limit: usize) -> DbResult<KeyChanges> {
+        let mut out = KeyChanges::default();
+        let mut record = |user: &[u8], kind: &[u8]| {
+            let user = text(user);
+            if kind == LEFT { out.left.insert(user) } else { out.changed.insert(user) };
+        };
+        for (shard, &hi) in upper.iter().enumerate() {
             let lo = since.get(shard).copied().unwrap_or(0);
-            if *hi <= lo {
+            if hi <= lo {
                 continue;
             }
-            let s = (shard as u16).to_be_bytes();
-            let from = [&s[..], &(lo + 1).to_be_bytes()].concat();
-            let to = [&s[..], &(hi.saturating_add(1)).to_be_bytes()].concat();
-            let scan = Scan { table: Table::KeyChanges, pk: watcher.as_bytes(), from: Bound::Included(&from), to: Bound::Excluded(&to), reverse: false, limit };
-            for (ck, kind) in self.store.scan(scan)? {
-                if let Some(user) = ck.get(10..) {
-                    if kind.as_ref() == LEFT { left.insert(text(user)) } else { changed.insert(text(user)) };
+            let Ok(s) = u16::try_from(shard) else { continue };
+            let (first, last) = ((lo + 1) >> KEY_CHANGE_BUCKET_BITS, hi >> KEY_CHANGE_BUCKET_BITS);
+            if last - first >= KEY_CHANGE_BUCKETS_MAX {
+                return Ok(KeyChanges { too_old: true, ..KeyChanges::default() });
+            }
+            // The clustering key is the position, then the user id: rows at
+            // `hi` sort after `hi` alone, so the range ends before `hi + 1`.
+            let from = (lo + 1).to_be_bytes();
+            let end = hi.checked_add(1).map(u64::to_be_bytes);
+            for bucket in first..=last {
+                let pk = key_change_pk(watcher, s, bucket);
+                let to = end.as_ref().map_or(Bound::Unbounded, |e| Bound::Excluded(&e[..]));
+                for (ck, kind) in self.store.scan(Scan { table: Table::KeyChanges, pk: &pk, from: Bound::Included(&from), to, reverse: false, limit })? {
+                    if let Some(user) = ck.get(8..) {
+                        record(user, &kind);
+                    }
+                }
+            }
+            // Rows written before buckets existed: the watcher's one partition.
+            let floor = self.key_change_floor(shard)?;
+            if lo < floor {
+                let legacy_from = [&s.to_be_bytes()[..], &(lo + 1).to_be_bytes()].concat();
+                let legacy_to = [&s.to_be_bytes()[..], &(hi.min(floor).saturating_add(1)).to_be_bytes()].concat();
+                let scan = Scan { table: Table::KeyChanges, pk: watcher.as_bytes(), from: Bound::Included(&legacy_from), to: Bound::Excluded(&legacy_to), reverse: false, limit };
+                for (ck, kind) in self.store.scan(scan)? {
+                    if let Some(user) = ck.get(10..) {
+                        record(user, &kind);
+                    }
                 }
             }
         }
-        Ok((changed, left))
+        Ok(out)
     }
 
-    /// Users whose keys changed for `watcher` between two position vectors.
-    pub fn key_changes(&self, watcher: &UserId, since: &[u64], upper: &[u64], limit: usize) -> DbResult<BTreeSet<String>> {
-        Ok(self.key_changes_and_left(watcher, since, upper, limit)?.0)
+    /// Users whose keys changed for `watcher` between two position vectors
+    /// (`None`: the range is too long to read).
+    pub fn key_changes(&self, watcher: &UserId, since: &[u64], upper: &[u64], limit: usize) -> DbResult<Option<BTreeSet<String>>> {
+        let changes = self.key_changes_and_left(watcher, since, upper, limit)?;
+        Ok((!changes.too_old).then_some(changes.changed))
     }
 
     // ---- server-side key backup

@@ -116,6 +116,12 @@ fn stream_heads(db: &Db, count: u16) -> anyhow::Result<Vec<u64>> {
         db.store.write((0..count).map(|s| Db::stream_head_write(s, floor)).collect())?;
     }
     db.store.write(vec![crate::storage::Write::put(crate::storage::Table::Meta, SHARD_COUNT_KEY.as_bytes().to_vec(), b"".to_vec(), crate::db::encode(&count))])?;
+    // Device-list change rows up to these positions may predate buckets.
+    let mut floors = heads.clone();
+    for s in count..previous {
+        floors.push(db.stream_head(s)?);
+    }
+    db.record_key_change_floors(&floors)?;
     Ok(heads)
 }
 

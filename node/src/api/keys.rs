@@ -118,8 +118,16 @@ pub fn membership_changed(shard: &Shard, room: &RoomId, user: &UserId, joined: b
 /// `changed` and `left` for `watcher` between two tokens: a user counts as
 /// left only if they share no room with the watcher now and did not change
 /// in the range.
+///
+/// A range too long to read (a very old token) reports every user sharing
+/// a room with the watcher as changed: clients then query their keys again,
+/// which is always safe.
 fn changed_and_left(shard: &Shard, watcher: &UserId, since: &[u64], upper: &[u64]) -> ApiResult<(BTreeSet<String>, BTreeSet<String>)> {
-    let (changed, candidates) = shard.db.key_changes_and_left(watcher, since, upper, CHANGES_MAX)?;
+    let changes = shard.db.key_changes_and_left(watcher, since, upper, CHANGES_MAX)?;
+    if changes.too_old {
+        return Ok((watchers(shard, watcher)?.into_iter().map(|u| u.to_string()).collect(), BTreeSet::new()));
+    }
+    let (changed, candidates) = (changes.changed, changes.left);
     let mut left = BTreeSet::new();
     for user in candidates {
         if changed.contains(&user) {

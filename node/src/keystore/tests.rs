@@ -97,23 +97,40 @@ fn deleting_a_device_removes_all_its_keys() {
 
 /// One store for every property case (opening a store per case is slow);
 /// each case watches with its own user.
+/// Positions up to which each writer shard's rows are in the layout from
+/// before buckets, in the shared store.
+const FLOORS: [u64; 3] = [(3 << 20) - 5, 0, (1 << 20) + 7];
+
 fn shared_db() -> &'static Db {
     static DB: std::sync::OnceLock<Db> = std::sync::OnceLock::new();
-    DB.get_or_init(|| db("changes").0)
+    DB.get_or_init(|| {
+        let db = db("changes").0;
+        db.record_key_change_floors(&FLOORS).expect("floors");
+        db
+    })
+}
+
+/// A change row as stores wrote it before buckets existed.
+fn legacy_change_write(watcher: &UserId, shard: u16, pos: u64, user: &UserId) -> Write {
+    let ck = [&shard.to_be_bytes()[..], &pos.to_be_bytes(), user.as_bytes()].concat();
+    Write::put(Table::KeyChanges, watcher.as_bytes(), ck, CHANGED.to_vec())
 }
 
 proptest! {
     /// Changes are reported exactly in the token range (since, upper],
-    /// shard by shard.
+    /// shard by shard, across buckets and from rows written before buckets.
     #[test]
-    fn key_changes_are_read_between_tokens(changes in proptest::collection::vec((0u16..3, 1u64..20, 0usize..4), 0..30), since in proptest::collection::vec(0u64..20, 3), span in proptest::collection::vec(0u64..20, 3)) {
+    fn key_changes_are_read_between_tokens(changes in proptest::collection::vec((0u16..3, 1u64..(5 << 20), 0usize..4), 0..30), since in proptest::collection::vec(0u64..(5 << 20), 3), span in proptest::collection::vec(0u64..(3 << 20), 3)) {
         let db = shared_db();
         let watcher = UserId::parse(format!("@w{}:x", rand::random::<u64>())).expect("user");
         let users: Vec<OwnedUserId> = (0..4).map(|i| UserId::parse(format!("@u{i}:x")).expect("user")).collect();
-        let writes = changes.iter().map(|(s, p, u)| Db::key_change_write(&watcher, *s, *p, &users[*u])).collect();
+        let writes = changes
+            .iter()
+            .map(|&(s, p, u)| if p <= FLOORS[usize::from(s)] { legacy_change_write(&watcher, s, p, &users[u]) } else { Db::key_change_write(&watcher, s, p, &users[u]) })
+            .collect();
         db.store.write(writes).expect("write");
         let upper: Vec<u64> = since.iter().zip(&span).map(|(s, d)| s + d).collect();
-        let got = db.key_changes(&watcher, &since, &upper, 1000).expect("read");
+        let got = db.key_changes(&watcher, &since, &upper, 1000).expect("read").expect("a short range is read");
         let want: BTreeSet<String> = changes
             .iter()
             .filter(|(s, p, _)| *p > since[usize::from(*s)] && *p <= upper[usize::from(*s)])
@@ -121,4 +138,18 @@ proptest! {
             .collect();
         prop_assert_eq!(got, want);
     }
+}
+
+#[test]
+fn a_very_old_token_is_reported_as_too_old() {
+    let db = shared_db();
+    let watcher = UserId::parse("@old:x").expect("user");
+    db.store.write(vec![Db::key_change_write(&watcher, 1, 5, &alice())]).expect("write");
+    let long = KEY_CHANGE_BUCKETS_MAX << KEY_CHANGE_BUCKET_BITS;
+    let changes = db.key_changes_and_left(&watcher, &[0, 0], &[0, long], 10).expect("read");
+    assert!(changes.too_old);
+    // One bucket shorter is still read.
+    let changes = db.key_changes_and_left(&watcher, &[0, 0], &[0, long - (1 << KEY_CHANGE_BUCKET_BITS)], 10).expect("read");
+    assert!(!changes.too_old);
+    assert_eq!(changes.changed, BTreeSet::from(["@alice:x".to_owned()]));
 }
