@@ -4,7 +4,7 @@
 use std::ops::Bound;
 use std::sync::Arc;
 
-use super::{Scan, Store, Table, Write};
+use super::{Scan, StorageResult, Store, Table, Write};
 
 /// Runs every check against `store`, which must be empty.
 pub fn run_all(store: Arc<dyn Store>) {
@@ -16,6 +16,7 @@ pub fn run_all(store: Arc<dyn Store>) {
     partitions_are_isolated(&*store);
     batch_is_applied_whole(&*store);
     range_deletes(&*store);
+    empty_partition_keys_are_refused(&*store);
     large_batches_and_values(&*store);
     conditional_insert_is_unique_under_concurrency(store.clone());
 }
@@ -245,4 +246,16 @@ fn range_deletes(store: &dyn Store) {
     assert!(err.is_err(), "a clashing batch must be refused");
     assert_eq!(store.get(Table::Users, b"@clash:x", b"").expect("get"), None, "nothing of a refused batch is applied");
     assert_eq!(store.scan(Scan::partition(Table::ToDevice, pk, 100)).expect("scan").len(), expected.len());
+}
+
+/// CQL cannot store an empty partition key; every backend refuses one the
+/// same way (an engine error, nothing of the batch applied).
+fn empty_partition_keys_are_refused(store: &dyn Store) {
+    let engine = |r: StorageResult<()>| matches!(r, Err(crate::storage::StorageError::Engine(_)));
+    assert!(engine(store.write(vec![Write::put(Table::Users, b"@kept:x".to_vec(), b"".to_vec(), b"v".to_vec()), Write::put(Table::Meta, Vec::new(), b"".to_vec(), b"v".to_vec())])));
+    assert_eq!(store.get(Table::Users, b"@kept:x", b"").expect("get"), None, "nothing of the batch is applied");
+    assert!(engine(store.write(vec![Write::delete(Table::Meta, Vec::new(), b"".to_vec())])));
+    assert!(engine(store.get(Table::Meta, b"", b"").map(drop)));
+    assert!(engine(store.scan(Scan::partition(Table::Meta, b"", 10)).map(drop)));
+    assert!(engine(store.insert_if_absent(Table::Meta, b"", b"", b"v").map(drop)));
 }

@@ -558,11 +558,13 @@ fn last_write_per_row(writes: Vec<Write>) -> Vec<Write> {
 
 impl Store for Cql {
     fn get(&self, table: Table, pk: &[u8], ck: &[u8]) -> StorageResult<Option<Bytes>> {
+        super::check_pk(pk)?;
         let (pk, ck) = (pk.to_vec(), ck.to_vec());
         self.run(|inner| async move { inner.retrying(|| inner.get(table, pk.clone(), ck.clone())).await })
     }
 
     fn scan(&self, scan: Scan<'_>) -> StorageResult<Vec<Row>> {
+        super::check_pk(scan.pk)?;
         if scan.limit == 0 {
             return Ok(Vec::new());
         }
@@ -585,6 +587,7 @@ impl Store for Cql {
     }
 
     fn insert_if_absent(&self, table: Table, pk: &[u8], ck: &[u8], value: &[u8]) -> StorageResult<Option<Bytes>> {
+        super::check_pk(pk)?;
         let (pk, ck, value) = (pk.to_vec(), ck.to_vec(), value.to_vec());
         self.run(|inner| async move { inner.insert_if_absent(table, pk, ck, value).await })
     }

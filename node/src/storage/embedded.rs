@@ -88,12 +88,14 @@ impl Embedded {
 
 impl Store for Embedded {
     fn get(&self, table: Table, pk: &[u8], ck: &[u8]) -> StorageResult<Option<Bytes>> {
+        super::check_pk(pk)?;
         let key = row_key(pk, ck)?;
         let value = self.ks(table)?.get(&key).map_err(engine)?;
         Ok(value.map(|v| Bytes::copy_from_slice(&v)))
     }
 
     fn scan(&self, scan: Scan<'_>) -> StorageResult<Vec<Row>> {
+        super::check_pk(scan.pk)?;
         let prefix = row_key(scan.pk, &[])?;
         let plen = prefix.len();
         let with_prefix = |ck: &[u8]| {
@@ -166,6 +168,7 @@ impl Store for Embedded {
     }
 
     fn insert_if_absent(&self, table: Table, pk: &[u8], ck: &[u8], value: &[u8]) -> StorageResult<Option<Bytes>> {
+        super::check_pk(pk)?;
         let key = row_key(pk, ck)?;
         let stripe = (self.hasher.hash_one(&key) as usize) % LOCK_STRIPES;
         // A poisoned stripe only means another thread panicked while holding

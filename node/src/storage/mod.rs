@@ -217,10 +217,24 @@ impl Write {
     }
 }
 
+/// Refuses an empty partition key (CQL cannot store one); every backend
+/// checks, so both behave the same.
+pub fn check_pk(pk: &[u8]) -> StorageResult<()> {
+    if pk.is_empty() {
+        return Err(StorageError::Engine("empty partition key".into()));
+    }
+    Ok(())
+}
+
 /// Refuses a batch that writes a row inside a range the same batch deletes:
 /// backends order such writes differently (CQL gives every write of a batch
 /// one timestamp, and a tombstone wins a tie), so no order is promised.
+/// Also refuses empty partition keys, as CQL does, in every backend.
 pub fn check_batch(writes: &[Write]) -> StorageResult<()> {
+    for w in writes {
+        let (Write::Put { pk, .. } | Write::Delete { pk, .. } | Write::DeleteRange { pk, .. }) = w;
+        check_pk(pk)?;
+    }
     for w in writes {
         let Write::DeleteRange { table, pk, from, to } = w else { continue };
         let clash = writes.iter().any(|o| match o {

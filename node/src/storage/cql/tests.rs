@@ -86,15 +86,6 @@ fn migrations_are_recorded_and_idempotent() {
     assert!(err.contains("9999") && err.contains("newer"), "{err}");
 }
 
-#[test]
-fn empty_partition_key_is_an_error_not_a_panic() {
-    let ks = fresh_keyspace("empty");
-    let store = Arc::new(Cql::connect(&config(&ks)).expect("connect"));
-    let _cleanup = DropKeyspace(store.clone(), ks);
-    let err = store.write(vec![Write::put(Table::Meta, Vec::new(), b"".to_vec(), b"v".to_vec())]).expect_err("empty pk");
-    assert!(matches!(err, StorageError::Engine(_)), "{err}");
-}
-
 /// A port on which nothing listens.
 fn closed_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
