@@ -5,6 +5,8 @@
 #   scripts/cassandra.sh start    # fetch jars once, start, wait until CQL answers
 #   scripts/cassandra.sh status   # exit 0 when CQL answers
 #   scripts/cassandra.sh stop     # stop it and delete its data
+#   scripts/cassandra.sh ca       # path of the PEM that signs its TLS certificate
+#                                 # (TLS is optional on the same port)
 #
 # Environment: CASSANDRA_PORT (CQL, default 9042), CASSANDRA_HEAP (1g; each
 # table costs ~0.6 MiB of heap, so ~1,000 live tables need more),
@@ -47,8 +49,21 @@ fetch_jars() {
   touch "$jars/.complete"
 }
 
+# A self-signed server certificate for 127.0.0.1 and cassandra.test; its
+# PEM ($dir/tls/ca.pem, see `ca`) is the authority clients trust.
+write_tls() {
+  mkdir -p "$dir/tls"
+  keytool -genkeypair -alias node -keyalg EC -groupname secp256r1 -sigalg SHA256withECDSA \
+    -dname "CN=cassandra.test" -ext "SAN=dns:cassandra.test,ip:127.0.0.1" -ext "EKU=serverAuth" \
+    -validity 30 -storetype PKCS12 -keystore "$dir/tls/keystore.p12" \
+    -storepass tessera-test -keypass tessera-test >/dev/null 2>&1
+  keytool -exportcert -rfc -alias node -keystore "$dir/tls/keystore.p12" -storepass tessera-test \
+    -file "$dir/tls/ca.pem" >/dev/null 2>&1
+}
+
 write_config() {
   mkdir -p "$dir"/{data,commitlog,saved_caches,hints,cdc_raw,logs}
+  write_tls
   cat >"$dir/cassandra.yaml" <<EOF
 cluster_name: tessera-test
 num_tokens: 1
@@ -85,6 +100,14 @@ concurrent_counter_writes: 4
 concurrent_compactors: 1
 # Tests create and drop a keyspace each: no snapshots of dropped data.
 auto_snapshot: false
+# TLS on the same port, optional: plain and TLS clients both connect.
+client_encryption_options:
+  enabled: true
+  optional: true
+  keystore: $dir/tls/keystore.p12
+  keystore_password: tessera-test
+  store_type: PKCS12
+  require_client_auth: false
 EOF
   cat >"$dir/logback.xml" <<EOF
 <configuration>
@@ -166,5 +189,6 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) cql_answers ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  ca) echo "$dir/tls/ca.pem" ;;
+  *) echo "usage: $0 start|stop|status|ca" >&2; exit 2 ;;
 esac

@@ -84,8 +84,18 @@ pub struct Scylla {
     /// Credentials for PasswordAuthenticator; both or neither.
     pub username: Option<String>,
     pub password: Option<Secret>,
-    /// TLS to the database. Not supported yet: `true` is rejected.
+    /// TLS to the database (rustls); needs `tls_ca_file`.
     pub tls: bool,
+    /// PEM file of the certificate authorities that sign the database's
+    /// certificates.
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Name the database's certificates are checked against. Unset, each
+    /// node's certificate must name that node's IP address.
+    pub tls_server_name: Option<String>,
+    /// Client certificate chain and private key (PEM), for databases that
+    /// require client certificates; both or neither.
+    pub tls_client_cert_file: Option<std::path::PathBuf>,
+    pub tls_client_key_file: Option<std::path::PathBuf>,
     /// Consistency of reads and writes: "local_quorum", "quorum", "one",
     /// "local_one", "two", "three", "all", "each_quorum".
     pub consistency: String,
@@ -270,6 +280,10 @@ impl Default for Scylla {
             username: None,
             password: None,
             tls: false,
+            tls_ca_file: None,
+            tls_server_name: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
             consistency: "local_quorum".into(),
             serial_consistency: "local_serial".into(),
             request_timeout_ms: 5_000,
@@ -451,8 +465,16 @@ impl Scylla {
         if self.username.is_some() != self.password.is_some() {
             return invalid("storage.scylla.username", "set both username and password, or neither");
         }
-        if self.tls {
-            return invalid("storage.scylla.tls", "TLS to the database is not supported yet; use a private network or a TLS tunnel");
+        if self.tls && self.tls_ca_file.is_none() {
+            return invalid("storage.scylla.tls_ca_file", "TLS needs the PEM file of the database's certificate authority");
+        }
+        if self.tls_client_cert_file.is_some() != self.tls_client_key_file.is_some() {
+            return invalid("storage.scylla.tls_client_cert_file", "set both tls_client_cert_file and tls_client_key_file, or neither");
+        }
+        if let Some(name) = &self.tls_server_name
+            && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            return invalid("storage.scylla.tls_server_name", "a DNS name or an IP address");
         }
         if crate::storage::cql::parse_consistency(&self.consistency).is_none() {
             return invalid("storage.scylla.consistency", "one of local_quorum, quorum, one, local_one, two, three, all, each_quorum");
@@ -554,7 +576,10 @@ mod tests {
     #[test]
     fn scylla_bad_values_are_named() {
         for (var, value, key) in [
-            ("TESSERA__STORAGE__SCYLLA__TLS", "true", "storage.scylla.tls"),
+            ("TESSERA__STORAGE__SCYLLA__TLS", "true", "storage.scylla.tls_ca_file"),
+            ("TESSERA__STORAGE__SCYLLA__TLS_SERVER_NAME", "not a name!", "storage.scylla.tls_server_name"),
+            ("TESSERA__STORAGE__SCYLLA__TLS_CLIENT_KEY_FILE", "/k.pem", "storage.scylla.tls_client_cert_file"),
+            ("TESSERA__STORAGE__SCYLLA__TRANSACTION_TTL_SECS", "700000000", "storage.scylla.transaction_ttl_secs"),
             ("TESSERA__STORAGE__SCYLLA__CONSISTENCY", "most", "storage.scylla.consistency"),
             ("TESSERA__STORAGE__SCYLLA__KEYSPACE", "bad-name", "storage.scylla.keyspace"),
             ("TESSERA__STORAGE__SCYLLA__USERNAME", "cassandra", "storage.scylla.username"),

@@ -248,3 +248,55 @@ fn only_the_last_write_to_a_row_is_sent() {
     assert!(kept[0].starts_with("Delete { table: Users, pk: [98]"), "order is kept: {kept:?}");
     assert!(kept[1].starts_with("Delete { table: Users, pk: [97]"), "the later delete of row a wins: {kept:?}");
 }
+
+/// The PEM that signed the test database's TLS certificate (scripts/test
+/// exports it; `scripts/cassandra.sh ca` prints it).
+fn tls_ca() -> std::path::PathBuf {
+    match std::env::var("TESSERA_TEST_CQL_TLS_CA") {
+        Ok(v) if !v.is_empty() => v.into(),
+        _ => panic!("TESSERA_TEST_CQL_TLS_CA is not set: run with the path printed by `scripts/cassandra.sh ca` (scripts/test sets it)"),
+    }
+}
+
+#[test]
+fn tls_connections_verify_the_database_certificate() {
+    let ks = fresh_keyspace("tls");
+    // The certificate names 127.0.0.1, the contact point's address.
+    let tls = CqlConfig { tls: true, tls_ca_file: Some(tls_ca()), ..config(&ks) };
+    let store = Arc::new(Cql::connect(&tls).expect("TLS, checked against the address"));
+    let _cleanup = DropKeyspace(store.clone(), ks.clone());
+    store.write(vec![Write::put(Table::Meta, b"k".to_vec(), b"".to_vec(), b"over tls".to_vec())]).expect("write");
+    // Checked against a configured name the certificate holds.
+    let named = Cql::connect(&CqlConfig { tls_server_name: Some("cassandra.test".into()), ..tls.clone() }).expect("TLS, checked against a name");
+    assert_eq!(named.get(Table::Meta, b"k", b"").expect("get").as_deref(), Some(&b"over tls"[..]));
+    // A name the certificate does not hold, or authorities that did not
+    // sign it, are refused.
+    let quick = CqlConfig { connect_timeout_ms: 2_000, ..tls.clone() };
+    let err = Cql::connect(&CqlConfig { tls_server_name: Some("other.test".into()), ..quick.clone() }).err().expect("wrong name refused").to_string();
+    assert!(err.contains("cannot connect"), "{err}");
+    let foreign = std::env::temp_dir().join(format!("tessera-foreign-ca-{}.pem", std::process::id()));
+    std::fs::write(&foreign, FOREIGN_CA).expect("write foreign CA");
+    let err = Cql::connect(&CqlConfig { tls_ca_file: Some(foreign.clone()), ..quick }).err().expect("foreign CA refused").to_string();
+    assert!(err.contains("cannot connect"), "{err}");
+    let _ = std::fs::remove_file(&foreign);
+    // A CA file without certificates is a configuration error, before any connection.
+    let empty = std::env::temp_dir().join(format!("tessera-empty-ca-{}.pem", std::process::id()));
+    std::fs::write(&empty, "").expect("write empty CA");
+    let err = Cql::connect(&CqlConfig { tls_ca_file: Some(empty.clone()), ..tls }).err().expect("empty CA refused").to_string();
+    assert!(err.contains("no certificate"), "{err}");
+    let _ = std::fs::remove_file(&empty);
+}
+
+/// A self-signed certificate for the same names that did not sign the test
+/// database's certificate (public part only).
+const FOREIGN_CA: &str = "-----BEGIN CERTIFICATE-----\n\
+MIIBpTCCAUygAwIBAgIUDgAYQ7MYR0JOIv1n4fBsruE+Q3YwCgYIKoZIzj0EAwIw\n\
+FzEVMBMGA1UEAwwMZm9yZWlnbi50ZXN0MCAXDTI2MTEyNjE1MjQxNloYDzIxMjYx\n\
+MTAyMTUyNDE2WjAXMRUwEwYDVQQDDAxmb3JlaWduLnRlc3QwWTATBgcqhkjOPQIB\n\
+BggqhkjOPQMBBwNCAAQhNkt7IBeoo0/UgKmfoNzk+G//EQlsBnKlbnBclxj7Vd+C\n\
+HO+m5E7laFDyNSU6MAglRiT5SPl3mWCWDL3m8MLto3QwcjAdBgNVHQ4EFgQUagry\n\
+/kR9ELF9XIlpC1lxbvyYZFAwHwYDVR0jBBgwFoAUagry/kR9ELF9XIlpC1lxbvyY\n\
+ZFAwDwYDVR0TAQH/BAUwAwEB/zAfBgNVHREEGDAWhwR/AAABgg5jYXNzYW5kcmEu\n\
+dGVzdDAKBggqhkjOPQQDAgNHADBEAiAbgpFUDMCxlGMIPXVZQzgt5h7wHmvbUGVs\n\
+W5LsntAmVQIgB0ib3FtP1vg00Z38kMYPQm+GomfBZil5jsd3AQFOPuU=\n\
+-----END CERTIFICATE-----\n";
