@@ -518,6 +518,25 @@ impl Db {
             .collect()
     }
 
+    /// Unread counts of `user` in a room from the events after position
+    /// `after`: the notification rows those events left for the user. At
+    /// most `limit` rows are read (the counts stop there).
+    pub fn unread_after(&self, room: &RoomId, user: &UserId, after: u64, limit: usize) -> DbResult<Unread> {
+        let mut counts = Unread::default();
+        for (_, v) in self.bucket_scan(Table::Notifications, room, Bound::Excluded(after), Bound::Unbounded, false, limit)? {
+            let notes: EventNotifications = decode(Table::Notifications, &v)?;
+            if let Some((_, highlight)) = notes.users.iter().find(|(u, _)| u == user.as_str()) {
+                counts.notifications += 1;
+                counts.highlights += u64::from(*highlight);
+            }
+        }
+        Ok(counts)
+    }
+
+    pub fn receipt(&self, room: &RoomId, kind: &str, thread: &str, user: &UserId) -> DbResult<Option<Receipt>> {
+        self.get_json(Table::Receipts, room.as_bytes(), &Db::receipt_ck(kind, thread, user))
+    }
+
     /// The inbox partition of one device.
     pub fn inbox_key(user: &UserId, device: &str) -> Vec<u8> {
         [user.as_bytes(), b"\0", device.as_bytes()].concat()

@@ -398,12 +398,28 @@ fn publish_typing(shard: &Rc<Shard>, room: &RoomId, users: Vec<OwnedUserId>) -> 
     Ok(())
 }
 
+/// Most notification rows read to recount a user's unread events when a
+/// read receipt lands (the counts stop growing there).
+const UNREAD_RECOUNT_MAX: usize = 10_000;
+
 #[allow(clippy::too_many_arguments)]
 fn receipt(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId, kind: String, thread: String, event_id: OwnedEventId, ts: u64) -> ApiResult<RoomReply> {
     let ev = shard.db.event(&event_id)?.ok_or_else(|| ApiError::not_found("Unknown event"))?;
     if ev.pdu.room_id != room {
         return Err(ApiError::not_found("Event is not in this room"));
     }
+    // A receipt never moves back: one for an earlier event than the
+    // user's current receipt of this kind and thread is ignored.
+    if let Some(current) = shard.db.receipt(room, &kind, &thread, &user)?
+        && let Ok(current_id) = OwnedEventId::try_from(current.event_id)
+        && let Some(current_ev) = shard.db.event(&current_id)?
+        && current_ev.stored.pos >= ev.stored.pos
+    {
+        return Ok(RoomReply::Done);
+    }
+    // A read receipt leaves unread what the events after it notified.
+    let read = kind == "m.read" || kind == "m.read.private";
+    let unread = if read { Some(shard.db.unread_after(room, &user, ev.stored.pos, UNREAD_RECOUNT_MAX)?) } else { None };
     let cached_rc = shard.rooms.load(&shard.db, room)?;
     let pos = shard.next_pos();
     let receipt = crate::db::Receipt { event_id: event_id.to_string(), ts, pos };
@@ -414,15 +430,14 @@ fn receipt(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId, kind: String, th
         Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(&head)),
         Db::stream_head_write(shard.id as u16, pos),
     ];
-    // A read receipt on the latest events clears the unread counts.
-    if kind == "m.read" || kind == "m.read.private" {
-        writes.push(Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(&crate::db::Unread::default())));
+    if let Some(counts) = unread {
+        writes.push(Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(&counts)));
     }
     shard.db.store.write(writes)?;
     let mut cached = cached_rc.borrow_mut();
     cached.head = head;
-    if kind == "m.read" || kind == "m.read.private" {
-        cached.unread.insert(user.clone(), crate::db::Unread::default());
+    if let Some(counts) = unread {
+        cached.unread.insert(user.clone(), counts);
     }
     drop(cached);
     shard.publish(pos, vec![room.to_owned()], vec![user]);

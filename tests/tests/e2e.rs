@@ -216,6 +216,25 @@ fn unread_counts_follow_push_rules_and_receipts() {
     let receipts = alice.sync_until(&alice_mark, |v| v["rooms"]["join"][&room]["ephemeral"]["events"].as_array().is_some_and(|a| !a.is_empty()));
     let eph = receipts["rooms"]["join"][&room]["ephemeral"]["events"].to_string();
     assert!(eph.contains("@bob:localhost") && eph.contains(&last), "{eph}");
+
+    // A receipt in the middle leaves the later events unread.
+    let bob_mark = sync["next_batch"].as_str().expect("next_batch").to_owned();
+    let three = alice.send_text(&room, "u3", "three");
+    let (s, v) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/u4"), json!({ "msgtype": "m.text", "body": "bob: four", "m.mentions": { "user_ids": ["@bob:localhost"] } }));
+    assert_eq!(s, 200, "{v}");
+    alice.send_text(&room, "u5", "five");
+    let (s, _) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{three}"), json!({}));
+    assert_eq!(s, 200);
+    let counts = |v: &Value| v["rooms"]["join"][&room]["unread_notifications"].clone();
+    let sync = bob.sync_until(&bob_mark, |v| counts(v)["notification_count"] == 2);
+    assert_eq!(counts(&sync)["highlight_count"], 1, "{sync}");
+    // A receipt for an earlier event does not move it back.
+    let (s, _) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{last}"), json!({}));
+    assert_eq!(s, 200);
+    let (_, full) = bob.get("/_matrix/client/v3/sync");
+    assert_eq!(counts(&full), json!({ "notification_count": 2, "highlight_count": 1 }), "{full}");
+    let mine = full["rooms"]["join"][&room]["ephemeral"]["events"].to_string();
+    assert!(mine.contains(&three), "the receipt still points at the later event: {mine}");
 }
 
 #[test]
