@@ -517,3 +517,37 @@ fn timeline_order_survives_a_shard_count_change() {
         assert_eq!(newest, vec!["after", "before 2", "before 1", "before 0"], "room {i}: {page}");
     }
 }
+
+#[test]
+fn members_at_a_token_show_the_membership_of_then() {
+    let node = Node::start("members-at", "");
+    let (alice, bob) = two_users(&node);
+    let mut carol = node.client();
+    carol.register("carol");
+    let room = alice.create_room(json!({ "preset": "public_chat" }));
+    let mark = alice.get("/_matrix/client/v3/sync").1["next_batch"].as_str().expect("next_batch").to_owned();
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{room}"), json!({})).0, 200);
+    // Bob's join is covered by this token; Carol's join and Bob's rename are not.
+    let then = alice.sync_until(&mark, |v| v["rooms"]["join"][&room]["timeline"]["events"].to_string().contains("@bob:localhost"))["next_batch"]
+        .as_str()
+        .expect("next_batch")
+        .to_owned();
+    assert_eq!(carol.post(&format!("/_matrix/client/v3/join/{room}"), json!({})).0, 200);
+    let (s, v) = bob.put(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/@bob:localhost"), json!({ "membership": "join", "displayname": "Robert" }));
+    assert_eq!(s, 200, "{v}");
+    let members = |query: &str| -> Vec<(String, Value)> {
+        let (s, v) = alice.get(&format!("/_matrix/client/v3/rooms/{room}/members{query}"));
+        assert_eq!(s, 200, "{v}");
+        let mut out: Vec<(String, Value)> = v["chunk"].as_array().expect("chunk").iter().map(|e| (e["state_key"].as_str().unwrap_or("").to_owned(), e["content"]["displayname"].clone())).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    };
+    let now = members("");
+    assert_eq!(now.iter().map(|m| m.0.as_str()).collect::<Vec<_>>(), ["@alice:localhost", "@bob:localhost", "@carol:localhost"]);
+    assert_eq!(now[1].1, "Robert");
+    let past = members(&format!("?at={then}"));
+    assert_eq!(past.iter().map(|m| m.0.as_str()).collect::<Vec<_>>(), ["@alice:localhost", "@bob:localhost"], "{past:?}");
+    assert_ne!(past[1].1, "Robert", "Bob's name as it was then");
+    let (s, v) = alice.get(&format!("/_matrix/client/v3/rooms/{room}/members?at=nonsense"));
+    assert_eq!((s, v["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{v}");
+}

@@ -357,9 +357,18 @@ pub fn joined_rooms(shard: &Shard, auth: &Authed) -> ApiResult<Value> {
 }
 
 /// GET /_matrix/client/v3/rooms/{roomId}/members
+///
+/// Membership as of `at` (a pagination or sync token) when given, and for a
+/// user who left, as of their leaving (whichever is earlier): each member's
+/// current event is walked back through the state it replaced.
 pub fn members(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult<Value> {
     let room = parse_room(room)?;
-    visible_upto(shard, &room, &auth.user)?;
+    let upto = visible_upto(shard, &room, &auth.user)?;
+    let at = match req.query("at") {
+        Some(token) => parse_position(shard, token, shard.owner_of(&room) as u16)?,
+        None => u64::MAX,
+    };
+    let point = upto.min(at);
     let want = req.query("membership");
     let not = req.query("not_membership");
     let now = now_ms();
@@ -368,7 +377,7 @@ pub fn members(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult
         if kind != "m.room.member" {
             continue;
         }
-        let Some(ev) = shard.db.event(&entry.event_id)? else { continue };
+        let Some(ev) = state_as_of(shard, &entry.event_id, point)? else { continue };
         let m = ev.pdu.membership().unwrap_or_default();
         if want.is_some_and(|w| w != m) || not.is_some_and(|n| n == m) {
             continue;
@@ -379,6 +388,26 @@ pub fn members(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult
         }
     }
     Ok(json!({ "chunk": chunk }))
+}
+
+/// Most replaced state events followed back for one state key.
+const STATE_HISTORY_HOPS_MAX: usize = 1_000;
+
+/// The state event that was current for a state key at position `point`,
+/// starting from the one current now: `None` when the key had no state yet.
+fn state_as_of(shard: &Shard, current: &ruma::EventId, point: u64) -> ApiResult<Option<crate::pdu::Event>> {
+    let mut id = current.to_owned();
+    for _ in 0..STATE_HISTORY_HOPS_MAX {
+        let Some(ev) = shard.db.event(&id)? else { return Ok(None) };
+        if ev.stored.pos <= point {
+            return Ok(Some(ev));
+        }
+        match ev.stored.replaces_state.as_deref().map(OwnedEventId::try_from) {
+            Some(Ok(previous)) => id = previous,
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
 }
 
 /// GET /_matrix/client/v3/rooms/{roomId}/joined_members
