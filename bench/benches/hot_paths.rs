@@ -1,8 +1,9 @@
 //! Criterion benchmarks of the hot paths: building a signed event
 //! (canonical JSON, content hash, ed25519 signature, reference hash),
 //! verifying an event signature, parsing a send body with simd-json and with
-//! serde_json, hash-ring lookups, sync token encoding, and the relay's STUN
-//! codec (Send indications, authenticated requests, ChannelData).
+//! serde_json, hash-ring lookups, sync token encoding, the relay's STUN
+//! codec (Send indications, authenticated requests, ChannelData), and state
+//! resolution of a forked 1,000-member room (`hot_paths/state_res.rs`).
 //!
 //! `cargo bench -p tessera-bench` runs them; results are recorded in
 //! `docs/benchmarks.md` with the machine they ran on.
@@ -16,6 +17,11 @@ use ruma::signatures::Ed25519KeyPair;
 use ruma::RoomVersionId;
 use tessera_node::api::sync::SyncToken;
 use tessera_shared::ring::Ring;
+
+// Beside this bench's root rather than in `benches/`, where cargo would
+// take it for a bench binary of its own.
+#[path = "hot_paths/state_res.rs"]
+mod state_res;
 
 fn event_object(i: u64) -> CanonicalJsonObject {
     let value = serde_json::json!({
@@ -117,5 +123,5 @@ fn bench_stun(c: &mut Criterion) {
     c.bench_function("stun: ChannelData parse (160 B)", |b| b.iter(|| black_box(channel_data::parse(black_box(&frame)))));
 }
 
-criterion_group!(benches, bench_events, bench_parsing, bench_ring_and_tokens, bench_stun);
+criterion_group!(benches, bench_events, bench_parsing, bench_ring_and_tokens, bench_stun, state_res::bench_state_res);
 criterion_main!(benches);

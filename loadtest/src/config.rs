@@ -19,6 +19,9 @@
 //! [send]
 //! rate_per_s = 100
 //! ```
+//!
+//! Rates, limits and concurrency are totals over the whole generator,
+//! whatever `threads` says; `split.rs` divides them.
 
 use crate::schedule::{RateStep, Schedule};
 use serde::{Deserialize, Serialize};
@@ -86,6 +89,14 @@ pub struct Plan {
     pub scenarios: Vec<Scenario>,
     /// Seed of the generator's random choices (rooms, senders, actions).
     pub seed: u64,
+    /// Generator threads, each with its own event loop and connections. Users
+    /// (their registration, sync loops and deliveries), rooms and every
+    /// open-loop arrival are spread over them (`split.rs`); rates, limits and
+    /// concurrency stay totals over all threads. 1 runs everything on the
+    /// calling thread. At most `split::THREADS_MAX`. The first thread makes
+    /// its choices from `seed`, the others from seeds derived from it, so a
+    /// run's choices repeat for the same seed and thread count.
+    pub threads: u32,
     /// Users.
     pub users: UsersPlan,
     /// Rooms.
@@ -116,6 +127,7 @@ impl Default for Plan {
                 Scenario::Sync,
             ],
             seed: 1,
+            threads: 1,
             users: UsersPlan::default(),
             rooms: RoomsPlan::default(),
             load: LoadPlan::default(),
@@ -422,6 +434,12 @@ impl Plan {
         if self.scenarios.is_empty() {
             return Err("no scenario selected".into());
         }
+        if !(1..=crate::split::THREADS_MAX).contains(&self.threads) {
+            return Err(format!(
+                "threads must be between 1 and {}",
+                crate::split::THREADS_MAX
+            ));
+        }
         if self.needs_users() && self.users.count == 0 {
             return Err("these scenarios need users: users.count must be > 0".into());
         }
@@ -473,6 +491,7 @@ mod tests {
             r#"
             target = "http://127.0.0.1:9999"
             scenarios = ["register", "mixed"]
+            threads = 4
             [users]
             count = 7
             [send]
@@ -484,6 +503,8 @@ mod tests {
         .expect("plan parses");
         assert_eq!(plan.target, "http://127.0.0.1:9999");
         assert_eq!(plan.users.count, 7);
+        assert_eq!(plan.threads, 4);
+        assert_eq!(Plan::default().threads, 1);
         assert_eq!(plan.users.password, UsersPlan::default().password);
         assert!(plan.has(Scenario::Mixed) && plan.runs_sync() && plan.has_load());
         assert_eq!(plan.mixed.typing, 0);
@@ -500,6 +521,13 @@ mod tests {
         let mut plan = Plan::default();
         plan.load.duration_s = f64::NAN;
         assert!(plan.validate().is_err());
+        for threads in [0, crate::split::THREADS_MAX + 1] {
+            let plan = Plan {
+                threads,
+                ..Plan::default()
+            };
+            assert!(plan.validate().is_err(), "threads = {threads}");
+        }
         let mut plan = Plan {
             scenarios: vec![Scenario::Turn],
             ..Plan::default()

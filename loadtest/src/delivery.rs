@@ -7,6 +7,11 @@
 //! should see it. Each arrival is measured from the message's intended send
 //! time. The pending map is bounded by the messages in flight: an entry
 //! leaves it when its last receiver has seen it or when its send failed.
+//!
+//! With several generator threads, the thread that sends a message tracks
+//! it (`split::owner` of its sequence number); a receiver's sync loop on
+//! another thread passes the arrival to that thread, instant and all. The
+//! threads' final counts add up ([`DeliveryCounts::merge`]).
 
 use crate::metrics::{Op, Recorder};
 use std::collections::HashMap;
@@ -38,6 +43,18 @@ pub struct DeliveryCounts {
     /// choice, not a loss.
     #[serde(default)]
     pub limited_timelines: u64,
+}
+
+impl DeliveryCounts {
+    /// Adds another thread's counts.
+    pub fn merge(&mut self, other: &DeliveryCounts) {
+        self.expected += other.expected;
+        self.received += other.received;
+        self.missing += other.missing;
+        self.unexpected += other.unexpected;
+        self.warmup += other.warmup;
+        self.limited_timelines += other.limited_timelines;
+    }
 }
 
 /// The tracker.
@@ -172,5 +189,37 @@ mod tests {
         // A third arrival of message 1 is a duplicate.
         d.arrived(1, ms(90), &mut rec);
         assert_eq!(d.finish().unexpected, 3);
+    }
+
+    #[test]
+    fn two_trackers_merge_to_the_counts_of_one() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut rec = Recorder::new(t0);
+        let mut one = Deliveries::new();
+        let mut parts = [Deliveries::new(), Deliveries::new()];
+        // Message `seq` is tracked by thread `seq % 2`, as its sender's.
+        for seq in 0..40u64 {
+            let measured = seq >= 4;
+            one.expect(seq, ms(seq), 3, measured);
+            parts[(seq % 2) as usize].expect(seq, ms(seq), 3, measured);
+        }
+        for seq in 0..40u64 {
+            let arrivals = match seq % 5 {
+                0 => 1, // two receivers never see it
+                4 => 4, // one duplicate
+                _ => 3,
+            };
+            for k in 0..arrivals {
+                one.arrived(seq, ms(100 + k), &mut rec);
+                parts[(seq % 2) as usize].arrived(seq, ms(100 + k), &mut rec);
+            }
+        }
+        one.limited(2);
+        parts[1].limited(2);
+        let mut merged = parts[0].finish();
+        merged.merge(&parts[1].finish());
+        assert_eq!(merged, one.finish());
+        assert_eq!((merged.missing, merged.unexpected), (14, 8), "{merged:?}");
     }
 }

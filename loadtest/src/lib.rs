@@ -8,6 +8,7 @@
 //! Map: `schedule` (sans-IO arrival times), `hist` (HDR histograms),
 //! `metrics` (the recorder), `delivery` (send→sync matching), `http` (the
 //! keep-alive pool), `matrix` (the API calls), `run` (phases and drivers),
+//! `split` (what each generator thread owns, and where threads meet),
 //! `report` / `plot` (outputs), `target` (loopback guard), `sys` (CPU and
 //! memory), `server_config` (configs for servers under test), `stun` / `turn`
 //! (TURN client codec and driver).
@@ -24,6 +25,7 @@ pub mod rng;
 pub mod run;
 pub mod schedule;
 pub mod server_config;
+pub mod split;
 pub mod stun;
 pub mod sys;
 pub mod target;

@@ -159,6 +159,10 @@ struct RunArgs {
     /// Seed of random choices.
     #[arg(long)]
     seed: Option<u64>,
+    /// Generator threads; users, connections and arrival rates are spread
+    /// over them (rates and limits stay totals).
+    #[arg(long)]
+    threads: Option<u32>,
     /// Hard cap on the whole run, seconds.
     #[arg(long)]
     max_run: Option<f64>,
@@ -280,6 +284,7 @@ fn build_plan(a: &RunArgs) -> anyhow::Result<Plan> {
     set!(p.turn.allocate_rate_per_s, a.turn_allocate_rate);
     set!(p.turn.packet_rate_per_s, a.turn_packet_rate);
     set!(p.seed, a.seed);
+    set!(p.threads, a.threads);
     set!(p.limits.max_run_s, a.max_run);
     set!(p.limits.max_requests, a.max_requests);
     set!(p.limits.connections, a.connections);

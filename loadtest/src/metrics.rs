@@ -10,6 +10,13 @@
 //!   time series shows them, so the warm-up is visible on plots.
 //! - HTTP 429 responses are counted as `rate_limited`, never as latency and
 //!   never as errors: rate limits are the server's policy, not a failure.
+//!
+//! Each generator thread has its own recorder. Once a second the thread that
+//! keeps the time series takes every other thread's interval
+//! ([`Recorder::take_interval`], histograms and all) and adds it to its own
+//! before closing the interval; at the end it adds their totals
+//! ([`Recorder::merge`]). Histograms are merged, never their percentiles, so
+//! the combined numbers are those of one recorder that saw everything.
 
 use crate::hist::{LatencyHist, LatencySummary};
 use crate::matrix::CallError;
@@ -206,7 +213,23 @@ pub struct PhaseMark {
     pub end_s: f64,
 }
 
-/// Collects every measurement of a run. Lives on the generator's thread.
+/// One operation's part of an interval, as a thread hands it over.
+#[derive(Debug, Clone)]
+struct IntervalPart {
+    op: Op,
+    ok: u64,
+    errors: u64,
+    hist: LatencyHist,
+}
+
+/// A thread's measurements of one interval of the time series, taken out of
+/// its recorder to be added to another's ([`Recorder::absorb_interval`]).
+#[derive(Debug, Clone, Default)]
+pub struct IntervalSample {
+    ops: Vec<IntervalPart>,
+}
+
+/// Collects every measurement of one generator thread.
 #[derive(Debug)]
 pub struct Recorder {
     start: Instant,
@@ -365,6 +388,61 @@ impl Recorder {
         }
     }
 
+    /// Takes the current interval's counts and histograms out of this
+    /// recorder (its interval starts afresh); the totals stay.
+    pub fn take_interval(&mut self) -> IntervalSample {
+        let mut sample = IntervalSample::default();
+        for (op, s) in Op::ALL.iter().zip(self.ops.iter_mut()) {
+            if s.interval_ok == 0 && s.interval_errors == 0 {
+                continue;
+            }
+            sample.ops.push(IntervalPart {
+                op: *op,
+                ok: std::mem::take(&mut s.interval_ok),
+                errors: std::mem::take(&mut s.interval_errors),
+                hist: std::mem::take(&mut s.interval),
+            });
+        }
+        sample
+    }
+
+    /// Adds another thread's interval to the current one, as if this
+    /// recorder had seen those operations itself.
+    pub fn absorb_interval(&mut self, sample: &IntervalSample) {
+        for part in &sample.ops {
+            let s = &mut self.ops[part.op.index()];
+            s.interval_ok += part.ok;
+            s.interval_errors += part.errors;
+            s.interval.merge(&part.hist);
+        }
+    }
+
+    /// Adds another thread's totals (histograms, counts, throughput windows
+    /// and error table) to this recorder's. The time series, the phases and
+    /// the current interval stay this recorder's: the thread that keeps the
+    /// series absorbs the others' intervals as they close.
+    pub fn merge(&mut self, other: &Recorder) {
+        // Offsets of the throughput window are from each recorder's start;
+        // threads of one run share it, but convert in case they do not.
+        let shift = |d: Duration| (other.start + d).saturating_duration_since(self.start);
+        for (s, o) in self.ops.iter_mut().zip(other.ops.iter()) {
+            s.total.merge(&o.total);
+            s.ok += o.ok;
+            s.errors += o.errors;
+            s.rate_limited += o.rate_limited;
+            s.warmup += o.warmup;
+            if let Some(f) = o.first_start.map(shift) {
+                s.first_start = Some(s.first_start.map_or(f, |m| m.min(f)));
+            }
+            if let Some(l) = o.last_end.map(shift) {
+                s.last_end = Some(s.last_end.map_or(l, |m| m.max(l)));
+            }
+        }
+        for (k, n) in &other.errors {
+            *self.errors.entry(k.clone()).or_insert(0) += n;
+        }
+    }
+
     /// Totals of one operation.
     pub fn totals(&self, op: Op) -> OpTotals {
         let s = &self.ops[op.index()];
@@ -508,6 +586,84 @@ mod tests {
         assert_eq!(r.series().len(), 2);
         // Totals are not reset by ticks.
         assert_eq!(r.totals(Op::Send).ok, 2);
+    }
+
+    /// A mixed stream of operations (successes, warm-up, 429s, errors),
+    /// operation `i` recorded by `recs[i % recs.len()]`, the way
+    /// `split::owner` hands arrivals to threads.
+    fn record_stream(t0: Instant, recs: &mut [&mut Recorder]) {
+        let n = recs.len() as u64;
+        for i in 0..3_000u64 {
+            let r = &mut *recs[(i % n) as usize];
+            let intended = at(t0, 200 + i);
+            // Latencies from 1 ms to several seconds, different per op.
+            r.ok(
+                Op::Send,
+                intended,
+                intended + Duration::from_micros(900 + i * i % 5_000_000),
+            );
+            r.ok(
+                Op::Delivery,
+                intended,
+                intended + Duration::from_micros(3_000 + i * 17),
+            );
+            if i % 7 == 0 {
+                let status = if i % 2 == 0 { 429 } else { 500 };
+                let err = CallError::Status {
+                    status,
+                    errcode: Some(format!("M_{status}")),
+                };
+                r.err(Op::Typing, intended, &err);
+            }
+        }
+        recs[0].err_other(Op::Delivery, "missing", 3);
+    }
+
+    #[test]
+    fn two_threads_merge_to_the_same_totals_as_one() {
+        let t0 = Instant::now();
+        let mut all = Recorder::new(t0);
+        let (mut a, mut b) = (Recorder::new(t0), Recorder::new(t0));
+        for r in [&mut all, &mut a, &mut b] {
+            r.measure_from(at(t0, 1000));
+        }
+        record_stream(t0, &mut [&mut all]);
+        record_stream(t0, &mut [&mut a, &mut b]);
+        assert!(a.totals(Op::Send).ok > 0 && b.totals(Op::Send).ok > 0);
+        assert_ne!(a.totals(Op::Send), all.totals(Op::Send));
+        a.merge(&b);
+        for op in Op::ALL {
+            assert_eq!(a.totals(op), all.totals(op), "{op:?}");
+        }
+        let send = a.totals(Op::Send);
+        assert_eq!((send.ok, send.warmup), (2_200, 800));
+        assert!(send.latency.max_us > 4_000_000, "{send:?}");
+        let typing = a.totals(Op::Typing);
+        assert!(typing.rate_limited > 0 && typing.errors > 0, "{typing:?}");
+        assert_eq!(a.errors(), all.errors());
+        // Merging an empty recorder changes nothing.
+        a.merge(&Recorder::new(t0));
+        assert_eq!(a.totals(Op::Send), all.totals(Op::Send));
+    }
+
+    #[test]
+    fn absorbed_intervals_give_the_same_series_point_as_one() {
+        let t0 = Instant::now();
+        let mut all = Recorder::new(t0);
+        let (mut a, mut b) = (Recorder::new(t0), Recorder::new(t0));
+        record_stream(t0, &mut [&mut all]);
+        record_stream(t0, &mut [&mut a, &mut b]);
+        let sample = b.take_interval();
+        a.absorb_interval(&sample);
+        let one = all.tick(at(t0, 4000), 50.0, None).clone();
+        let merged = a.tick(at(t0, 4000), 50.0, None).clone();
+        assert_eq!(merged, one);
+        assert_eq!(merged.ops["send"].ok, 3_000);
+        // The interval was taken out of `b`: its next one starts empty,
+        // while its totals are untouched.
+        assert!(b.take_interval().ops.is_empty());
+        assert!(b.tick(at(t0, 4000), 0.0, None).ops.is_empty());
+        assert_eq!(b.totals(Op::Send).ok, 1_500);
     }
 
     #[test]

@@ -226,12 +226,24 @@ pub fn svg(report: &Report) -> String {
         );
     }
     let g = &report.generator;
+    let cpu = g
+        .load_phase_cpu_percent_of_one_core
+        .unwrap_or(g.cpu_percent_of_one_core);
+    // Several threads: also per thread, so saturation shows whatever N is.
+    let threads = if g.threads > 1 {
+        format!(
+            " over {} threads ({:.0}% of {} cores)",
+            g.threads,
+            cpu / f64::from(g.threads),
+            g.threads
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         s,
-        r##"<text x="{LEFT}" y="{:.1}" fill="#444">generator CPU {:.0}% of one core{}; {} cores, {:.1} GiB</text>"##,
+        r##"<text x="{LEFT}" y="{:.1}" fill="#444">generator CPU {cpu:.0}% of one core{threads}{}; {} cores, {:.1} GiB</text>"##,
         total_h - 12.0,
-        g.load_phase_cpu_percent_of_one_core
-            .unwrap_or(g.cpu_percent_of_one_core),
         if g.saturated { " (SATURATED)" } else { "" },
         report.machine.cores,
         report.machine.mem_total_kib as f64 / 1048576.0
@@ -292,5 +304,14 @@ mod tests {
             .find(|l| l.starts_with("<polyline"))
             .expect("a polyline");
         assert_eq!(first.matches(',').count(), 5);
+        assert!(svg.contains("generator CPU 0% of one core;"), "{svg}");
+        let mut report = report;
+        report.generator.threads = 4;
+        report.generator.cpu_percent_of_one_core = 200.0;
+        let svg = super::svg(&report);
+        assert!(
+            svg.contains("generator CPU 200% of one core over 4 threads (50% of 4 cores);"),
+            "{svg}"
+        );
     }
 }

@@ -33,20 +33,34 @@ pub struct ServerInfo {
 /// The generator's own behaviour.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GeneratorStats {
-    /// Threads generating load.
+    /// Threads generating load, each with its own event loop, connections
+    /// and share of the users (`threads` in the plan).
     pub threads: u32,
     /// Whole run, wall clock.
     pub wall_s: f64,
-    /// User CPU time.
+    /// User CPU time of all threads.
     pub cpu_user_s: f64,
-    /// System CPU time.
+    /// System CPU time of all threads.
     pub cpu_system_s: f64,
-    /// Whole-run CPU use, percent of one core.
+    /// Whole-run CPU use of the whole process (all threads), percent of one
+    /// core: up to `100 * threads`.
     pub cpu_percent_of_one_core: f64,
-    /// CPU use during the load phase, percent of one core.
+    /// CPU use during the load phase, all threads, percent of one core.
     pub load_phase_cpu_percent_of_one_core: Option<f64>,
-    /// True when the generator used over 90% of its core: its numbers then
-    /// describe the generator, not the server.
+    /// Whole-run CPU use per thread: percent of `threads` cores (100: every
+    /// thread busy all the time).
+    #[serde(default)]
+    pub cpu_percent_per_thread: f64,
+    /// Load-phase CPU use per thread, percent of `threads` cores.
+    #[serde(default)]
+    pub load_phase_cpu_percent_per_thread: Option<f64>,
+    /// Load-phase CPU use of the busiest thread, percent of one core: one
+    /// saturated thread shows here even when the mean is low.
+    #[serde(default)]
+    pub load_phase_busiest_thread_cpu_percent: Option<f64>,
+    /// True when the threads used over 90% of their cores (on average, or
+    /// the busiest one): the numbers then describe the generator, not the
+    /// server.
     pub saturated: bool,
     /// How late open-loop arrivals were dispatched.
     pub dispatch_lag: LatencySummary,
@@ -73,6 +87,16 @@ pub struct UserStats {
     pub failed: u32,
 }
 
+impl UserStats {
+    /// Adds another thread's counts (each thread handles its own users).
+    pub fn merge(&mut self, other: &UserStats) {
+        self.requested += other.requested;
+        self.registered += other.registered;
+        self.existing += other.existing;
+        self.failed += other.failed;
+    }
+}
+
 /// Rooms of the run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RoomStats {
@@ -84,6 +108,17 @@ pub struct RoomStats {
     pub joins: u64,
     /// Failed joins.
     pub failed_joins: u64,
+}
+
+impl RoomStats {
+    /// Adds another thread's counts (each thread creates and joins its own
+    /// share).
+    pub fn merge(&mut self, other: &RoomStats) {
+        self.created += other.created;
+        self.failed_creates += other.failed_creates;
+        self.joins += other.joins;
+        self.failed_joins += other.failed_joins;
+    }
 }
 
 /// One row of the error table.
@@ -316,26 +351,33 @@ impl Report {
         }
         let g = &self.generator;
         let _ = writeln!(s);
-        let load_cpu = g
-            .load_phase_cpu_percent_of_one_core
-            .map_or(String::new(), |c| format!(", load phase {c:.0}%"));
         let _ = writeln!(
             s,
-            "generator: {} thread, CPU {:.1}s user + {:.1}s sys over {:.1}s = {:.0}% of one core{load_cpu}; dispatch lag p99 {} max {}; dropped {}; connections {}",
-            g.threads,
-            g.cpu_user_s,
-            g.cpu_system_s,
-            g.wall_s,
-            g.cpu_percent_of_one_core,
+            "generator: {}; dispatch lag p99 {} max {}; dropped {}; connections {}",
+            g.cpu_text(),
             fmt_us(g.dispatch_lag.p99_us),
             fmt_us(g.dispatch_lag.max_us),
             g.dropped_arrivals,
             g.connections_opened
         );
-        if g.saturated {
+        if g.saturated && g.threads > 1 {
+            let _ = writeln!(
+                s,
+                "WARNING: the generator saturated its cores (over 90% per thread, or in its busiest thread); these numbers understate the server."
+            );
+        } else if g.saturated {
             let _ = writeln!(
                 s,
                 "WARNING: the generator saturated its core; these numbers understate the server."
+            );
+        }
+        if g.threads as usize > self.machine.cores && self.machine.cores > 0 {
+            let _ = writeln!(
+                s,
+                "WARNING: {} generator threads on {} core{}: threads compete for cores.",
+                g.threads,
+                self.machine.cores,
+                if self.machine.cores == 1 { "" } else { "s" }
             );
         }
         if g.stopped_early {
@@ -350,6 +392,47 @@ impl Report {
                 "server peak RSS: {:.1} MiB (process tree, sampled 1/s)",
                 rss as f64 / 1024.0
             );
+        }
+        s
+    }
+}
+
+impl GeneratorStats {
+    /// The CPU part of the summary: all threads together as percent of one
+    /// core and, with several threads, per thread (percent of `threads`
+    /// cores) and the busiest thread, so a saturated generator is visible
+    /// whatever its thread count.
+    pub fn cpu_text(&self) -> String {
+        let mut s = format!(
+            "{} thread{}, CPU {:.1}s user + {:.1}s sys over {:.1}s = {:.0}% of one core",
+            self.threads,
+            if self.threads == 1 { "" } else { "s" },
+            self.cpu_user_s,
+            self.cpu_system_s,
+            self.wall_s,
+            self.cpu_percent_of_one_core
+        );
+        let many = self.threads > 1;
+        if many {
+            let _ = write!(
+                s,
+                " ({:.0}% of {} cores)",
+                self.cpu_percent_per_thread, self.threads
+            );
+        }
+        if let Some(c) = self.load_phase_cpu_percent_of_one_core {
+            let _ = write!(s, ", load phase {c:.0}%");
+            if let (true, Some(per), Some(max)) = (
+                many,
+                self.load_phase_cpu_percent_per_thread,
+                self.load_phase_busiest_thread_cpu_percent,
+            ) {
+                let _ = write!(
+                    s,
+                    " ({per:.0}% of {} cores, busiest thread {max:.0}%)",
+                    self.threads
+                );
+            }
         }
         s
     }
@@ -563,6 +646,53 @@ mod tests {
         );
         let text = compare_text("synapse", "tessera", &rows);
         assert!(text.contains("2.00x"), "{text}");
+    }
+
+    #[test]
+    fn generator_cpu_is_shown_per_thread_when_there_are_several() {
+        let mut g = GeneratorStats {
+            threads: 1,
+            wall_s: 10.0,
+            cpu_user_s: 5.0,
+            cpu_system_s: 1.0,
+            cpu_percent_of_one_core: 60.0,
+            load_phase_cpu_percent_of_one_core: Some(95.0),
+            cpu_percent_per_thread: 60.0,
+            load_phase_cpu_percent_per_thread: Some(95.0),
+            load_phase_busiest_thread_cpu_percent: Some(95.0),
+            saturated: true,
+            ..GeneratorStats::default()
+        };
+        // One thread: the summary line of single-threaded runs.
+        assert_eq!(
+            g.cpu_text(),
+            "1 thread, CPU 5.0s user + 1.0s sys over 10.0s = 60% of one core, load phase 95%"
+        );
+        let mut r = sample_report();
+        r.generator = g.clone();
+        r.machine.cores = 2;
+        assert!(r.summary_text().contains("saturated its core;"));
+        g.threads = 8;
+        g.cpu_percent_of_one_core = 480.0;
+        g.cpu_percent_per_thread = 60.0;
+        g.load_phase_cpu_percent_of_one_core = Some(640.0);
+        g.load_phase_cpu_percent_per_thread = Some(80.0);
+        assert_eq!(
+            g.cpu_text(),
+            "8 threads, CPU 5.0s user + 1.0s sys over 10.0s = 480% of one core (60% of 8 cores), load phase 640% (80% of 8 cores, busiest thread 95%)"
+        );
+        r.generator = g;
+        let text = r.summary_text();
+        assert!(text.contains("saturated its cores"), "{text}");
+        assert!(text.contains("8 generator threads on 2 cores"), "{text}");
+        // Reports written before these fields existed still parse.
+        let mut json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        let gen_obj = json["generator"].as_object_mut().expect("object");
+        gen_obj.remove("cpu_percent_per_thread");
+        gen_obj.remove("load_phase_cpu_percent_per_thread");
+        gen_obj.remove("load_phase_busiest_thread_cpu_percent");
+        let old = Report::from_json(&json.to_string()).expect("old report parses");
+        assert_eq!(old.generator.cpu_percent_per_thread, 0.0);
     }
 
     #[test]

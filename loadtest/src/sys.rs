@@ -1,6 +1,7 @@
 //! Facts about this process and machine for reports: the generator's CPU
-//! time (so a saturated generator is visible), a server's resident memory,
-//! cores, RAM and kernel.
+//! time, whole and per thread (so a saturated generator, or one saturated
+//! generator thread, is visible), a server's resident memory, cores, RAM and
+//! kernel.
 
 use std::time::Duration;
 
@@ -14,12 +15,22 @@ pub struct CpuTime {
 }
 
 impl CpuTime {
-    /// This process's CPU time now; zero if the kernel refuses.
+    /// This process's CPU time now, all threads together; zero if the
+    /// kernel refuses.
     pub fn now() -> Self {
+        Self::of(libc::RUSAGE_SELF)
+    }
+
+    /// The calling thread's CPU time now; zero if the kernel refuses.
+    pub fn thread_now() -> Self {
+        Self::of(libc::RUSAGE_THREAD)
+    }
+
+    fn of(who: libc::c_int) -> Self {
         let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
         // SAFETY: getrusage writes a full rusage into the pointer it is
         // given, which points to zeroed memory of the right type.
-        let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+        let rc = unsafe { libc::getrusage(who, usage.as_mut_ptr()) };
         if rc != 0 {
             return Self::default();
         }
@@ -181,5 +192,27 @@ mod tests {
         let after = CpuTime::now();
         assert!(after.total() > before.total());
         assert!(Machine::detect().cores >= 1);
+    }
+
+    #[test]
+    fn thread_time_counts_only_the_calling_thread() {
+        let burn = || {
+            let mut x = 0u64;
+            for i in 0..20_000_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+            std::hint::black_box(x);
+        };
+        let (process0, thread0) = (CpuTime::now(), CpuTime::thread_now());
+        std::thread::scope(|s| {
+            s.spawn(burn);
+        });
+        let (process1, thread1) = (CpuTime::now(), CpuTime::thread_now());
+        let other = process1.total().saturating_sub(process0.total());
+        let own = thread1.total().saturating_sub(thread0.total());
+        // The other thread's work is in the process's time, not in ours.
+        assert!(other > own, "process {other:?}, this thread {own:?}");
+        burn();
+        assert!(CpuTime::thread_now().total() > thread1.total());
     }
 }

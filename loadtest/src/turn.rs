@@ -14,6 +14,10 @@
 //!   within two seconds of the end are counted lost.
 //!
 //! The server must allow loopback peers (the echo peer is on 127.0.0.1).
+//!
+//! The scenario runs on the first generator thread alone, after the Matrix
+//! phases, whatever `threads` says (its default rates are a small part of
+//! what one thread sustains).
 
 use crate::config::{Plan, secs};
 use crate::http::HttpError;
@@ -25,6 +29,8 @@ use crate::stun::{self, Credentials, Request, kind};
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 
@@ -45,8 +51,8 @@ pub struct TurnCtx {
     pub password: String,
     /// The run's recorder.
     pub rec: Rc<RefCell<Recorder>>,
-    /// Set on Ctrl-C.
-    pub stop: Rc<Cell<bool>>,
+    /// Set on Ctrl-C (by whichever thread sees it).
+    pub stop: Arc<AtomicBool>,
     /// Hard end of the run.
     pub deadline: Instant,
     rng: RefCell<Rng>,
@@ -61,7 +67,7 @@ impl TurnCtx {
         username: String,
         password: String,
         rec: Rc<RefCell<Recorder>>,
-        stop: Rc<Cell<bool>>,
+        stop: Arc<AtomicBool>,
         deadline: Instant,
         seed: u64,
     ) -> Self {
@@ -88,7 +94,7 @@ impl TurnCtx {
     }
 
     fn stopped(&self) -> bool {
-        self.stop.get() || Instant::now() >= self.deadline
+        self.stop.load(Ordering::Relaxed) || Instant::now() >= self.deadline
     }
 }
 

@@ -393,6 +393,70 @@ fn max_requests_bounds_the_load_phase() {
 }
 
 #[test]
+fn two_threads_split_the_run_and_count_like_one() {
+    let mut p = plan(&[
+        Scenario::Register,
+        Scenario::Rooms,
+        Scenario::Send,
+        Scenario::Sync,
+    ]);
+    p.threads = 2;
+    // Open-loop registration too: each thread takes its users' arrivals.
+    p.users.register_rate_per_s = 20.0;
+    let r = run(&p);
+    assert_no_errors(&r);
+    assert_eq!(r.generator.threads, 2);
+    assert_eq!(
+        (r.users.requested, r.users.registered, r.users.failed),
+        (6, 6, 0)
+    );
+    assert_eq!((r.op("register").ok, r.op("login").ok), (6, 6));
+    // Both threads' rooms and joins: the same as one thread's.
+    assert_eq!((r.rooms.created, r.rooms.joins), (3, 9));
+    assert_eq!((r.op("create_room").ok, r.op("join").ok), (3, 9));
+    // Each thread sends every other arrival of one 10/s schedule: together
+    // 5 warm-up and 20 measured sends, as one thread would.
+    let send = r.op("send");
+    assert_eq!((send.ok, send.warmup), (20, 5), "{send:?}");
+    assert_eq!(r.generator.requests_issued, 25);
+    assert_eq!(r.generator.dropped_arrivals, 0);
+    assert_eq!(r.op("initial_sync").ok, 6);
+    // Every user's sync loop runs on one thread and every message is
+    // tracked by its sender's: deliveries cross threads and all arrive.
+    assert_deliveries_complete(&r);
+    // Every message reaches the other syncing members of its room.
+    assert!(r.delivery.expected >= 20, "{:?}", r.delivery);
+    let g = &r.generator;
+    assert!(
+        g.load_phase_busiest_thread_cpu_percent.is_some()
+            && g.load_phase_cpu_percent_per_thread.is_some(),
+        "{g:?}"
+    );
+    assert!(r.summary_text().contains("2 threads"));
+    assert!(!r.series.is_empty());
+}
+
+#[test]
+fn closed_loop_mixed_on_three_threads_keeps_the_request_budget() {
+    let mut p = plan(&[Scenario::Register, Scenario::Rooms, Scenario::Mixed]);
+    p.threads = 3;
+    p.load.mode = Mode::Closed;
+    // Fewer workers than threads: one thread only syncs.
+    p.load.concurrency = 2;
+    p.limits.max_requests = 30;
+    p.load.warmup_s = 0.0;
+    let r = run(&p);
+    assert_no_errors(&r);
+    let actions = ["send", "typing", "receipt", "profile", "messages"];
+    let done: u64 = actions.iter().map(|a| r.op(a).ok + r.op(a).warmup).sum();
+    assert_eq!(done, 30, "{:?}", r.ops);
+    assert_eq!(r.generator.requests_issued, 30);
+    assert_eq!(r.op("initial_sync").ok, 6);
+    assert!(r.op("send").ok > 0, "{:?}", r.ops);
+    assert_deliveries_complete(&r);
+}
+
+#[test]
 fn cli_writes_report_summary_and_plot() {
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("loadtest-cli-{}", std::process::id()));
@@ -442,6 +506,58 @@ fn cli_writes_report_summary_and_plot() {
     let svg = std::fs::read_to_string(out.join("plot.svg")).expect("plot.svg");
     assert!(svg.contains("<polyline"));
     assert!(out.join("summary.txt").exists());
+}
+
+#[test]
+fn cli_threads_flag_and_plan_key_set_the_threads() {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("loadtest-cli-threads-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).expect("create out dir");
+    // The plan file asks for 4 threads; the flag overrides it.
+    let plan_file = out.join("plan.toml");
+    std::fs::write(&plan_file, "threads = 4\n").expect("write plan");
+    let printed = Command::new(env!("CARGO_BIN_EXE_tessera-loadtest"))
+        .args(["run", "--print-plan", "-c"])
+        .arg(&plan_file)
+        .output()
+        .expect("run the binary");
+    assert!(
+        String::from_utf8_lossy(&printed.stdout).contains("threads = 4"),
+        "{printed:?}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_tessera-loadtest"))
+        .args(["run", "--quiet", "-c"])
+        .arg(&plan_file)
+        .args(["-t", &server().url, "-s", "register,rooms,send,sync"])
+        .args(["--threads", "2", "--users", "4", "--rooms", "2"])
+        .args(["--room-size", "2", "--rate", "6", "--duration", "1"])
+        .args([
+            "--warmup",
+            "0",
+            "--drain",
+            "30",
+            "--sync-timeout-ms",
+            "5000",
+        ])
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("run the binary");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("generator: 2 threads"), "{stdout}");
+    let report =
+        Report::from_json(&std::fs::read_to_string(out.join("report.json")).expect("report.json"))
+            .expect("report parses");
+    assert_eq!((report.plan.threads, report.generator.threads), (2, 2));
+    assert_eq!(report.op("send").ok, 6);
+    assert_no_errors(&report);
+    assert_deliveries_complete(&report);
 }
 
 #[test]
