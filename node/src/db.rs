@@ -310,7 +310,13 @@ impl Db {
     /// Timeline event ids of a room with positions within the bounds,
     /// newest first when `reverse` (walks the room's buckets).
     pub fn timeline(&self, room: &RoomId, from: Bound<u64>, to: Bound<u64>, reverse: bool, limit: usize) -> DbResult<Vec<(u64, OwnedEventId)>> {
-        self.bucket_scan(Table::Timeline, room, from, to, reverse, limit)?
+        self.timeline_of(room, None, from, to, reverse, limit)
+    }
+
+    /// [`Db::timeline`] for a caller that read the room's head (`events`:
+    /// its `timeline_len`) after the newest event it asks for.
+    pub fn timeline_of(&self, room: &RoomId, events: Option<u64>, from: Bound<u64>, to: Bound<u64>, reverse: bool, limit: usize) -> DbResult<Vec<(u64, OwnedEventId)>> {
+        self.bucket_scan(Table::Timeline, room, events, from, to, reverse, limit)?
             .into_iter()
             .map(|(pos, v)| {
                 let id = OwnedEventId::try_from(String::from_utf8_lossy(&v).into_owned()).map_err(|e| Error::Corrupt(e.to_string()))?;
@@ -512,7 +518,7 @@ impl Db {
 
     /// A room's notification rows, newest first: (position, row).
     pub fn room_notifications(&self, room: &RoomId, limit: usize) -> DbResult<Vec<(u64, EventNotifications)>> {
-        self.bucket_scan(Table::Notifications, room, Bound::Unbounded, Bound::Unbounded, true, limit)?
+        self.bucket_scan(Table::Notifications, room, None, Bound::Unbounded, Bound::Unbounded, true, limit)?
             .into_iter()
             .map(|(pos, v)| Ok((pos, decode(Table::Notifications, &v)?)))
             .collect()
@@ -523,7 +529,7 @@ impl Db {
     /// most `limit` rows are read (the counts stop there).
     pub fn unread_after(&self, room: &RoomId, user: &UserId, after: u64, limit: usize) -> DbResult<Unread> {
         let mut counts = Unread::default();
-        for (_, v) in self.bucket_scan(Table::Notifications, room, Bound::Excluded(after), Bound::Unbounded, false, limit)? {
+        for (_, v) in self.bucket_scan(Table::Notifications, room, None, Bound::Excluded(after), Bound::Unbounded, false, limit)? {
             let notes: EventNotifications = decode(Table::Notifications, &v)?;
             if let Some((_, highlight)) = notes.users.iter().find(|(u, _)| u == user.as_str()) {
                 counts.notifications += 1;

@@ -493,6 +493,9 @@ fn timeline_spans_storage_buckets() {
     let newest: Vec<&str> = page["chunk"].as_array().expect("chunk").iter().filter_map(|e| e["content"]["body"].as_str()).collect();
     assert_eq!(newest.first(), Some(&"after restart"), "{page}");
     assert_eq!(newest.len(), 2);
+    // A sync's timeline of the room ends with it too.
+    let (_, sync) = bob.get("/_matrix/client/v3/sync");
+    assert_eq!(bodies(&sync, &room).last().map(String::as_str), Some("after restart"), "{sync}");
 }
 
 #[test]

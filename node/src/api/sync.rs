@@ -248,7 +248,7 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
             }
             "leave" | "ban" if !ur.forgotten && ((since.is_some() && membership_changed) || (since.is_none() && filter.include_leave)) => {
                 let from = s.unwrap_or(0);
-                let (timeline, loaded) = timeline(shard, auth, &room, Some(from), ur.pos, filter, now)?;
+                let (timeline, loaded) = timeline(shard, auth, &room, None, Some(from), ur.pos, filter, now)?;
                 let state = if since.is_none() { state_events(shard, &auth.user, &room, None, &loaded, filter, now)? } else { vec![] };
                 out.leave.insert(room_id.clone(), LeftRoom { timeline, state: Events { events: state }, account_data: Events::default() });
                 changed = true;
@@ -307,7 +307,10 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
 
 /// Timeline events of a room in `(from, upto]`, the newest `limit`, and
 /// the loaded events (for state and lazy-loading decisions).
-fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, from: Option<u64>, upto: u64, filter: &SyncFilter, now: u64) -> ApiResult<(Timeline, Vec<Rc<Rendered>>)> {
+///
+/// `room_events`: the room's event count from a head read after `upto` was fixed.
+#[allow(clippy::too_many_arguments)]
+fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, room_events: Option<u64>, from: Option<u64>, upto: u64, filter: &SyncFilter, now: u64) -> ApiResult<(Timeline, Vec<Rc<Rendered>>)> {
     let limit = filter.timeline.limit.unwrap_or(TIMELINE_LIMIT_DEFAULT).min(shard.config.limits.events_per_page_max);
     let lo = from.map_or(Bound::Unbounded, Bound::Excluded);
     // Newest first, in pages, until `limit` events pass the filter; the
@@ -319,7 +322,7 @@ fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, from: Option<u64>, upto
     // Stays true unless the scan reaches the start of the range.
     let mut limited = true;
     'pages: for _ in 0..SCAN_PAGES {
-        let page = shard.db.timeline(room, lo, hi, true, limit + 1)?;
+        let page = shard.db.timeline_of(room, room_events, lo, hi, true, limit + 1)?;
         for (pos, id) in &page {
             if events.len() == limit {
                 break 'pages;
@@ -377,7 +380,7 @@ fn state_events(shard: &Shard, viewer: &ruma::UserId, room: &RoomId, changed_aft
 fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, upto: u64, filter: &SyncFilter, with_state: bool, room_data: Vec<Value>, now: u64) -> ApiResult<Option<JoinedRoom>> {
     let head = shard.db.room_head(room)?;
     let (timeline, loaded) = if since.is_none_or(|s| head.as_ref().is_some_and(|h| h.last_event_pos > s)) {
-        timeline(shard, auth, room, since, upto, filter, now)?
+        timeline(shard, auth, room, head.as_ref().map(|h| h.timeline_len), since, upto, filter, now)?
     } else {
         (Timeline { events: Vec::new(), limited: false, prev_batch: format!("t{}", since.unwrap_or(0)) }, Vec::new())
     };
