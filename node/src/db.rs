@@ -124,6 +124,13 @@ pub struct StateEntry {
     pub pos: u64,
 }
 
+/// A receipt's (type, thread, user).
+pub type ReceiptKey = (String, String, String);
+
+/// A to-device message in an inbox: (writer shard, position, clustering
+/// key, message).
+pub type InboxMessage = (u16, u64, Vec<u8>, Value);
+
 /// A stored receipt.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct Receipt {
@@ -390,7 +397,7 @@ impl Db {
         Write::put(Table::Transactions, user.as_bytes(), ck, event_id.as_bytes())
     }
 
-    pub fn receipts(&self, room: &RoomId, limit: usize) -> DbResult<Vec<((String, String, String), Receipt)>> {
+    pub fn receipts(&self, room: &RoomId, limit: usize) -> DbResult<Vec<(ReceiptKey, Receipt)>> {
         let rows = self.scan_json::<Receipt>(Scan::partition(Table::Receipts, room.as_bytes(), limit))?;
         Ok(rows
             .into_iter()
@@ -567,7 +574,7 @@ impl Db {
     }
 
     /// Messages in a device's inbox: (shard, position, clustering key, message).
-    pub fn inbox(&self, user: &UserId, device: &str, limit: usize) -> DbResult<Vec<(u16, u64, Vec<u8>, Value)>> {
+    pub fn inbox(&self, user: &UserId, device: &str, limit: usize) -> DbResult<Vec<InboxMessage>> {
         let rows = self.scan_json::<Value>(Scan::partition(Table::ToDevice, &Db::inbox_key(user, device), limit))?;
         Ok(rows
             .into_iter()

@@ -447,14 +447,14 @@ fn receipt(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId, kind: String, th
 /// Content of the first `m.room.member` join for a user, from their profile.
 pub fn member_content(db: &Db, user: &UserId, membership: &str, reason: Option<&str>) -> ApiResult<Value> {
     let mut content = json!({ "membership": membership });
-    if membership == "join" || membership == "invite" {
-        if let Some(account) = db.account(user)? {
-            if let Some(d) = account.displayname {
-                content["displayname"] = json!(d);
-            }
-            if let Some(a) = account.avatar_url {
-                content["avatar_url"] = json!(a);
-            }
+    if (membership == "join" || membership == "invite")
+        && let Some(account) = db.account(user)?
+    {
+        if let Some(d) = account.displayname {
+            content["displayname"] = json!(d);
+        }
+        if let Some(a) = account.avatar_url {
+            content["avatar_url"] = json!(a);
         }
     }
     if let Some(r) = reason {

@@ -65,7 +65,7 @@ pub fn notifications(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value
             found.push((row.ts, room.clone(), row.event_id.clone(), *highlight, pos <= read_pos));
         }
     }
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
     let now = now_ms();
     let mut out = Vec::new();
     for (ts, room, event_id, highlight, read) in found.iter().take(limit) {
@@ -144,7 +144,7 @@ pub fn search(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value> {
             }
         }
     }
-    hits.sort_by(|a, b| b.pdu.origin_server_ts.cmp(&a.pdu.origin_server_ts));
+    hits.sort_by_key(|e| std::cmp::Reverse(e.pdu.origin_server_ts));
     let count = hits.len();
     let results: Vec<Value> = hits.iter().skip(skip).take(limit).map(|e| json!({ "rank": 1.0, "result": e.to_client(now, None) })).collect();
     let mut room_events = json!({ "count": count, "highlights": [criteria.search_term], "results": results });

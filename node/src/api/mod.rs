@@ -61,11 +61,7 @@ async fn client(shard: &Rc<Shard>, req: &Req, segs: &[&str]) -> ApiResult<Resp> 
         ["register", "m.login.registration_token", "validity"] => return methods!(req, GET => ok(account::token_validity(shard, req)?)),
         ["refresh"] => return methods!(req, POST => ok(account::refresh(shard, req)?)),
         ["profile", user] => return methods!(req, GET => ok(profile::get(shard, req, user, None)?)),
-        ["profile", user, field] => {
-            if req.method == Method::GET {
-                return ok(profile::get(shard, req, user, Some(field))?);
-            }
-        }
+        ["profile", user, field] if req.method == Method::GET => return ok(profile::get(shard, req, user, Some(field))?),
         ["directory", "room", alias] if req.method == Method::GET => return ok(rooms::resolve_alias(shard, alias)?),
         ["publicRooms"] if req.method == Method::GET => return ok(rooms::public_rooms(shard, req, None)?),
         ["directory", "list", "room", room] if req.method == Method::GET => return ok(rooms::visibility(shard, room)?),

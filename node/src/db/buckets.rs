@@ -102,6 +102,7 @@ impl Db {
     /// `events` is the room's event count when the caller read the room's
     /// head after the last event it wants: a room that never filled its
     /// first bucket is then read without the index.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn bucket_scan(&self, table: Table, room: &RoomId, events: Option<u64>, from: Bound<u64>, to: Bound<u64>, reverse: bool, limit: usize) -> DbResult<Vec<(u64, Bytes)>> {
         let Some((lowest, highest)) = span(from, to) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
