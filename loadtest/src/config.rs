@@ -266,6 +266,11 @@ pub struct SyncPlan {
     pub users: u32,
     /// Concurrent initial syncs.
     pub initial_concurrency: u32,
+    /// Send the next `/sync` as soon as the previous response's
+    /// `next_batch` is read, before that response is decoded and its
+    /// deliveries counted (see `syncloop.rs`). Plain keep-alive on the wire,
+    /// safe with any server; `false` decodes first, as a naive client does.
+    pub pipelined: bool,
 }
 
 impl Default for SyncPlan {
@@ -274,6 +279,7 @@ impl Default for SyncPlan {
             timeout_ms: 10_000,
             users: 0,
             initial_concurrency: 8,
+            pipelined: true,
         }
     }
 }

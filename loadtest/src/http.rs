@@ -17,7 +17,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
@@ -66,6 +66,10 @@ pub struct Response {
     pub server: Option<String>,
     /// The body.
     pub body: Bytes,
+    /// When the last byte of the body had been read: what an arrival is
+    /// measured to, so that the time spent parsing the body afterwards never
+    /// counts as latency.
+    pub received_at: Instant,
 }
 
 /// Connection pool to one address.
@@ -194,6 +198,7 @@ impl Pool {
                 Err(_) => HttpError::BodyTooLarge(self.body_bytes_max),
             })?
             .to_bytes();
+        let received_at = Instant::now();
         if !conn.is_closed() {
             self.idle.borrow_mut().push(conn);
         }
@@ -201,6 +206,7 @@ impl Pool {
             status,
             server,
             body,
+            received_at,
         })
     }
 

@@ -7,7 +7,8 @@
 //!
 //! Map: `schedule` (sans-IO arrival times), `hist` (HDR histograms),
 //! `metrics` (the recorder), `delivery` (send→sync matching), `http` (the
-//! keep-alive pool), `matrix` (the API calls), `run` (phases and drivers),
+//! keep-alive pool), `matrix` (the API calls), `syncloop` (pipelined
+//! `/sync` loops), `run` (phases and drivers),
 //! `split` (what each generator thread owns, and where threads meet),
 //! `report` / `plot` (outputs), `target` (loopback guard), `sys` (CPU and
 //! memory), `server_config` (configs for servers under test), `stun` / `turn`
@@ -27,6 +28,7 @@ pub mod schedule;
 pub mod server_config;
 pub mod split;
 pub mod stun;
+pub mod syncloop;
 pub mod sys;
 pub mod target;
 pub mod turn;

@@ -135,6 +135,10 @@ struct RunArgs {
     /// Long-poll timeout of /sync in ms.
     #[arg(long)]
     sync_timeout_ms: Option<u64>,
+    /// Send each next /sync before decoding the previous response (true,
+    /// the default) or after (false).
+    #[arg(long)]
+    sync_pipelined: Option<bool>,
     /// Chat-like actions per second (mixed).
     #[arg(long)]
     mixed_rate: Option<f64>,
@@ -256,6 +260,7 @@ fn build_plan(a: &RunArgs) -> anyhow::Result<Plan> {
     set!(p.load.concurrency, a.concurrency);
     set!(p.sync.users, a.sync_users);
     set!(p.sync.timeout_ms, a.sync_timeout_ms);
+    set!(p.sync.pipelined, a.sync_pipelined);
     set!(p.mixed.rate_per_s, a.mixed_rate);
     if let Some(mix) = &a.mix {
         for part in mix.split(',') {

@@ -510,6 +510,20 @@ pub async fn sync(
     timeout_ms: u64,
     request_timeout: Duration,
 ) -> Result<SyncResponse, CallError> {
+    let resp = sync_raw(pool, s, since, timeout_ms, request_timeout).await?;
+    SyncResponse::decode(&resp)
+}
+
+/// `GET /sync` as [`sync`], but the body is left undecoded: sync loops take
+/// `next_batch` from it first (`syncloop::next_batch`) and decode the rest
+/// later with [`SyncResponse::decode`]. Non-success statuses are errors.
+pub async fn sync_raw(
+    pool: &Pool,
+    s: &Session,
+    since: Option<&str>,
+    timeout_ms: u64,
+    request_timeout: Duration,
+) -> Result<Response, CallError> {
     let mut path = format!(
         "{V3}/sync?timeout={timeout_ms}&filter={}",
         encode_component(SYNC_FILTER)
@@ -518,7 +532,7 @@ pub async fn sync(
         path.push_str("&since=");
         path.push_str(&encode_component(since));
     }
-    let resp = ok(pool
+    ok(pool
         .request_with_timeout(
             Method::GET,
             &path,
@@ -526,8 +540,14 @@ pub async fn sync(
             None,
             request_timeout,
         )
-        .await?)?;
-    decode(&resp)
+        .await?)
+}
+
+impl SyncResponse {
+    /// Decodes a successful `/sync` response body.
+    pub fn decode(resp: &Response) -> Result<Self, CallError> {
+        decode(resp)
+    }
 }
 
 #[cfg(test)]

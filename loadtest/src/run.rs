@@ -30,13 +30,14 @@
 use crate::config::{Mode, Plan, Scenario, secs};
 use crate::delivery::Deliveries;
 use crate::hist::LatencyHist;
-use crate::http::Pool;
-use crate::matrix::{self, CallError, Marker, Session};
+use crate::http::{Pool, Response};
+use crate::matrix::{self, CallError, Marker, Session, SyncResponse};
 use crate::metrics::{IntervalPoint, IntervalSample, Op, Recorder, round3};
 use crate::report::{GeneratorStats, Report, RoomStats, ServerInfo, UserStats};
 use crate::rng::Rng;
 use crate::schedule::Schedule;
 use crate::split::{Broken, Rendezvous, owner, share};
+use crate::syncloop::{self, SyncClient, SyncRequest};
 use crate::sys::{CpuTime, Machine, tree_rss_kib};
 use crate::target::{Target, http_target};
 use std::cell::{Cell, RefCell};
@@ -1252,76 +1253,102 @@ async fn initial_sync_phase(ctx: &Rc<Ctx>) -> Vec<(u32, String)> {
     tokens.take()
 }
 
-async fn sync_loop(ctx: Rc<Ctx>, user: u32, mut since: String) {
+/// One syncing user's loop (see `syncloop.rs` for the pipelining).
+async fn sync_loop(ctx: Rc<Ctx>, user: u32, since: String) {
     let Some(session) = ctx.session(user) else {
         return;
     };
     let timeout_ms = ctx.plan.sync.timeout_ms;
-    let request_timeout =
-        Duration::from_millis(timeout_ms) + secs(ctx.plan.limits.request_timeout_s);
-    let mut backoff = Duration::from_millis(50);
-    // Arrivals of other threads' messages, per thread, handed over after
-    // each response.
-    let mut elsewhere: Vec<Vec<Arrival>> = vec![Vec::new(); ctx.threads];
-    loop {
-        let t = Instant::now();
-        match matrix::sync(
-            &ctx.sync_pool,
-            &session,
-            Some(&since),
-            timeout_ms,
-            request_timeout,
-        )
-        .await
+    let pipelined = ctx.plan.sync.pipelined;
+    let client = LoopClient {
+        request_timeout: Duration::from_millis(timeout_ms)
+            + secs(ctx.plan.limits.request_timeout_s),
+        timeout_ms,
+        elsewhere: vec![Vec::new(); ctx.threads],
+        ctx,
+        session,
+    };
+    syncloop::drive(client, since, pipelined).await;
+}
+
+/// A sync loop's requests and its accounting of deliveries.
+struct LoopClient {
+    ctx: Rc<Ctx>,
+    session: Rc<Session>,
+    timeout_ms: u64,
+    request_timeout: Duration,
+    /// Arrivals of other threads' messages, per thread, handed over after
+    /// each response.
+    elsewhere: Vec<Vec<Arrival>>,
+}
+
+impl SyncClient for LoopClient {
+    fn request(&mut self, since: &str) -> SyncRequest {
+        let (ctx, session, since) = (self.ctx.clone(), self.session.clone(), since.to_owned());
+        let (timeout_ms, request_timeout) = (self.timeout_ms, self.request_timeout);
+        Box::pin(async move {
+            matrix::sync_raw(
+                &ctx.sync_pool,
+                &session,
+                Some(&since),
+                timeout_ms,
+                request_timeout,
+            )
+            .await
+        })
+    }
+
+    async fn received(&mut self, sent: Instant, resp: Response) {
+        let ctx = &self.ctx;
+        // Arrivals count from when the bytes came in, not from now.
+        let now = resp.received_at;
+        let resp = match SyncResponse::decode(&resp) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                self.failed(sent, e);
+                return;
+            }
+        };
+        let mut ours = 0u32;
         {
-            Ok(resp) => {
-                let now = Instant::now();
-                backoff = Duration::from_millis(50);
-                let mut ours = 0u32;
-                {
-                    let mut deliveries = ctx.deliveries.borrow_mut();
-                    let mut rec = ctx.rec.borrow_mut();
-                    for (_room, sender, marker) in resp.markers() {
-                        // A sender's own sync also returns its message; only
-                        // other members are receivers.
-                        if marker.run != ctx.run_id || sender == session.user_id {
-                            continue;
-                        }
-                        // The message's sender's thread tracks it.
-                        let tracker = owner(marker.seq, ctx.threads);
-                        if tracker == ctx.thread {
-                            deliveries.arrived(marker.seq, now, &mut rec);
-                            ours += 1;
-                        } else {
-                            elsewhere[tracker].push((marker.seq, now));
-                        }
-                    }
-                    if resp.event_count() > 0 {
-                        rec.ok(Op::Sync, t, now);
-                    }
-                    deliveries.limited(resp.limited_timelines());
-                    if ours > 0 && deliveries.outstanding() == 0 {
-                        ctx.delivered.notify_waiters();
-                    }
+            let mut deliveries = ctx.deliveries.borrow_mut();
+            let mut rec = ctx.rec.borrow_mut();
+            for (_room, sender, marker) in resp.markers() {
+                // A sender's own sync also returns its message; only
+                // other members are receivers.
+                if marker.run != ctx.run_id || sender == self.session.user_id {
+                    continue;
                 }
-                since = resp.next_batch;
-                for (tracker, batch) in elsewhere.iter_mut().enumerate() {
-                    if !batch.is_empty() {
-                        // Waits while that thread's queue is full. An error
-                        // means it has finished: the run is over for it.
-                        let _ = ctx.shared.arrivals[tracker]
-                            .send(std::mem::take(batch))
-                            .await;
-                    }
+                // The message's sender's thread tracks it.
+                let tracker = owner(marker.seq, ctx.threads);
+                if tracker == ctx.thread {
+                    deliveries.arrived(marker.seq, now, &mut rec);
+                    ours += 1;
+                } else if let Some(batch) = self.elsewhere.get_mut(tracker) {
+                    batch.push((marker.seq, now));
                 }
             }
-            Err(e) => {
-                ctx.rec.borrow_mut().err(Op::Sync, t, &e);
-                // Back off so a failing server is not hammered in a tight loop.
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+            if resp.event_count() > 0 {
+                rec.ok(Op::Sync, sent, now);
+            }
+            deliveries.limited(resp.limited_timelines());
+            if ours > 0 && deliveries.outstanding() == 0 {
+                ctx.delivered.notify_waiters();
             }
         }
+        for (tracker, batch) in self.elsewhere.iter_mut().enumerate() {
+            if !batch.is_empty() {
+                // Waits while that thread's queue is full. An error means
+                // it has finished: the run is over for it.
+                let _ = ctx.shared.arrivals[tracker]
+                    .send(std::mem::take(batch))
+                    .await;
+            }
+        }
+    }
+
+    fn failed(&mut self, sent: Instant, error: CallError) {
+        self.ctx.rec.borrow_mut().err(Op::Sync, sent, &error);
     }
 }
 

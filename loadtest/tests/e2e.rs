@@ -307,6 +307,39 @@ fn send_and_sync_measure_every_delivery() {
 }
 
 #[test]
+fn unpipelined_sync_loops_measure_every_delivery_too() {
+    let mut p = plan(&[
+        Scenario::Register,
+        Scenario::Rooms,
+        Scenario::Send,
+        Scenario::Sync,
+    ]);
+    p.sync.pipelined = false;
+    let r = run(&p);
+    assert_no_errors(&r);
+    assert_eq!(r.op("send").ok, 20);
+    assert_deliveries_complete(&r);
+    assert!(r.op("sync").ok > 0);
+}
+
+#[test]
+fn cli_sync_pipelined_flag_sets_the_plan_key() {
+    let plan_of = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tessera-loadtest"))
+            .args(["run", "--print-plan"])
+            .args(args)
+            .output()
+            .expect("run the binary");
+        assert!(out.status.success(), "{out:?}");
+        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+        toml::from_str::<Plan>(&printed).expect("the printed plan parses")
+    };
+    assert!(plan_of(&[]).sync.pipelined, "on by default");
+    assert!(!plan_of(&["--sync-pipelined", "false"]).sync.pipelined);
+    assert!(plan_of(&["--sync-pipelined", "true"]).sync.pipelined);
+}
+
+#[test]
 fn send_without_sync_expects_no_deliveries() {
     let mut p = plan(&[Scenario::Register, Scenario::Rooms, Scenario::Send]);
     p.send.steps = vec![
