@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::storage::StorageError;
 
 /// An error answered to a client: status, `errcode`, message and extra fields.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
     pub errcode: &'static str,

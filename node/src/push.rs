@@ -2,6 +2,7 @@
 //! rules, stored as `m.push_rules` account data), evaluated on every new
 //! event to maintain unread notification and highlight counts.
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use ruma::push::{Action, PushConditionRoomCtx, Ruleset};
@@ -18,8 +19,7 @@ use crate::shard::Shard;
 /// The user's rule set: their stored one, or the server defaults.
 pub fn ruleset(db: &Db, user: &UserId) -> ApiResult<Ruleset> {
     if let Some(entry) = db.account_data(user, None, "m.push_rules")?
-        && let Some(global) = entry.content.get("global")
-        && let Ok(rules) = serde_json::from_value::<Ruleset>(global.clone())
+        && let Some(rules) = stored_ruleset(&entry.content)
     {
         return Ok(rules);
     }
@@ -42,16 +42,14 @@ pub fn ruleset_content(rules: &Ruleset) -> Value {
 /// named in the event, and members with their own rules, are evaluated one
 /// by one.
 pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc<Pdu>) -> ApiResult<Vec<(OwnedUserId, Unread, bool)>> {
-    let members: Vec<(OwnedUserId, String)> = cached
-        .state
-        .iter()
-        .filter(|((ty, _), (p, _))| ty == "m.room.member" && p.membership().as_deref() == Some("join"))
-        .filter_map(|((_, sk), (p, _))| {
-            let user = UserId::parse(sk.as_str()).ok()?;
-            let name = p.content_value()["displayname"].as_str().unwrap_or(user.localpart()).to_owned();
-            Some((user, name))
-        })
-        .collect();
+    let members = match &cached.members {
+        Some(m) => m.clone(),
+        None => {
+            let m = Rc::new(joined_members(cached));
+            cached.members = Some(m.clone());
+            m
+        }
+    };
     if members.len() < 2 {
         return Ok(Vec::new());
     }
@@ -70,14 +68,15 @@ pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc
     let neutral_usable = neutral_user.is_some() && !haystack.contains(NEUTRAL);
     let mut shared: Option<(bool, bool)> = None;
     let mut out = Vec::new();
-    for (user, name) in members {
-        if user == pdu.sender {
+    for member in members.iter() {
+        let user = &member.user;
+        if *user == pdu.sender {
             continue;
         }
-        let named = haystack.contains(&user.as_str().to_lowercase()) || haystack.contains(&user.localpart().to_lowercase()) || haystack.contains(&name.to_lowercase());
-        let (notify, highlight) = match custom_ruleset(&shard.db, &user)? {
-            Some(rules) => outcome(&rules, &user, &name),
-            None if named || !neutral_usable => outcome(&Ruleset::server_default(&user), &user, &name),
+        let named = member.needles.iter().any(|n| haystack.contains(n.as_str()));
+        let (notify, highlight) = match shard.custom_ruleset(user)? {
+            Some(rules) => outcome(&rules, user, &member.name),
+            None if named || !neutral_usable => outcome(&Ruleset::server_default(user), user, &member.name),
             None => *shared.get_or_insert_with(|| match &neutral_user {
                 Some(n) => outcome(&Ruleset::server_default(n), n, NEUTRAL),
                 None => (false, false),
@@ -86,27 +85,50 @@ pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc
         if !notify && !highlight {
             continue;
         }
-        let mut counts = match cached.unread.get(&user) {
+        let mut counts = match cached.unread.get(user) {
             Some(c) => *c,
-            None => shard.db.unread(&user, room)?,
+            None => shard.db.unread(user, room)?,
         };
         counts.notifications += u64::from(notify);
         counts.highlights += u64::from(highlight);
-        out.push((user, counts, highlight));
+        out.push((user.clone(), counts, highlight));
     }
     Ok(out)
+}
+
+/// A joined member as push rules see them.
+pub struct Member {
+    pub user: OwnedUserId,
+    /// Display name, or the localpart when none is set.
+    pub name: String,
+    /// Lowercased user id, localpart and display name: an event containing
+    /// none of them cannot match a rule that depends on the member.
+    needles: [String; 3],
+}
+
+/// The room's joined members, from its cached current state.
+fn joined_members(cached: &CachedRoom) -> Vec<Member> {
+    cached
+        .state
+        .iter()
+        .filter(|((ty, _), (p, _))| ty == "m.room.member" && p.membership().as_deref() == Some("join"))
+        .filter_map(|((_, sk), (p, _))| {
+            let user = UserId::parse(sk.as_str()).ok()?;
+            let name = p.content_value()["displayname"].as_str().unwrap_or(user.localpart()).to_owned();
+            let needles = [user.as_str().to_lowercase(), user.localpart().to_lowercase(), name.to_lowercase()];
+            Some(Member { user, name, needles })
+        })
+        .collect()
+}
+
+/// Parses a stored `m.push_rules` account data entry.
+pub fn stored_ruleset(content: &Value) -> Option<Ruleset> {
+    content.get("global").and_then(|g| serde_json::from_value::<Ruleset>(g.clone()).ok())
 }
 
 /// Localpart and display name of the neutral identity used for the shared
 /// evaluation of the default rules.
 const NEUTRAL: &str = "tessera.push.neutral.identity";
-
-/// The user's own rule set, if they have one.
-fn custom_ruleset(db: &Db, user: &UserId) -> ApiResult<Option<Ruleset>> {
-    Ok(db
-        .account_data(user, None, "m.push_rules")?
-        .and_then(|entry| entry.content.get("global").and_then(|g| serde_json::from_value::<Ruleset>(g.clone()).ok())))
-}
 
 #[cfg(test)]
 mod tests {

@@ -40,6 +40,9 @@ pub struct CachedRoom {
     /// Unread counts of members, loaded on first use; the owner shard is
     /// their only writer (events and receipts both run here).
     pub unread: HashMap<OwnedUserId, crate::db::Unread>,
+    /// Joined members for push rule evaluation, built on first use and
+    /// dropped whenever a membership event is appended.
+    pub members: Option<Rc<Vec<crate::push::Member>>>,
 }
 
 /// The owner shard's cache of its rooms.
@@ -48,7 +51,17 @@ pub struct RoomCache {
     rooms: RefCell<HashMap<OwnedRoomId, Rc<RefCell<CachedRoom>>>>,
     /// Typing users and their deadlines (ms), for rooms this shard owns.
     typing: RefCell<HashMap<OwnedRoomId, Vec<(OwnedUserId, u64)>>>,
+    /// Sends waiting for their room's next group commit.
+    queued: RefCell<HashMap<OwnedRoomId, Vec<QueuedSend>>>,
 }
+
+/// A send waiting for its group, with where its answer goes.
+type QueuedSend = (Draft, flume::Sender<ApiResult<RoomReply>>);
+
+/// Most events written in one batch by a group commit. Each waiting send
+/// holds its draft (bounded by the request body limit) until its group is
+/// written.
+const SEND_GROUP_MAX: usize = 64;
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -73,7 +86,7 @@ impl RoomCache {
             let ev = db.event(&entry.event_id)?.ok_or_else(|| Error::Corrupt(format!("state event {} missing", entry.event_id)))?;
             state.insert(key, (ev.pdu, entry.pos));
         }
-        let cached = Rc::new(RefCell::new(CachedRoom { head, rules, state, unread: HashMap::new() }));
+        let cached = Rc::new(RefCell::new(CachedRoom { head, rules, state, unread: HashMap::new(), members: None }));
         let mut rooms = self.rooms.borrow_mut();
         if rooms.len() >= CACHED_ROOMS_MAX {
             rooms.clear();
@@ -88,11 +101,11 @@ impl RoomCache {
 }
 
 /// Executes a room operation on the owner shard.
-pub fn execute(shard: &Rc<Shard>, room: &RoomId, op: RoomOp) -> ApiResult<RoomReply> {
+pub async fn execute(shard: &Rc<Shard>, room: &RoomId, op: RoomOp) -> ApiResult<RoomReply> {
     debug_assert_eq!(shard.owner_of(room), shard.id, "room ops run on the owner shard");
     match op {
         RoomOp::Create(new) => create(shard, room, new),
-        RoomOp::Send(draft) => send(shard, room, draft),
+        RoomOp::Send(draft) => send(shard, room, draft).await,
         RoomOp::Typing { user, typing, timeout_ms } => set_typing(shard, room, user, typing, timeout_ms),
         RoomOp::Receipt { user, kind, thread, event_id, ts } => receipt(shard, room, user, kind, thread, event_id, ts),
     }
@@ -105,6 +118,17 @@ struct Batch {
     users: Vec<OwnedUserId>,
     /// Events this batch redacts: their cached renderings go after the write.
     redacted: Vec<OwnedEventId>,
+    /// Members' new unread counts: one row each per batch, however many of
+    /// the batch's events notified them.
+    unread: BTreeMap<OwnedUserId, crate::db::Unread>,
+    /// Events staged in this batch.
+    events: Vec<OwnedEventId>,
+}
+
+impl Batch {
+    fn new(pos: u64) -> Batch {
+        Batch { writes: Vec::new(), pos, users: Vec::new(), redacted: Vec::new(), unread: BTreeMap::new(), events: Vec::new() }
+    }
 }
 
 fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply> {
@@ -113,8 +137,8 @@ fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply
         return Err(ApiError::new(http::StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", "Room id already exists"));
     }
     let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 0 };
-    let mut cached = CachedRoom { head, rules, state: HashMap::new(), unread: HashMap::new() };
-    let mut batch = Batch { writes: Vec::new(), pos: shard.pos(), users: Vec::new(), redacted: Vec::new() };
+    let mut cached = CachedRoom { head, rules, state: HashMap::new(), unread: HashMap::new(), members: None };
+    let mut batch = Batch::new(shard.pos());
     let create = Draft { sender: new.creator.clone(), kind: "m.room.create".into(), state_key: Some(String::new()), content: new.create_content, txn: None, redacts: None };
     append(shard, room, &mut cached, create, &mut batch)?;
     for draft in new.events {
@@ -124,26 +148,137 @@ fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply
     Ok(RoomReply::Done)
 }
 
-fn send(shard: &Rc<Shard>, room: &RoomId, draft: Draft) -> ApiResult<RoomReply> {
-    if let Some((device, txn_id)) = &draft.txn
-        && let Some(existing) = shard.db.txn(&draft.sender, device, txn_id)?
-    {
-        let id = OwnedEventId::try_from(existing).map_err(|e| Error::Corrupt(e.to_string()))?;
-        return Ok(RoomReply::Event(id));
+/// Queues a send for its room's next group commit and waits for its answer.
+///
+/// The first send of a group schedules the commit behind every task that
+/// is ready now, so sends that arrive together are written in one batch:
+/// one storage write, one stream position announcement, and one unread
+/// count row per notified member.
+async fn send(shard: &Rc<Shard>, room: &RoomId, draft: Draft) -> ApiResult<RoomReply> {
+    let (tx, rx) = flume::bounded(1);
+    let first = {
+        let mut queued = shard.rooms.queued.borrow_mut();
+        let queue = queued.entry(room.to_owned()).or_default();
+        queue.push((draft, tx));
+        queue.len() == 1
+    };
+    if first {
+        let shard = shard.clone();
+        let room = room.to_owned();
+        glommio::spawn_local(async move {
+            futures_lite::future::yield_now().await;
+            flush_sends(&shard, &room);
+        })
+        .detach();
     }
-    let cached_rc = shard.rooms.load(&shard.db, room)?;
-    let mut cached = cached_rc.borrow_mut();
-    let mut batch = Batch { writes: Vec::new(), pos: shard.pos(), users: Vec::new(), redacted: Vec::new() };
-    // `append` fails only before it touches the cache; a failed commit
-    // drops the cached room so it reloads from storage.
-    let id = append(shard, room, &mut cached, draft, &mut batch)?;
-    cached.head.last_event_pos = batch.pos;
-    let head = cached.head.clone();
-    drop(cached);
+    rx.recv_async().await.map_err(|_| ApiError::from(Error::ShardUnavailable(shard.id)))?
+}
+
+/// Writes every queued send of a room, in groups of at most [`SEND_GROUP_MAX`].
+fn flush_sends(shard: &Rc<Shard>, room: &RoomId) {
+    let queued = shard.rooms.queued.borrow_mut().remove(room).unwrap_or_default();
+    let mut queued = queued.into_iter().peekable();
+    while queued.peek().is_some() {
+        let group: Vec<QueuedSend> = queued.by_ref().take(SEND_GROUP_MAX).collect();
+        send_group(shard, room, group);
+    }
+}
+
+/// Appends a group of sends and commits them together; every send is
+/// answered only after the batch holding its event was written.
+fn send_group(shard: &Rc<Shard>, room: &RoomId, group: Vec<QueuedSend>) {
+    let cached_rc = match shard.rooms.load(&shard.db, room) {
+        Ok(c) => c,
+        Err(e) => {
+            for (_, tx) in group {
+                let _ = tx.try_send(Err(e.clone()));
+            }
+            return;
+        }
+    };
+    let mut batch = Batch::new(shard.pos());
+    // Answers waiting for the batch: the event id, or an earlier send of
+    // the same transaction in this batch.
+    let mut waiting: Vec<(OwnedEventId, flume::Sender<ApiResult<RoomReply>>)> = Vec::new();
+    let mut txns: HashMap<(OwnedUserId, String, String), OwnedEventId> = HashMap::new();
+    let mut group = group.into_iter();
+    while let Some((draft, tx)) = group.next() {
+        if let Some((device, txn_id)) = &draft.txn {
+            if let Some(id) = txns.get(&(draft.sender.clone(), device.clone(), txn_id.clone())) {
+                waiting.push((id.clone(), tx));
+                continue;
+            }
+            match shard.db.txn(&draft.sender, device, txn_id) {
+                Ok(None) => {}
+                Ok(Some(existing)) => {
+                    let reply = OwnedEventId::try_from(existing).map(RoomReply::Event).map_err(|e| Error::Corrupt(e.to_string()).into());
+                    let _ = tx.try_send(reply);
+                    continue;
+                }
+                Err(e) => {
+                    let _ = tx.try_send(Err(e.into()));
+                    continue;
+                }
+            }
+        }
+        // A redaction reads its target from storage: one staged in this
+        // batch is written first.
+        if draft.redacts.as_ref().is_some_and(|target| batch.events.contains(target)) {
+            let full = std::mem::replace(&mut batch, Batch::new(0));
+            if let Err(e) = commit_group(shard, room, &cached_rc, full, std::mem::take(&mut waiting)) {
+                // The cache held the unwritten events: nothing more is appended to it.
+                for (_, tx) in std::iter::once((draft, tx)).chain(group) {
+                    let _ = tx.try_send(Err(e.clone()));
+                }
+                return;
+            }
+            batch = Batch::new(shard.pos());
+            txns.clear();
+        }
+        let txn_key = draft.txn.as_ref().map(|(device, txn_id)| (draft.sender.clone(), device.clone(), txn_id.clone()));
+        // `append` fails only before it touches the cache.
+        let appended = append(shard, room, &mut cached_rc.borrow_mut(), draft, &mut batch);
+        match appended {
+            Ok(id) => {
+                if let Some(key) = txn_key {
+                    txns.insert(key, id.clone());
+                }
+                waiting.push((id, tx));
+            }
+            Err(e) => {
+                let _ = tx.try_send(Err(e));
+            }
+        }
+    }
+    let _ = commit_group(shard, room, &cached_rc, batch, waiting);
+}
+
+/// Commits a group's batch and answers its sends. A failed commit drops
+/// the cached room so it reloads from storage, and is returned.
+fn commit_group(shard: &Rc<Shard>, room: &RoomId, cached_rc: &Rc<RefCell<CachedRoom>>, batch: Batch, waiting: Vec<(OwnedEventId, flume::Sender<ApiResult<RoomReply>>)>) -> ApiResult<()> {
+    if batch.events.is_empty() {
+        for (id, tx) in waiting {
+            let _ = tx.try_send(Ok(RoomReply::Event(id)));
+        }
+        return Ok(());
+    }
+    let head = {
+        let mut cached = cached_rc.borrow_mut();
+        cached.head.last_event_pos = batch.pos;
+        cached.head.clone()
+    };
     match commit_batch(shard, room, &head, batch) {
-        Ok(()) => Ok(RoomReply::Event(id)),
+        Ok(()) => {
+            for (id, tx) in waiting {
+                let _ = tx.try_send(Ok(RoomReply::Event(id)));
+            }
+            Ok(())
+        }
         Err(e) => {
             shard.rooms.forget(room);
+            for (_, tx) in waiting {
+                let _ = tx.try_send(Err(e.clone()));
+            }
             Err(e)
         }
     }
@@ -159,9 +294,13 @@ fn commit(shard: &Rc<Shard>, room: &RoomId, mut cached: CachedRoom, batch: Batch
 
 /// Writes a staged batch with the room head and stream head, then announces it.
 fn commit_batch(shard: &Rc<Shard>, room: &RoomId, head: &RoomHead, mut batch: Batch) -> ApiResult<()> {
+    for (user, counts) in &batch.unread {
+        batch.writes.push(Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(counts)));
+    }
     batch.writes.push(Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(head)));
     batch.writes.push(Db::stream_head_write(shard.id as u16, batch.pos));
     shard.db.store.write(batch.writes)?;
+    shard.metrics().event_batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     for id in &batch.redacted {
         shard.invalidate_rendered(id);
     }
@@ -333,12 +472,15 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
             batch.writes.push(Write::put(Table::UserRooms, target.as_bytes(), room.as_bytes(), encode(&ur)));
             batch.users.push(target);
         }
+        if draft.kind == "m.room.member" {
+            cached.members = None;
+        }
         cached.state.insert((draft.kind.clone(), sk.clone()), (pdu.clone(), pos));
     }
     let mut notified = Vec::with_capacity(unread.len());
     for (user, counts, highlight) in unread {
-        batch.writes.push(Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(&counts)));
         notified.push((user.to_string(), highlight));
+        batch.unread.insert(user.clone(), counts);
         cached.unread.insert(user, counts);
     }
     if !notified.is_empty() {
@@ -348,6 +490,7 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
     cached.head.extremities = vec![event_id.clone()];
     cached.head.depth = depth;
     cached.head.timeline_len = seq + 1;
+    batch.events.push(event_id.clone());
     shard.metrics().events_created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(event_id)
 }

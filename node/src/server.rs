@@ -138,6 +138,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let heads = stream_heads(&db, count_u16)?;
     let metrics: Arc<Vec<ShardMetrics>> = Arc::new((0..count).map(|_| ShardMetrics::default()).collect());
     let redactions = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let push_rule_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let user_writes: Arc<Vec<std::sync::atomic::AtomicU64>> = Arc::new(heads.iter().map(|h| std::sync::atomic::AtomicU64::new(*h)).collect());
     let mesh = MeshBuilder::<ShardMsg, _>::full(count, config.runtime.mesh_channel_depth);
 
     let mut shutdown_txs = Vec::new();
@@ -145,8 +147,19 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     for id in 0..count {
         let (tx, rx) = flume::bounded::<()>(1);
         shutdown_txs.push(tx);
-        let (config, db, key, server_name, ring, metrics, mesh, heads, redactions) =
-            (config.clone(), db.clone(), key.clone(), server_name.clone(), ring.clone(), metrics.clone(), mesh.clone(), heads.clone(), redactions.clone());
+        let (config, db, key, server_name, ring, metrics, mesh, heads, redactions, push_rule_changes, user_writes) = (
+            config.clone(),
+            db.clone(),
+            key.clone(),
+            server_name.clone(),
+            ring.clone(),
+            metrics.clone(),
+            mesh.clone(),
+            heads.clone(),
+            redactions.clone(),
+            push_rule_changes.clone(),
+            user_writes.clone(),
+        );
         let handle = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("shard-{id}"))
             .io_memory(config.runtime.io_memory_kib << 10)
@@ -176,6 +189,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     rendered: Default::default(),
                     redactions,
                     redactions_seen: Default::default(),
+                    push_rule_changes,
+                    push_rule_changes_seen: Default::default(),
+                    push_rules: Default::default(),
+                    user_writes,
+                    filters: Default::default(),
+                    empty_inboxes: Default::default(),
                 });
                 shard_main(shard, receivers, rx).await
             })

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use glommio::channels::channel_mesh::Senders;
+use ruma::push::Ruleset;
 use ruma::signatures::Ed25519KeyPair;
-use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId};
+use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, UserId};
 use serde_json::Value;
 use tessera_shared::ring::Ring;
 
@@ -83,6 +84,7 @@ pub struct ShardMetrics {
     pub responses_5xx: AtomicU64,
     pub request_us_total: AtomicU64,
     pub events_created: AtomicU64,
+    pub event_batches: AtomicU64,
     pub syncs: AtomicU64,
     pub connections: AtomicU64,
 }
@@ -204,6 +206,26 @@ pub struct Shard {
     pub redactions: Arc<AtomicU64>,
     /// The count of `redactions` this shard's cache reflects.
     pub redactions_seen: Cell<u64>,
+    /// Push rule changes written on any shard of the node, counted; a shard
+    /// that sees the count move drops its cache of users' own rule sets.
+    pub push_rule_changes: Arc<AtomicU64>,
+    pub push_rule_changes_seen: Cell<u64>,
+    /// Users' own push rule sets (`None`: the user has none), for the
+    /// evaluation of every new event in the rooms this shard owns.
+    pub push_rules: RefCell<HashMap<OwnedUserId, Option<Rc<Ruleset>>>>,
+    /// Per shard of the node, the highest position it announced with users
+    /// attached (account data, to-device messages, device-list changes,
+    /// receipts, memberships); starts at the stream heads of the node's
+    /// start. Raised after the write and before the position is announced,
+    /// so a token covering a position also covers its hint: a sync whose
+    /// `since` is at or above every hint has no user-scoped rows to read.
+    pub user_writes: Arc<Vec<AtomicU64>>,
+    /// Parsed filters by user and filter id (stored filters never change).
+    pub filters: RefCell<HashMap<(OwnedUserId, String), Rc<crate::filter::SyncFilter>>>,
+    /// Devices whose to-device inbox this shard found empty, with the
+    /// sync's upper token then; while no user-scoped write went past that
+    /// token, the inbox is still empty.
+    pub empty_inboxes: RefCell<HashMap<(OwnedUserId, String), Vec<u64>>>,
 }
 
 /// Most rendered events a shard caches (about 3-4 KiB each with the parsed
@@ -211,6 +233,17 @@ pub struct Shard {
 /// small cache serves it; the cache is
 /// cleared when full.
 const RENDERED_CACHE_MAX: usize = 1_024;
+
+/// Most parsed filters a shard caches (under 1 KiB each); cleared when full.
+pub const FILTER_CACHE_MAX: usize = 10_000;
+
+/// Most empty to-device inboxes a shard remembers (about 100 bytes each);
+/// cleared when full.
+pub const EMPTY_INBOXES_MAX: usize = 100_000;
+
+/// Most users whose own push rule sets a shard caches (a few KiB each when
+/// set, a few bytes when not); the cache is cleared when full.
+const PUSH_RULES_CACHE_MAX: usize = 100_000;
 
 impl Shard {
     /// This shard's own stream head.
@@ -245,6 +278,9 @@ impl Shard {
     /// Records that this shard's stream reached `pos` (after the write
     /// returned) and tells every shard, waking affected syncs.
     pub fn publish(&self, pos: u64, rooms: Vec<OwnedRoomId>, users: Vec<OwnedUserId>) {
+        if !users.is_empty() {
+            self.user_writes[self.id].fetch_max(pos, Ordering::Release);
+        }
         self.note_head(self.id, pos);
         self.notifier.notify(&rooms, &users);
         self.broadcast(|| ShardMsg::Advanced { shard: self.id as u16, pos, rooms: rooms.clone(), users: users.clone() });
@@ -297,6 +333,41 @@ impl Shard {
         Ok(Some(r))
     }
 
+    /// The user's own push rule set, if they stored one.
+    ///
+    /// A rule change bumps `push_rule_changes` after its write and before
+    /// its answer, so an event created after that answer is evaluated with
+    /// the new rules.
+    pub fn custom_ruleset(&self, user: &UserId) -> ApiResult<Option<Rc<Ruleset>>> {
+        let changes = self.push_rule_changes.load(Ordering::Acquire);
+        if changes != self.push_rule_changes_seen.get() {
+            self.push_rules.borrow_mut().clear();
+            self.push_rule_changes_seen.set(changes);
+        }
+        if let Some(r) = self.push_rules.borrow().get(user) {
+            return Ok(r.clone());
+        }
+        let rules = self.db.account_data(user, None, "m.push_rules")?.and_then(|e| crate::push::stored_ruleset(&e.content)).map(Rc::new);
+        let mut cache = self.push_rules.borrow_mut();
+        if cache.len() >= PUSH_RULES_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(user.to_owned(), rules.clone());
+        Ok(rules)
+    }
+
+    /// Whether some shard announced a user-scoped write above `token`
+    /// (see `user_writes`).
+    pub fn user_writes_after(&self, token: &[u64]) -> bool {
+        self.user_writes.iter().zip(token.iter().chain(std::iter::repeat(&0))).any(|(hint, t)| hint.load(Ordering::Acquire) > *t)
+    }
+
+    /// Announces a push rule change to every shard's cache.
+    /// Called after the write and before its answer.
+    pub fn push_rules_changed(&self) {
+        self.push_rule_changes.fetch_add(1, Ordering::Release);
+    }
+
     /// Drops an event's rendering here and on every other shard. Called
     /// after the redaction's write and before its answer: the counter is
     /// shared memory, so every shard sees it before it serves the next
@@ -312,7 +383,7 @@ impl Shard {
             ShardMsg::Room { room, op, reply } => {
                 let shard = self.clone();
                 glommio::spawn_local(async move {
-                    let result = crate::room::execute(&shard, &room, op);
+                    let result = crate::room::execute(&shard, &room, op).await;
                     let _ = reply.send_async(result).await;
                 })
                 .detach();
@@ -333,7 +404,7 @@ impl Shard {
     pub async fn room_op(self: &Rc<Self>, room: &RoomId, op: RoomOp) -> ApiResult<RoomReply> {
         let owner = self.owner_of(room);
         if owner == self.id {
-            return crate::room::execute(self, room, op);
+            return crate::room::execute(self, room, op).await;
         }
         let mesh = self.mesh.as_ref().ok_or(Error::ShardUnavailable(owner))?;
         let (tx, rx) = flume::bounded(1);

@@ -140,6 +140,44 @@ fn transaction_ids_make_sends_idempotent() {
     assert_eq!(count, 1);
 }
 
+/// Concurrent sends to one room are group-committed: every transaction
+/// gets one event, whether its duplicate lands in the same group or a
+/// later one, and nothing is lost or stored twice.
+#[test]
+fn concurrent_sends_with_duplicate_transactions_store_each_event_once() {
+    let node = Node::start("groups", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    const SETS: usize = 4;
+    const PER_SET: usize = 25;
+    // Two threads per set send the same transaction ids at the same time.
+    let threads: Vec<_> = (0..2 * SETS)
+        .map(|t| {
+            let c = Client::new(alice.base.clone(), alice.token.clone());
+            let room = room.clone();
+            std::thread::spawn(move || (0..PER_SET).map(|j| c.send_text(&room, &format!("g{}-{j}", t / 2), &format!("group {} {j}", t / 2))).collect::<Vec<String>>())
+        })
+        .collect();
+    let ids: Vec<Vec<String>> = threads.into_iter().map(|t| t.join().expect("sender thread")).collect();
+    for set in 0..SETS {
+        assert_eq!(ids[2 * set], ids[2 * set + 1], "both senders of a transaction get the same event");
+    }
+    let distinct: std::collections::HashSet<&String> = ids.iter().flatten().collect();
+    assert_eq!(distinct.len(), SETS * PER_SET);
+    let (_, page) = bob.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=500"));
+    let mut seen: Vec<String> = page["chunk"].as_array().expect("chunk").iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)).filter(|b| b.starts_with("group ")).collect();
+    assert_eq!(seen.len(), SETS * PER_SET, "each transaction stored exactly once");
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), SETS * PER_SET);
+    // Each sender's own events are in the order it sent them.
+    let order: Vec<String> = page["chunk"].as_array().expect("chunk").iter().rev().filter_map(|e| e["event_id"].as_str().map(str::to_owned)).collect();
+    for set in &ids {
+        let positions: Vec<usize> = set.iter().map(|id| order.iter().position(|o| o == id).expect("event in history")).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "a sender's events keep their order");
+    }
+}
+
 #[test]
 fn long_poll_sync_wakes_on_new_event() {
     let node = Node::start("longpoll", "[runtime]\nshards = 2\n");

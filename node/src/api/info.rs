@@ -77,6 +77,7 @@ pub fn metrics(shard: &Shard) -> Resp {
     counter("tessera_http_responses_5xx_total", "Responses with a 5xx status.", "counter", sum(|m| m.responses_5xx.load(Ordering::Relaxed)));
     counter("tessera_http_request_duration_us_total", "Total time spent handling requests, in microseconds.", "counter", sum(|m| m.request_us_total.load(Ordering::Relaxed)));
     counter("tessera_events_created_total", "Room events created by this node.", "counter", sum(|m| m.events_created.load(Ordering::Relaxed)));
+    counter("tessera_event_batches_total", "Storage writes holding room events (group commits).", "counter", sum(|m| m.event_batches.load(Ordering::Relaxed)));
     counter("tessera_syncs_total", "Sync requests answered.", "counter", sum(|m| m.syncs.load(Ordering::Relaxed)));
     counter("tessera_http_connections", "Open HTTP connections.", "gauge", sum(|m| m.connections.load(Ordering::Relaxed)));
     counter("tessera_shards", "Shards (executor threads) of this node.", "gauge", shard.count as u64);

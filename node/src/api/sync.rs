@@ -116,16 +116,26 @@ impl SyncToken {
     }
 }
 
-fn load_filter(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<SyncFilter> {
+fn load_filter(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Rc<SyncFilter>> {
     match req.query("filter") {
-        None => Ok(SyncFilter::default()),
+        None => Ok(Rc::new(SyncFilter::default())),
         Some(f) if f.trim_start().starts_with('{') => {
             let v: Value = serde_json::from_str(f).map_err(|_| ApiError::bad_json("filter is not valid JSON"))?;
-            Ok(SyncFilter::from_value(&v))
+            Ok(Rc::new(SyncFilter::from_value(&v)))
         }
         Some(id) => {
+            let key = (auth.user.clone(), id.to_owned());
+            if let Some(f) = shard.filters.borrow().get(&key) {
+                return Ok(f.clone());
+            }
             let v = shard.db.filter(&auth.user, id)?.ok_or_else(|| ApiError::not_found("Unknown filter"))?;
-            Ok(SyncFilter::from_value(&v))
+            let filter = Rc::new(SyncFilter::from_value(&v));
+            let mut cache = shard.filters.borrow_mut();
+            if cache.len() >= crate::shard::FILTER_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(key, filter.clone());
+            Ok(filter)
         }
     }
 }
@@ -203,7 +213,10 @@ fn in_range(pos: u64, since: Option<&SyncToken>, upper: &SyncToken, shard: u16) 
 
 fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &SyncToken, filter: &SyncFilter, full_state: bool, rooms: &[(String, UserRoom)]) -> ApiResult<(SyncResponse, bool)> {
     let now = now_ms();
-    let all_data = shard.db.all_account_data(&auth.user, ACCOUNT_DATA_MAX)?;
+    // No user-scoped write anywhere since `since`: no account data,
+    // to-device or device-list rows can be new, and no membership changed.
+    let quiet = since.is_some_and(|s| !shard.user_writes_after(&s.heads));
+    let all_data = if quiet { Vec::new() } else { shard.db.all_account_data(&auth.user, ACCOUNT_DATA_MAX)? };
     let mut room_data: std::collections::HashMap<String, Vec<Value>> = std::collections::HashMap::new();
     for (room, kind, entry) in &all_data {
         let Some(room) = room else { continue };
@@ -270,27 +283,9 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
         account_data.push(json!({ "type": "m.push_rules", "content": crate::push::ruleset_content(&rules) }));
     }
     changed |= !account_data.is_empty();
-    // To-device: messages up to `since` were delivered and are acknowledged
-    // by this request, so they are deleted; the rest up to `upper` is sent.
-    let mut to_device = Vec::new();
-    let mut acked: std::collections::BTreeMap<u16, u64> = std::collections::BTreeMap::new();
-    // Every pending message up to `upper` is sent: holding some back would
-    // let the next token acknowledge them unseen. Inboxes are bounded.
-    for (writer, pos, _, message) in shard.db.inbox(&auth.user, &auth.device, 2 * crate::api::extras::INBOX_MAX)? {
-        let s = since.and_then(|t| t.heads.get(usize::from(writer)).copied()).unwrap_or(0);
-        let u = upper.heads.get(usize::from(writer)).copied().unwrap_or(0);
-        if since.is_some() && pos <= s {
-            acked.insert(writer, s);
-        } else if pos <= u {
-            to_device.push(message);
-        }
-    }
-    if !acked.is_empty() {
-        // Everything of a writer up to `since` was delivered: one range each.
-        shard.db.store.write(acked.into_iter().map(|(writer, upto)| crate::db::Db::inbox_ack_write(&auth.user, &auth.device, writer, upto)).collect())?;
-    }
+    let to_device = to_device(shard, auth, since, upper)?;
     changed |= !to_device.is_empty();
-    let (device_lists, otk_counts, fallback_types, keys_changed) = crate::api::keys::sync_fields(shard, auth, since, upper)?;
+    let (device_lists, otk_counts, fallback_types, keys_changed) = crate::api::keys::sync_fields(shard, auth, since.filter(|_| !quiet), upper)?;
     changed |= keys_changed;
     let body = SyncResponse {
         next_batch: upper.encode(),
@@ -303,6 +298,48 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
         device_unused_fallback_key_types: fallback_types,
     };
     Ok((body, changed))
+}
+
+/// To-device messages for the syncing device.
+///
+/// Messages up to `since` were delivered and are acknowledged by this
+/// request, so they are deleted; every pending message up to `upper` is
+/// sent (holding some back would let the next token acknowledge them
+/// unseen; inboxes are bounded). An inbox found empty is remembered until a
+/// user-scoped write goes past the token it was found empty at.
+fn to_device(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &SyncToken) -> ApiResult<Vec<Value>> {
+    let key = (auth.user.clone(), auth.device.clone());
+    if let Some(empty_at) = shard.empty_inboxes.borrow().get(&key)
+        && !shard.user_writes_after(empty_at)
+    {
+        return Ok(Vec::new());
+    }
+    let mut to_device = Vec::new();
+    let mut acked: BTreeMap<u16, u64> = BTreeMap::new();
+    let pending = shard.db.inbox(&auth.user, &auth.device, 2 * crate::api::extras::INBOX_MAX)?;
+    if pending.is_empty() {
+        let mut empty = shard.empty_inboxes.borrow_mut();
+        if empty.len() >= crate::shard::EMPTY_INBOXES_MAX {
+            empty.clear();
+        }
+        empty.insert(key, upper.heads.clone());
+        return Ok(Vec::new());
+    }
+    shard.empty_inboxes.borrow_mut().remove(&key);
+    for (writer, pos, _, message) in pending {
+        let s = since.and_then(|t| t.heads.get(usize::from(writer)).copied()).unwrap_or(0);
+        let u = upper.heads.get(usize::from(writer)).copied().unwrap_or(0);
+        if since.is_some() && pos <= s {
+            acked.insert(writer, s);
+        } else if pos <= u {
+            to_device.push(message);
+        }
+    }
+    if !acked.is_empty() {
+        // Everything of a writer up to `since` was delivered: one range each.
+        shard.db.store.write(acked.into_iter().map(|(writer, upto)| crate::db::Db::inbox_ack_write(&auth.user, &auth.device, writer, upto)).collect())?;
+    }
+    Ok(to_device)
 }
 
 /// Timeline events of a room in `(from, upto]`, the newest `limit`, and

@@ -108,6 +108,9 @@ fn write_account_data(shard: &Shard, user: &UserId, room: Option<&RoomId>, kind:
     let pos = shard.next_pos();
     let entry = AccountDataEntry { content, shard: shard.id as u16, pos };
     shard.db.put_account_data(user, room, kind, &entry, vec![Db::stream_head_write(shard.id as u16, pos)])?;
+    if room.is_none() && kind == "m.push_rules" {
+        shard.push_rules_changed();
+    }
     shard.publish(pos, vec![], vec![user.to_owned()]);
     Ok(())
 }
