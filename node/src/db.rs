@@ -31,6 +31,10 @@ pub struct Db {
     /// Per writer shard, the last position whose device-list change rows
     /// may be in the unbucketed layout (see `keystore`); read once.
     pub(crate) key_change_floors: Arc<std::sync::OnceLock<Vec<u64>>>,
+    /// Counts writes of one-time and fallback keys (uploads, claims, device
+    /// deletions), node-wide; bumped after each write and before its answer,
+    /// so a cache of key counts taken at an older count is stale.
+    pub(crate) key_count_changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn decode<T: DeserializeOwned>(table: Table, bytes: &[u8]) -> DbResult<T> {
@@ -192,7 +196,7 @@ pub fn account_data_ck(room: Option<&RoomId>, kind: &str) -> Vec<u8> {
 
 impl Db {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Db { store, key_change_floors: Arc::default() }
+        Db { store, key_change_floors: Arc::default(), key_count_changes: Arc::default() }
     }
 
     pub(crate) fn get_json<T: DeserializeOwned>(&self, table: Table, pk: &[u8], ck: &[u8]) -> DbResult<Option<T>> {
@@ -281,6 +285,7 @@ impl Db {
         }
         writes.extend(self.device_keys_deletes(user, device_id)?);
         self.store.write(writes)?;
+        self.key_counts_changed();
         Ok(true)
     }
 

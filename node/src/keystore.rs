@@ -166,6 +166,17 @@ impl Db {
         Ok(self.store.get(Table::ClaimedKeys, &device_pk(user, device), id.as_bytes())?.is_some())
     }
 
+    /// Tells every shard's cache of key counts that some count changed.
+    /// Called after the write and before its answer.
+    pub fn key_counts_changed(&self) {
+        self.key_count_changes.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The current count of key-count changes (see `key_counts_changed`).
+    pub fn key_count_changes(&self) -> u64 {
+        self.key_count_changes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn one_time_key_write(user: &UserId, device: &str, id: &str, key: &Value) -> Write {
         Write::put(Table::OneTimeKeys, device_pk(user, device), id.as_bytes(), encode(key))
     }
@@ -186,6 +197,7 @@ impl Db {
                     continue;
                 }
                 self.store.write(vec![Write::delete(Table::OneTimeKeys, pk.clone(), ck.to_vec())])?;
+                self.key_counts_changed();
                 let Ok(key) = serde_json::from_slice(value) else { continue };
                 return Ok(Some((text(ck), key)));
             }
@@ -216,6 +228,7 @@ impl Db {
         if !key.used {
             key.used = true;
             self.store.write(vec![Db::fallback_key_write(user, device, algorithm, &key)])?;
+            self.key_counts_changed();
         }
         Ok(Some((key.key_id, key.key)))
     }

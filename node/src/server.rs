@@ -195,6 +195,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     user_writes,
                     filters: Default::default(),
                     empty_inboxes: Default::default(),
+                    key_counts: Default::default(),
                 });
                 shard_main(shard, receivers, rx).await
             })

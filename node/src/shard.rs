@@ -220,12 +220,17 @@ pub struct Shard {
     /// so a token covering a position also covers its hint: a sync whose
     /// `since` is at or above every hint has no user-scoped rows to read.
     pub user_writes: Arc<Vec<AtomicU64>>,
-    /// Parsed filters by user and filter id (stored filters never change).
+    /// Parsed filters by user and filter id or inline filter text (stored
+    /// filters never change).
     pub filters: RefCell<HashMap<(OwnedUserId, String), Rc<crate::filter::SyncFilter>>>,
     /// Devices whose to-device inbox this shard found empty, with the
     /// sync's upper token then; while no user-scoped write went past that
     /// token, the inbox is still empty.
     pub empty_inboxes: RefCell<HashMap<(OwnedUserId, String), Vec<u64>>>,
+    /// Devices' one-time key counts and unused fallback key types for
+    /// `/sync`, with the node's key-count change count they were read at
+    /// (`Db::key_count_changes`).
+    pub key_counts: RefCell<HashMap<(OwnedUserId, String), (u64, Value, Value)>>,
 }
 
 /// Most rendered events a shard caches (about 3-4 KiB each with the parsed
@@ -234,12 +239,16 @@ pub struct Shard {
 /// cleared when full.
 const RENDERED_CACHE_MAX: usize = 1_024;
 
-/// Most parsed filters a shard caches (under 1 KiB each); cleared when full.
+/// Most parsed filters a shard caches (a few KiB each at most); cleared when full.
 pub const FILTER_CACHE_MAX: usize = 10_000;
 
 /// Most empty to-device inboxes a shard remembers (about 100 bytes each);
 /// cleared when full.
 pub const EMPTY_INBOXES_MAX: usize = 100_000;
+
+/// Most devices whose key counts a shard caches (about 200 bytes each);
+/// cleared when full.
+pub const KEY_COUNTS_CACHE_MAX: usize = 100_000;
 
 /// Most users whose own push rule sets a shard caches (a few KiB each when
 /// set, a few bytes when not); the cache is cleared when full.

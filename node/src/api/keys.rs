@@ -235,6 +235,7 @@ pub(crate) fn store_keys(shard: &Shard, user: &UserId, device: &str, body: Uploa
     } else if !writes.is_empty() {
         shard.db.store.write(writes)?;
     }
+    shard.db.key_counts_changed();
     Ok(shard.db.one_time_key_counts(user, device, max + 1)?)
 }
 
@@ -369,10 +370,30 @@ pub fn sync_fields(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, uppe
         Some(s) => changed_and_left(shard, &auth.user, &s.heads, &upper.heads)?,
         None => (BTreeSet::new(), BTreeSet::new()),
     };
-    let counts = shard.db.one_time_key_counts(&auth.user, &auth.device, shard.config.limits.one_time_keys_per_device_max + 1)?;
-    let unused: Vec<String> = shard.db.fallback_keys(&auth.user, &auth.device)?.into_iter().filter(|(_, f)| !f.used).map(|(alg, _)| alg).collect();
+    let (counts, unused) = key_counts(shard, auth)?;
     let any = !changed.is_empty() || !left.is_empty();
-    Ok((json!({ "changed": changed, "left": left }), json!(counts), json!(unused), any))
+    Ok((json!({ "changed": changed, "left": left }), counts, unused, any))
+}
+
+/// The device's one-time key counts and unused fallback key types, from
+/// the shard's cache while no key count changed anywhere on the node.
+fn key_counts(shard: &Shard, auth: &Authed) -> ApiResult<(Value, Value)> {
+    let key = (auth.user.clone(), auth.device.clone());
+    let changes = shard.db.key_count_changes();
+    if let Some((seen, counts, unused)) = shard.key_counts.borrow().get(&key)
+        && *seen == changes
+    {
+        return Ok((counts.clone(), unused.clone()));
+    }
+    let counts = json!(shard.db.one_time_key_counts(&auth.user, &auth.device, shard.config.limits.one_time_keys_per_device_max + 1)?);
+    let unused: Vec<String> = shard.db.fallback_keys(&auth.user, &auth.device)?.into_iter().filter(|(_, f)| !f.used).map(|(alg, _)| alg).collect();
+    let unused = json!(unused);
+    let mut cache = shard.key_counts.borrow_mut();
+    if cache.len() >= crate::shard::KEY_COUNTS_CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(key, (changes, counts.clone(), unused.clone()));
+    Ok((counts, unused))
 }
 
 #[derive(Deserialize)]

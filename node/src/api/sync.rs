@@ -117,28 +117,33 @@ impl SyncToken {
 }
 
 fn load_filter(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Rc<SyncFilter>> {
-    match req.query("filter") {
-        None => Ok(Rc::new(SyncFilter::default())),
-        Some(f) if f.trim_start().starts_with('{') => {
-            let v: Value = serde_json::from_str(f).map_err(|_| ApiError::bad_json("filter is not valid JSON"))?;
-            Ok(Rc::new(SyncFilter::from_value(&v)))
-        }
-        Some(id) => {
-            let key = (auth.user.clone(), id.to_owned());
-            if let Some(f) = shard.filters.borrow().get(&key) {
-                return Ok(f.clone());
-            }
-            let v = shard.db.filter(&auth.user, id)?.ok_or_else(|| ApiError::not_found("Unknown filter"))?;
-            let filter = Rc::new(SyncFilter::from_value(&v));
-            let mut cache = shard.filters.borrow_mut();
-            if cache.len() >= crate::shard::FILTER_CACHE_MAX {
-                cache.clear();
-            }
-            cache.insert(key, filter.clone());
-            Ok(filter)
-        }
+    let Some(f) = req.query("filter") else { return Ok(Rc::new(SyncFilter::default())) };
+    // Stored filters never change and inline ones are their own key: both
+    // are parsed once per shard (inline ones up to a size).
+    let inline = f.trim_start().starts_with('{');
+    let cacheable = !inline || f.len() <= INLINE_FILTER_CACHED_MAX;
+    let key = (auth.user.clone(), f.to_owned());
+    if cacheable && let Some(cached) = shard.filters.borrow().get(&key) {
+        return Ok(cached.clone());
     }
+    let value: Value = if inline {
+        serde_json::from_str(f).map_err(|_| ApiError::bad_json("filter is not valid JSON"))?
+    } else {
+        shard.db.filter(&auth.user, f)?.ok_or_else(|| ApiError::not_found("Unknown filter"))?
+    };
+    let filter = Rc::new(SyncFilter::from_value(&value));
+    if cacheable {
+        let mut cache = shard.filters.borrow_mut();
+        if cache.len() >= crate::shard::FILTER_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, filter.clone());
+    }
+    Ok(filter)
 }
+
+/// Longest inline filter kept in the shard's filter cache, in bytes.
+const INLINE_FILTER_CACHED_MAX: usize = 2_048;
 
 /// GET /_matrix/client/v3/sync
 pub async fn sync(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Resp> {
