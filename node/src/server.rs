@@ -139,7 +139,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let metrics: Arc<Vec<ShardMetrics>> = Arc::new((0..count).map(|_| ShardMetrics::default()).collect());
     let redactions = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let push_rule_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let user_writes: Arc<Vec<std::sync::atomic::AtomicU64>> = Arc::new(heads.iter().map(|h| std::sync::atomic::AtomicU64::new(*h)).collect());
+    let hints = || -> Arc<Vec<std::sync::atomic::AtomicU64>> { Arc::new(heads.iter().map(|h| std::sync::atomic::AtomicU64::new(*h)).collect()) };
+    let (user_writes, presence_writes) = (hints(), hints());
     let mesh = MeshBuilder::<ShardMsg, _>::full(count, config.runtime.mesh_channel_depth);
 
     let mut shutdown_txs = Vec::new();
@@ -147,7 +148,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     for id in 0..count {
         let (tx, rx) = flume::bounded::<()>(1);
         shutdown_txs.push(tx);
-        let (config, db, key, server_name, ring, metrics, mesh, heads, redactions, push_rule_changes, user_writes) = (
+        let (config, db, key, server_name, ring, metrics, mesh, heads, redactions, push_rule_changes, user_writes, presence_writes) = (
             config.clone(),
             db.clone(),
             key.clone(),
@@ -159,6 +160,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             redactions.clone(),
             push_rule_changes.clone(),
             user_writes.clone(),
+            presence_writes.clone(),
         );
         let handle = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("shard-{id}"))
@@ -193,6 +195,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     push_rule_changes_seen: Default::default(),
                     push_rules: Default::default(),
                     user_writes,
+                    presence_writes,
                     filters: Default::default(),
                     empty_inboxes: Default::default(),
                     key_counts: Default::default(),

@@ -220,6 +220,11 @@ pub struct Shard {
     /// so a token covering a position also covers its hint: a sync whose
     /// `since` is at or above every hint has no user-scoped rows to read.
     pub user_writes: Arc<Vec<AtomicU64>>,
+    /// Per shard of the node, the highest position of a presence change it
+    /// wrote (from the stream heads of the node's start), raised like
+    /// `user_writes`: a sync whose `since` is at or above every entry has no
+    /// presence to read.
+    pub presence_writes: Arc<Vec<AtomicU64>>,
     /// Parsed filters by user and filter id or inline filter text (stored
     /// filters never change).
     pub filters: RefCell<HashMap<(OwnedUserId, String), Rc<crate::filter::SyncFilter>>>,
@@ -253,6 +258,11 @@ pub const KEY_COUNTS_CACHE_MAX: usize = 100_000;
 /// Most users whose own push rule sets a shard caches (a few KiB each when
 /// set, a few bytes when not); the cache is cleared when full.
 const PUSH_RULES_CACHE_MAX: usize = 100_000;
+
+/// Whether any shard's hint is above that shard's position in `token`.
+fn hint_after(hints: &[AtomicU64], token: &[u64]) -> bool {
+    hints.iter().zip(token.iter().chain(std::iter::repeat(&0))).any(|(hint, t)| hint.load(Ordering::Acquire) > *t)
+}
 
 impl Shard {
     /// This shard's own stream head.
@@ -368,7 +378,12 @@ impl Shard {
     /// Whether some shard announced a user-scoped write above `token`
     /// (see `user_writes`).
     pub fn user_writes_after(&self, token: &[u64]) -> bool {
-        self.user_writes.iter().zip(token.iter().chain(std::iter::repeat(&0))).any(|(hint, t)| hint.load(Ordering::Acquire) > *t)
+        hint_after(&self.user_writes, token)
+    }
+
+    /// Whether some shard wrote a presence change above `token`.
+    pub fn presence_writes_after(&self, token: &[u64]) -> bool {
+        hint_after(&self.presence_writes, token)
     }
 
     /// Announces a push rule change to every shard's cache.

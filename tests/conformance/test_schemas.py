@@ -783,6 +783,26 @@ def test_presence_put_get_200(api, check, user):
     assert body["presence"] == "online" and body.get("status_msg") == "testing"
 
 
+def test_sync_presence_of_room_members_200(api, check, new_user, spec):
+    owner, other = new_user(), new_user()
+    room_id = create_room(api, owner, preset="public_chat")
+    join(api, other, room_id)
+    since = api.request("GET", f"{V3}/sync", other.access_token, params={"timeout": 0}).json()["next_batch"]
+    path = f"{V3}/presence/{q(owner.user_id)}/status"
+    check(api.request("PUT", path, owner.access_token, json={"presence": "unavailable", "status_msg": "away"}), "PUT", f"{V3}/presence/{{userId}}/status", 200)
+
+    def presence_event():
+        resp = api.request("GET", f"{V3}/sync", other.access_token, params={"since": since, "timeout": 2000})
+        body = check(resp, "GET", f"{V3}/sync", 200)
+        found = [e for e in body["presence"]["events"] if e["sender"] == owner.user_id]
+        return found[0] if found else None
+
+    event = wait_until(presence_event, "the room member's presence in /sync")
+    assert event["type"] == "m.presence"
+    assert event["content"]["presence"] == "unavailable" and event["content"].get("status_msg") == "away"
+    spec.validate_event_content("m.presence", event["content"])
+
+
 def test_user_directory_search_200(api, check, new_user):
     owner, other = new_user(), new_user()
     room_id = create_room(api, owner, preset="public_chat")

@@ -178,6 +178,51 @@ fn concurrent_sends_with_duplicate_transactions_store_each_event_once() {
     }
 }
 
+/// Presence set by one user reaches, through `/sync`, the users who share
+/// a room with them, once per change, and nobody else.
+#[test]
+fn presence_reaches_room_members_in_sync() {
+    let node = Node::start("presence-sync", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    shared_room(&alice, &bob);
+    let mut carol = node.client();
+    carol.register("carol");
+    let token_of = |c: &Client| {
+        let (_, v) = c.get("/_matrix/client/v3/sync");
+        v["next_batch"].as_str().expect("token").to_owned()
+    };
+    let bob_since = token_of(&bob);
+    let carol_since = token_of(&carol);
+    let (s, v) = alice.put("/_matrix/client/v3/presence/@alice:localhost/status", json!({ "presence": "online", "status_msg": "in a meeting" }));
+    assert_eq!(s, 200, "{v}");
+    let alices = |sync: &Value| sync["presence"]["events"].as_array().and_then(|evs| evs.iter().find(|e| e["sender"] == "@alice:localhost")).cloned();
+    let got = bob.sync_until(&bob_since, |v| alices(v).is_some());
+    let ev = alices(&got).expect("presence event");
+    assert_eq!(ev["type"], "m.presence");
+    assert_eq!(ev["content"]["presence"], "online");
+    assert_eq!(ev["content"]["status_msg"], "in a meeting");
+    assert_eq!(ev["content"]["currently_active"], true);
+    // The next incremental sync does not repeat it.
+    let next = got["next_batch"].as_str().expect("token");
+    let (_, again) = bob.get(&format!("/_matrix/client/v3/sync?since={next}&timeout=0"));
+    assert!(alices(&again).is_none(), "presence repeated: {again}");
+    // An initial sync carries the current presence (the shard serving it
+    // may hear of the change moments after the one that served Bob).
+    let initial = (0..50)
+        .map(|_| bob.get("/_matrix/client/v3/sync").1)
+        .find(|v| alices(v).is_some())
+        .expect("an initial sync with Alice's presence");
+    assert_eq!(alices(&initial).map(|e| e["content"]["presence"].clone()), Some(json!("online")));
+    // A filter that leaves presence out is obeyed.
+    let (_, filtered) = bob.get("/_matrix/client/v3/sync?filter=%7B%22presence%22%3A%7B%22types%22%3A%5B%5D%7D%7D");
+    assert!(filtered["presence"]["events"].as_array().is_some_and(Vec::is_empty), "{filtered}");
+    // Carol shares no room with Alice and never sees her presence.
+    let (_, c) = carol.get(&format!("/_matrix/client/v3/sync?since={carol_since}&timeout=0"));
+    assert!(alices(&c).is_none(), "{c}");
+    let (_, c) = carol.get("/_matrix/client/v3/sync");
+    assert!(alices(&c).is_none(), "{c}");
+}
+
 #[test]
 fn long_poll_sync_wakes_on_new_event() {
     let node = Node::start("longpoll", "[runtime]\nshards = 2\n");

@@ -40,7 +40,7 @@ fn key_error(e: KeyError) -> ApiError {
 
 /// Local users who must hear of `user`'s key changes: the user and every
 /// joined or invited member of the user's joined rooms.
-fn watchers(shard: &Shard, user: &UserId) -> ApiResult<Vec<OwnedUserId>> {
+pub(crate) fn watchers(shard: &Shard, user: &UserId) -> ApiResult<Vec<OwnedUserId>> {
     let mut set = BTreeSet::from([user.to_owned()]);
     for (room, ur) in shard.db.user_rooms(user, shard.config.limits.rooms_per_user_max)? {
         if ur.membership != "join" {

@@ -290,19 +290,43 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
     changed |= !account_data.is_empty();
     let to_device = to_device(shard, auth, since, upper)?;
     changed |= !to_device.is_empty();
+    let presence = if filter.presence.allows_type("m.presence") && since.is_none_or(|s| shard.presence_writes_after(&s.heads)) { presence(shard, auth, since, upper, filter)? } else { Vec::new() };
+    changed |= !presence.is_empty();
     let (device_lists, otk_counts, fallback_types, keys_changed) = crate::api::keys::sync_fields(shard, auth, since.filter(|_| !quiet), upper)?;
     changed |= keys_changed;
     let body = SyncResponse {
         next_batch: upper.encode(),
         rooms: out,
         account_data: Events { events: account_data },
-        presence: Events::default(),
+        presence: Events { events: presence },
         to_device: Events { events: to_device },
         device_lists,
         device_one_time_keys_count: otk_counts,
         device_unused_fallback_key_types: fallback_types,
     };
     Ok((body, changed))
+}
+
+/// Presence of the users sharing a room with the syncing user (and their
+/// own) that changed in `(since, upper]`; every known presence on an
+/// initial sync.
+fn presence(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &SyncToken, filter: &SyncFilter) -> ApiResult<Vec<Value>> {
+    let limit = filter.presence.limit.unwrap_or(usize::MAX);
+    let mut out = Vec::new();
+    for user in crate::api::keys::watchers(shard, &auth.user)? {
+        if out.len() >= limit {
+            break;
+        }
+        if !filter.presence.allows_sender(user.as_str()) {
+            continue;
+        }
+        let Some(record) = shard.db.presence(&user)? else { continue };
+        let (Some(pos), Some(writer)) = (record["pos"].as_u64(), record["shard"].as_u64().and_then(|s| u16::try_from(s).ok())) else { continue };
+        if in_range(pos, since, upper, writer) {
+            out.push(json!({ "type": "m.presence", "sender": user, "content": crate::api::userdata::presence_content(&record) }));
+        }
+    }
+    Ok(out)
 }
 
 /// To-device messages for the syncing device.

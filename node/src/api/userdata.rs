@@ -570,6 +570,11 @@ pub fn get_presence(shard: &Shard, auth: &Authed, user: &str) -> ApiResult<Value
         // A user who never set presence is offline.
         return Ok(json!({ "presence": "offline" }));
     };
+    Ok(presence_content(&record))
+}
+
+/// The client form of a stored presence record (`m.presence` content).
+pub fn presence_content(record: &Value) -> Value {
     let presence = record["presence"].as_str().unwrap_or("offline");
     let mut out = json!({ "presence": presence, "currently_active": presence == "online" });
     if let Some(ts) = record["last_active_ts"].as_u64() {
@@ -578,7 +583,7 @@ pub fn get_presence(shard: &Shard, auth: &Authed, user: &str) -> ApiResult<Value
     if let Some(msg) = record["status_msg"].as_str() {
         out["status_msg"] = json!(msg);
     }
-    Ok(out)
+    out
 }
 
 #[derive(Deserialize)]
@@ -603,8 +608,11 @@ pub fn put_presence(shard: &Shard, req: &Req, auth: &Authed, user: &str) -> ApiR
         "pos": pos,
         "shard": shard.id,
     });
+    // Everyone sharing a room with the user sees the change in `/sync`.
+    let watchers = crate::api::keys::watchers(shard, &user)?;
     shard.db.store.write(vec![Write::put(Table::Presence, user.as_bytes(), b"".to_vec(), encode(&record)), Db::stream_head_write(shard.id as u16, pos)])?;
-    shard.publish(pos, vec![], vec![user]);
+    shard.presence_writes[shard.id].fetch_max(pos, std::sync::atomic::Ordering::Release);
+    shard.publish(pos, vec![], watchers);
     Ok(json!({}))
 }
 
