@@ -7,6 +7,8 @@
 #
 #   bench/relay-vs-coturn.sh            # THREADS=1 N=200 Z=5 by default
 #   THREADS=2 N=500 Z=1 bench/relay-vs-coturn.sh
+#   RELAY_BIN=/tmp/tessera-relay-old SERVERS=tessera bench/relay-vs-coturn.sh
+#                                       # a given binary, e.g. for before/after
 #
 # Only loopback addresses are used; loopback peers are allowed explicitly on
 # both servers (uclient's peer runs on 127.0.0.1).
@@ -23,8 +25,12 @@ PASS=benchpass
 REALM=bench.test
 
 command -v turnutils_uclient >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq coturn >/dev/null)
-cargo build -q -p tessera-relay --release || exit 1
-BIN=${CARGO_TARGET_DIR:-target}/release/tessera-relay
+if [ -n "${RELAY_BIN:-}" ]; then
+  BIN=$RELAY_BIN
+else
+  cargo build -q -p tessera-relay --release || exit 1
+  BIN=${CARGO_TARGET_DIR:-target}/release/tessera-relay
+fi
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; rm -rf "$WORK"; }

@@ -12,6 +12,10 @@ use crate::auth::CredentialStore;
 use crate::policy::{Cidr, PeerPolicy};
 use crate::turn::ServerConfig;
 
+/// Largest `udp_batch`: the kernel's cap on datagrams per `recvmmsg` /
+/// `sendmmsg` call (`UIO_MAXIOV`).
+pub const UDP_BATCH_MAX: usize = 1024;
+
 /// The configuration file (all fields optional).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -38,6 +42,10 @@ pub struct Config {
     pub threads: usize,
     /// glommio I/O memory per executor in KiB (locked memory).
     pub io_memory_kib: usize,
+    /// Most UDP datagrams received with one `recvmmsg` and sent with one
+    /// `sendmmsg` (1..=1024). Each shard keeps one 64 KiB receive slot per
+    /// datagram, shared by all its UDP sockets: 2 MiB per shard at 32.
+    pub udp_batch: usize,
     /// TURN REST shared secrets; the first is current, the others are
     /// accepted during rotation.
     pub rest_secrets: Vec<String>,
@@ -85,6 +93,7 @@ impl Default for Config {
             max_port: 65535,
             threads: 0,
             io_memory_kib: 2048,
+            udp_batch: 32,
             rest_secrets: Vec::new(),
             static_users: HashMap::new(),
             max_allocations_per_user: 16,
@@ -137,6 +146,9 @@ impl Config {
         }
         if self.rest_secrets.is_empty() && self.static_users.is_empty() {
             return Err(ConfigError::Invalid("no credentials: set rest_secrets or static_users".into()));
+        }
+        if !(1..=UDP_BATCH_MAX).contains(&self.udp_batch) {
+            return Err(ConfigError::Invalid(format!("udp_batch must be 1..={UDP_BATCH_MAX}")));
         }
         if self.relay_ipv4.is_some_and(|a| !a.is_ipv4()) || self.relay_ipv6.is_some_and(|a| !a.is_ipv6()) {
             return Err(ConfigError::Invalid("relay_ipv4/relay_ipv6 of the wrong family".into()));
@@ -203,5 +215,9 @@ mod tests {
         assert!(Config::from_toml("").is_err(), "no credentials");
         let c = Config::from_toml("rest_secrets = [\"x\"]\nallowed_peer_ranges = [\"bad\"]").expect("parses");
         assert!(c.server_config().is_err());
+        assert!(Config::from_toml("rest_secrets = [\"x\"]\nudp_batch = 0").is_err());
+        assert!(Config::from_toml("rest_secrets = [\"x\"]\nudp_batch = 1025").is_err());
+        assert_eq!(Config::from_toml("rest_secrets = [\"x\"]\nudp_batch = 1024").map(|c| c.udp_batch).ok(), Some(1024));
+        assert_eq!(Config::from_toml("rest_secrets = [\"x\"]").map(|c| c.udp_batch).ok(), Some(32));
     }
 }

@@ -11,6 +11,8 @@
 pub mod auth;
 pub mod config;
 pub mod driver;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod metrics;
 pub mod policy;
 pub mod stun;

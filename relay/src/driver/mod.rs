@@ -8,16 +8,24 @@
 //! only state shared between shards is the quota table (touched on
 //! Allocate and on removal) and the config.
 //!
+//! UDP goes through [`batch`]: each pass drains up to `udp_batch`
+//! datagrams from one socket with one `recvmmsg`, runs them through the core
+//! and sends what they produce with one `sendmmsg` per destination socket,
+//! without awaiting in between; the shard's one receive batch is shared by
+//! all its UDP sockets for that reason. TCP and TLS clients keep one
+//! message per call (`stream.rs`).
+//!
 //! Shutdown: on SIGTERM the main thread raises `stop`; each shard stops
 //! granting allocations (508), keeps relaying until its allocations are gone
 //! or `drain_secs` pass, then returns, which drops its tasks and sockets.
 
+mod batch;
 mod stream;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::UdpSocket;
 
+use self::batch::{Blocked, Payload, RecvBatch, SendQueue};
 use crate::metrics::{DropReason, Metrics};
 use crate::turn::{BindError, ClientOutput, Family, FiveTuple, Now, PeerOutput, RelayBinder, Server, Transport};
 
@@ -68,30 +77,133 @@ pub(crate) struct Shard {
     /// Writers of stream (TCP/TLS) clients, by 5-tuple.
     pub(crate) streams: RefCell<HashMap<FiveTuple, Rc<LocalSender<Vec<u8>>>>>,
     pub(crate) metrics: Arc<Metrics>,
+    /// The shard's UDP batch. Borrowed only inside a synchronous pass.
+    udp_io: RefCell<UdpIo>,
 }
 
+/// Receive slots and send queue shared by all UDP sockets of a shard.
+struct UdpIo {
+    recv: RecvBatch,
+    send: SendQueue<Rc<UdpSocket>>,
+}
+
+/// Datagrams a pass could not send without waiting.
+type BlockedSends = Vec<Blocked<Rc<UdpSocket>>>;
+
 impl Shard {
-    /// Sends bytes to a client over its transport. Stream frames are padded
-    /// to four bytes (RFC 8656 §12.5).
-    pub(crate) async fn send_to_client(&self, to: FiveTuple, bytes: &[u8]) {
-        match to.transport {
-            Transport::Udp => {
-                let Some(sock) = self.udp.get(&to.server).cloned() else { return };
-                if sock.send_to(bytes, to.client).await.is_err() {
-                    self.metrics.drop_packet(DropReason::Io);
+    /// Queues bytes for a stream (TCP/TLS) client, padded to four bytes
+    /// (RFC 8656 §12.5).
+    fn send_to_stream(&self, to: FiveTuple, bytes: &[u8]) {
+        let mut v = Vec::with_capacity(bytes.len() + 3);
+        v.extend_from_slice(bytes);
+        v.resize((bytes.len() + 3) & !3, 0);
+        // A full writer queue means the client cannot keep up: drop, as a
+        // UDP path would.
+        let sent = self.streams.borrow().get(&to).is_some_and(|tx| tx.try_send(v).is_ok());
+        if !sent {
+            self.metrics.drop_packet(DropReason::Io);
+        }
+    }
+
+    /// One receive pass on a UDP listener: up to a batch of client
+    /// datagrams through the core, replies and relayed data flushed at the
+    /// end. Never awaits. `Err(WouldBlock)` means the socket had nothing.
+    fn udp_client_pass(&self, sock: &Rc<UdpSocket>, local: SocketAddr, blocked: &mut BlockedSends) -> std::io::Result<usize> {
+        let mut io = self.udp_io.borrow_mut();
+        let UdpIo { recv, send } = &mut *io;
+        let n = recv.recv(sock.as_raw_fd())?;
+        // The batch arrived at one instant: one clock read for all of it.
+        let now = now();
+        for i in 0..n {
+            let Some((from, data)) = recv.datagram(i) else {
+                self.metrics.drop_packet(DropReason::Malformed);
+                continue;
+            };
+            let tuple = FiveTuple { client: from, server: local, transport: Transport::Udp };
+            let out = {
+                let mut server = self.server.borrow_mut();
+                let mut binder = self.binder.borrow_mut();
+                server.handle_client(now, tuple, data, &mut *binder)
+            };
+            let queued = match out {
+                ClientOutput::Nothing => continue,
+                ClientOutput::Reply(r) => (sock.clone(), from, Payload::Owned(r)),
+                ClientOutput::ToPeer { relay, peer, payload } => {
+                    // The queue keeps the socket open until the flush even if
+                    // a later datagram of this pass releases the allocation.
+                    let Some(relay_sock) = self.binder.borrow().socket(relay) else {
+                        self.metrics.drop_packet(DropReason::NoAllocation);
+                        continue;
+                    };
+                    (relay_sock, peer, recv.locate(i, payload))
                 }
+            };
+            self.queue(recv, send, queued, blocked);
+        }
+        self.flush(recv, send, blocked);
+        Ok(n)
+    }
+
+    /// One receive pass on a relay socket: up to a batch of peer datagrams
+    /// through the core, ChannelData headers written in front of the payload
+    /// in place, the result flushed to the clients at the end. Never awaits.
+    fn udp_relay_pass(&self, sock: &Rc<UdpSocket>, relay: SocketAddr, blocked: &mut BlockedSends) -> std::io::Result<usize> {
+        let mut io = self.udp_io.borrow_mut();
+        let UdpIo { recv, send } = &mut *io;
+        let n = recv.recv(sock.as_raw_fd())?;
+        let now = now();
+        for i in 0..n {
+            let Some((peer, data)) = recv.datagram(i) else {
+                self.metrics.drop_packet(DropReason::Malformed);
+                continue;
+            };
+            let out = self.server.borrow_mut().handle_peer(now, relay, peer, data);
+            let (to, payload) = match out {
+                PeerOutput::Drop => continue,
+                PeerOutput::ChannelData { to, header } => match recv.prepend(i, header) {
+                    Some(p) => (to, p),
+                    None => continue,
+                },
+                PeerOutput::DataIndication { to, message } => (to, Payload::Owned(message)),
+            };
+            if to.transport != Transport::Udp {
+                self.send_to_stream(to, recv.bytes(&payload));
+                continue;
             }
-            Transport::Tcp | Transport::Tls => {
-                let mut v = Vec::with_capacity(bytes.len() + 3);
-                v.extend_from_slice(bytes);
-                v.resize((bytes.len() + 3) & !3, 0);
-                // A full writer queue means the client cannot keep up: drop,
-                // as a UDP path would.
-                let sent = self.streams.borrow().get(&to).is_some_and(|tx| tx.try_send(v).is_ok());
-                if !sent {
-                    self.metrics.drop_packet(DropReason::Io);
-                }
-            }
+            let Some(client_sock) = self.udp.get(&to.server).cloned() else {
+                self.metrics.drop_packet(DropReason::Io);
+                continue;
+            };
+            self.queue(recv, send, (client_sock, to.client, payload), blocked);
+        }
+        self.flush(recv, send, blocked);
+        Ok(n)
+    }
+
+    fn queue(
+        &self,
+        recv: &RecvBatch,
+        send: &mut SendQueue<Rc<UdpSocket>>,
+        (sock, to, payload): (Rc<UdpSocket>, SocketAddr, Payload),
+        blocked: &mut BlockedSends,
+    ) {
+        // A pass yields at most one datagram per datagram received, so the
+        // queue (as large as the batch) only fills if that ever changes.
+        if send.is_full() {
+            self.flush(recv, send, blocked);
+        }
+        if send.push(sock, to, payload).is_err() {
+            self.metrics.drop_packet(DropReason::Io);
+        }
+    }
+
+    fn flush(&self, recv: &RecvBatch, send: &mut SendQueue<Rc<UdpSocket>>, blocked: &mut BlockedSends) {
+        // SAFETY: `flush` hands the syscall only headers it built over its
+        // own addresses and over bytes in `recv` or in its queue, all alive
+        // for the call.
+        let done = send.flush(recv, blocked, |fd, hdrs| unsafe { batch::sendmmsg_dontwait(fd, hdrs) });
+        for _ in 0..done.failed {
+            self.metrics.drop_packet(DropReason::Io);
         }
     }
 
@@ -128,6 +240,28 @@ impl Shard {
         let mut binder = self.binder.borrow_mut();
         server.client_closed(tuple, &mut *binder);
     }
+}
+
+/// Sends what a pass left because a socket buffer was full, awaiting
+/// glommio's send path, in order.
+async fn send_blocked(metrics: &Metrics, blocked: &mut BlockedSends) {
+    for b in blocked.drain(..) {
+        if b.sock.send_to(&b.bytes, b.to).await.is_err() {
+            metrics.drop_packet(DropReason::Io);
+        }
+    }
+}
+
+/// Waits until `sock` has a datagram (or a pending error) to receive.
+/// glommio offers no readiness wait for datagram sockets; a one-byte
+/// `MSG_PEEK` receive (`peek_from`: glommio tries it without blocking, then
+/// through io_uring) completes when a datagram is queued and leaves it there
+/// for the next `recvmmsg`. (`peek` would not do: it needs a connected
+/// socket.) An error here is a pending socket error (an ICMP report of an
+/// earlier send), which the read consumes, so it cannot repeat forever.
+async fn readable(sock: &UdpSocket) {
+    let mut probe = [0u8; 1];
+    let _ = sock.peek_from(&mut probe).await;
 }
 
 struct RelaySocket {
@@ -186,6 +320,11 @@ impl UdpBinder {
         if addr.is_ipv4() { self.ipv4 } else { self.ipv6 }
     }
 
+    /// True while `sock` is the open relay socket for `relay`.
+    fn is_current(&self, relay: SocketAddr, sock: &Rc<UdpSocket>) -> bool {
+        self.sockets.get(&relay).is_some_and(|s| Rc::ptr_eq(&s.sock, sock))
+    }
+
     fn socket(&self, relay: SocketAddr) -> Option<Rc<UdpSocket>> {
         self.sockets.get(&relay).map(|s| s.sock.clone())
     }
@@ -235,40 +374,57 @@ impl RelayBinder for UdpBinder {
 
 /// Receives peer datagrams on one relay socket until it is released.
 async fn relay_recv_loop(shard: Weak<Shard>, sock: Rc<UdpSocket>, relay: SocketAddr, close: LocalReceiver<()>) {
-    // Four bytes of headroom for the ChannelData header, so channel traffic
-    // is forwarded without a copy.
-    let mut buf = vec![0u8; 4 + 65536];
+    // glommio runs a spawned task at once, inside `UdpBinder::open`, while
+    // the core and the binder (and, from a UDP pass, the batch) are
+    // borrowed: give control back before touching any of them.
+    futures_lite::future::yield_now().await;
+    let mut blocked = Vec::new();
     loop {
-        let got = futures_lite::future::or(async { Some(sock.recv_from(&mut buf[4..]).await) }, async {
-            close.recv().await;
-            None
-        })
-        .await;
-        let Some(result) = got else { return };
-        // ICMP errors from earlier sends surface here; they end nothing.
-        let Ok((n, peer)) = result else { continue };
-        let Some(shard) = shard.upgrade() else { return };
-        let out = shard.server.borrow_mut().handle_peer(now(), relay, peer, &buf[4..4 + n]);
-        match out {
-            PeerOutput::Drop => {}
-            PeerOutput::ChannelData { to, header } => {
-                buf[..4].copy_from_slice(&header);
-                shard.send_to_client(to, &buf[..4 + n]).await;
+        let Some(s) = shard.upgrade() else { return };
+        // Released while busy: stop now rather than hold the port open.
+        if !s.binder.borrow().is_current(relay, &sock) {
+            return;
+        }
+        let pass = s.udp_relay_pass(&sock, relay, &mut blocked);
+        send_blocked(&s.metrics, &mut blocked).await;
+        let batch = s.udp_io.borrow().recv.capacity();
+        drop(s);
+        match pass {
+            // A full batch: more may be queued; let other tasks run first.
+            Ok(n) if n == batch => glommio::yield_if_needed().await,
+            // The queue is empty (or it held an error, which ends nothing:
+            // ICMP errors from earlier sends surface here): wait for more
+            // or for the release of the socket.
+            _ => {
+                let released = futures_lite::future::or(
+                    async {
+                        readable(&sock).await;
+                        false
+                    },
+                    async {
+                        close.recv().await;
+                        true
+                    },
+                )
+                .await;
+                if released {
+                    return;
+                }
             }
-            PeerOutput::DataIndication { to, message } => shard.send_to_client(to, &message).await,
         }
     }
 }
 
+/// Receives client datagrams on one UDP listener.
 async fn udp_client_loop(shard: Rc<Shard>, sock: Rc<UdpSocket>, local: SocketAddr) {
-    let mut buf = vec![0u8; 65536];
+    let mut blocked = Vec::new();
+    let batch = shard.udp_io.borrow().recv.capacity();
     loop {
-        let Ok((n, from)) = sock.recv_from(&mut buf).await else { continue };
-        let tuple = FiveTuple { client: from, server: local, transport: Transport::Udp };
-        if let Some(reply) = shard.client_message(tuple, &buf[..n]).await
-            && sock.send_to(&reply, from).await.is_err()
-        {
-            shard.metrics.drop_packet(DropReason::Io);
+        let pass = shard.udp_client_pass(&sock, local, &mut blocked);
+        send_blocked(&shard.metrics, &mut blocked).await;
+        match pass {
+            Ok(n) if n == batch => glommio::yield_if_needed().await,
+            _ => readable(&sock).await,
         }
     }
 }
@@ -317,6 +473,10 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
         udp: udp.clone(),
         streams: RefCell::new(HashMap::new()),
         metrics: setup.metrics.clone(),
+        udp_io: RefCell::new(UdpIo {
+            recv: RecvBatch::new(setup.config.udp_batch),
+            send: SendQueue::new(setup.config.udp_batch),
+        }),
     });
     shard.binder.borrow_mut().shard = Rc::downgrade(&shard);
     for (addr, sock) in udp {

@@ -1,0 +1,408 @@
+//! Batched UDP I/O: `recvmmsg(2)` and `sendmmsg(2)` (Linux), so a busy
+//! socket costs one receive and one send syscall per batch of datagrams
+//! instead of one of each per datagram.
+//!
+//! glommio 0.9 has no readiness API for datagram sockets, so the driver
+//! drains a socket with non-blocking `recvmmsg` (`MSG_DONTWAIT`) and, only
+//! when the queue is empty, waits with glommio's io_uring `peek` of one byte,
+//! which leaves the datagram queued for the next `recvmmsg`.
+//!
+//! [`RecvBatch`] holds the receive side: `capacity` slots of [`SLOT_BYTES`],
+//! each with [`HEADROOM`] bytes before the datagram so a ChannelData header
+//! can be written in place. One `RecvBatch` serves every UDP socket of a
+//! shard (listeners and relay sockets): a receive pass never awaits while it
+//! holds it, so passes of different sockets never interleave.
+//!
+//! [`SendQueue`] collects the datagrams a pass produces. `flush` groups them
+//! by socket, keeping each socket's order, and hands each group to
+//! `sendmmsg`: it resumes after a partial send, skips (and counts) a datagram
+//! the kernel refuses, and when a socket's buffer is full it copies the rest
+//! out as [`Blocked`] datagrams for the caller to send with glommio's
+//! awaiting path once the pass has released the batch.
+//!
+//! Invariant: a datagram received and relayed in one pass is never copied;
+//! payloads in the queue point into the receive slots, which stay untouched
+//! until the queue is flushed at the end of the pass.
+
+use std::io;
+use std::mem::size_of;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, RawFd};
+
+/// Bytes in front of each received datagram, for a ChannelData header.
+pub(crate) const HEADROOM: usize = 4;
+/// Largest datagram received whole (the largest UDP payload IPv4 or IPv6
+/// without jumbograms can carry is smaller); longer ones arrive truncated
+/// and are dropped.
+pub(crate) const DATAGRAM_MAX_BYTES: usize = 65535;
+/// One receive slot.
+pub(crate) const SLOT_BYTES: usize = HEADROOM + DATAGRAM_MAX_BYTES;
+/// Most datagrams per syscall: the kernel's `UIO_MAXIOV` cap on `vlen`.
+pub(crate) const BATCH_MAX: usize = crate::config::UDP_BATCH_MAX;
+
+/// Receive slots and the `recvmmsg` headers that point into them.
+pub(crate) struct RecvBatch {
+    /// `capacity` slots of [`SLOT_BYTES`].
+    buf: Vec<u8>,
+    names: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+    /// Per received datagram: length, `msg_flags`, sender address length.
+    meta: Vec<(usize, libc::c_int, libc::socklen_t)>,
+    len: usize,
+}
+
+impl RecvBatch {
+    /// Slots for `capacity` datagrams (clamped to 1..=[`BATCH_MAX`]); costs
+    /// `capacity` × [`SLOT_BYTES`] plus ~200 bytes of headers per slot.
+    pub(crate) fn new(capacity: usize) -> Self {
+        let capacity = capacity.clamp(1, BATCH_MAX);
+        RecvBatch {
+            buf: vec![0; capacity * SLOT_BYTES],
+            names: vec![zeroed_storage(); capacity],
+            iovs: Vec::with_capacity(capacity),
+            hdrs: Vec::with_capacity(capacity),
+            meta: vec![(0, 0, 0); capacity],
+            len: 0,
+        }
+    }
+
+    /// Datagrams one `recv` can return.
+    pub(crate) fn capacity(&self) -> usize {
+        self.meta.len()
+    }
+
+    /// Datagrams held from the last `recv`.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Receives up to `capacity` datagrams from `fd` without blocking. An
+    /// empty queue is `Err` of kind `WouldBlock`; on `Ok(n)`, `n >= 1`.
+    pub(crate) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.len = 0;
+        let capacity = self.capacity();
+        self.iovs.clear();
+        for slot in self.buf.chunks_exact_mut(SLOT_BYTES) {
+            let data = &mut slot[HEADROOM..];
+            self.iovs.push(libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() });
+        }
+        self.hdrs.clear();
+        for (iov, name) in self.iovs.iter_mut().zip(self.names.iter_mut()) {
+            self.hdrs.push(mmsghdr_for(name, size_of::<libc::sockaddr_storage>(), iov));
+        }
+        // Capacity is at most BATCH_MAX, so it fits.
+        let vlen = capacity as libc::c_uint;
+        // SAFETY: every header points at its own `sockaddr_storage` and at
+        // one iovec over a distinct, live slot of `buf`; none of them moves
+        // or is touched during the call.
+        let rc = unsafe { libc::recvmmsg(fd, self.hdrs.as_mut_ptr(), vlen, libc::MSG_DONTWAIT, std::ptr::null_mut()) };
+        let n = usize::try_from(rc).map_err(|_| io::Error::last_os_error())?;
+        if n == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = n.min(capacity);
+        for (meta, hdr) in self.meta.iter_mut().zip(&self.hdrs).take(n) {
+            *meta = (hdr.msg_len as usize, hdr.msg_hdr.msg_flags, hdr.msg_hdr.msg_namelen);
+        }
+        self.len = n;
+        Ok(n)
+    }
+
+    /// The `i`-th received datagram and its sender; `None` if it was
+    /// truncated or its sender is not an IP address.
+    pub(crate) fn datagram(&self, i: usize) -> Option<(SocketAddr, &[u8])> {
+        if i >= self.len {
+            return None;
+        }
+        let (n, flags, namelen) = self.meta[i];
+        if flags & libc::MSG_TRUNC != 0 || n > DATAGRAM_MAX_BYTES {
+            return None;
+        }
+        let from = from_storage(&self.names[i], namelen)?;
+        let start = i * SLOT_BYTES + HEADROOM;
+        Some((from, &self.buf[start..start + n]))
+    }
+
+    /// Writes `header` in the headroom of datagram `i` and returns the
+    /// header and datagram as one queued payload (ChannelData to a client).
+    pub(crate) fn prepend(&mut self, i: usize, header: [u8; HEADROOM]) -> Option<Payload> {
+        if i >= self.len {
+            return None;
+        }
+        let slot = i * SLOT_BYTES;
+        self.buf[slot..slot + HEADROOM].copy_from_slice(&header);
+        Some(Payload::Slot { index: i, start: 0, len: HEADROOM + self.meta[i].0 })
+    }
+
+    /// `part`, a sub-slice of datagram `i`, as a queued payload: a reference
+    /// into the slot, or a copy if `part` lies elsewhere.
+    pub(crate) fn locate(&self, i: usize, part: &[u8]) -> Payload {
+        let slot_start = self.buf.as_ptr() as usize + i * SLOT_BYTES;
+        let offset = (part.as_ptr() as usize).checked_sub(slot_start);
+        match offset {
+            Some(start) if i < self.len && start >= HEADROOM && start + part.len() <= HEADROOM + self.meta[i].0 => {
+                Payload::Slot { index: i, start, len: part.len() }
+            }
+            _ => Payload::Owned(part.to_vec()),
+        }
+    }
+
+    /// The bytes of a queued payload.
+    pub(crate) fn bytes<'a>(&'a self, payload: &'a Payload) -> &'a [u8] {
+        match payload {
+            Payload::Slot { index, start, len } => {
+                let at = index * SLOT_BYTES + start;
+                self.buf.get(at..at + len).unwrap_or(&[])
+            }
+            Payload::Owned(v) => v,
+        }
+    }
+}
+
+/// Bytes of an outgoing datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Payload {
+    /// `len` bytes at `start` of receive slot `index` (offset 0 is the
+    /// headroom).
+    Slot {
+        /// Slot.
+        index: usize,
+        /// Offset in the slot.
+        start: usize,
+        /// Length.
+        len: usize,
+    },
+    /// Bytes made by the core (a STUN response, a Data indication).
+    Owned(Vec<u8>),
+}
+
+/// A datagram whose socket buffer was full: sent later by awaiting.
+#[derive(Debug)]
+pub(crate) struct Blocked<S> {
+    /// Socket to send on.
+    pub(crate) sock: S,
+    /// Destination.
+    pub(crate) to: SocketAddr,
+    /// The datagram.
+    pub(crate) bytes: Vec<u8>,
+}
+
+/// What a flush did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Flushed {
+    /// Datagrams the kernel took.
+    pub(crate) sent: usize,
+    /// Datagrams the kernel refused (dropped; count them).
+    pub(crate) failed: usize,
+    /// Datagrams copied out as [`Blocked`].
+    pub(crate) blocked: usize,
+    /// `sendmmsg` calls made.
+    pub(crate) calls: usize,
+}
+
+/// Outgoing datagrams of one pass, flushed with `sendmmsg`.
+pub(crate) struct SendQueue<S> {
+    /// (socket, destination, payload), in the order the core produced them.
+    entries: Vec<(S, SocketAddr, Payload)>,
+    capacity: usize,
+    names: Vec<libc::sockaddr_storage>,
+    namelens: Vec<usize>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl<S: AsRawFd + Clone> SendQueue<S> {
+    /// Room for `capacity` datagrams (clamped to 1..=[`BATCH_MAX`]).
+    pub(crate) fn new(capacity: usize) -> Self {
+        let capacity = capacity.clamp(1, BATCH_MAX);
+        SendQueue {
+            entries: Vec::with_capacity(capacity),
+            capacity,
+            names: vec![zeroed_storage(); capacity],
+            namelens: vec![0; capacity],
+            iovs: Vec::with_capacity(capacity),
+            hdrs: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// True when the next `push` needs a `flush` first.
+    pub(crate) fn is_full(&self) -> bool {
+        self.entries.len() >= self.capacity
+    }
+
+    /// Queues a datagram. The caller flushes when [`Self::is_full`]; a push
+    /// onto a full queue returns the entry back.
+    pub(crate) fn push(&mut self, sock: S, to: SocketAddr, payload: Payload) -> Result<(), (S, SocketAddr, Payload)> {
+        if self.is_full() {
+            return Err((sock, to, payload));
+        }
+        self.entries.push((sock, to, payload));
+        Ok(())
+    }
+
+    /// Sends every queued datagram with `sendmmsg`, one call per run of
+    /// datagrams on the same socket (more after a partial send), and empties
+    /// the queue. Datagrams of one socket leave in the order they were
+    /// queued. Where the socket buffer is full (`WouldBlock`), that socket's
+    /// remaining datagrams are copied into `blocked`.
+    ///
+    /// `sendmmsg` is the syscall (see [`sendmmsg_dontwait`]); tests pass a
+    /// fake to exercise partial sends and errors.
+    pub(crate) fn flush(
+        &mut self,
+        recv: &RecvBatch,
+        blocked: &mut Vec<Blocked<S>>,
+        mut sendmmsg: impl FnMut(RawFd, &mut [libc::mmsghdr]) -> io::Result<usize>,
+    ) -> Flushed {
+        let mut done = Flushed::default();
+        if self.entries.is_empty() {
+            return done;
+        }
+        // Stable: each socket's datagrams keep their order.
+        self.entries.sort_by_key(|(sock, _, _)| sock.as_raw_fd());
+        self.iovs.clear();
+        for (k, (_, to, payload)) in self.entries.iter().enumerate() {
+            self.namelens[k] = to_storage(*to, &mut self.names[k]);
+            let bytes = recv.bytes(payload);
+            // sendmmsg only reads through iov_base; the pointer is mutable
+            // because struct iovec is shared with the receive side.
+            self.iovs.push(libc::iovec { iov_base: bytes.as_ptr().cast_mut().cast(), iov_len: bytes.len() });
+        }
+        self.hdrs.clear();
+        for ((iov, name), namelen) in self.iovs.iter_mut().zip(self.names.iter_mut()).zip(&self.namelens) {
+            self.hdrs.push(mmsghdr_for(name, *namelen, iov));
+        }
+        let n = self.entries.len();
+        let mut run = 0;
+        while run < n {
+            let fd = self.entries[run].0.as_raw_fd();
+            let end = self.entries[run..].iter().position(|(s, _, _)| s.as_raw_fd() != fd).map_or(n, |k| run + k);
+            let mut pos = run;
+            while pos < end {
+                done.calls += 1;
+                match sendmmsg(fd, &mut self.hdrs[pos..end]) {
+                    // A call that makes no progress would loop: count the
+                    // first datagram as refused.
+                    Ok(0) => {
+                        done.failed += 1;
+                        pos += 1;
+                    }
+                    Ok(k) => {
+                        let k = k.min(end - pos);
+                        done.sent += k;
+                        pos += k;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        for (sock, to, payload) in &self.entries[pos..end] {
+                            blocked.push(Blocked { sock: sock.clone(), to: *to, bytes: recv.bytes(payload).to_vec() });
+                        }
+                        done.blocked += end - pos;
+                        pos = end;
+                    }
+                    // The error belongs to the first datagram of the call
+                    // (sendmmsg reports an error only when nothing was sent).
+                    Err(_) => {
+                        done.failed += 1;
+                        pos += 1;
+                    }
+                }
+            }
+            run = end;
+        }
+        self.hdrs.clear();
+        self.iovs.clear();
+        self.entries.clear();
+        done
+    }
+}
+
+/// `sendmmsg(fd, hdrs, MSG_DONTWAIT)`: the number of datagrams sent.
+///
+/// # Safety
+///
+/// Every header must point at a live address and live iovecs over live
+/// buffers for the duration of the call (as [`SendQueue::flush`] builds
+/// them).
+pub(crate) unsafe fn sendmmsg_dontwait(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> io::Result<usize> {
+    let vlen = libc::c_uint::try_from(hdrs.len().min(BATCH_MAX)).unwrap_or(1);
+    // SAFETY: the caller guarantees the headers are valid; `vlen` does not
+    // exceed the slice.
+    let rc = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), vlen, libc::MSG_DONTWAIT) };
+    usize::try_from(rc).map_err(|_| io::Error::last_os_error())
+}
+
+fn zeroed_storage() -> libc::sockaddr_storage {
+    // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid
+    // (AF_UNSPEC) value.
+    unsafe { std::mem::zeroed() }
+}
+
+fn mmsghdr_for(name: &mut libc::sockaddr_storage, namelen: usize, iov: &mut libc::iovec) -> libc::mmsghdr {
+    // SAFETY: mmsghdr is plain old data; null pointers and zero lengths are
+    // valid, and the fields that matter are set below.
+    let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+    h.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
+    // At most size_of::<sockaddr_storage>() (128).
+    h.msg_hdr.msg_namelen = namelen as libc::socklen_t;
+    h.msg_hdr.msg_iov = iov;
+    h.msg_hdr.msg_iovlen = 1;
+    h
+}
+
+/// Writes `addr` as a `sockaddr_in`/`sockaddr_in6`; returns its length.
+fn to_storage(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> usize {
+    *out = zeroed_storage();
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and
+            // aligned for every socket address type.
+            unsafe { std::ptr::write((out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write((out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    }
+}
+
+/// Reads a sender address the kernel wrote; `None` for other families.
+fn from_storage(s: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let len = len as usize;
+    match libc::c_int::from(s.ss_family) {
+        libc::AF_INET if len >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family and length say the storage holds a
+            // sockaddr_in; sockaddr_storage is aligned for it.
+            let sin = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sin6.sin6_port), sin6.sin6_flowinfo, sin6.sin6_scope_id)))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,274 @@
+//! Tests of the batched UDP path: real `recvmmsg`/`sendmmsg` on loopback
+//! sockets, and a fake `sendmmsg` for partial sends, refused datagrams and
+//! full socket buffers.
+//!
+//! Loopback delivery is synchronous (a datagram is in the receiver's queue
+//! when `send_to` returns), so nothing here waits for packets to arrive.
+
+use std::net::UdpSocket;
+use std::rc::Rc;
+use std::time::Duration;
+
+use super::*;
+
+fn pair() -> (UdpSocket, UdpSocket) {
+    let rx = UdpSocket::bind("127.0.0.1:0").expect("bind rx");
+    let tx = UdpSocket::bind("127.0.0.1:0").expect("bind tx");
+    (rx, tx)
+}
+
+/// Datagram `seq`: its number, then `seq % 7` filler bytes (one is empty
+/// of filler, so lengths differ from slot to slot).
+fn datagram(seq: u32) -> Vec<u8> {
+    let mut v = seq.to_be_bytes().to_vec();
+    v.extend(std::iter::repeat_n(0xA5, (seq % 7) as usize));
+    v
+}
+
+/// Receives everything queued on `rx` through `batch`, one `recv` at a time.
+fn drain(batch: &mut RecvBatch, rx: &UdpSocket) -> (Vec<(SocketAddr, Vec<u8>)>, Vec<usize>) {
+    let mut got = Vec::new();
+    let mut sizes = Vec::new();
+    loop {
+        match batch.recv(rx.as_raw_fd()) {
+            Ok(n) => {
+                assert_eq!(n, batch.len());
+                sizes.push(n);
+                for i in 0..n {
+                    let (from, bytes) = batch.datagram(i).expect("whole datagram from an IP sender");
+                    got.push((from, bytes.to_vec()));
+                }
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+                return (got, sizes);
+            }
+        }
+    }
+}
+
+#[test]
+fn recv_drains_more_than_one_batch_in_order() {
+    let (rx, tx) = pair();
+    let mut batch = RecvBatch::new(4);
+    assert_eq!(batch.capacity(), 4);
+    // Empty queue: WouldBlock, not a zero-length batch.
+    assert_eq!(batch.recv(rx.as_raw_fd()).map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
+    let total = 3 * 4 + 3;
+    for seq in 0..total {
+        tx.send_to(&datagram(seq), rx.local_addr().expect("addr")).expect("send");
+    }
+    // A zero-length datagram is a datagram too.
+    tx.send_to(&[], rx.local_addr().expect("addr")).expect("send empty");
+    let (got, sizes) = drain(&mut batch, &rx);
+    assert_eq!(sizes, vec![4, 4, 4, 4], "three full batches, then the rest");
+    let want: Vec<Vec<u8>> = (0..total).map(datagram).chain([Vec::new()]).collect();
+    assert_eq!(got.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>(), want);
+    let from = tx.local_addr().expect("addr");
+    assert!(got.iter().all(|(f, _)| *f == from));
+}
+
+#[test]
+fn capacity_is_bounded() {
+    assert_eq!(RecvBatch::new(0).capacity(), 1);
+    assert_eq!(RecvBatch::new(1 << 20).capacity(), BATCH_MAX);
+}
+
+#[test]
+fn prepend_and_locate_point_into_the_slot() {
+    let (rx, tx) = pair();
+    let mut batch = RecvBatch::new(2);
+    tx.send_to(b"first", rx.local_addr().expect("addr")).expect("send");
+    tx.send_to(b"second!", rx.local_addr().expect("addr")).expect("send");
+    assert_eq!(batch.recv(rx.as_raw_fd()).expect("two queued"), 2);
+    // A sub-slice of the datagram stays a reference into its slot.
+    let (_, data) = batch.datagram(1).expect("datagram");
+    let part = batch.locate(1, &data[2..5]);
+    assert_eq!(part, Payload::Slot { index: 1, start: HEADROOM + 2, len: 3 });
+    assert_eq!(batch.bytes(&part), b"con");
+    // Bytes from elsewhere, or from another slot than named, are copied.
+    let foreign = b"elsewhere".to_vec();
+    assert_eq!(batch.locate(1, &foreign), Payload::Owned(foreign.clone()));
+    let (_, first) = batch.datagram(0).expect("datagram");
+    let first = first.to_vec();
+    assert!(matches!(batch.locate(1, &first), Payload::Owned(_)));
+    // The header goes in front of the datagram, in place.
+    let framed = batch.prepend(0, [0x40, 0x01, 0x00, 0x05]).expect("slot 0");
+    assert_eq!(batch.bytes(&framed), b"\x40\x01\x00\x05first");
+    assert!(batch.prepend(2, [0; 4]).is_none(), "only received slots");
+    assert!(batch.datagram(2).is_none());
+}
+
+#[test]
+fn socket_addresses_round_trip() {
+    let mut s = zeroed_storage();
+    for addr in ["192.0.2.7:3478", "[2001:db8::1]:49152", "[::ffff:198.51.100.1]:1", "0.0.0.0:0"] {
+        let addr: SocketAddr = addr.parse().expect("literal");
+        let len = to_storage(addr, &mut s);
+        assert_eq!(from_storage(&s, len as libc::socklen_t), Some(addr));
+        assert_eq!(from_storage(&s, (len - 1) as libc::socklen_t), None, "short length");
+    }
+    assert_eq!(from_storage(&zeroed_storage(), 128), None, "AF_UNSPEC");
+}
+
+#[test]
+fn flush_sends_each_socket_in_order_with_one_call_each() {
+    let (rx_a, tx_a) = pair();
+    let (rx_b, tx_b) = pair();
+    let (tx_a, tx_b) = (Rc::new(tx_a), Rc::new(tx_b));
+    // Slot payloads from a real receive, owned ones from the "core".
+    let (src_rx, src_tx) = pair();
+    let mut recv = RecvBatch::new(8);
+    for seq in 100..108 {
+        src_tx.send_to(&datagram(seq), src_rx.local_addr().expect("addr")).expect("send");
+    }
+    assert_eq!(recv.recv(src_rx.as_raw_fd()).expect("queued"), 8);
+    let mut q: SendQueue<Rc<UdpSocket>> = SendQueue::new(16);
+    let to_a = rx_a.local_addr().expect("addr");
+    let to_b = rx_b.local_addr().expect("addr");
+    let mut want_a = Vec::new();
+    let mut want_b = Vec::new();
+    for i in 0..8 {
+        let (_, d) = recv.datagram(i).expect("datagram");
+        let slot = recv.locate(i, d);
+        let owned = Payload::Owned(datagram(200 + i as u32));
+        // Interleave the two sockets.
+        let (sock, to, want) = if i % 2 == 0 { (&tx_a, to_a, &mut want_a) } else { (&tx_b, to_b, &mut want_b) };
+        want.push(d.to_vec());
+        want.push(datagram(200 + i as u32));
+        q.push(sock.clone(), to, slot).expect("room");
+        q.push(sock.clone(), to, owned).expect("room");
+    }
+    assert!(q.is_full());
+    assert!(q.push(tx_a.clone(), to_a, Payload::Owned(Vec::new())).is_err(), "a full queue refuses");
+    let mut blocked = Vec::new();
+    // SAFETY: `flush` passes only the headers it built over live buffers.
+    let done = q.flush(&recv, &mut blocked, |fd, h| unsafe { sendmmsg_dontwait(fd, h) });
+    assert_eq!(done, Flushed { sent: 16, failed: 0, blocked: 0, calls: 2 });
+    assert!(blocked.is_empty());
+    assert!(!q.is_full(), "flush empties the queue");
+    for (rx, want, from) in [(&rx_a, want_a, &tx_a), (&rx_b, want_b, &tx_b)] {
+        rx.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut buf = [0u8; 64];
+        for w in want {
+            let (n, f) = rx.recv_from(&mut buf).expect("datagram arrives");
+            assert_eq!(&buf[..n], &w[..]);
+            assert_eq!(f, from.local_addr().expect("addr"));
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct FakeSock(RawFd);
+
+impl AsRawFd for FakeSock {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Reads back what a header describes.
+fn described(h: &libc::mmsghdr) -> (SocketAddr, Vec<u8>) {
+    // SAFETY: `flush` built the header over a live sockaddr_storage and
+    // one iovec over live bytes, valid for the duration of the call that
+    // hands it to us.
+    unsafe {
+        let name = &*(h.msg_hdr.msg_name as *const libc::sockaddr_storage);
+        let iov = &*h.msg_hdr.msg_iov;
+        let bytes = std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len).to_vec();
+        (from_storage(name, h.msg_hdr.msg_namelen).expect("address"), bytes)
+    }
+}
+
+fn dest(port: u16) -> SocketAddr {
+    SocketAddr::from(([192, 0, 2, 1], port))
+}
+
+#[test]
+fn flush_resumes_after_partial_sends_and_skips_refused_datagrams() {
+    let recv = RecvBatch::new(1);
+    let mut q = SendQueue::new(32);
+    for seq in 0..10u8 {
+        // Datagram 4 is one the kernel refuses (say, EMSGSIZE).
+        let bytes = if seq == 4 { vec![0xEE] } else { vec![seq] };
+        q.push(FakeSock(7), dest(1000 + u16::from(seq)), Payload::Owned(bytes)).expect("room");
+    }
+    let mut wire = Vec::new();
+    let mut interrupted = false;
+    let mut calls = 0;
+    let mut blocked = Vec::new();
+    let done = q.flush(&recv, &mut blocked, |fd, hdrs| {
+        calls += 1;
+        assert_eq!(fd, 7);
+        if !interrupted {
+            interrupted = true;
+            return Err(io::Error::from_raw_os_error(libc::EINTR));
+        }
+        // At most three per call, like a kernel that stops early.
+        let mut sent = 0;
+        for h in hdrs.iter().take(3) {
+            let (to, bytes) = described(h);
+            if bytes == [0xEE] {
+                if sent == 0 {
+                    return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+                }
+                break;
+            }
+            wire.push((to, bytes));
+            sent += 1;
+        }
+        Ok(sent)
+    });
+    let want: Vec<(SocketAddr, Vec<u8>)> =
+        (0..10u8).filter(|s| *s != 4).map(|s| (dest(1000 + u16::from(s)), vec![s])).collect();
+    assert_eq!(wire, want, "all but the refused one, in order, each once");
+    assert_eq!(done, Flushed { sent: 9, failed: 1, blocked: 0, calls });
+    // EINTR, [0 1 2], [3], EMSGSIZE, [5 6 7], [8 9].
+    assert_eq!(calls, 6);
+    assert!(blocked.is_empty());
+}
+
+#[test]
+fn flush_copies_out_the_rest_of_a_full_socket_and_carries_on() {
+    let (rx, tx) = pair();
+    let mut recv = RecvBatch::new(4);
+    for seq in 0..4 {
+        tx.send_to(&datagram(seq), rx.local_addr().expect("addr")).expect("send");
+    }
+    assert_eq!(recv.recv(rx.as_raw_fd()).expect("queued"), 4);
+    let mut q = SendQueue::new(8);
+    for i in 0..4 {
+        let (_, d) = recv.datagram(i).expect("datagram");
+        // Socket 9 fills up after one datagram; socket 8 has room.
+        q.push(FakeSock(9), dest(9), recv.locate(i, d)).expect("room");
+        q.push(FakeSock(8), dest(8), Payload::Owned(vec![i as u8])).expect("room");
+    }
+    let mut to_9 = 0;
+    let mut sent_8 = Vec::new();
+    let mut blocked = Vec::new();
+    let done = q.flush(&recv, &mut blocked, |fd, hdrs| match fd {
+        9 if to_9 == 0 => {
+            to_9 += 1;
+            Ok(1)
+        }
+        9 => Err(io::ErrorKind::WouldBlock.into()),
+        _ => {
+            sent_8.extend(hdrs.iter().map(|h| described(h).1));
+            Ok(hdrs.len())
+        }
+    });
+    assert_eq!(sent_8, vec![vec![0], vec![1], vec![2], vec![3]]);
+    assert_eq!(done.sent, 5);
+    assert_eq!(done.blocked, 3);
+    assert_eq!(done.failed, 0);
+    let rest: Vec<(RawFd, SocketAddr, Vec<u8>)> = blocked.iter().map(|b| (b.sock.0, b.to, b.bytes.clone())).collect();
+    assert_eq!(rest, (1..4).map(|s| (9, dest(9), datagram(s))).collect::<Vec<_>>(), "copies, in order");
+}
+
+#[test]
+fn flush_of_an_empty_queue_makes_no_call() {
+    let recv = RecvBatch::new(1);
+    let mut q: SendQueue<FakeSock> = SendQueue::new(4);
+    let done = q.flush(&recv, &mut Vec::new(), |_, _| panic!("no datagrams, no syscall"));
+    assert_eq!(done, Flushed::default());
+}
