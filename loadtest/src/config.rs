@@ -218,6 +218,11 @@ pub struct LoadPlan {
     pub concurrency: u32,
     /// After sending stops, how long to wait for outstanding deliveries.
     pub drain_s: f64,
+    /// Open loop: sleep to one timer tick before each arrival and yield
+    /// until it is due, so arrivals leave within microseconds of their
+    /// schedule rather than up to a tick (1 ms) late. Costs the generator's
+    /// thread busy time between arrivals less than a tick apart.
+    pub precise_arrivals: bool,
 }
 
 impl Default for LoadPlan {
@@ -228,6 +233,7 @@ impl Default for LoadPlan {
             warmup_s: 2.0,
             concurrency: 16,
             drain_s: 10.0,
+            precise_arrivals: false,
         }
     }
 }

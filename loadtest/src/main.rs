@@ -135,6 +135,10 @@ struct RunArgs {
     /// Long-poll timeout of /sync in ms.
     #[arg(long)]
     sync_timeout_ms: Option<u64>,
+    /// Open loop: leave within microseconds of each scheduled arrival
+    /// (yields through the last timer tick; busy between close arrivals).
+    #[arg(long)]
+    precise_arrivals: Option<bool>,
     /// Send each next /sync before decoding the previous response (true,
     /// the default) or after (false).
     #[arg(long)]
@@ -258,6 +262,7 @@ fn build_plan(a: &RunArgs) -> anyhow::Result<Plan> {
         };
     }
     set!(p.load.concurrency, a.concurrency);
+    set!(p.load.precise_arrivals, a.precise_arrivals);
     set!(p.sync.users, a.sync_users);
     set!(p.sync.timeout_ms, a.sync_timeout_ms);
     set!(p.sync.pipelined, a.sync_pipelined);

@@ -820,7 +820,21 @@ async fn open_loop<F, Fut>(
         }
         let intended = start + offset;
         if intended > Instant::now() {
-            tokio::time::sleep_until(intended.into()).await;
+            if ctx.plan.load.precise_arrivals {
+                // The timer fires up to a tick late: sleep to a tick before
+                // the arrival, then yield (letting other tasks and the
+                // I/O driver run) until it is due.
+                if let Some(early) = intended.checked_sub(TIMER_TICK)
+                    && early > Instant::now()
+                {
+                    tokio::time::sleep_until(early.into()).await;
+                }
+                while Instant::now() < intended {
+                    tokio::task::yield_now().await;
+                }
+            } else {
+                tokio::time::sleep_until(intended.into()).await;
+            }
             since_yield = 0;
         } else {
             // Behind schedule: dispatch without sleeping, but let the
@@ -846,6 +860,10 @@ async fn open_loop<F, Fut>(
         spawn_counted(ctx, make(i as u64, intended));
     }
 }
+
+/// Twice the resolution of tokio's timer (it rounds deadlines up to the
+/// next millisecond and fires on the tick after).
+const TIMER_TICK: Duration = Duration::from_millis(2);
 
 fn spawn_counted(ctx: &Rc<Ctx>, fut: impl Future<Output = ()> + 'static) {
     ctx.in_flight.set(ctx.in_flight.get() + 1);

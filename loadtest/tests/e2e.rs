@@ -323,6 +323,21 @@ fn unpipelined_sync_loops_measure_every_delivery_too() {
 }
 
 #[test]
+fn precise_arrivals_send_every_scheduled_message() {
+    let mut p = plan(&[
+        Scenario::Register,
+        Scenario::Rooms,
+        Scenario::Send,
+        Scenario::Sync,
+    ]);
+    p.load.precise_arrivals = true;
+    let r = run(&p);
+    assert_no_errors(&r);
+    assert_eq!(r.op("send").ok, 20);
+    assert_deliveries_complete(&r);
+}
+
+#[test]
 fn cli_sync_pipelined_flag_sets_the_plan_key() {
     let plan_of = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_tessera-loadtest"))
@@ -337,6 +352,8 @@ fn cli_sync_pipelined_flag_sets_the_plan_key() {
     assert!(plan_of(&[]).sync.pipelined, "on by default");
     assert!(!plan_of(&["--sync-pipelined", "false"]).sync.pipelined);
     assert!(plan_of(&["--sync-pipelined", "true"]).sync.pipelined);
+    assert!(!plan_of(&[]).load.precise_arrivals, "off by default");
+    assert!(plan_of(&["--precise-arrivals", "true"]).load.precise_arrivals);
 }
 
 #[test]

@@ -535,6 +535,7 @@ fn publish_typing(shard: &Rc<Shard>, room: &RoomId, users: Vec<OwnedUserId>) -> 
     let pos = shard.next_pos();
     shard.db.store.write(vec![Db::stream_head_write(shard.id as u16, pos)])?;
     shard.typing.borrow_mut().insert(room.to_owned(), Typing { users: users.clone(), pos, shard: shard.id as u16 });
+    shard.note_room_activity(room, pos);
     shard.note_head(shard.id, pos);
     shard.notifier.notify(&[room.to_owned()], &[]);
     shard.broadcast(|| ShardMsg::Typing { room: room.to_owned(), users: users.clone(), pos, shard: shard.id as u16 });

@@ -199,6 +199,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     filters: Default::default(),
                     empty_inboxes: Default::default(),
                     key_counts: Default::default(),
+                    room_activity: Default::default(),
+                    overflow: (0..count).map(|_| Rc::default()).collect(),
                 });
                 shard_main(shard, receivers, rx).await
             })

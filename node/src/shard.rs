@@ -236,6 +236,21 @@ pub struct Shard {
     /// `/sync`, with the node's key-count change count they were read at
     /// (`Db::key_count_changes`).
     pub key_counts: RefCell<HashMap<(OwnedUserId, String), (u64, Value, Value)>>,
+    /// For rooms this shard has heard of, the highest position announced
+    /// for them (events, receipts, typing; all written by the room's
+    /// owner). Raised before the position's head is, so a room whose entry
+    /// is at or below a sync's `since` has nothing new up to its token.
+    pub room_activity: RefCell<HashMap<OwnedRoomId, u64>>,
+    /// Per peer shard, announcements waiting for room in its full queue.
+    pub overflow: Vec<Rc<Overflow>>,
+}
+
+/// Announcements to one peer that wait for its queue, in order.
+#[derive(Default)]
+pub struct Overflow {
+    queue: RefCell<std::collections::VecDeque<ShardMsg>>,
+    /// A task is delivering `queue`; new announcements go behind it.
+    draining: Cell<bool>,
 }
 
 /// Most rendered events a shard caches (about 3-4 KiB each with the parsed
@@ -254,6 +269,10 @@ pub const EMPTY_INBOXES_MAX: usize = 100_000;
 /// Most devices whose key counts a shard caches (about 200 bytes each);
 /// cleared when full.
 pub const KEY_COUNTS_CACHE_MAX: usize = 100_000;
+
+/// Most rooms whose last announced position a shard remembers (about 100
+/// bytes each); cleared when full.
+const ROOM_ACTIVITY_MAX: usize = 100_000;
 
 /// Most users whose own push rule sets a shard caches (a few KiB each when
 /// set, a few bytes when not); the cache is cleared when full.
@@ -300,31 +319,48 @@ impl Shard {
         if !users.is_empty() {
             self.user_writes[self.id].fetch_max(pos, Ordering::Release);
         }
+        for room in &rooms {
+            self.note_room_activity(room, pos);
+        }
         self.note_head(self.id, pos);
         self.notifier.notify(&rooms, &users);
         self.broadcast(|| ShardMsg::Advanced { shard: self.id as u16, pos, rooms: rooms.clone(), users: users.clone() });
     }
 
     /// Sends a message to every other shard without blocking the caller.
+    ///
+    /// Announcements reach each peer in the order they were made: when a
+    /// peer's queue is full, this and every later announcement to it wait in
+    /// `overflow` and one task delivers them in order (a room's activity
+    /// must never be heard after a later position's head).
     pub fn broadcast(&self, msg: impl Fn() -> ShardMsg) {
         let Some(mesh) = &self.mesh else { return };
         for peer in 0..self.count {
             if peer == self.id {
                 continue;
             }
-            if let Err(m) = mesh.try_send_to(peer, msg()) {
-                // The peer's queue is full: deliver in order from a task
-                // rather than drop a position announcement.
-                let mesh = mesh.clone();
-                let m = match m {
-                    glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m)) => m,
-                    _ => continue,
-                };
-                glommio::spawn_local(async move {
-                    let _ = mesh.send_to(peer, m).await;
-                })
-                .detach();
+            let Some(lane) = self.overflow.get(peer) else { continue };
+            if lane.draining.get() {
+                lane.queue.borrow_mut().push_back(msg());
+                continue;
             }
+            let m = match mesh.try_send_to(peer, msg()) {
+                Ok(()) => continue,
+                Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) => m,
+                Err(_) => continue,
+            };
+            lane.queue.borrow_mut().push_back(m);
+            lane.draining.set(true);
+            let (mesh, lane) = (mesh.clone(), lane.clone());
+            glommio::spawn_local(async move {
+                loop {
+                    let next = lane.queue.borrow_mut().pop_front();
+                    let Some(m) = next else { break };
+                    let _ = mesh.send_to(peer, m).await;
+                }
+                lane.draining.set(false);
+            })
+            .detach();
         }
     }
 
@@ -386,6 +422,26 @@ impl Shard {
         hint_after(&self.presence_writes, token)
     }
 
+    /// Raises the last announced position of `room` to `pos`.
+    pub fn note_room_activity(&self, room: &RoomId, pos: u64) {
+        let mut activity = self.room_activity.borrow_mut();
+        if let Some(p) = activity.get_mut(room) {
+            *p = (*p).max(pos);
+            return;
+        }
+        if activity.len() >= ROOM_ACTIVITY_MAX {
+            activity.clear();
+        }
+        activity.insert(room.to_owned(), pos);
+    }
+
+    /// Whether nothing was announced for `room` past `since` (its owner's
+    /// component of a sync token); `false` for a room this shard does not
+    /// know.
+    pub fn room_quiet_since(&self, room: &RoomId, since: u64) -> bool {
+        self.room_activity.borrow().get(room).is_some_and(|p| *p <= since)
+    }
+
     /// Announces a push rule change to every shard's cache.
     /// Called after the write and before its answer.
     pub fn push_rules_changed(&self) {
@@ -413,10 +469,14 @@ impl Shard {
                 .detach();
             }
             ShardMsg::Advanced { shard, pos, rooms, users } => {
+                for room in &rooms {
+                    self.note_room_activity(room, pos);
+                }
                 self.note_head(usize::from(shard), pos);
                 self.notifier.notify(&rooms, &users);
             }
             ShardMsg::Typing { room, users, pos, shard } => {
+                self.note_room_activity(&room, pos);
                 self.note_head(usize::from(shard), pos);
                 self.typing.borrow_mut().insert(room.clone(), Typing { users, pos, shard });
                 self.notifier.notify(&[room], &[]);

@@ -223,6 +223,49 @@ fn presence_reaches_room_members_in_sync() {
     assert!(alices(&c).is_none(), "{c}");
 }
 
+/// Incremental syncs of a user in several rooms (owned by both shards)
+/// carry exactly the rooms with something new: messages, typing and
+/// receipts in one room reach the next sync, and quiet rooms stay out.
+#[test]
+fn incremental_syncs_carry_exactly_the_active_rooms() {
+    let node = Node::start("active-rooms", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let rooms: Vec<String> = (0..4).map(|_| shared_room(&alice, &bob)).collect();
+    let (_, initial) = bob.get("/_matrix/client/v3/sync");
+    let mut since = initial["next_batch"].as_str().expect("token").to_owned();
+    let joined = |v: &Value| -> Vec<String> {
+        let mut r: Vec<String> = v["rooms"]["join"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+        r.sort();
+        r
+    };
+    for (i, room) in rooms.iter().enumerate() {
+        let id = alice.send_text(room, &format!("active-{i}"), &format!("only in {i}"));
+        let got = bob.sync_until(&since, |v| !bodies(v, room).is_empty());
+        assert_eq!(joined(&got), vec![room.clone()], "only the active room: {got}");
+        assert_eq!(bodies(&got, room), vec![format!("only in {i}")]);
+        since = got["next_batch"].as_str().expect("token").to_owned();
+        // A receipt from Alice in the same room is the next change.
+        let (s, v) = alice.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{id}"), json!({}));
+        assert_eq!(s, 200, "{v}");
+        let receipts = |v: &Value| v["rooms"]["join"][room]["ephemeral"]["events"].as_array().is_some_and(|evs| evs.iter().any(|e| e["type"] == "m.receipt"));
+        let got = bob.sync_until(&since, receipts);
+        assert_eq!(joined(&got), vec![room.clone()], "{got}");
+        since = got["next_batch"].as_str().expect("token").to_owned();
+    }
+    // Typing in a room that has been quiet for a while.
+    let (s, v) = alice.put(&format!("/_matrix/client/v3/rooms/{}/typing/@alice:localhost", rooms[0]), json!({ "typing": true, "timeout": 30000 }));
+    assert_eq!(s, 200, "{v}");
+    let typing = |v: &Value| {
+        v["rooms"]["join"][&rooms[0]]["ephemeral"]["events"].as_array().is_some_and(|evs| evs.iter().any(|e| e["type"] == "m.typing" && e["content"]["user_ids"] == json!(["@alice:localhost"])))
+    };
+    let got = bob.sync_until(&since, typing);
+    assert_eq!(joined(&got), vec![rooms[0].clone()], "{got}");
+    // Nothing new: a short poll carries no room.
+    let next = got["next_batch"].as_str().expect("token");
+    let (_, quiet) = bob.get(&format!("/_matrix/client/v3/sync?since={next}&timeout=0"));
+    assert!(joined(&quiet).is_empty(), "{quiet}");
+}
+
 #[test]
 fn long_poll_sync_wakes_on_new_event() {
     let node = Node::start("longpoll", "[runtime]\nshards = 2\n");

@@ -255,6 +255,10 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
             "join" => {
                 let initial = s.is_none() || membership_changed;
                 let data = room_data.remove(room_id.as_str()).unwrap_or_default();
+                // Nothing announced for the room past the token: nothing to read.
+                if !initial && !full_state && data.is_empty() && s.is_some_and(|s| shard.room_quiet_since(&room, s)) {
+                    continue;
+                }
                 if let Some(v) = joined_room(shard, auth, &room, if initial { None } else { s }, u, filter, full_state || initial, data, now)? {
                     out.join.insert(room_id.clone(), v);
                     changed = true;
@@ -445,6 +449,10 @@ fn state_events(shard: &Shard, viewer: &ruma::UserId, room: &RoomId, changed_aft
 #[allow(clippy::too_many_arguments)]
 fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, upto: u64, filter: &SyncFilter, with_state: bool, room_data: Vec<Value>, now: u64) -> ApiResult<Option<JoinedRoom>> {
     let head = shard.db.room_head(room)?;
+    if let Some(h) = &head {
+        let typing = shard.typing.borrow().get(room).map_or(0, |t| t.pos);
+        shard.note_room_activity(room, h.last_event_pos.max(h.last_receipt_pos).max(typing));
+    }
     let (timeline, loaded) = if since.is_none_or(|s| head.as_ref().is_some_and(|h| h.last_event_pos > s)) {
         timeline(shard, auth, room, head.as_ref().map(|h| h.timeline_len), since, upto, filter, now)?
     } else {
