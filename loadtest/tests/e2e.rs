@@ -306,15 +306,16 @@ fn send_and_sync_measure_every_delivery() {
     assert!(r.server.peak_rss_kib.is_some_and(|k| k > 0));
 }
 
-#[test]
-fn unpipelined_sync_loops_measure_every_delivery_too() {
+/// A send-and-sync run with one plan setting changed: every message is
+/// sent once and delivered to every receiver.
+fn sends_and_deliveries_complete_with(change: impl FnOnce(&mut Plan)) {
     let mut p = plan(&[
         Scenario::Register,
         Scenario::Rooms,
         Scenario::Send,
         Scenario::Sync,
     ]);
-    p.sync.pipelined = false;
+    change(&mut p);
     let r = run(&p);
     assert_no_errors(&r);
     assert_eq!(r.op("send").ok, 20);
@@ -323,18 +324,13 @@ fn unpipelined_sync_loops_measure_every_delivery_too() {
 }
 
 #[test]
+fn unpipelined_sync_loops_measure_every_delivery_too() {
+    sends_and_deliveries_complete_with(|p| p.sync.pipelined = false);
+}
+
+#[test]
 fn precise_arrivals_send_every_scheduled_message() {
-    let mut p = plan(&[
-        Scenario::Register,
-        Scenario::Rooms,
-        Scenario::Send,
-        Scenario::Sync,
-    ]);
-    p.load.precise_arrivals = true;
-    let r = run(&p);
-    assert_no_errors(&r);
-    assert_eq!(r.op("send").ok, 20);
-    assert_deliveries_complete(&r);
+    sends_and_deliveries_complete_with(|p| p.load.precise_arrivals = true);
 }
 
 #[test]
