@@ -49,6 +49,9 @@ pub struct Runtime {
     pub mesh_channel_depth: usize,
     /// Seconds a shard waits for open requests to finish on shutdown.
     pub shutdown_grace_secs: u64,
+    /// Events each shard keeps rendered in the client format, in KiB (0:
+    /// none). Syncs of recently active rooms read them from here.
+    pub event_cache_kib: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -261,7 +264,7 @@ impl Default for Listen {
 
 impl Default for Runtime {
     fn default() -> Self {
-        Runtime { shards: 0, io_memory_kib: 2048, mesh_channel_depth: 1024, shutdown_grace_secs: 5 }
+        Runtime { shards: 0, io_memory_kib: 2048, mesh_channel_depth: 1024, shutdown_grace_secs: 5, event_cache_kib: 4096 }
     }
 }
 

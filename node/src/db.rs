@@ -126,6 +126,11 @@ pub struct RoomHead {
 pub struct StateEntry {
     pub event_id: OwnedEventId,
     pub pos: u64,
+    /// `membership` of an `m.room.member` event, so that member lists are
+    /// read without loading each event. Rows written before it was kept
+    /// lack it; readers then load the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership: Option<String>,
 }
 
 /// A receipt's (type, thread, user).
@@ -293,7 +298,7 @@ impl Db {
 
     pub fn event(&self, id: &EventId) -> DbResult<Option<Event>> {
         let Some(stored) = self.get_json::<StoredEvent>(Table::Events, id.as_bytes(), b"")? else { return Ok(None) };
-        let pdu = Pdu::parse(&stored.json, id.to_owned()).map_err(|e| Error::Corrupt(format!("event {id}: {e}")))?;
+        let pdu = Pdu::parse(stored.json.get(), id.to_owned()).map_err(|e| Error::Corrupt(format!("event {id}: {e}")))?;
         Ok(Some(Event { pdu: Arc::new(pdu), stored: Arc::new(stored) }))
     }
 
@@ -305,6 +310,36 @@ impl Db {
     pub fn room_state(&self, room: &RoomId, limit: usize) -> DbResult<Vec<((String, String), StateEntry)>> {
         let rows = self.scan_json::<StateEntry>(Scan::partition(Table::RoomState, room.as_bytes(), limit))?;
         Ok(rows.into_iter().filter_map(|(ck, e)| split_state_ck(&ck).map(|k| (k, e))).collect())
+    }
+
+    /// The current state of a room without its member events, and the
+    /// member entries of `members` only (what lazy-loading needs): two range
+    /// scans around the member keys and a point read per member.
+    pub fn room_state_of_members<'a>(&self, room: &RoomId, members: impl IntoIterator<Item = &'a str>, limit: usize) -> DbResult<Vec<((String, String), StateEntry)>> {
+        let first_member = state_ck("m.room.member", "");
+        let mut past_members = first_member.clone();
+        // 0x01 sorts after the NUL separator, so it closes the member keys.
+        if let Some(last) = past_members.last_mut() {
+            *last = 1;
+        }
+        let mut rows = Vec::new();
+        for (from, to) in [(Bound::Unbounded, Bound::Excluded(&first_member[..])), (Bound::Included(&past_members[..]), Bound::Unbounded)] {
+            let left = limit.saturating_sub(rows.len());
+            if left == 0 {
+                break;
+            }
+            rows.extend(self.scan_json::<StateEntry>(Scan { table: Table::RoomState, pk: room.as_bytes(), from, to, reverse: false, limit: left })?);
+        }
+        let mut out: Vec<((String, String), StateEntry)> = rows.into_iter().filter_map(|(ck, e)| split_state_ck(&ck).map(|k| (k, e))).collect();
+        for member in members {
+            if out.len() >= limit {
+                break;
+            }
+            if let Some(entry) = self.state_entry(room, "m.room.member", member)? {
+                out.push((("m.room.member".to_owned(), member.to_owned()), entry));
+            }
+        }
+        Ok(out)
     }
 
     pub fn state_entry(&self, room: &RoomId, kind: &str, state_key: &str) -> DbResult<Option<StateEntry>> {
@@ -363,6 +398,12 @@ impl Db {
 
     /// Users whose current membership in the room is `membership`.
     pub fn members(&self, room: &RoomId, membership: &str, limit: usize) -> DbResult<Vec<String>> {
+        Ok(self.memberships(room, limit)?.into_iter().filter(|(_, m)| m == membership).map(|(u, _)| u).collect())
+    }
+
+    /// Every user with a member event in the room, with their current
+    /// membership, in one scan of the room's member state.
+    pub fn memberships(&self, room: &RoomId, limit: usize) -> DbResult<Vec<(String, String)>> {
         let prefix = state_ck("m.room.member", "");
         let end = {
             let mut e = state_ck("m.room.member", "");
@@ -380,13 +421,15 @@ impl Db {
             reverse: false,
             limit,
         })?;
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(rows.len());
         for (ck, entry) in rows {
             let Some((_, user)) = split_state_ck(&ck) else { continue };
-            if let Some(ev) = self.event(&entry.event_id)?
-                && ev.pdu.membership().as_deref() == Some(membership)
-            {
-                out.push(user);
+            let membership = match entry.membership {
+                Some(m) => Some(m),
+                None => self.event(&entry.event_id)?.and_then(|ev| ev.pdu.membership()),
+            };
+            if let Some(m) = membership {
+                out.push((user, m));
             }
         }
         Ok(out)
@@ -598,5 +641,69 @@ impl Db {
 
     pub fn meta(&self, key: &str) -> DbResult<Option<Value>> {
         self.get_json(Table::Meta, key.as_bytes(), b"")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::storage::Durability;
+    use crate::storage::embedded::Embedded;
+
+    fn db(name: &str) -> (Db, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("tessera-db-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
+        let _ = std::fs::remove_dir_all(&dir);
+        (Db::new(Arc::new(Embedded::open(&dir, Durability::Process, 8 << 20, 1 << 20).expect("open"))), dir)
+    }
+
+    /// A state row; member rows written the old way (`legacy`) carry no
+    /// membership and are answered from their event.
+    fn state(room: &RoomId, kind: &str, key: &str, membership: Option<&str>, legacy: bool, pos: u64) -> Vec<Write> {
+        let id = OwnedEventId::try_from(format!("$e{pos}:x")).expect("id");
+        let content = membership.map_or(json!({ "v": pos }), |m| json!({ "membership": m }));
+        let pdu = json!({ "room_id": room, "sender": "@a:x", "origin_server_ts": 1, "type": kind, "state_key": key, "content": content, "prev_events": [], "auth_events": [], "depth": pos });
+        let stored = StoredEvent { json: serde_json::value::to_raw_value(&pdu).expect("raw"), pos, txn: None, redacted_by: None, prev_content: None, prev_sender: None, replaces_state: None };
+        let entry = StateEntry { event_id: id.clone(), pos, membership: if legacy { None } else { membership.map(str::to_owned) } };
+        vec![Write::put(Table::Events, id.as_bytes(), b"".to_vec(), encode(&stored)), Write::put(Table::RoomState, room.as_bytes(), state_ck(kind, key), encode(&entry))]
+    }
+
+    #[test]
+    fn member_lists_and_lazy_state_agree_with_the_full_state() {
+        let (db, dir) = db("state");
+        let room = RoomId::parse("!r:x").expect("room");
+        let mut writes = Vec::new();
+        let mut pos = 0;
+        let mut next = || {
+            pos += 1;
+            pos
+        };
+        for (kind, key) in [("m.room.create", ""), ("m.room.name", ""), ("m.room.memberz", "x"), ("m.room.membe", "y"), ("a.first", "k"), ("z.last", "")] {
+            writes.extend(state(&room, kind, key, None, false, next()));
+        }
+        let people = [("@j1:x", "join", false), ("@j2:x", "join", true), ("@i1:x", "invite", false), ("@l1:x", "leave", true), ("@b1:x", "ban", false)];
+        for (user, m, legacy) in people {
+            writes.extend(state(&room, "m.room.member", user, Some(m), legacy, next()));
+        }
+        db.store.write(writes).expect("write");
+
+        let mut all = db.memberships(&room, 100).expect("memberships");
+        all.sort();
+        let mut expected: Vec<(String, String)> = people.iter().map(|(u, m, _)| (u.to_string(), m.to_string())).collect();
+        expected.sort();
+        assert_eq!(all, expected);
+        assert_eq!(db.members(&room, "join", 100).expect("members"), vec!["@j1:x".to_string(), "@j2:x".to_string()]);
+
+        let full = db.room_state(&room, 100).expect("state");
+        let wanted = ["@j2:x", "@i1:x", "@nobody:x"];
+        let mut lazy: Vec<(String, String)> = db.room_state_of_members(&room, wanted, 100).expect("lazy").into_iter().map(|(k, _)| k).collect();
+        lazy.sort();
+        let mut from_full: Vec<(String, String)> = full.into_iter().map(|(k, _)| k).filter(|(kind, key)| kind != "m.room.member" || wanted.contains(&key.as_str())).collect();
+        from_full.sort();
+        assert_eq!(lazy, from_full);
+        assert_eq!(lazy.len(), 8);
+        assert_eq!(db.room_state_of_members(&room, wanted, 3).expect("bounded").len(), 3, "the limit holds");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

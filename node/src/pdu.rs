@@ -1,6 +1,8 @@
 //! Persistent data units: the signed, hashed room events this node creates,
 //! their storage record, and their client-facing format.
 
+use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
@@ -33,8 +35,10 @@ pub struct Pdu {
 /// What the node stores per event.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct StoredEvent {
-    /// The full signed PDU as canonical JSON text.
-    pub json: String,
+    /// The full signed PDU, canonical JSON, stored as a JSON object (rows
+    /// written before that hold it as a JSON string; both are read).
+    #[serde(deserialize_with = "pdu_json")]
+    pub json: Box<RawJsonValue>,
     /// Position in the owner shard's stream (orders the room timeline).
     pub pos: u64,
     /// The transaction id the sender used, returned only to the sending device.
@@ -50,6 +54,18 @@ pub struct StoredEvent {
     pub prev_sender: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaces_state: Option<String>,
+}
+
+/// Reads the stored PDU: a JSON object, or the JSON string that older rows
+/// kept it in.
+fn pdu_json<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Box<RawJsonValue>, D::Error> {
+    use serde::de::Error as _;
+    let raw = Box::<RawJsonValue>::deserialize(d)?;
+    if !raw.get().starts_with('"') {
+        return Ok(raw);
+    }
+    let text: String = serde_json::from_str(raw.get()).map_err(D::Error::custom)?;
+    RawJsonValue::from_string(text).map_err(D::Error::custom)
 }
 
 /// An event loaded for use: parsed fields plus its storage record.
@@ -161,27 +177,71 @@ pub struct Rendered {
 }
 
 impl Rendered {
+    /// Writes the client JSON straight from the stored fields: the content
+    /// and `prev_content` are canonical JSON already and are copied as they
+    /// are; only a redacted event's content goes through a `Value`.
     pub fn new(event: Event) -> Rendered {
-        let mut value = event.to_client(0, None);
-        let mut unsigned = match value.get_mut("unsigned").map(Value::take) {
-            Some(Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
+        use std::fmt::Write as _;
+        let pdu = &event.pdu;
+        let stored = &event.stored;
+        let kind = pdu.kind.to_string();
+        let mut head = String::with_capacity(256 + pdu.content.get().len() + stored.prev_content.as_ref().map_or(0, |p| p.get().len()));
+        head.push_str("{\"content\":");
+        if stored.redacted_by.is_some() {
+            let redacted = redacted_content(&kind, pdu.content_value());
+            head.push_str(&serde_json::to_string(&redacted).unwrap_or_else(|_| "{}".into()));
+        } else {
+            head.push_str(pdu.content.get());
+        }
+        head.push_str(",\"event_id\":");
+        push_json_str(&mut head, pdu.id().as_str());
+        let ts: u64 = pdu.origin_server_ts.get().into();
+        let _ = write!(head, ",\"origin_server_ts\":{ts}");
+        if let Some(r) = &pdu.redacts {
+            head.push_str(",\"redacts\":");
+            push_json_str(&mut head, r.as_str());
+        }
+        head.push_str(",\"room_id\":");
+        push_json_str(&mut head, pdu.room_id.as_str());
+        head.push_str(",\"sender\":");
+        push_json_str(&mut head, pdu.sender.as_str());
+        if let Some(sk) = &pdu.state_key {
+            head.push_str(",\"state_key\":");
+            push_json_str(&mut head, sk);
+        }
+        head.push_str(",\"type\":");
+        push_json_str(&mut head, &kind);
+        head.push_str(",\"unsigned\":{");
+        let mut has_static = false;
+        let mut member = |head: &mut String, name: &str| {
+            if has_static {
+                head.push(',');
+            }
+            has_static = true;
+            push_json_str(head, name);
+            head.push(':');
         };
-        unsigned.remove("age");
-        unsigned.remove("transaction_id");
-        if let Value::Object(m) = &mut value {
-            m.remove("unsigned");
+        if let Some(prev) = &stored.prev_content {
+            member(&mut head, "prev_content");
+            head.push_str(prev.get());
+            if let Some(s) = &stored.prev_sender {
+                member(&mut head, "prev_sender");
+                push_json_str(&mut head, s);
+            }
         }
-        let body = serde_json::to_string(&value).unwrap_or_else(|_| "{}".into());
-        let statics = serde_json::to_string(&Value::Object(unsigned)).unwrap_or_else(|_| "{}".into());
-        let mut head = String::with_capacity(body.len() + statics.len() + 16);
-        head.push_str(&body[..body.len() - 1]);
-        if body.len() > 2 {
-            head.push(',');
+        if let Some(by) = &stored.redacted_by {
+            member(&mut head, "redacted_because");
+            head.push_str("{\"event_id\":");
+            push_json_str(&mut head, by);
+            head.push('}');
         }
-        head.push_str("\"unsigned\":{");
-        head.push_str(&statics[1..statics.len() - 1]);
-        Rendered { has_static: statics.len() > 2, head, event }
+        if stored.prev_content.is_some()
+            && let Some(r) = &stored.replaces_state
+        {
+            member(&mut head, "replaces_state");
+            push_json_str(&mut head, r);
+        }
+        Rendered { has_static, head, event }
     }
 
     /// The client JSON for `viewer` at `now_ms`.
@@ -206,6 +266,107 @@ impl Rendered {
         // only fails on a bug; fall back to the slow path then.
         RawJsonValue::from_string(out).unwrap_or_else(|_| serde_json::value::to_raw_value(&self.event.to_client(now_ms, viewer)).unwrap_or_default())
     }
+}
+
+impl Rendered {
+    /// Approximate bytes held: the rendering, the stored PDU, the parsed
+    /// copy of its content and a fixed allowance for the parsed fields.
+    pub fn size(&self) -> usize {
+        self.head.len() + self.event.stored.json.get().len() + self.event.pdu.content.get().len() + 512
+    }
+}
+
+/// Rendered events by id within a byte budget, in two generations: new
+/// renderings go to the young one; when it holds half the budget it becomes
+/// the old one and the previous old one is dropped; a hit in the old
+/// generation moves the entry back to the young one. What a busy shard
+/// reads again and again stays; the rest ages out in two rotations.
+#[derive(Default)]
+pub struct RenderCache {
+    young: HashMap<OwnedEventId, Rc<Rendered>>,
+    old: HashMap<OwnedEventId, Rc<Rendered>>,
+    young_bytes: usize,
+    budget: usize,
+}
+
+impl RenderCache {
+    /// A cache of about `budget` bytes; 0 caches nothing.
+    pub fn new(budget: usize) -> RenderCache {
+        RenderCache { budget, ..Default::default() }
+    }
+
+    pub fn get(&mut self, id: &EventId) -> Option<Rc<Rendered>> {
+        if let Some(r) = self.young.get(id) {
+            return Some(r.clone());
+        }
+        let r = self.old.remove(id)?;
+        self.insert(id.to_owned(), r.clone());
+        Some(r)
+    }
+
+    pub fn insert(&mut self, id: OwnedEventId, r: Rc<Rendered>) {
+        if self.budget == 0 {
+            return;
+        }
+        self.young_bytes += r.size();
+        if let Some(prev) = self.young.insert(id, r) {
+            self.young_bytes = self.young_bytes.saturating_sub(prev.size());
+        }
+        if self.young_bytes >= self.budget / 2 {
+            self.old = std::mem::take(&mut self.young);
+            self.young_bytes = 0;
+        }
+    }
+
+    pub fn remove(&mut self, id: &EventId) {
+        if let Some(r) = self.young.remove(id) {
+            self.young_bytes = self.young_bytes.saturating_sub(r.size());
+        }
+        self.old.remove(id);
+    }
+
+    pub fn clear(&mut self) {
+        self.young.clear();
+        self.old.clear();
+        self.young_bytes = 0;
+    }
+
+    /// Entries held, both generations.
+    pub fn len(&self) -> usize {
+        self.young.len() + self.old.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Appends `s` as a JSON string.
+fn push_json_str(out: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    out.reserve(s.len() + 2);
+    out.push('"');
+    let mut plain = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[plain..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(escape);
+        }
+        plain = i + 1;
+    }
+    out.push_str(&s[plain..]);
+    out.push('"');
 }
 
 /// The content left after redaction, per the room v11 rules: only the keys
@@ -277,5 +438,112 @@ pub fn to_canonical(value: Value) -> Result<CanonicalJsonObject, String> {
         Ok(CanonicalJsonValue::Object(o)) => Ok(o),
         Ok(_) => Err("content must be a JSON object".into()),
         Err(e) => Err(format!("content is not canonical JSON: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(pdu: Value, stored: impl FnOnce(&mut StoredEvent)) -> Event {
+        let json = serde_json::value::to_raw_value(&pdu).expect("raw");
+        let pdu = Pdu::parse(json.get(), OwnedEventId::try_from("$abc:example.org").expect("id")).expect("pdu");
+        let mut s = StoredEvent { json, pos: 7, txn: None, redacted_by: None, prev_content: None, prev_sender: None, replaces_state: None };
+        stored(&mut s);
+        Event { pdu: Arc::new(pdu), stored: Arc::new(s) }
+    }
+
+    fn base(kind: &str, state_key: Option<&str>, content: Value) -> Value {
+        let mut v = json!({
+            "room_id": "!r:example.org", "sender": "@a:example.org", "origin_server_ts": 1_000,
+            "type": kind, "content": content, "prev_events": [], "auth_events": [], "depth": 3,
+        });
+        if let Some(sk) = state_key {
+            v["state_key"] = json!(sk);
+        }
+        v
+    }
+
+    /// The pre-rendered bytes say the same as the `Value` rendering, for
+    /// every viewer-dependent and static part of `unsigned`.
+    #[test]
+    fn rendered_matches_the_value_rendering() {
+        let events = [
+            event(base("m.room.message", None, json!({"body": "hi \"there\"\n\u{1}é", "msgtype": "m.text"})), |s| {
+                s.txn = Some(("DEV".into(), "t1".into()));
+            }),
+            event(base("m.room.member", Some("@b:example.org"), json!({"membership": "join", "displayname": "B"})), |s| {
+                s.prev_content = Some(RawJsonValue::from_string(r#"{"membership":"invite"}"#.into()).expect("raw"));
+                s.prev_sender = Some("@a:example.org".into());
+                s.replaces_state = Some("$old:example.org".into());
+            }),
+            event(base("m.room.message", None, json!({"body": "secret", "msgtype": "m.text"})), |s| {
+                s.redacted_by = Some("$red:example.org".into());
+            }),
+            event(base("m.room.member", Some("@c:example.org"), json!({"membership": "leave", "reason": "x"})), |s| {
+                s.redacted_by = Some("$red2:example.org".into());
+                s.prev_content = Some(RawJsonValue::from_string(r#"{"membership":"join"}"#.into()).expect("raw"));
+            }),
+            event(base("org.example.\"odd\"\ttype", Some("key with \\ and \u{7f}\u{1f}"), json!({})), |_| {}),
+        ];
+        let mut redaction = base("m.room.redaction", None, json!({"redacts": "$abc:example.org"}));
+        redaction["redacts"] = json!("$abc:example.org");
+        let events: Vec<Event> = events.into_iter().chain([event(redaction, |_| {})]).collect();
+        let viewers = [None, Some(("@a:example.org", "DEV")), Some(("@a:example.org", "OTHER")), Some(("@b:example.org", "DEV"))];
+        for ev in events {
+            let rendered = Rendered::new(ev.clone());
+            for viewer in viewers {
+                let viewer = viewer.map(|(u, d)| (UserId::parse(u).expect("user"), d));
+                let v = viewer.as_ref().map(|(u, d)| (u.as_ref(), *d));
+                let fast: Value = serde_json::from_str(rendered.render(5_000, v).get()).expect("rendered JSON parses");
+                assert_eq!(fast, ev.to_client(5_000, v), "event {:?} viewer {v:?}", ev.pdu.kind);
+            }
+        }
+    }
+
+    /// Rows written before the PDU was stored as an object still read, to
+    /// the same record; new rows hold the object itself.
+    #[test]
+    fn stored_events_of_both_layouts_read_alike() {
+        let pdu = r#"{"content":{"body":"a \"q\" \u00e9"},"depth":1,"type":"m.room.message"}"#;
+        let legacy = json!({ "json": pdu, "pos": 4, "txn": ["D", "t"] }).to_string();
+        let old: StoredEvent = serde_json::from_str(&legacy).expect("legacy row");
+        assert_eq!(old.json.get(), pdu);
+        assert_eq!(old.pos, 4);
+        let written = serde_json::to_string(&old).expect("encode");
+        assert!(written.starts_with(&format!("{{\"json\":{pdu}")), "{written}");
+        let new: StoredEvent = serde_json::from_str(&written).expect("new row");
+        assert_eq!(new.json.get(), pdu);
+        assert_eq!(new.txn, Some(("D".into(), "t".into())));
+        assert!(serde_json::from_str::<StoredEvent>(r#"{"json":"not json","pos":1}"#).is_err(), "a string that is not JSON is corrupt");
+    }
+
+    fn rendered(i: u32) -> (OwnedEventId, Rc<Rendered>) {
+        let id = OwnedEventId::try_from(format!("$e{i}:x")).expect("id");
+        let pdu = json!({ "room_id": "!r:x", "sender": "@a:x", "origin_server_ts": 1, "type": "m.room.message", "content": { "body": "x".repeat(100) }, "prev_events": [], "auth_events": [], "depth": 1 });
+        let json = serde_json::value::to_raw_value(&pdu).expect("raw");
+        let parsed = Pdu::parse(json.get(), id.clone()).expect("pdu");
+        let stored = StoredEvent { json, pos: u64::from(i), txn: None, redacted_by: None, prev_content: None, prev_sender: None, replaces_state: None };
+        (id, Rc::new(Rendered::new(Event { pdu: Arc::new(parsed), stored: Arc::new(stored) })))
+    }
+
+    #[test]
+    fn the_render_cache_keeps_what_is_read_and_stays_within_its_budget() {
+        let one = rendered(0).1.size();
+        let mut cache = RenderCache::new(one * 20);
+        let (hot, hot_r) = rendered(0);
+        cache.insert(hot.clone(), hot_r);
+        for i in 1..200 {
+            let (id, r) = rendered(i);
+            cache.insert(id, r);
+            assert!(cache.get(&hot).is_some(), "an entry read between rotations stays (after {i} inserts)");
+            assert!(cache.len() <= 20, "{} entries over a budget of 20", cache.len());
+        }
+        assert!(cache.get(&rendered(5).0).is_none(), "an entry never read again ages out");
+        cache.remove(&hot);
+        assert!(cache.get(&hot).is_none());
+        let mut none = RenderCache::new(0);
+        none.insert(hot.clone(), rendered(0).1);
+        assert!(none.is_empty(), "a zero budget caches nothing");
     }
 }

@@ -442,6 +442,7 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
     // Staged: allocate the position and write everything.
     batch.pos += 1;
     let pos = batch.pos;
+    let json = serde_json::value::RawValue::from_string(json).map_err(|e| Error::EventBuild(e.to_string()))?;
     let mut stored = StoredEvent { json, pos, txn: draft.txn.clone(), redacted_by: None, prev_content: None, prev_sender: None, replaces_state: None };
     if let Some(sk) = &draft.state_key
         && let Some((prev, _)) = cached.state.get(&(draft.kind.clone(), sk.clone()))
@@ -463,9 +464,10 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         batch.redacted.push(ev.pdu.id().to_owned());
     }
     if let Some(sk) = &draft.state_key {
-        let entry = StateEntry { event_id: event_id.clone(), pos };
+        let membership = pdu.membership();
+        let entry = StateEntry { event_id: event_id.clone(), pos, membership: membership.clone() };
         batch.writes.push(Write::put(Table::RoomState, room.as_bytes(), state_ck(&draft.kind, sk), encode(&entry)));
-        if let Some(membership) = pdu.membership()
+        if let Some(membership) = membership
             && let Ok(target) = UserId::parse(sk.as_str())
         {
             let ur = UserRoom { membership, event_id: event_id.to_string(), pos, shard: shard.id as u16, forgotten: false };

@@ -172,6 +172,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     Some(Err(e)) => return Err(anyhow::anyhow!("shard {id}: joining the channel mesh failed: {e}")),
                     None => (None, None),
                 };
+                let rendered = RefCell::new(crate::pdu::RenderCache::new(config.runtime.event_cache_kib << 10));
                 let shard = Rc::new(Shard {
                     id,
                     count,
@@ -188,7 +189,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     rooms: Default::default(),
                     typing: Default::default(),
                     shutting_down: Default::default(),
-                    rendered: Default::default(),
+                    rendered,
                     redactions,
                     redactions_seen: Default::default(),
                     push_rule_changes,
@@ -200,6 +201,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     empty_inboxes: Default::default(),
                     key_counts: Default::default(),
                     room_activity: Default::default(),
+                    member_lists: Default::default(),
                     overflow: (0..count).map(|_| Rc::default()).collect(),
                 });
                 shard_main(shard, receivers, rx).await

@@ -200,7 +200,7 @@ pub struct Shard {
     pub limiter: RateLimiter,
     pub shutting_down: Cell<bool>,
     /// Events rendered for clients, shared by every sync this shard serves.
-    pub rendered: RefCell<HashMap<OwnedEventId, Rc<Rendered>>>,
+    pub rendered: RefCell<crate::pdu::RenderCache>,
     /// Redactions written on any shard of the node, counted; a shard that
     /// sees the count move drops its whole rendering cache.
     pub redactions: Arc<AtomicU64>,
@@ -241,9 +241,25 @@ pub struct Shard {
     /// owner). Raised before the position's head is, so a room whose entry
     /// is at or below a sync's `since` has nothing new up to its token.
     pub room_activity: RefCell<HashMap<OwnedRoomId, u64>>,
+    /// Member lists (user, membership) of rooms, each with the room's
+    /// `room_activity` entry it was read at: anything announced for the
+    /// room since (member events included) moves that entry, and the list
+    /// is read again. Bounded by `MEMBER_LISTS_MAX` members in all.
+    pub member_lists: RefCell<MemberLists>,
     /// Per peer shard, announcements waiting for room in its full queue.
     pub overflow: Vec<Rc<Overflow>>,
 }
+
+/// See `Shard::member_lists`.
+#[derive(Default)]
+pub struct MemberLists {
+    lists: HashMap<OwnedRoomId, (u64, Rc<Vec<(String, String)>>)>,
+    members: usize,
+}
+
+/// Most members all cached member lists of a shard hold together (a few
+/// MiB); the cache is cleared when a new list would pass it.
+const MEMBER_LISTS_MAX: usize = 50_000;
 
 /// Announcements to one peer that wait for its queue, in order.
 #[derive(Default)]
@@ -252,12 +268,6 @@ pub struct Overflow {
     /// A task is delivering `queue`; new announcements go behind it.
     draining: Cell<bool>,
 }
-
-/// Most rendered events a shard caches (about 3-4 KiB each with the parsed
-/// event); fan-out reads an event within moments of its creation, so a
-/// small cache serves it; the cache is
-/// cleared when full.
-const RENDERED_CACHE_MAX: usize = 1_024;
 
 /// Most parsed filters a shard caches (a few KiB each at most); cleared when full.
 pub const FILTER_CACHE_MAX: usize = 10_000;
@@ -375,16 +385,12 @@ impl Shard {
             self.rendered.borrow_mut().clear();
             self.redactions_seen.set(redactions);
         }
-        if let Some(r) = self.rendered.borrow().get(id) {
-            return Ok(Some(r.clone()));
+        if let Some(r) = self.rendered.borrow_mut().get(id) {
+            return Ok(Some(r));
         }
         let Some(event) = self.db.event(id)? else { return Ok(None) };
         let r = Rc::new(Rendered::new(event));
-        let mut cache = self.rendered.borrow_mut();
-        if cache.len() >= RENDERED_CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(id.to_owned(), r.clone());
+        self.rendered.borrow_mut().insert(id.to_owned(), r.clone());
         Ok(Some(r))
     }
 
@@ -440,6 +446,38 @@ impl Shard {
     /// know.
     pub fn room_quiet_since(&self, room: &RoomId, since: u64) -> bool {
         self.room_activity.borrow().get(room).is_some_and(|p| *p <= since)
+    }
+
+    /// Every user with a member event in `room` and their membership (at
+    /// most `limit`), from the cache while nothing was announced for the
+    /// room since it was read. An announcement reaches this shard moments
+    /// after the write it follows, so a list may trail a change made on
+    /// another shard by that long.
+    pub fn room_members(&self, room: &RoomId, limit: usize) -> ApiResult<Rc<Vec<(String, String)>>> {
+        // Read before storage: a later announcement moves it past the entry.
+        let activity = self.room_activity.borrow().get(room).copied();
+        if let Some(at) = activity
+            && let Some((cached_at, list)) = self.member_lists.borrow().lists.get(room)
+            && *cached_at == at
+        {
+            return Ok(list.clone());
+        }
+        let list = Rc::new(self.db.memberships(room, limit)?);
+        if let Some(at) = activity {
+            let mut cache = self.member_lists.borrow_mut();
+            if let Some((_, old)) = cache.lists.remove(room) {
+                cache.members -= old.len();
+            }
+            if cache.members + list.len() > MEMBER_LISTS_MAX {
+                cache.lists.clear();
+                cache.members = 0;
+            }
+            if list.len() <= MEMBER_LISTS_MAX {
+                cache.members += list.len();
+                cache.lists.insert(room.to_owned(), (at, list.clone()));
+            }
+        }
+        Ok(list)
     }
 
     /// Announces a push rule change to every shard's cache.

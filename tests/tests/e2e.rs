@@ -184,7 +184,7 @@ fn concurrent_sends_with_duplicate_transactions_store_each_event_once() {
 fn presence_reaches_room_members_in_sync() {
     let node = Node::start("presence-sync", "[runtime]\nshards = 2\n");
     let (alice, bob) = two_users(&node);
-    shared_room(&alice, &bob);
+    let room = shared_room(&alice, &bob);
     let mut carol = node.client();
     carol.register("carol");
     let token_of = |c: &Client| {
@@ -221,6 +221,23 @@ fn presence_reaches_room_members_in_sync() {
     assert!(alices(&c).is_none(), "{c}");
     let (_, c) = carol.get("/_matrix/client/v3/sync");
     assert!(alices(&c).is_none(), "{c}");
+    // Carol joins after the shards cached the room's member list: Bob hears
+    // of her presence, and her initial sync carries Alice's.
+    let bob_since = bob.get("/_matrix/client/v3/sync").1["next_batch"].as_str().expect("token").to_owned();
+    let (s, v) = alice.post(&format!("/_matrix/client/v3/rooms/{room}/invite"), json!({ "user_id": "@carol:localhost" }));
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = carol.post(&format!("/_matrix/client/v3/join/{room}"), json!({}));
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = carol.put("/_matrix/client/v3/presence/@carol:localhost/status", json!({ "presence": "unavailable" }));
+    assert_eq!(s, 200, "{v}");
+    let carols = |sync: &Value| sync["presence"]["events"].as_array().and_then(|evs| evs.iter().find(|e| e["sender"] == "@carol:localhost")).cloned();
+    let got = bob.sync_until(&bob_since, |v| carols(v).is_some());
+    assert_eq!(carols(&got).map(|e| e["content"]["presence"].clone()), Some(json!("unavailable")));
+    let initial = (0..50)
+        .map(|_| carol.get("/_matrix/client/v3/sync").1)
+        .find(|v| alices(v).is_some())
+        .expect("Carol's initial sync with Alice's presence");
+    assert_eq!(alices(&initial).map(|e| e["content"]["presence"].clone()), Some(json!("online")));
 }
 
 /// Incremental syncs of a user in several rooms (owned by both shards)

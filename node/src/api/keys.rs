@@ -9,6 +9,7 @@
 //! rows between two tokens.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
 
 use http::StatusCode;
 use ruma::{OwnedUserId, RoomId, UserId};
@@ -39,21 +40,32 @@ fn key_error(e: KeyError) -> ApiError {
 }
 
 /// Local users who must hear of `user`'s key changes: the user and every
-/// joined or invited member of the user's joined rooms.
+/// joined or invited member of the user's joined rooms, read from storage
+/// (a member who joined before this request was answered is never missed).
 pub(crate) fn watchers(shard: &Shard, user: &UserId) -> ApiResult<Vec<OwnedUserId>> {
+    watchers_of(shard, user, |room| Ok(Rc::new(shard.db.memberships(room, MEMBERS_PER_ROOM_MAX)?)))
+}
+
+/// [`watchers`] from the shard's member-list cache, which may trail a
+/// membership change on another shard by the moments its announcement
+/// takes to arrive: good enough for presence, not for key changes.
+pub(crate) fn presence_watchers(shard: &Shard, user: &UserId) -> ApiResult<Vec<OwnedUserId>> {
+    watchers_of(shard, user, |room| shard.room_members(room, MEMBERS_PER_ROOM_MAX))
+}
+
+fn watchers_of(shard: &Shard, user: &UserId, members: impl Fn(&RoomId) -> ApiResult<Rc<Vec<(String, String)>>>) -> ApiResult<Vec<OwnedUserId>> {
     let mut set = BTreeSet::from([user.to_owned()]);
     for (room, ur) in shard.db.user_rooms(user, shard.config.limits.rooms_per_user_max)? {
         if ur.membership != "join" {
             continue;
         }
         let Ok(room) = RoomId::parse(room.as_str()) else { continue };
-        for membership in ["join", "invite"] {
-            for member in shard.db.members(&room, membership, MEMBERS_PER_ROOM_MAX)? {
-                if let Ok(m) = OwnedUserId::try_from(member)
-                    && m.server_name() == shard.server_name
-                {
-                    set.insert(m);
-                }
+        for (member, membership) in members(&room)?.iter() {
+            if (membership == "join" || membership == "invite")
+                && let Ok(m) = OwnedUserId::try_from(member.as_str())
+                && m.server_name() == shard.server_name
+            {
+                set.insert(m);
             }
         }
     }

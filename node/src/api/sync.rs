@@ -317,7 +317,7 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
 fn presence(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &SyncToken, filter: &SyncFilter) -> ApiResult<Vec<Value>> {
     let limit = filter.presence.limit.unwrap_or(usize::MAX);
     let mut out = Vec::new();
-    for user in crate::api::keys::watchers(shard, &auth.user)? {
+    for user in crate::api::keys::presence_watchers(shard, &auth.user)? {
         if out.len() >= limit {
             break;
         }
@@ -429,7 +429,12 @@ fn state_events(shard: &Shard, viewer: &ruma::UserId, room: &RoomId, changed_aft
     }
     let first_pos = timeline.first().map(|e| e.event.stored.pos);
     let mut out = Vec::new();
-    for ((kind, key), entry) in shard.db.room_state(room, ROOM_STATE_MAX)? {
+    let entries = if filter.state.lazy_load_members {
+        shard.db.room_state_of_members(room, senders.iter().map(String::as_str), ROOM_STATE_MAX)?
+    } else {
+        shard.db.room_state(room, ROOM_STATE_MAX)?
+    };
+    for ((kind, key), entry) in entries {
         if in_timeline.contains(entry.event_id.as_str()) || changed_after.is_some_and(|c| entry.pos <= c) || first_pos.is_some_and(|f| entry.pos >= f) {
             continue;
         }

@@ -609,7 +609,7 @@ pub fn put_presence(shard: &Shard, req: &Req, auth: &Authed, user: &str) -> ApiR
         "shard": shard.id,
     });
     // Everyone sharing a room with the user sees the change in `/sync`.
-    let watchers = crate::api::keys::watchers(shard, &user)?;
+    let watchers = crate::api::keys::presence_watchers(shard, &user)?;
     shard.db.store.write(vec![Write::put(Table::Presence, user.as_bytes(), b"".to_vec(), encode(&record)), Db::stream_head_write(shard.id as u16, pos)])?;
     shard.presence_writes[shard.id].fetch_max(pos, std::sync::atomic::Ordering::Release);
     shard.publish(pos, vec![], watchers);
