@@ -40,6 +40,13 @@ const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(3);
 const RETRANSMIT: Duration = Duration::from_millis(500);
 /// First channel number.
 const CHANNEL: u16 = 0x4000;
+/// Receive buffer asked for on the echo peer's socket, which receives every
+/// relayed packet of the run: at the default ~200 KiB it overflows after a
+/// few milliseconds without a turn on the CPU at peak rates, and those
+/// drops would count as the server's loss. The kernel caps it at
+/// `net.core.rmem_max` (and doubles it for bookkeeping), so this is at most
+/// 8 MiB of kernel memory, used only while the generator falls behind.
+const PEER_RECV_BUFFER_BYTES: libc::c_int = 4 << 20;
 
 /// Shared state of the TURN drivers.
 pub struct TurnCtx {
@@ -95,6 +102,28 @@ impl TurnCtx {
 
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed) || Instant::now() >= self.deadline
+    }
+}
+
+/// Asks for a `bytes` receive buffer on `sock`. The kernel silently caps
+/// it at `net.core.rmem_max`, so a smaller limit is no error.
+fn grow_recv_buffer(sock: &UdpSocket, bytes: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: the descriptor is open for the call (`sock` is borrowed), and
+    // the option value is a c_int whose size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const bytes).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -273,6 +302,7 @@ pub async fn run(plan: &Plan, t: Rc<TurnCtx>) -> anyhow::Result<()> {
         })
         .await?,
     );
+    grow_recv_buffer(&peer, PEER_RECV_BUFFER_BYTES)?;
     let peer_addr = peer.local_addr()?;
     let echo = tokio::task::spawn_local({
         let peer = peer.clone();

@@ -52,6 +52,9 @@ pub struct Runtime {
     /// Events each shard keeps rendered in the client format, in KiB (0:
     /// none). Syncs of recently active rooms read them from here.
     pub event_cache_kib: usize,
+    /// Lets the kernel back the heap with transparent huge pages (fewer TLB
+    /// misses, more resident memory: a 2 MiB page counts whole).
+    pub transparent_huge_pages: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -64,8 +67,8 @@ pub struct Storage {
     pub durability: Durability,
     /// Block cache of the embedded engine, in MiB.
     pub cache_mib: u64,
-    /// Largest in-memory write buffer (memtable) per table before it is
-    /// flushed to disk, in MiB. Applies to tables created after the change.
+    /// In-memory write buffers (memtables) of all tables together, in MiB:
+    /// past it, the table holding the most is flushed to disk.
     pub memtable_mib: u64,
     /// The CQL backend, used when `backend = "scylla"`.
     pub scylla: Scylla,
@@ -264,7 +267,7 @@ impl Default for Listen {
 
 impl Default for Runtime {
     fn default() -> Self {
-        Runtime { shards: 0, io_memory_kib: 2048, mesh_channel_depth: 1024, shutdown_grace_secs: 5, event_cache_kib: 4096 }
+        Runtime { shards: 0, io_memory_kib: 2048, mesh_channel_depth: 1024, shutdown_grace_secs: 5, event_cache_kib: 4096, transparent_huge_pages: false }
     }
 }
 

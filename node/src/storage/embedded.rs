@@ -8,6 +8,13 @@
 //! the operating system before the call returns, so an answered request
 //! survives SIGKILL. With [`Durability::Power`] each batch is also fsynced.
 //!
+//! Memory: the in-memory write buffers (memtables) of all tables share one
+//! budget. Each write adds its bytes to its table's count; when the counts
+//! pass the budget, the table holding the most is rotated (its memtable
+//! sealed and flushed to disk in the background). Busy tables get the room,
+//! idle ones cost nothing, and the total stays near the budget however many
+//! tables there are.
+//!
 //! Conditional inserts take one of a fixed set of striped mutexes keyed by the
 //! row key's hash; they serialise only writers of the same stripe, and only on
 //! the uniqueness path (registration, aliases, transaction ids).
@@ -17,6 +24,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -29,6 +37,12 @@ const LOCK_STRIPES: usize = 64;
 pub struct Embedded {
     db: Database,
     tables: HashMap<Table, Keyspace>,
+    /// Bytes written to each table since its memtable was last rotated here.
+    buffered: HashMap<Table, AtomicU64>,
+    /// Sum of `buffered`.
+    buffered_total: AtomicU64,
+    /// Budget of all memtables together, in bytes.
+    memtable_budget: u64,
     durability: Durability,
     stripes: Vec<Mutex<()>>,
     hasher: RandomState,
@@ -62,16 +76,41 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 
 impl Embedded {
     /// Opens (or creates) the store under `dir`.
+    /// `memtable_bytes` is the budget of all tables' memtables together.
     pub fn open(dir: &Path, durability: Durability, cache_bytes: u64, memtable_bytes: u64) -> StorageResult<Self> {
         std::fs::create_dir_all(dir).map_err(engine)?;
         let db = Database::builder(dir).cache_size(cache_bytes).open().map_err(engine)?;
         let mut tables = HashMap::new();
+        let mut buffered = HashMap::new();
         for table in Table::ALL {
-            let ks = db.keyspace(table.name(), || KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)).map_err(engine)?;
+            // The engine's own per-table limit is a backstop above the
+            // shared budget, which normally rotates first.
+            let ks = db.keyspace(table.name(), || KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes.saturating_mul(2))).map_err(engine)?;
             tables.insert(table, ks);
+            buffered.insert(table, AtomicU64::new(0));
         }
         let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
-        Ok(Embedded { db, tables, durability, stripes, hasher: RandomState::new() })
+        Ok(Embedded { db, tables, buffered, buffered_total: AtomicU64::new(0), memtable_budget: memtable_bytes.max(1), durability, stripes, hasher: RandomState::new() })
+    }
+
+    /// Counts `bytes` written to `table` and, when all memtables together
+    /// pass the budget, rotates the table holding the most.
+    fn buffered(&self, table: Table, bytes: u64) -> StorageResult<()> {
+        if let Some(count) = self.buffered.get(&table) {
+            count.fetch_add(bytes, Ordering::Relaxed);
+        }
+        if self.buffered_total.fetch_add(bytes, Ordering::Relaxed) + bytes <= self.memtable_budget {
+            return Ok(());
+        }
+        let Some((largest, _)) = self.buffered.iter().max_by_key(|(_, c)| c.load(Ordering::Relaxed)) else { return Ok(()) };
+        let taken = self.buffered[largest].swap(0, Ordering::Relaxed);
+        let _ = self.buffered_total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_sub(taken)));
+        if taken > 0 {
+            // Seals the active memtable and queues its flush; false when
+            // another writer rotated it first.
+            self.ks(*largest)?.rotate_memtable().map_err(engine)?;
+        }
+        Ok(())
     }
 
     fn ks(&self, table: Table) -> StorageResult<&Keyspace> {
@@ -149,22 +188,41 @@ impl Store for Embedded {
     fn write(&self, writes: Vec<Write>) -> StorageResult<()> {
         super::check_batch(&writes)?;
         let mut batch = self.db.batch();
+        let mut sizes: Vec<(Table, u64)> = Vec::with_capacity(4);
+        let mut count = |table: Table, bytes: usize| match sizes.iter_mut().find(|(t, _)| *t == table) {
+            Some((_, n)) => *n += bytes as u64,
+            None => sizes.push((table, bytes as u64)),
+        };
         for w in writes {
             match w {
-                Write::Put { table, pk, ck, value } => batch.insert(self.ks(table)?, row_key(&pk, &ck)?, value),
-                Write::Delete { table, pk, ck } => batch.remove(self.ks(table)?, row_key(&pk, &ck)?),
+                Write::Put { table, pk, ck, value } => {
+                    let key = row_key(&pk, &ck)?;
+                    count(table, key.len() + value.len());
+                    batch.insert(self.ks(table)?, key, value)
+                }
+                Write::Delete { table, pk, ck } => {
+                    let key = row_key(&pk, &ck)?;
+                    count(table, key.len());
+                    batch.remove(self.ks(table)?, key)
+                }
                 Write::DeleteRange { table, pk, from, to } => {
                     // The engine has no atomic range delete: the range's
                     // keys are removed one by one in the same batch.
                     let ks = self.ks(table)?;
                     for guard in ks.range::<Vec<u8>, _>(row_key(&pk, &from)?..=row_key(&pk, &to)?) {
-                        batch.remove(ks, guard.key().map_err(engine)?);
+                        let key = guard.key().map_err(engine)?;
+                        count(table, key.len());
+                        batch.remove(ks, key);
                     }
                 }
             }
         }
         batch.commit().map_err(engine)?;
-        self.sync_if_needed()
+        self.sync_if_needed()?;
+        for (table, bytes) in sizes {
+            self.buffered(table, bytes)?;
+        }
+        Ok(())
     }
 
     fn insert_if_absent(&self, table: Table, pk: &[u8], ck: &[u8], value: &[u8]) -> StorageResult<Option<Bytes>> {
@@ -178,8 +236,10 @@ impl Store for Embedded {
         if let Some(existing) = ks.get(&key).map_err(engine)? {
             return Ok(Some(Bytes::copy_from_slice(&existing)));
         }
+        let bytes = (key.len() + value.len()) as u64;
         ks.insert(key, value).map_err(engine)?;
         self.sync_if_needed()?;
+        self.buffered(table, bytes)?;
         Ok(None)
     }
 
