@@ -235,7 +235,7 @@ pub struct Shard {
     /// Devices' one-time key counts and unused fallback key types for
     /// `/sync`, with the node's key-count change count they were read at
     /// (`Db::key_count_changes`).
-    pub key_counts: RefCell<HashMap<(OwnedUserId, String), (u64, Value, Value)>>,
+    pub key_counts: RefCell<HashMap<(OwnedUserId, String), KeyCounts>>,
     /// For rooms this shard has heard of, the highest position announced
     /// for them (events, receipts, typing; all written by the room's
     /// owner). Raised before the position's head is, so a room whose entry
@@ -250,10 +250,17 @@ pub struct Shard {
     pub overflow: Vec<Rc<Overflow>>,
 }
 
+/// A device's cached one-time key counts and fallback key types, with the
+/// key-count change count they were read at.
+pub type KeyCounts = (u64, Value, Value);
+
+/// A room's members with their membership: (user id, membership).
+pub type MemberList = Rc<Vec<(String, String)>>;
+
 /// See `Shard::member_lists`.
 #[derive(Default)]
 pub struct MemberLists {
-    lists: HashMap<OwnedRoomId, (u64, Rc<Vec<(String, String)>>)>,
+    lists: HashMap<OwnedRoomId, (u64, MemberList)>,
     members: usize,
 }
 
@@ -453,7 +460,7 @@ impl Shard {
     /// room since it was read. An announcement reaches this shard moments
     /// after the write it follows, so a list may trail a change made on
     /// another shard by that long.
-    pub fn room_members(&self, room: &RoomId, limit: usize) -> ApiResult<Rc<Vec<(String, String)>>> {
+    pub fn room_members(&self, room: &RoomId, limit: usize) -> ApiResult<MemberList> {
         // Read before storage: a later announcement moves it past the entry.
         let activity = self.room_activity.borrow().get(room).copied();
         if let Some(at) = activity

@@ -12,6 +12,9 @@ use crate::auth::CredentialStore;
 use crate::policy::{Cidr, PeerPolicy};
 use crate::turn::ServerConfig;
 
+/// Largest `udp_receive_buffer_kib` (1 GiB; the kernel takes an int).
+pub const UDP_RECEIVE_BUFFER_MAX_KIB: usize = 1 << 20;
+
 /// Largest `udp_batch`: the kernel's cap on datagrams per `recvmmsg` /
 /// `sendmmsg` call (`UIO_MAXIOV`).
 pub const UDP_BATCH_MAX: usize = 1024;
@@ -46,6 +49,10 @@ pub struct Config {
     /// `sendmmsg` (1..=1024). Each shard keeps one 64 KiB receive slot per
     /// datagram, shared by all its UDP sockets: 2 MiB per shard at 32.
     pub udp_batch: usize,
+    /// Receive buffer asked for on each UDP listener socket, in KiB (the
+    /// kernel caps it at `net.core.rmem_max`); 0 keeps the kernel default.
+    /// Clients' datagrams wait here while a shard is busy.
+    pub udp_receive_buffer_kib: usize,
     /// TURN REST shared secrets; the first is current, the others are
     /// accepted during rotation.
     pub rest_secrets: Vec<String>,
@@ -94,6 +101,7 @@ impl Default for Config {
             threads: 0,
             io_memory_kib: 2048,
             udp_batch: 32,
+            udp_receive_buffer_kib: 4096,
             rest_secrets: Vec::new(),
             static_users: HashMap::new(),
             max_allocations_per_user: 16,
@@ -146,6 +154,9 @@ impl Config {
         }
         if self.rest_secrets.is_empty() && self.static_users.is_empty() {
             return Err(ConfigError::Invalid("no credentials: set rest_secrets or static_users".into()));
+        }
+        if self.udp_receive_buffer_kib > UDP_RECEIVE_BUFFER_MAX_KIB {
+            return Err(ConfigError::Invalid(format!("udp_receive_buffer_kib must be 0..={UDP_RECEIVE_BUFFER_MAX_KIB}")));
         }
         if !(1..=UDP_BATCH_MAX).contains(&self.udp_batch) {
             return Err(ConfigError::Invalid(format!("udp_batch must be 1..={UDP_BATCH_MAX}")));
@@ -219,5 +230,8 @@ mod tests {
         assert!(Config::from_toml("rest_secrets = [\"x\"]\nudp_batch = 1025").is_err());
         assert_eq!(Config::from_toml("rest_secrets = [\"x\"]\nudp_batch = 1024").map(|c| c.udp_batch).ok(), Some(1024));
         assert_eq!(Config::from_toml("rest_secrets = [\"x\"]").map(|c| c.udp_batch).ok(), Some(32));
+        assert_eq!(Config::from_toml("rest_secrets = [\"x\"]").map(|c| c.udp_receive_buffer_kib).ok(), Some(4096));
+        assert!(Config::from_toml("rest_secrets = [\"x\"]\nudp_receive_buffer_kib = 1048577").is_err());
+        assert_eq!(Config::from_toml("rest_secrets = [\"x\"]\nudp_receive_buffer_kib = 0").map(|c| c.udp_receive_buffer_kib).ok(), Some(0));
     }
 }

@@ -53,7 +53,7 @@ pub(crate) fn presence_watchers(shard: &Shard, user: &UserId) -> ApiResult<Vec<O
     watchers_of(shard, user, |room| shard.room_members(room, MEMBERS_PER_ROOM_MAX))
 }
 
-fn watchers_of(shard: &Shard, user: &UserId, members: impl Fn(&RoomId) -> ApiResult<Rc<Vec<(String, String)>>>) -> ApiResult<Vec<OwnedUserId>> {
+fn watchers_of(shard: &Shard, user: &UserId, members: impl Fn(&RoomId) -> ApiResult<crate::shard::MemberList>) -> ApiResult<Vec<OwnedUserId>> {
     let mut set = BTreeSet::from([user.to_owned()]);
     for (room, ur) in shard.db.user_rooms(user, shard.config.limits.rooms_per_user_max)? {
         if ur.membership != "join" {

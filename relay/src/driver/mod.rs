@@ -449,6 +449,12 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
         let mut tls = Vec::new();
         for addr in &setup.config.listen {
             let s = UdpSocket::bind(*addr).map_err(|e| anyhow::anyhow!("bind UDP {addr}: {e}"))?;
+            if setup.config.udp_receive_buffer_kib > 0 {
+                let bytes = setup.config.udp_receive_buffer_kib << 10;
+                if let Err(e) = set_receive_buffer(&s, bytes) {
+                    tracing::warn!(%addr, error = %e, "could not set the UDP receive buffer; the kernel default applies");
+                }
+            }
             udp.insert(*addr, Rc::new(s));
             tcp.push(glommio::net::TcpListener::bind(*addr).map_err(|e| anyhow::anyhow!("bind TCP {addr}: {e}"))?);
         }
@@ -510,4 +516,35 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
     let mut binder = shard.binder.borrow_mut();
     server.remove_all(&mut *binder);
     Ok(())
+}
+
+/// Asks for a receive buffer of `bytes` on a UDP socket (`SO_RCVBUF`; the
+/// kernel caps it at `net.core.rmem_max`).
+fn set_receive_buffer(sock: &impl std::os::fd::AsRawFd, bytes: usize) -> std::io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is open for the call (`sock` is borrowed), and
+    // the option value is a c_int whose size is passed with it.
+    let rc = unsafe { libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, (&raw const value).cast(), size_of::<libc::c_int>() as libc::socklen_t) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+#[cfg(test)]
+mod receive_buffer_tests {
+    use std::os::fd::AsRawFd as _;
+
+    /// The buffer asked for is granted, up to the kernel's cap (the kernel
+    /// reports twice the granted size, its bookkeeping included).
+    #[test]
+    fn the_receive_buffer_grows_up_to_the_kernel_cap() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let cap: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").expect("rmem_max").trim().parse().expect("number");
+        let asked = 1 << 20;
+        super::set_receive_buffer(&sock, asked).expect("setsockopt");
+        let mut got: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the descriptor is open, and `got`/`len` describe a c_int.
+        let rc = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, (&raw mut got).cast(), &raw mut len) };
+        assert_eq!(rc, 0);
+        assert_eq!(usize::try_from(got).expect("size"), 2 * asked.min(cap));
+    }
 }
