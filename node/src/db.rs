@@ -182,6 +182,17 @@ pub fn state_ck(kind: &str, state_key: &str) -> Vec<u8> {
     ck
 }
 
+/// The state keys of member events: from the first (inclusive) to the
+/// first key past them (exclusive; 0x01 sorts after the NUL separator).
+fn member_keys() -> (Vec<u8>, Vec<u8>) {
+    let first = state_ck("m.room.member", "");
+    let mut past = first.clone();
+    if let Some(last) = past.last_mut() {
+        *last = 1;
+    }
+    (first, past)
+}
+
 /// Splits a state clustering key back into (type, state_key).
 pub fn split_state_ck(ck: &[u8]) -> Option<(String, String)> {
     let nul = ck.iter().position(|b| *b == 0)?;
@@ -316,12 +327,7 @@ impl Db {
     /// member entries of `members` only (what lazy-loading needs): two range
     /// scans around the member keys and a point read per member.
     pub fn room_state_of_members<'a>(&self, room: &RoomId, members: impl IntoIterator<Item = &'a str>, limit: usize) -> DbResult<Vec<((String, String), StateEntry)>> {
-        let first_member = state_ck("m.room.member", "");
-        let mut past_members = first_member.clone();
-        // 0x01 sorts after the NUL separator, so it closes the member keys.
-        if let Some(last) = past_members.last_mut() {
-            *last = 1;
-        }
+        let (first_member, past_members) = member_keys();
         let mut rows = Vec::new();
         for (from, to) in [(Bound::Unbounded, Bound::Excluded(&first_member[..])), (Bound::Included(&past_members[..]), Bound::Unbounded)] {
             let left = limit.saturating_sub(rows.len());
@@ -404,15 +410,7 @@ impl Db {
     /// Every user with a member event in the room, with their current
     /// membership, in one scan of the room's member state.
     pub fn memberships(&self, room: &RoomId, limit: usize) -> DbResult<Vec<(String, String)>> {
-        let prefix = state_ck("m.room.member", "");
-        let end = {
-            let mut e = state_ck("m.room.member", "");
-            // 0x01 sorts after the NUL separator, closing the range of member keys.
-            if let Some(last) = e.last_mut() {
-                *last = 1;
-            }
-            e
-        };
+        let (prefix, end) = member_keys();
         let rows = self.scan_json::<StateEntry>(Scan {
             table: Table::RoomState,
             pk: room.as_bytes(),
