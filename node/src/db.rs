@@ -4,6 +4,7 @@
 
 use std::ops::Bound;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ruma::{EventId, OwnedEventId, RoomId, UserId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -35,6 +36,50 @@ pub struct Db {
     /// deletions), node-wide; bumped after each write and before its answer,
     /// so a cache of key counts taken at an older count is stale.
     pub(crate) key_count_changes: Arc<std::sync::atomic::AtomicU64>,
+    /// Counts writes to access tokens and accounts, node-wide (see [`Watched`]).
+    auth_changes: Arc<AtomicU64>,
+    /// Counts forgotten rooms, node-wide; bumped after each write and
+    /// before its answer. A forget is the one change of a user's room list
+    /// that no stream position announces.
+    forgets: Arc<AtomicU64>,
+}
+
+/// The backend, with a count of the writes that can change what an access
+/// token authenticates (rows of access tokens or accounts), raised after the
+/// write returned and before the caller answers. A cache of authentications
+/// taken at an older count may be stale.
+struct Watched {
+    inner: Arc<dyn Store>,
+    auth_changes: Arc<AtomicU64>,
+}
+
+impl Store for Watched {
+    fn get(&self, table: Table, pk: &[u8], ck: &[u8]) -> crate::storage::StorageResult<Option<bytes::Bytes>> {
+        self.inner.get(table, pk, ck)
+    }
+
+    fn scan(&self, scan: Scan<'_>) -> crate::storage::StorageResult<Vec<crate::storage::Row>> {
+        self.inner.scan(scan)
+    }
+
+    fn write(&self, writes: Vec<Write>) -> crate::storage::StorageResult<()> {
+        let auth = writes.iter().any(|w| matches!(w.table(), Table::AccessTokens | Table::Users));
+        let result = self.inner.write(writes);
+        if auth {
+            // Also after a failed write: it may have been applied in part.
+            self.auth_changes.fetch_add(1, Ordering::Release);
+        }
+        result
+    }
+
+    fn insert_if_absent(&self, table: Table, pk: &[u8], ck: &[u8], value: &[u8]) -> crate::storage::StorageResult<Option<bytes::Bytes>> {
+        // Only creates rows: no authentication taken before can change.
+        self.inner.insert_if_absent(table, pk, ck, value)
+    }
+
+    fn flush(&self) -> crate::storage::StorageResult<()> {
+        self.inner.flush()
+    }
 }
 
 fn decode<T: DeserializeOwned>(table: Table, bytes: &[u8]) -> DbResult<T> {
@@ -212,7 +257,27 @@ pub fn account_data_ck(room: Option<&RoomId>, kind: &str) -> Vec<u8> {
 
 impl Db {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Db { store, key_change_floors: Arc::default(), key_count_changes: Arc::default() }
+        let auth_changes = Arc::new(AtomicU64::new(0));
+        let store = Arc::new(Watched { inner: store, auth_changes: auth_changes.clone() });
+        Db { store, key_change_floors: Arc::default(), key_count_changes: Arc::default(), auth_changes, forgets: Arc::default() }
+    }
+
+    /// Writes to access tokens or accounts so far, node-wide.
+    pub fn auth_changes(&self) -> u64 {
+        self.auth_changes.load(Ordering::Acquire)
+    }
+
+    /// Rooms forgotten so far, node-wide.
+    pub fn forgets(&self) -> u64 {
+        self.forgets.load(Ordering::Acquire)
+    }
+
+    /// Marks a room as forgotten by `user` (left rooms only).
+    pub fn forget_room(&self, user: &UserId, room: &RoomId, mut ur: UserRoom) -> DbResult<()> {
+        ur.forgotten = true;
+        self.store.write(vec![Write::put(Table::UserRooms, user.as_bytes(), room.as_bytes(), encode(&ur))])?;
+        self.forgets.fetch_add(1, Ordering::Release);
+        Ok(())
     }
 
     pub(crate) fn get_json<T: DeserializeOwned>(&self, table: Table, pk: &[u8], ck: &[u8]) -> DbResult<Option<T>> {

@@ -44,30 +44,47 @@ pub struct Authed {
     pub token: String,
 }
 
+/// Decodes a path segment: `%XX` is a byte; an invalid escape stays as it
+/// is, and invalid UTF-8 is replaced.
 fn percent_decode(s: &str) -> String {
+    decode_component(s, false)
+}
+
+/// Decodes a path segment, or a query string component (`plus_is_space`).
+fn decode_component(s: &str, plus_is_space: bool) -> String {
     let bytes = s.as_bytes();
+    if !bytes.iter().any(|&b| b == b'%' || (plus_is_space && b == b'+')) {
+        return s.to_owned();
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(b);
-            i += 3;
-            continue;
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b'+' if plus_is_space => out.push(b' '),
+            b => out.push(b),
         }
-        out.push(bytes[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    match String::from_utf8(out) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    }
 }
 
 fn parse_query(q: &str) -> HashMap<String, Vec<String>> {
     let mut map: HashMap<String, Vec<String>> = HashMap::new();
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        map.entry(percent_decode(&k.replace('+', " "))).or_default().push(percent_decode(&v.replace('+', " ")));
+        map.entry(decode_component(k, true)).or_default().push(decode_component(v, true));
     }
     map
 }
@@ -183,18 +200,13 @@ pub fn error_response(e: &ApiError) -> Resp {
 /// Authenticates the request's access token.
 pub fn authenticate(shard: &Shard, req: &Req) -> ApiResult<Authed> {
     let token = req.access_token().ok_or_else(ApiError::missing_token)?;
-    let record = shard.db.token(&token)?.ok_or_else(|| ApiError::unknown_token(false))?;
-    if let Some(exp) = record.expires_ms
+    let found = shard.token(&token)?.ok_or_else(|| ApiError::unknown_token(false))?;
+    if let Some(exp) = found.expires_ms
         && crate::room::now_ms() >= exp
     {
         return Err(ApiError::unknown_token(true));
     }
-    let user = OwnedUserId::try_from(record.user_id).map_err(|e| crate::error::Error::Corrupt(e.to_string()))?;
-    let account = shard.db.account(&user)?.ok_or_else(|| ApiError::unknown_token(false))?;
-    if account.deactivated {
-        return Err(ApiError::unknown_token(false));
-    }
-    Ok(Authed { user, device: record.device_id, is_guest: account.is_guest, token })
+    Ok(Authed { user: found.user, device: found.device, is_guest: found.is_guest, token })
 }
 
 /// Entry point for every request on a shard.
@@ -264,5 +276,11 @@ mod tests {
         assert_eq!(q["flag"], vec![""]);
         assert_eq!(percent_decode("%23alias%3Aexample.org"), "#alias:example.org");
         assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("a+b%2"), "a+b%2");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
+        assert_eq!(percent_decode("%E2%9C%93%FF"), "\u{2713}\u{FFFD}");
+        let q = parse_query("q=a+b%2Bc&e=%7B%22k%22%3A1%7D%25");
+        assert_eq!(q["q"], vec!["a b+c"]);
+        assert_eq!(q["e"], vec![r#"{"k":1}%"#]);
     }
 }

@@ -203,6 +203,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     room_activity: Default::default(),
                     member_lists: Default::default(),
                     overflow: (0..count).map(|_| Rc::default()).collect(),
+                    auth_cache: Default::default(),
+                    user_rooms: Default::default(),
+                    room_reads: Default::default(),
                 });
                 shard_main(shard, receivers, rx).await
             })

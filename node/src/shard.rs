@@ -110,7 +110,7 @@ pub struct Notifier {
 pub struct Waiter {
     id: u64,
     pub rx: flume::Receiver<()>,
-    rooms: Vec<OwnedRoomId>,
+    rooms: Rc<Vec<OwnedRoomId>>,
     user: OwnedUserId,
     notifier: Rc<Notifier>,
 }
@@ -120,15 +120,29 @@ impl Notifier {
         self.waiters.borrow().len()
     }
 
-    pub fn register(self: &Rc<Self>, user: OwnedUserId, rooms: Vec<OwnedRoomId>) -> Waiter {
+    pub fn register(self: &Rc<Self>, user: OwnedUserId, rooms: Rc<Vec<OwnedRoomId>>) -> Waiter {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
         let (tx, rx) = flume::bounded(1);
         self.waiters.borrow_mut().insert(id, tx);
-        for r in &rooms {
-            self.by_room.borrow_mut().entry(r.clone()).or_default().push(id);
+        let mut by_room = self.by_room.borrow_mut();
+        for r in rooms.iter() {
+            match by_room.get_mut(r) {
+                Some(ids) => ids.push(id),
+                None => {
+                    by_room.insert(r.clone(), vec![id]);
+                }
+            }
         }
-        self.by_user.borrow_mut().entry(user.clone()).or_default().push(id);
+        drop(by_room);
+        let mut by_user = self.by_user.borrow_mut();
+        match by_user.get_mut(&user) {
+            Some(ids) => ids.push(id),
+            None => {
+                by_user.insert(user.clone(), vec![id]);
+            }
+        }
+        drop(by_user);
         Waiter { id, rx, rooms, user, notifier: self.clone() }
     }
 
@@ -163,7 +177,7 @@ impl Drop for Waiter {
         let n = &self.notifier;
         n.waiters.borrow_mut().remove(&self.id);
         let mut by_room = n.by_room.borrow_mut();
-        for r in &self.rooms {
+        for r in self.rooms.iter() {
             if let Some(ids) = by_room.get_mut(r) {
                 ids.retain(|i| *i != self.id);
                 if ids.is_empty() {
@@ -248,7 +262,75 @@ pub struct Shard {
     pub member_lists: RefCell<MemberLists>,
     /// Per peer shard, announcements waiting for room in its full queue.
     pub overflow: Vec<Rc<Overflow>>,
+    /// Access tokens this shard authenticated, while no token or account
+    /// was written anywhere on the node (`Db::auth_changes`).
+    pub auth_cache: RefCell<AuthCache>,
+    /// Users' room lists for `/sync` (see [`Shard::sync_rooms`]).
+    pub user_rooms: RefCell<UserRoomsCache>,
+    /// Room heads and the last timeline page read for syncs, shared by the
+    /// long-polls that one new event wakes (see [`Shard::sync_room_head`]
+    /// and [`Shard::sync_timeline_page`]).
+    pub room_reads: RefCell<RoomReads>,
 }
+
+/// See `Shard::room_reads`.
+#[derive(Default)]
+pub struct RoomReads {
+    /// Per room, its `room_activity` entry when the head was read, and the head.
+    heads: HashMap<OwnedRoomId, (u64, Rc<Option<crate::db::RoomHead>>)>,
+    /// Per room, the last page read and what was asked for.
+    pages: HashMap<OwnedRoomId, (PageKey, TimelinePage)>,
+}
+
+/// A timeline read: (after, up to and including, newest first, limit).
+type PageKey = (Option<u64>, u64, bool, usize);
+
+/// Positions and event ids of a timeline page.
+pub type TimelinePage = Rc<Vec<(u64, OwnedEventId)>>;
+
+/// Most rooms whose head and last page a shard keeps for syncs (a few
+/// hundred bytes each); cleared when full.
+const ROOM_READS_MAX: usize = 10_000;
+
+/// What an access token authenticated, with the token's expiry.
+#[derive(Clone)]
+pub struct CachedToken {
+    pub user: OwnedUserId,
+    pub device: String,
+    pub is_guest: bool,
+    pub expires_ms: Option<u64>,
+}
+
+/// See `Shard::auth_cache`.
+#[derive(Default)]
+pub struct AuthCache {
+    /// The node's `auth_changes` count the entries were read at or after.
+    seen: u64,
+    tokens: HashMap<String, CachedToken>,
+}
+
+/// Most access tokens a shard caches (about 200 bytes each); cleared when full.
+const AUTH_CACHE_MAX: usize = 20_000;
+
+/// A user's rooms with their membership, and the joined ones parsed.
+pub struct UserRooms {
+    pub list: Vec<(String, crate::db::UserRoom)>,
+    pub joined: Rc<Vec<OwnedRoomId>>,
+}
+
+/// See `Shard::user_rooms`.
+#[derive(Default)]
+pub struct UserRoomsCache {
+    /// The node's `forgets` count the lists were read at or after.
+    forgets_seen: u64,
+    lists: HashMap<OwnedUserId, Rc<UserRooms>>,
+    /// Rooms in all lists together.
+    rooms: usize,
+}
+
+/// Most rooms the cached room lists of a shard hold together (about 150
+/// bytes each); cleared when a new list would pass it.
+const USER_ROOMS_MAX: usize = 20_000;
 
 /// A device's cached one-time key counts and fallback key types, with the
 /// key-count change count they were read at.
@@ -336,6 +418,7 @@ impl Shard {
         if !users.is_empty() {
             self.user_writes[self.id].fetch_max(pos, Ordering::Release);
         }
+        self.drop_user_rooms(&users);
         for room in &rooms {
             self.note_room_activity(room, pos);
         }
@@ -487,6 +570,139 @@ impl Shard {
         Ok(list)
     }
 
+    /// What an access token authenticates, from the cache while no token or
+    /// account was written on the node since it was read.
+    pub fn token(&self, token: &str) -> ApiResult<Option<CachedToken>> {
+        // Read before storage: a later write moves it past the entry.
+        let changes = self.db.auth_changes();
+        {
+            let mut cache = self.auth_cache.borrow_mut();
+            if cache.seen != changes {
+                cache.tokens.clear();
+                cache.seen = changes;
+            }
+            if let Some(t) = cache.tokens.get(token) {
+                return Ok(Some(t.clone()));
+            }
+        }
+        let Some(record) = self.db.token(token)? else { return Ok(None) };
+        let user = OwnedUserId::try_from(record.user_id).map_err(|e| crate::error::Error::Corrupt(e.to_string()))?;
+        let Some(account) = self.db.account(&user)? else { return Ok(None) };
+        if account.deactivated {
+            return Ok(None);
+        }
+        let cached = CachedToken { user, device: record.device_id, is_guest: account.is_guest, expires_ms: record.expires_ms };
+        let mut cache = self.auth_cache.borrow_mut();
+        if cache.seen == changes {
+            if cache.tokens.len() >= AUTH_CACHE_MAX {
+                cache.tokens.clear();
+            }
+            cache.tokens.insert(token.to_owned(), cached.clone());
+        }
+        Ok(Some(cached))
+    }
+
+    /// The user's rooms for a sync with token `since`, from the cache when
+    /// this shard has heard of every position the token covers.
+    ///
+    /// Every membership change is announced with its user, and a list is
+    /// dropped when that announcement arrives, before the head it carries
+    /// moves: up to this shard's heads, a cached list is as current as
+    /// storage. A token past those heads reads storage.
+    pub fn sync_rooms(&self, user: &UserId, since: Option<&[u64]>) -> ApiResult<Rc<UserRooms>> {
+        let covered = since.is_none_or(|s| s.iter().zip(self.heads.borrow().iter()).all(|(t, h)| t <= h));
+        let forgets = self.db.forgets();
+        {
+            let mut cache = self.user_rooms.borrow_mut();
+            if cache.forgets_seen != forgets {
+                cache.lists.clear();
+                cache.rooms = 0;
+                cache.forgets_seen = forgets;
+            }
+            if covered && let Some(list) = cache.lists.get(user) {
+                return Ok(list.clone());
+            }
+        }
+        let list = self.db.user_rooms(user, self.config.limits.rooms_per_user_max)?;
+        let joined = list.iter().filter(|(_, r)| r.membership == "join").filter_map(|(id, _)| RoomId::parse(id.as_str()).ok()).collect();
+        let rooms = Rc::new(UserRooms { list, joined: Rc::new(joined) });
+        let mut cache = self.user_rooms.borrow_mut();
+        if cache.forgets_seen == forgets && rooms.list.len() <= USER_ROOMS_MAX {
+            if let Some(old) = cache.lists.remove(user) {
+                cache.rooms -= old.list.len();
+            }
+            if cache.rooms + rooms.list.len() > USER_ROOMS_MAX {
+                cache.lists.clear();
+                cache.rooms = 0;
+            }
+            cache.rooms += rooms.list.len();
+            cache.lists.insert(user.to_owned(), rooms.clone());
+        }
+        Ok(rooms)
+    }
+
+    /// The room's head for a sync reading its timeline up to `upto` (a
+    /// position of the owner's stream), from the cache while nothing was
+    /// announced for the room since it was read.
+    ///
+    /// A head read after an announcement covers everything announced up
+    /// to it; a `upto` past what this shard has heard of reads storage.
+    pub fn sync_room_head(&self, room: &RoomId, owner: usize, upto: u64) -> ApiResult<Rc<Option<crate::db::RoomHead>>> {
+        let heard = self.heads.borrow().get(owner).is_some_and(|h| upto <= *h);
+        // Read before storage: a later announcement moves it past the entry.
+        let activity = self.room_activity.borrow().get(room).copied();
+        if heard
+            && let Some(at) = activity
+            && let Some((cached_at, head)) = self.room_reads.borrow().heads.get(room)
+            && *cached_at == at
+        {
+            return Ok(head.clone());
+        }
+        let head = Rc::new(self.db.room_head(room)?);
+        if heard && let Some(at) = activity {
+            let mut reads = self.room_reads.borrow_mut();
+            if reads.heads.len() >= ROOM_READS_MAX {
+                reads.heads.clear();
+            }
+            reads.heads.insert(room.to_owned(), (at, head.clone()));
+        }
+        Ok(head)
+    }
+
+    /// Timeline rows of a room in `(after, upto]` (newest first when
+    /// `reverse`), at most `limit`; `events` is the room's `timeline_len`
+    /// from a head read after `upto` was announced.
+    ///
+    /// Every position up to a sync token's was written before the token was
+    /// made, so such a page never changes: the last one per room is kept
+    /// for the next long-poll that asks the same.
+    pub fn sync_timeline_page(&self, room: &RoomId, events: Option<u64>, after: Option<u64>, upto: u64, reverse: bool, limit: usize) -> ApiResult<TimelinePage> {
+        let key = (after, upto, reverse, limit);
+        if let Some((k, page)) = self.room_reads.borrow().pages.get(room)
+            && *k == key
+        {
+            return Ok(page.clone());
+        }
+        let lo = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        let page = Rc::new(self.db.timeline_of(room, events, lo, std::ops::Bound::Included(upto), reverse, limit)?);
+        let mut reads = self.room_reads.borrow_mut();
+        if reads.pages.len() >= ROOM_READS_MAX {
+            reads.pages.clear();
+        }
+        reads.pages.insert(room.to_owned(), (key, page.clone()));
+        Ok(page)
+    }
+
+    /// Drops the cached room lists of `users` (their memberships may have changed).
+    fn drop_user_rooms(&self, users: &[OwnedUserId]) {
+        let mut cache = self.user_rooms.borrow_mut();
+        for u in users {
+            if let Some(old) = cache.lists.remove(u) {
+                cache.rooms -= old.list.len();
+            }
+        }
+    }
+
     /// Announces a push rule change to every shard's cache.
     /// Called after the write and before its answer.
     pub fn push_rules_changed(&self) {
@@ -517,6 +733,9 @@ impl Shard {
                 for room in &rooms {
                     self.note_room_activity(room, pos);
                 }
+                // Before the head moves: a token covering `pos` never meets
+                // a room list read before its write.
+                self.drop_user_rooms(&users);
                 self.note_head(usize::from(shard), pos);
                 self.notifier.notify(&rooms, &users);
             }

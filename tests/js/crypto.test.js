@@ -127,6 +127,10 @@ describe(`js-crypto against ${hs.kind}`, () => {
         await bob.client.joinRoom(roomId);
         await waitFor(() => alice.client.getRoom(roomId)?.getMember(bob.userId)?.membership === "join", { what: "alice to see bob's join" });
         assert.equal(await alice.crypto.isEncryptionEnabledInRoom(roomId), true);
+        // joinRoom returns before bob's own sync has brought him the room's
+        // state; his crypto machine learns the room is encrypted from there.
+        await waitFor(() => bob.client.getRoom(roomId)?.getMyMembership() === "join", { what: "bob's sync to bring his join" });
+        await waitFor(() => bob.crypto.isEncryptionEnabledInRoom(roomId), { what: "bob's crypto to know the room is encrypted" });
         s.roomId = roomId;
     });
 

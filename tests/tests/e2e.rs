@@ -284,6 +284,39 @@ fn incremental_syncs_carry_exactly_the_active_rooms() {
 }
 
 #[test]
+fn sync_room_lists_follow_invites_joins_leaves_and_forgets() {
+    // Each shard keeps the room lists of the users it syncs: every step
+    // below changes Bob's list after his shard has read it.
+    let node = Node::start("room-lists", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let (_, initial) = bob.get("/_matrix/client/v3/sync");
+    let since = initial["next_batch"].as_str().expect("token").to_owned();
+    let room = alice.create_room(json!({ "invite": ["@bob:localhost"] }));
+    let got = bob.sync_until(&since, |v| v["rooms"]["invite"].get(&room).is_some());
+    let since = got["next_batch"].as_str().expect("token").to_owned();
+    let (s, v) = bob.post(&format!("/_matrix/client/v3/join/{room}"), json!({}));
+    assert_eq!(s, 200, "{v}");
+    let got = bob.sync_until(&since, |v| v["rooms"]["join"].get(&room).is_some());
+    let since = got["next_batch"].as_str().expect("token").to_owned();
+    let (s, v) = bob.get("/_matrix/client/v3/joined_rooms");
+    assert_eq!((s, v["joined_rooms"].clone()), (200, json!([room])));
+    let (s, v) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/leave"), json!({}));
+    assert_eq!(s, 200, "{v}");
+    bob.sync_until(&since, |v| v["rooms"]["leave"].get(&room).is_some());
+    let with_left = "/_matrix/client/v3/sync?filter=%7B%22room%22%3A%7B%22include_leave%22%3Atrue%7D%7D";
+    let (s, v) = bob.get(with_left);
+    assert_eq!(s, 200);
+    assert!(v["rooms"]["leave"].get(&room).is_some(), "a left room is listed until forgotten: {v}");
+    assert!(v["rooms"]["join"].get(&room).is_none(), "{v}");
+    let (s, v) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/forget"), json!({}));
+    assert_eq!(s, 200, "{v}");
+    // A forget moves no stream position: the very next sync must know it.
+    let (s, v) = bob.get(with_left);
+    assert_eq!(s, 200);
+    assert!(v["rooms"]["leave"].get(&room).is_none(), "a forgotten room is gone: {v}");
+}
+
+#[test]
 fn long_poll_sync_wakes_on_new_event() {
     let node = Node::start("longpoll", "[runtime]\nshards = 2\n");
     let (alice, bob) = two_users(&node);

@@ -341,12 +341,11 @@ pub async fn membership(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str,
 /// POST /_matrix/client/v3/rooms/{roomId}/forget
 pub fn forget(shard: &Shard, auth: &Authed, room: &str) -> ApiResult<Value> {
     let room = parse_room(room)?;
-    let Some(mut ur) = shard.db.user_room(&auth.user, &room)? else { return Ok(json!({})) };
+    let Some(ur) = shard.db.user_room(&auth.user, &room)? else { return Ok(json!({})) };
     if ur.membership == "join" || ur.membership == "invite" {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", "You must leave the room before forgetting it"));
     }
-    ur.forgotten = true;
-    shard.db.store.write(vec![crate::storage::Write::put(crate::storage::Table::UserRooms, auth.user.as_bytes(), room.as_bytes(), crate::db::encode(&ur))])?;
+    shard.db.forget_room(&auth.user, &room, ur)?;
     Ok(json!({}))
 }
 

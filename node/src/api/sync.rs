@@ -11,7 +11,6 @@
 //! that races the computation is never lost.
 
 use std::collections::HashSet;
-use std::ops::Bound;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -19,7 +18,7 @@ use std::time::Duration;
 use std::collections::BTreeMap;
 
 use futures_lite::FutureExt;
-use ruma::{OwnedRoomId, RoomId};
+use ruma::RoomId;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
@@ -164,15 +163,16 @@ async fn sync_body(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Syn
     let full_state = req.query("full_state") == Some("true");
     let filter = load_filter(shard, req, auth)?;
     let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms);
+    // Set once the wait ran out: the last pass answers without waiting.
+    let mut timed_out = false;
     loop {
-        let rooms = shard.db.user_rooms(&auth.user, shard.config.limits.rooms_per_user_max)?;
-        let wait = since.is_some() && timeout_ms > 0 && !shard.shutting_down.get();
+        let rooms = shard.sync_rooms(&auth.user, since.as_ref().map(|s| s.heads.as_slice()))?;
+        let wait = since.is_some() && timeout_ms > 0 && !timed_out && !shard.shutting_down.get();
         let waiter = if wait {
             if shard.notifier.waiting() >= shard.config.limits.sync_waiters_per_shard_max {
                 return Err(ApiError::limit_exceeded(1000));
             }
-            let joined: Vec<OwnedRoomId> = rooms.iter().filter(|(_, r)| r.membership == "join").filter_map(|(id, _)| RoomId::parse(id.as_str()).ok()).collect();
-            Some(shard.notifier.register(auth.user.clone(), joined))
+            Some(shard.notifier.register(auth.user.clone(), rooms.joined.clone()))
         } else {
             None
         };
@@ -186,27 +186,29 @@ async fn sync_body(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Syn
             }
             SyncToken { heads: u }
         };
-        let (body, changed) = compute(shard, auth, since.as_ref(), &upper, &filter, full_state, &rooms)?;
-        let Some(waiter) = waiter else { return Ok(body) };
-        if changed || shard.shutting_down.get() {
-            return Ok(body);
+        // A long-poll whose token covers every position this shard has
+        // heard of has nothing in (since, upper] to read: it waits (and
+        // computes when woken or when the wait runs out).
+        let Some(waiter) = waiter else { return Ok(compute(shard, auth, since.as_ref(), &upper, &filter, full_state, &rooms.list)?.0) };
+        let nothing_new = !full_state && since.as_ref().is_some_and(|s| s.heads == upper.heads);
+        if !nothing_new {
+            let (body, changed) = compute(shard, auth, since.as_ref(), &upper, &filter, full_state, &rooms.list)?;
+            if changed || shard.shutting_down.get() {
+                return Ok(body);
+            }
         }
-        let now = std::time::Instant::now();
-        if now >= deadline {
-            return Ok(body);
-        }
-        let woken = async {
-            let _ = waiter.rx.recv_async().await;
-            true
-        }
-        .or(async {
-            glommio::timer::sleep(deadline - now).await;
-            false
-        })
-        .await;
-        if !woken {
-            return Ok(body);
-        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let woken = !left.is_zero()
+            && async {
+                let _ = waiter.rx.recv_async().await;
+                true
+            }
+            .or(async {
+                glommio::timer::sleep(left).await;
+                false
+            })
+            .await;
+        timed_out = !woken;
     }
 }
 
@@ -382,18 +384,17 @@ fn to_device(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sy
 #[allow(clippy::too_many_arguments)]
 fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, room_events: Option<u64>, from: Option<u64>, upto: u64, filter: &SyncFilter, now: u64) -> ApiResult<(Timeline, Vec<Rc<Rendered>>)> {
     let limit = filter.timeline.limit.unwrap_or(TIMELINE_LIMIT_DEFAULT).min(shard.config.limits.events_per_page_max);
-    let lo = from.map_or(Bound::Unbounded, Bound::Excluded);
     // Newest first, in pages, until `limit` events pass the filter; the
     // filter applies before the limit. Scanning is bounded by SCAN_PAGES.
     const SCAN_PAGES: usize = 8;
     let mut events = Vec::new();
-    let mut hi = Bound::Included(upto);
+    let mut hi = upto;
     let mut first = upto + 1;
     // Stays true unless the scan reaches the start of the range.
     let mut limited = true;
     'pages: for _ in 0..SCAN_PAGES {
-        let page = shard.db.timeline_of(room, room_events, lo, hi, true, limit + 1)?;
-        for (pos, id) in &page {
+        let page = shard.sync_timeline_page(room, room_events, from, hi, true, limit + 1)?;
+        for (pos, id) in page.iter() {
             if events.len() == limit {
                 break 'pages;
             }
@@ -404,11 +405,11 @@ fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, room_events: Option<u64
                 events.push(ev);
             }
         }
-        if page.len() <= limit {
+        if page.len() <= limit || first == 0 {
             limited = false;
             break;
         }
-        hi = Bound::Excluded(first);
+        hi = first - 1;
     }
     events.reverse();
     let prev_batch = format!("t{}", first.saturating_sub(1));
@@ -453,8 +454,9 @@ fn state_events(shard: &Shard, viewer: &ruma::UserId, room: &RoomId, changed_aft
 
 #[allow(clippy::too_many_arguments)]
 fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, upto: u64, filter: &SyncFilter, with_state: bool, room_data: Vec<Value>, now: u64) -> ApiResult<Option<JoinedRoom>> {
-    let head = shard.db.room_head(room)?;
-    if let Some(h) = &head {
+    let read = shard.sync_room_head(room, shard.owner_of(room), upto)?;
+    let head = read.as_ref().as_ref();
+    if let Some(h) = head {
         let typing = shard.typing.borrow().get(room).map_or(0, |t| t.pos);
         shard.note_room_activity(room, h.last_event_pos.max(h.last_receipt_pos).max(typing));
     }

@@ -201,6 +201,13 @@ pub enum Write {
 }
 
 impl Write {
+    /// The table the write goes to.
+    pub fn table(&self) -> Table {
+        match self {
+            Write::Put { table, .. } | Write::Delete { table, .. } | Write::DeleteRange { table, .. } => *table,
+        }
+    }
+
     /// Shorthand for [`Write::Put`].
     pub fn put(table: Table, pk: impl Into<Vec<u8>>, ck: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
         Write::Put { table, pk: pk.into(), ck: ck.into(), value: value.into() }
