@@ -86,6 +86,10 @@ impl Embedded {
             // The engine's own per-table limit is a backstop above the
             // shared budget, which normally rotates first.
             let ks = db.keyspace(table.name(), || KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes.saturating_mul(2))).map_err(engine)?;
+            // What the journal replayed into the memtable was never counted
+            // against the budget: seal it for flushing, so the count starts
+            // from empty memtables.
+            ks.rotate_memtable().map_err(engine)?;
             tables.insert(table, ks);
             buffered.insert(table, AtomicU64::new(0));
         }
