@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use crate::db::{Db, RoomHead, StateEntry, UserRoom, encode, state_ck};
 use crate::error::{ApiError, ApiResult, Error};
 use crate::pdu::{Pdu, StoredEvent, to_canonical};
-use crate::shard::{Draft, NewRoom, RoomOp, RoomReply, Shard, ShardMsg, Typing};
+use crate::shard::{Draft, NewRoom, RoomOp, RoomReply, Shard, ShardMsg, Typing, UnreadCounts};
 use crate::storage::{Table, Write};
 
 /// Most rooms whose state a shard keeps in memory; beyond it the cache is
@@ -304,7 +304,8 @@ fn commit_batch(shard: &Rc<Shard>, room: &RoomId, head: &RoomHead, mut batch: Ba
     for id in &batch.redacted {
         shard.invalidate_rendered(id);
     }
-    shard.publish(batch.pos, vec![room.to_owned()], batch.users);
+    let unread = (!batch.unread.is_empty()).then(|| Arc::new(UnreadCounts { room: room.to_owned(), counts: batch.unread.into_iter().collect() }));
+    shard.publish_with(batch.pos, vec![room.to_owned()], batch.users, unread);
     Ok(())
 }
 
@@ -586,7 +587,8 @@ fn receipt(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId, kind: String, th
         cached.unread.insert(user.clone(), counts);
     }
     drop(cached);
-    shard.publish(pos, vec![room.to_owned()], vec![user]);
+    let unread = unread.map(|counts| Arc::new(UnreadCounts { room: room.to_owned(), counts: vec![(user.clone(), counts)] }));
+    shard.publish_with(pos, vec![room.to_owned()], vec![user], unread);
     Ok(RoomReply::Done)
 }
 

@@ -206,6 +206,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     auth_cache: Default::default(),
                     user_rooms: Default::default(),
                     room_reads: Default::default(),
+                    unread: Default::default(),
                 });
                 shard_main(shard, receivers, rx).await
             })

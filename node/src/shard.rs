@@ -70,10 +70,18 @@ pub enum RoomReply {
 /// Messages between shards.
 pub enum ShardMsg {
     Room { room: OwnedRoomId, op: RoomOp, reply: flume::Sender<ApiResult<RoomReply>> },
-    /// A shard's stream advanced to `pos`, touching these rooms and users.
-    Advanced { shard: u16, pos: u64, rooms: Vec<OwnedRoomId>, users: Vec<OwnedUserId> },
+    /// A shard's stream advanced to `pos`, touching these rooms and users,
+    /// with the unread counts it wrote.
+    Advanced { shard: u16, pos: u64, rooms: Vec<OwnedRoomId>, users: Vec<OwnedUserId>, unread: Option<Arc<UnreadCounts>> },
     /// Typing state of a room changed (owner shard to all).
     Typing { room: OwnedRoomId, users: Vec<OwnedUserId>, pos: u64, shard: u16 },
+}
+
+/// Members' new unread counts in a room, announced with the write that
+/// holds them (every write of unread counts is announced with them).
+pub struct UnreadCounts {
+    pub room: OwnedRoomId,
+    pub counts: Vec<(OwnedUserId, crate::db::Unread)>,
 }
 
 /// Node-wide counters, one slot per shard to keep cores from sharing cache lines.
@@ -267,10 +275,43 @@ pub struct Shard {
     pub auth_cache: RefCell<AuthCache>,
     /// Users' room lists for `/sync` (see [`Shard::sync_rooms`]).
     pub user_rooms: RefCell<UserRoomsCache>,
+    /// Members' unread counts by room, as announced or read (see
+    /// [`Shard::unread`]).
+    pub unread: RefCell<UnreadCache>,
     /// Room heads and the last timeline page read for syncs, shared by the
     /// long-polls that one new event wakes (see [`Shard::sync_room_head`]
     /// and [`Shard::sync_timeline_page`]).
     pub room_reads: RefCell<RoomReads>,
+}
+
+/// See `Shard::unread`.
+#[derive(Default)]
+pub struct UnreadCache {
+    rooms: HashMap<OwnedRoomId, HashMap<OwnedUserId, crate::db::Unread>>,
+    /// Counts held, all rooms together.
+    len: usize,
+}
+
+/// Most unread counts a shard keeps (under 100 bytes each); cleared when full.
+const UNREAD_CACHE_MAX: usize = 50_000;
+
+impl UnreadCache {
+    fn put(&mut self, room: &RoomId, user: &UserId, counts: crate::db::Unread) {
+        if self.len >= UNREAD_CACHE_MAX {
+            *self = UnreadCache::default();
+        }
+        let users = match self.rooms.get_mut(room) {
+            Some(users) => users,
+            None => self.rooms.entry(room.to_owned()).or_default(),
+        };
+        match users.get_mut(user) {
+            Some(c) => *c = counts,
+            None => {
+                users.insert(user.to_owned(), counts);
+                self.len += 1;
+            }
+        }
+    }
 }
 
 /// See `Shard::room_reads`.
@@ -415,16 +456,45 @@ impl Shard {
     /// Records that this shard's stream reached `pos` (after the write
     /// returned) and tells every shard, waking affected syncs.
     pub fn publish(&self, pos: u64, rooms: Vec<OwnedRoomId>, users: Vec<OwnedUserId>) {
+        self.publish_with(pos, rooms, users, None);
+    }
+
+    /// [`Shard::publish`] for a write that also set members' unread counts.
+    pub fn publish_with(&self, pos: u64, rooms: Vec<OwnedRoomId>, users: Vec<OwnedUserId>, unread: Option<Arc<UnreadCounts>>) {
         if !users.is_empty() {
             self.user_writes[self.id].fetch_max(pos, Ordering::Release);
         }
         self.drop_user_rooms(&users);
+        if let Some(u) = &unread {
+            self.note_unread(u);
+        }
         for room in &rooms {
             self.note_room_activity(room, pos);
         }
         self.note_head(self.id, pos);
         self.notifier.notify(&rooms, &users);
-        self.broadcast(|| ShardMsg::Advanced { shard: self.id as u16, pos, rooms: rooms.clone(), users: users.clone() });
+        self.broadcast(|| ShardMsg::Advanced { shard: self.id as u16, pos, rooms: rooms.clone(), users: users.clone(), unread: unread.clone() });
+    }
+
+    /// Takes announced unread counts into the cache.
+    fn note_unread(&self, u: &UnreadCounts) {
+        let mut cache = self.unread.borrow_mut();
+        for (user, counts) in &u.counts {
+            cache.put(&u.room, user, *counts);
+        }
+    }
+
+    /// A member's unread counts in a room: from the cache, which every
+    /// announced write of them updates before the head it carries moves, so
+    /// up to this shard's heads it is as current as storage; or from
+    /// storage (and then cached).
+    pub fn unread(&self, user: &UserId, room: &RoomId) -> ApiResult<crate::db::Unread> {
+        if let Some(c) = self.unread.borrow().rooms.get(room).and_then(|users| users.get(user)) {
+            return Ok(*c);
+        }
+        let counts = self.db.unread(user, room)?;
+        self.unread.borrow_mut().put(room, user, counts);
+        Ok(counts)
     }
 
     /// Sends a message to every other shard without blocking the caller.
@@ -729,13 +799,16 @@ impl Shard {
                 })
                 .detach();
             }
-            ShardMsg::Advanced { shard, pos, rooms, users } => {
+            ShardMsg::Advanced { shard, pos, rooms, users, unread } => {
                 for room in &rooms {
                     self.note_room_activity(room, pos);
                 }
                 // Before the head moves: a token covering `pos` never meets
-                // a room list read before its write.
+                // a room list or unread count read before its write.
                 self.drop_user_rooms(&users);
+                if let Some(u) = &unread {
+                    self.note_unread(u);
+                }
                 self.note_head(usize::from(shard), pos);
                 self.notifier.notify(&rooms, &users);
             }

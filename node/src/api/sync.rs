@@ -505,7 +505,7 @@ fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, 
     if since.is_some() && timeline.events.is_empty() && state.is_empty() && ephemeral.is_empty() && room_data.is_empty() {
         return Ok(None);
     }
-    let unread = shard.db.unread(&auth.user, room)?;
+    let unread = shard.unread(&auth.user, room)?;
     Ok(Some(JoinedRoom {
         timeline,
         state: Events { events: state },
