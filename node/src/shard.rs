@@ -484,12 +484,14 @@ impl Shard {
         }
     }
 
-    /// A member's unread counts in a room: from the cache, which every
-    /// announced write of them updates before the head it carries moves, so
-    /// up to this shard's heads it is as current as storage; or from
-    /// storage (and then cached).
-    pub fn unread(&self, user: &UserId, room: &RoomId) -> ApiResult<crate::db::Unread> {
-        if let Some(c) = self.unread.borrow().rooms.get(room).and_then(|users| users.get(user)) {
+    /// A member's unread counts in a room for a sync reading up to `upto`
+    /// of the owner's stream: from the cache, which every announced write of
+    /// them updates before the head it carries moves, so up to this shard's
+    /// heads it is as current as storage; past them, or when not cached,
+    /// from storage (and then cached).
+    pub fn unread(&self, user: &UserId, room: &RoomId, owner: usize, upto: u64) -> ApiResult<crate::db::Unread> {
+        let heard = self.heads.borrow().get(owner).is_some_and(|h| upto <= *h);
+        if heard && let Some(c) = self.unread.borrow().rooms.get(room).and_then(|users| users.get(user)) {
             return Ok(*c);
         }
         let counts = self.db.unread(user, room)?;

@@ -454,7 +454,8 @@ fn state_events(shard: &Shard, viewer: &ruma::UserId, room: &RoomId, changed_aft
 
 #[allow(clippy::too_many_arguments)]
 fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, upto: u64, filter: &SyncFilter, with_state: bool, room_data: Vec<Value>, now: u64) -> ApiResult<Option<JoinedRoom>> {
-    let read = shard.sync_room_head(room, shard.owner_of(room), upto)?;
+    let owner = shard.owner_of(room);
+    let read = shard.sync_room_head(room, owner, upto)?;
     let head = read.as_ref().as_ref();
     if let Some(h) = head {
         let typing = shard.typing.borrow().get(room).map_or(0, |t| t.pos);
@@ -505,7 +506,7 @@ fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, 
     if since.is_some() && timeline.events.is_empty() && state.is_empty() && ephemeral.is_empty() && room_data.is_empty() {
         return Ok(None);
     }
-    let unread = shard.unread(&auth.user, room)?;
+    let unread = shard.unread(&auth.user, room, owner, upto)?;
     Ok(Some(JoinedRoom {
         timeline,
         state: Events { events: state },
