@@ -273,7 +273,7 @@ impl Default for Runtime {
 
 impl Default for Storage {
     fn default() -> Self {
-        Storage { backend: "embedded".into(), durability: Durability::Process, cache_mib: 32, memtable_mib: 8, scylla: Scylla::default() }
+        Storage { backend: "embedded".into(), durability: Durability::Process, cache_mib: 32, memtable_mib: 2, scylla: Scylla::default() }
     }
 }
 

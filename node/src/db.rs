@@ -2,11 +2,12 @@
 //! in `crate::keystore`), so handlers never touch raw partition or
 //! clustering keys.
 
+use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ruma::{EventId, OwnedEventId, RoomId, UserId};
+use ruma::{EventId, OwnedEventId, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
@@ -86,6 +87,14 @@ fn decode<T: DeserializeOwned>(table: Table, bytes: &[u8]) -> DbResult<T> {
     serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(format!("{}: {e}", table.name())))
 }
 
+fn corrupt(table: Table, what: &str) -> Error {
+    Error::Corrupt(format!("{}: bad {what}", table.name()))
+}
+
+/// Clustering-key prefix of members' notification indexes in a room's
+/// partition of the rooms table (the head's key is empty).
+const NOTIFY_INDEX_PREFIX: &[u8] = b"notify\0";
+
 /// Encodes a record; our record types always serialise.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
@@ -164,7 +173,43 @@ pub struct RoomHead {
     /// picks its timeline bucket (see `buckets`).
     #[serde(default)]
     pub timeline_len: u64,
+    /// The last unread round (see [`UnreadRound`]). Rooms last written
+    /// before rounds existed have none: their unread rows are exact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unread_round: Option<UnreadRound>,
+    /// Notification indexes given so far (see [`Db::notify_index`]).
+    #[serde(default)]
+    pub notify_members: u32,
 }
+
+/// A point of a room's history up to which every member's stored unread
+/// row is exact.
+///
+/// Unread rows are not rewritten for every event that notifies a member:
+/// the room's notification rows, written with the events, already say
+/// whom each event notified. The owner shard writes the rows of every
+/// member notified since the previous round once the room has appended
+/// [`UNREAD_ROUND_EVENTS`] events past it, in the same batch that moves
+/// the round. A member's counts are then their row plus the notification
+/// rows after the later of the round and the row's own position, which
+/// is at most one round's worth of rows to read.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct UnreadRound {
+    /// Stream position of the round: rows are exact up to it.
+    pub pos: u64,
+    /// The room's `timeline_len` at the round.
+    pub seq: u64,
+}
+
+/// Events a room appends between two unread rounds: a member's stored
+/// unread row is rewritten at most once per this many events, and reading
+/// their counts back from storage reads at most about as many
+/// notification rows.
+pub const UNREAD_ROUND_EVENTS: u64 = 32;
+
+/// Most notification rows read to count a member's unread events from
+/// storage (the counts stop growing there).
+pub const UNREAD_RECOUNT_MAX: usize = 10_000;
 
 /// A current-state entry.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -200,14 +245,92 @@ pub struct Unread {
     pub highlights: u64,
 }
 
-/// The members an event notified, kept once per event for
-/// `GET /notifications` (one write per event, not one per member).
-#[derive(Clone, Debug, Deserialize, Serialize)]
+/// A member's stored unread row: their counts as of stream position `at`
+/// (rows written before rounds existed carry none, and are exact as of
+/// the round their room's owner sets when it first loads the room).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize)]
+pub struct UnreadRow {
+    pub notifications: u64,
+    pub highlights: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<u64>,
+}
+
+impl UnreadRow {
+    pub fn new(counts: Unread, at: u64) -> UnreadRow {
+        UnreadRow { notifications: counts.notifications, highlights: counts.highlights, at: Some(at) }
+    }
+}
+
+/// The members an event notified, kept once per event for unread counts
+/// and `GET /notifications` (one write per event, not one per member).
+///
+/// Members are named by their notification index in the room (see
+/// [`Db::notify_index`]) in a bitmap: an event in a busy room notifies
+/// every other member, and a list of their ids was the largest part of
+/// what a message wrote.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct EventNotifications {
     pub event_id: String,
     pub ts: u64,
-    /// (user id, highlight) of every member the event notified.
+    /// Bitmap of the notified members' indexes (bit `i % 8` of byte
+    /// `i / 8`), base64 without padding.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bits: String,
+    /// The same for the members the event highlighted.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub high: String,
+    /// (user id, highlight) of every notified member, in rows written
+    /// before bitmaps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<(String, bool)>,
+}
+
+fn bitmap(indexes: impl Iterator<Item = u32>) -> String {
+    use base64::Engine as _;
+    let mut bytes: Vec<u8> = Vec::new();
+    for i in indexes {
+        let byte = (i / 8) as usize;
+        if bytes.len() <= byte {
+            bytes.resize(byte + 1, 0);
+        }
+        bytes[byte] |= 1 << (i % 8);
+    }
+    if bytes.is_empty() { String::new() } else { base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes) }
+}
+
+fn bitmap_bytes(bits: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD_NO_PAD.decode(bits).unwrap_or_default()
+}
+
+impl EventNotifications {
+    /// The row of an event that notified the members of these indexes
+    /// (index, highlight).
+    pub fn new(event_id: String, ts: u64, notified: &[(u32, bool)]) -> EventNotifications {
+        let bits = bitmap(notified.iter().map(|(i, _)| *i));
+        let high = bitmap(notified.iter().filter(|(_, h)| *h).map(|(i, _)| *i));
+        EventNotifications { event_id, ts, bits, high, users: Vec::new() }
+    }
+
+    /// Whether the event notified `user`, whose index in the room is
+    /// `index`, and if so whether it highlighted them.
+    pub fn notified(&self, user: &UserId, index: Option<u32>) -> Option<bool> {
+        if let Some(i) = index {
+            let bit = |bits: &str| bitmap_bytes(bits).get((i / 8) as usize).is_some_and(|b| b & (1 << (i % 8)) != 0);
+            if bit(&self.bits) {
+                return Some(bit(&self.high));
+            }
+        }
+        self.users.iter().find(|(u, _)| u == user.as_str()).map(|(_, h)| *h)
+    }
+
+    /// The indexes of the notified members, and the ids in older rows.
+    pub fn members(&self) -> (Vec<u32>, Vec<OwnedUserId>) {
+        let bytes = bitmap_bytes(&self.bits);
+        let indexes = (0..bytes.len() as u32 * 8).filter(|i| bytes[(i / 8) as usize] & (1 << (i % 8)) != 0).collect();
+        (indexes, self.users.iter().filter_map(|(u, _)| OwnedUserId::try_from(u.as_str()).ok()).collect())
+    }
 }
 
 /// A piece of account data with the stream position that last changed it.
@@ -526,8 +649,68 @@ impl Db {
         [kind.as_bytes(), b"\0", thread.as_bytes(), b"\0", user.as_bytes()].concat()
     }
 
+    /// A member's unread counts in a room: their stored row plus what the
+    /// notification rows after it (and after the room's last unread round)
+    /// name them in. The head is read before the row: a round committed in
+    /// between then only makes the row newer than the round read.
     pub fn unread(&self, user: &UserId, room: &RoomId) -> DbResult<Unread> {
-        Ok(self.get_json(Table::Unread, user.as_bytes(), room.as_bytes())?.unwrap_or_default())
+        let round = self.room_head(room)?.and_then(|h| h.unread_round);
+        let row: UnreadRow = self.get_json(Table::Unread, user.as_bytes(), room.as_bytes())?.unwrap_or_default();
+        let mut counts = Unread { notifications: row.notifications, highlights: row.highlights };
+        let Some(round) = round else { return Ok(counts) };
+        let after = row.at.unwrap_or(0).max(round.pos);
+        let since = self.unread_after(room, user, after, UNREAD_RECOUNT_MAX)?;
+        counts.notifications += since.notifications;
+        counts.highlights += since.highlights;
+        Ok(counts)
+    }
+
+    /// Stages a member's unread row: `counts` as of stream position `at`.
+    pub fn unread_write(user: &UserId, room: &RoomId, counts: Unread, at: u64) -> Write {
+        Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(&UnreadRow::new(counts, at)))
+    }
+
+    /// The notification indexes and (in older rows) ids of the members the
+    /// notification rows of a room after position `after` name (at most
+    /// `limit` rows are read).
+    pub fn notified_after(&self, room: &RoomId, after: u64, limit: usize) -> DbResult<(BTreeSet<u32>, BTreeSet<OwnedUserId>)> {
+        let (mut indexes, mut users) = (BTreeSet::new(), BTreeSet::new());
+        for (_, v) in self.bucket_scan(Table::Notifications, room, None, Bound::Excluded(after), Bound::Unbounded, false, limit)? {
+            let (i, u) = decode::<EventNotifications>(Table::Notifications, &v)?.members();
+            indexes.extend(i);
+            users.extend(u);
+        }
+        Ok((indexes, users))
+    }
+
+    /// A member's notification index in a room: the bit that names them in
+    /// the room's notification rows. Given on first notification and kept
+    /// for good (the room head counts them), in the room's partition of
+    /// the rooms table.
+    pub fn notify_index(&self, room: &RoomId, user: &UserId) -> DbResult<Option<u32>> {
+        let row = self.store.get(Table::Rooms, room.as_bytes(), &Db::notify_index_ck(user))?;
+        row.map(|b| <[u8; 4]>::try_from(b.as_ref()).map(u32::from_be_bytes).map_err(|_| corrupt(Table::Rooms, "notification index"))).transpose()
+    }
+
+    fn notify_index_ck(user: &UserId) -> Vec<u8> {
+        [NOTIFY_INDEX_PREFIX, user.as_bytes()].concat()
+    }
+
+    pub fn notify_index_write(room: &RoomId, user: &UserId, index: u32) -> Write {
+        Write::put(Table::Rooms, room.as_bytes(), Db::notify_index_ck(user), index.to_be_bytes().to_vec())
+    }
+
+    /// Every notification index of a room and its member (at most `limit`).
+    pub fn notify_indexes(&self, room: &RoomId, limit: usize) -> DbResult<Vec<(u32, OwnedUserId)>> {
+        let to = [&NOTIFY_INDEX_PREFIX[..NOTIFY_INDEX_PREFIX.len() - 1], &[NOTIFY_INDEX_PREFIX[NOTIFY_INDEX_PREFIX.len() - 1] + 1]].concat();
+        let rows = self.store.scan(Scan { table: Table::Rooms, pk: room.as_bytes(), from: Bound::Included(NOTIFY_INDEX_PREFIX), to: Bound::Excluded(&to), reverse: false, limit })?;
+        rows.into_iter()
+            .map(|(ck, v)| {
+                let user = std::str::from_utf8(&ck[NOTIFY_INDEX_PREFIX.len()..]).ok().and_then(|u| OwnedUserId::try_from(u).ok());
+                let index = <[u8; 4]>::try_from(v.as_ref()).ok().map(u32::from_be_bytes);
+                user.zip(index).map(|(u, i)| (i, u)).ok_or_else(|| corrupt(Table::Rooms, "notification index"))
+            })
+            .collect()
     }
 
     // ---- account data, filters, aliases, directory, presence, pushers
@@ -647,11 +830,12 @@ impl Db {
     /// most `limit` rows are read (the counts stop there).
     pub fn unread_after(&self, room: &RoomId, user: &UserId, after: u64, limit: usize) -> DbResult<Unread> {
         let mut counts = Unread::default();
+        let index = self.notify_index(room, user)?;
         for (_, v) in self.bucket_scan(Table::Notifications, room, None, Bound::Excluded(after), Bound::Unbounded, false, limit)? {
             let notes: EventNotifications = decode(Table::Notifications, &v)?;
-            if let Some((_, highlight)) = notes.users.iter().find(|(u, _)| u == user.as_str()) {
+            if let Some(highlight) = notes.notified(user, index) {
                 counts.notifications += 1;
-                counts.highlights += u64::from(*highlight);
+                counts.highlights += u64::from(highlight);
             }
         }
         Ok(counts)
@@ -768,5 +952,62 @@ mod tests {
         assert_eq!(lazy.len(), 8);
         assert_eq!(db.room_state_of_members(&room, wanted, 3).expect("bounded").len(), 3, "the limit holds");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Stored unread counts: rows and heads written before unread rounds
+    /// read as they were; with a round, the notification rows after the
+    /// round (or after the row's own position, when later) are added.
+    #[test]
+    fn unread_counts_add_the_notifications_after_the_round() {
+        let (db, dir) = db("unread");
+        let room = RoomId::parse("!r:x").expect("room");
+        let (bob, carol) = (UserId::parse("@bob:x").expect("bob"), UserId::parse("@carol:x").expect("carol"));
+        let note = |pos: u64, users: &[(&UserId, bool)]| {
+            let by_index: Vec<(u32, bool)> = users.iter().map(|(u, h)| (u32::from(*u == carol), *h)).collect();
+            Db::notifications_write(&room, pos, pos, &EventNotifications::new(format!("$n{pos}:x"), 1, &by_index))
+        };
+        let head = |round: Option<UnreadRound>| {
+            let head = RoomHead { version: "11".into(), creator: "@a:x".into(), extremities: vec![], depth: 1, shard: 0, last_event_pos: 6, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 7, unread_round: round, notify_members: 0 };
+            Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(&head))
+        };
+        let get = |user: &UserId| db.unread(user, &room).map(|c| (c.notifications, c.highlights)).expect("unread");
+        // Before rounds: a row of bare counts, exact, whatever rows follow.
+        let legacy = Write::put(Table::Unread, bob.as_bytes(), room.as_bytes(), br#"{"notifications":3,"highlights":1}"#.to_vec());
+        let mut writes = vec![legacy, head(None), Db::notify_index_write(&room, &bob, 0), Db::notify_index_write(&room, &carol, 1), note(4, &[(&bob, false)]), note(5, &[(&bob, true), (&carol, false)]), note(6, &[(&carol, false)])];
+        db.store.write(std::mem::take(&mut writes)).expect("write");
+        assert_eq!(get(&bob), (3, 1));
+        assert_eq!(get(&carol), (0, 0));
+        // A round at 4: the legacy row is exact there, rows 5 and 6 add.
+        db.store.write(vec![head(Some(UnreadRound { pos: 4, seq: 5 }))]).expect("write");
+        assert_eq!(get(&bob), (4, 2));
+        assert_eq!(get(&carol), (2, 0));
+        // A row of its own position (a receipt at 5) counts from there.
+        db.store.write(vec![Db::unread_write(&bob, &room, Unread { notifications: 0, highlights: 0 }, 5)]).expect("write");
+        assert_eq!(get(&bob), (0, 0));
+        db.store.write(vec![note(7, &[(&bob, true)])]).expect("write");
+        assert_eq!(get(&bob), (1, 1));
+        // A later round makes older rows exact only at it: nothing counted twice.
+        db.store.write(vec![Db::unread_write(&carol, &room, Unread { notifications: 2, highlights: 0 }, 7), head(Some(UnreadRound { pos: 7, seq: 8 }))]).expect("write");
+        assert_eq!(get(&carol), (2, 0));
+        let indexes = db.notify_indexes(&room, 10).expect("indexes");
+        assert_eq!(indexes, vec![(0, bob.to_owned()), (1, carol.to_owned())]);
+        assert_eq!(db.room_head(&room).expect("head").map(|h| h.timeline_len), Some(7), "the head row is apart from the indexes");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Notification rows name members by index in a bitmap; rows written
+    /// with user ids still read.
+    #[test]
+    fn notification_rows_name_members_by_index() {
+        let ids = ["@bob:x", "@carol:y", "@dave:x"].map(|u| UserId::parse(u).expect("user"));
+        let row = EventNotifications::new("$e:x".into(), 5, &[(0, false), (9, true), (17, false)]);
+        let row: EventNotifications = serde_json::from_slice(&encode(&row)).expect("round trip");
+        assert_eq!(row.members(), (vec![0, 9, 17], vec![]));
+        assert_eq!([0, 9, 17, 1, 8, 10, 16, 18, 400].map(|i| row.notified(&ids[0], Some(i))), [Some(false), Some(true), Some(false), None, None, None, None, None, None]);
+        assert_eq!(row.notified(&ids[0], None), None);
+        assert_eq!(EventNotifications::new("$e:x".into(), 5, &[]).members(), (vec![], vec![]));
+        let old: EventNotifications = serde_json::from_str(r#"{"event_id":"$e:x","ts":5,"users":[["@dave:x",true]]}"#).expect("old row");
+        assert_eq!(ids.iter().map(|u| old.notified(u, Some(0))).collect::<Vec<_>>(), vec![None, None, Some(true)]);
+        assert_eq!(old.members(), (vec![], vec![ids[2].clone()]));
     }
 }

@@ -31,9 +31,9 @@ pub fn ruleset_content(rules: &Ruleset) -> Value {
     json!({ "global": rules })
 }
 
-/// Evaluates the push rules of every joined member (except the sender) for
-/// `pdu` and returns the members whose unread counts change, with their new
-/// counts.
+/// Evaluates the push rules of every joined local member (except the
+/// sender) for `pdu` and returns the members whose unread counts change,
+/// with their new counts.
 ///
 /// Members without rules of their own share one evaluation of the default
 /// rules: those rules depend on the member only through their user id,
@@ -70,7 +70,8 @@ pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc
     let mut out = Vec::new();
     for member in members.iter() {
         let user = &member.user;
-        if *user == pdu.sender {
+        // Members of other servers are counted by their own server.
+        if *user == pdu.sender || user.server_name() != shard.server_name {
             continue;
         }
         let named = member.needles.iter().any(|n| haystack.contains(n.as_str()));

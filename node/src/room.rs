@@ -20,7 +20,7 @@ use ruma::signatures::Ed25519KeyPair;
 use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
 use serde_json::{Value, json};
 
-use crate::db::{Db, RoomHead, StateEntry, UserRoom, encode, state_ck};
+use crate::db::{Db, RoomHead, StateEntry, UNREAD_RECOUNT_MAX, UNREAD_ROUND_EVENTS, UnreadRound, UserRoom, encode, state_ck};
 use crate::error::{ApiError, ApiResult, Error};
 use crate::pdu::{Pdu, StoredEvent, to_canonical};
 use crate::shard::{Draft, NewRoom, RoomOp, RoomReply, Shard, ShardMsg, Typing, UnreadCounts};
@@ -29,6 +29,8 @@ use crate::storage::{Table, Write};
 /// Most rooms whose state a shard keeps in memory; beyond it the cache is
 /// cleared and rooms reload from storage on their next event.
 const CACHED_ROOMS_MAX: usize = 10_000;
+/// Most notification indexes loaded for one room.
+const NOTIFY_INDEXES_MAX: usize = 1_000_000;
 /// Most state entries loaded for one room.
 const ROOM_STATE_MAX: usize = 1_000_000;
 
@@ -40,9 +42,20 @@ pub struct CachedRoom {
     /// Unread counts of members, loaded on first use; the owner shard is
     /// their only writer (events and receipts both run here).
     pub unread: HashMap<OwnedUserId, crate::db::Unread>,
+    /// Members' notification indexes, loaded on first use.
+    pub notify_index: HashMap<OwnedUserId, u32>,
+    /// Every member by notification index, loaded when an unread round
+    /// first needs it.
+    pub notify_users: Option<HashMap<u32, OwnedUserId>>,
     /// Joined members for push rule evaluation, built on first use and
     /// dropped whenever a membership event is appended.
     pub members: Option<Rc<Vec<crate::push::Member>>>,
+}
+
+impl CachedRoom {
+    fn new(head: RoomHead, rules: RoomVersionRules, state: HashMap<(String, String), (Arc<Pdu>, u64)>) -> CachedRoom {
+        CachedRoom { head, rules, state, unread: HashMap::new(), notify_index: HashMap::new(), notify_users: None, members: None }
+    }
 }
 
 /// The owner shard's cache of its rooms.
@@ -79,14 +92,18 @@ impl RoomCache {
         if let Some(r) = self.rooms.borrow().get(room) {
             return Ok(r.clone());
         }
-        let head = db.room_head(room)?.ok_or_else(|| ApiError::not_found("Unknown room"))?;
+        let mut head = db.room_head(room)?.ok_or_else(|| ApiError::not_found("Unknown room"))?;
+        // A room last written before unread rounds: its stored unread rows
+        // are exact up to its last event, which makes that its first round
+        // (stored with the next batch).
+        head.unread_round.get_or_insert(UnreadRound { pos: head.last_event_pos, seq: head.timeline_len });
         let rules = rules_for(&head.version)?;
         let mut state = HashMap::new();
         for (key, entry) in db.room_state(room, ROOM_STATE_MAX)? {
             let ev = db.event(&entry.event_id)?.ok_or_else(|| Error::Corrupt(format!("state event {} missing", entry.event_id)))?;
             state.insert(key, (ev.pdu, entry.pos));
         }
-        let cached = Rc::new(RefCell::new(CachedRoom { head, rules, state, unread: HashMap::new(), members: None }));
+        let cached = Rc::new(RefCell::new(CachedRoom::new(head, rules, state)));
         let mut rooms = self.rooms.borrow_mut();
         if rooms.len() >= CACHED_ROOMS_MAX {
             rooms.clear();
@@ -118,8 +135,8 @@ struct Batch {
     users: Vec<OwnedUserId>,
     /// Events this batch redacts: their cached renderings go after the write.
     redacted: Vec<OwnedEventId>,
-    /// Members' new unread counts: one row each per batch, however many of
-    /// the batch's events notified them.
+    /// Members' new unread counts, announced with the batch (and written
+    /// only when the batch ends an unread round).
     unread: BTreeMap<OwnedUserId, crate::db::Unread>,
     /// Events staged in this batch.
     events: Vec<OwnedEventId>,
@@ -136,8 +153,8 @@ fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply
     if shard.db.room_head(room)?.is_some() {
         return Err(ApiError::new(http::StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", "Room id already exists"));
     }
-    let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 0 };
-    let mut cached = CachedRoom { head, rules, state: HashMap::new(), unread: HashMap::new(), members: None };
+    let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 0, unread_round: Some(UnreadRound::default()), notify_members: 0 };
+    let mut cached = CachedRoom::new(head, rules, HashMap::new());
     let mut batch = Batch::new(shard.pos());
     let create = Draft { sender: new.creator.clone(), kind: "m.room.create".into(), state_key: Some(String::new()), content: new.create_content, txn: None, redacts: None };
     append(shard, room, &mut cached, create, &mut batch)?;
@@ -255,7 +272,7 @@ fn send_group(shard: &Rc<Shard>, room: &RoomId, group: Vec<QueuedSend>) {
 
 /// Commits a group's batch and answers its sends. A failed commit drops
 /// the cached room so it reloads from storage, and is returned.
-fn commit_group(shard: &Rc<Shard>, room: &RoomId, cached_rc: &Rc<RefCell<CachedRoom>>, batch: Batch, waiting: Vec<(OwnedEventId, flume::Sender<ApiResult<RoomReply>>)>) -> ApiResult<()> {
+fn commit_group(shard: &Rc<Shard>, room: &RoomId, cached_rc: &Rc<RefCell<CachedRoom>>, mut batch: Batch, waiting: Vec<(OwnedEventId, flume::Sender<ApiResult<RoomReply>>)>) -> ApiResult<()> {
     if batch.events.is_empty() {
         for (id, tx) in waiting {
             let _ = tx.try_send(Ok(RoomReply::Event(id)));
@@ -265,9 +282,9 @@ fn commit_group(shard: &Rc<Shard>, room: &RoomId, cached_rc: &Rc<RefCell<CachedR
     let head = {
         let mut cached = cached_rc.borrow_mut();
         cached.head.last_event_pos = batch.pos;
-        cached.head.clone()
+        stage_unread_round(shard, room, &mut cached, &mut batch).map(|()| cached.head.clone())
     };
-    match commit_batch(shard, room, &head, batch) {
+    match head.and_then(|head| commit_batch(shard, room, &head, batch)) {
         Ok(()) => {
             for (id, tx) in waiting {
                 let _ = tx.try_send(Ok(RoomReply::Event(id)));
@@ -284,19 +301,50 @@ fn commit_group(shard: &Rc<Shard>, room: &RoomId, cached_rc: &Rc<RefCell<CachedR
     }
 }
 
-fn commit(shard: &Rc<Shard>, room: &RoomId, mut cached: CachedRoom, batch: Batch) -> ApiResult<()> {
+fn commit(shard: &Rc<Shard>, room: &RoomId, mut cached: CachedRoom, mut batch: Batch) -> ApiResult<()> {
     cached.head.last_event_pos = batch.pos;
+    stage_unread_round(shard, room, &mut cached, &mut batch)?;
     let head = cached.head.clone();
     commit_batch(shard, room, &head, batch)?;
     shard.rooms.rooms.borrow_mut().insert(room.to_owned(), Rc::new(RefCell::new(cached)));
     Ok(())
 }
 
+/// Ends an unread round (see [`UnreadRound`]) when the room has appended
+/// [`UNREAD_ROUND_EVENTS`] events past the last one: stages the unread row
+/// of every member a notification row names since then, this batch's
+/// included, as of the batch's last position, and moves the round there.
+fn stage_unread_round(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, batch: &mut Batch) -> ApiResult<()> {
+    let round = cached.head.unread_round.unwrap_or_default();
+    if cached.head.timeline_len < round.seq.saturating_add(UNREAD_ROUND_EVENTS) {
+        return Ok(());
+    }
+    let (indexes, mut users) = shard.db.notified_after(room, round.pos, UNREAD_RECOUNT_MAX)?;
+    if !indexes.is_empty() {
+        let by_index = match &mut cached.notify_users {
+            Some(m) => m,
+            None => cached.notify_users.insert(shard.db.notify_indexes(room, NOTIFY_INDEXES_MAX)?.into_iter().collect()),
+        };
+        for i in indexes {
+            users.insert(by_index.get(&i).cloned().ok_or_else(|| Error::Corrupt(format!("room {room}: no member has notification index {i}")))?);
+        }
+    }
+    users.extend(batch.unread.keys().cloned());
+    for user in users {
+        // Members this batch did not notify have nothing unwritten: their
+        // counts in storage are current.
+        let counts = match batch.unread.get(&user).or_else(|| cached.unread.get(&user)) {
+            Some(c) => *c,
+            None => shard.db.unread(&user, room)?,
+        };
+        batch.writes.push(Db::unread_write(&user, room, counts, batch.pos));
+    }
+    cached.head.unread_round = Some(UnreadRound { pos: batch.pos, seq: cached.head.timeline_len });
+    Ok(())
+}
+
 /// Writes a staged batch with the room head and stream head, then announces it.
 fn commit_batch(shard: &Rc<Shard>, room: &RoomId, head: &RoomHead, mut batch: Batch) -> ApiResult<()> {
-    for (user, counts) in &batch.unread {
-        batch.writes.push(Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(counts)));
-    }
     batch.writes.push(Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(head)));
     batch.writes.push(Db::stream_head_write(shard.id as u16, batch.pos));
     shard.db.store.write(batch.writes)?;
@@ -435,6 +483,13 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
 
     // Everything fallible happens before the cache is touched.
     let unread = crate::push::evaluate(shard, room, cached, &pdu)?;
+    for (user, _, _) in &unread {
+        if !cached.notify_index.contains_key(user)
+            && let Some(index) = shard.db.notify_index(room, user)?
+        {
+            cached.notify_index.insert(user.clone(), index);
+        }
+    }
     let redacted_target = match &draft.redacts {
         Some(target) => shard.db.event(target)?.filter(|ev| ev.pdu.room_id == room),
         None => None,
@@ -480,15 +535,30 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         }
         cached.state.insert((draft.kind.clone(), sk.clone()), (pdu.clone(), pos));
     }
-    let mut notified = Vec::with_capacity(unread.len());
-    for (user, counts, highlight) in unread {
-        notified.push((user.to_string(), highlight));
+    if !unread.is_empty() {
+        let mut notified = Vec::with_capacity(unread.len());
+        for (user, _, highlight) in &unread {
+            let index = match cached.notify_index.get(user) {
+                Some(i) => *i,
+                None => {
+                    let i = cached.head.notify_members;
+                    cached.head.notify_members = i.saturating_add(1);
+                    batch.writes.push(Db::notify_index_write(room, user, i));
+                    cached.notify_index.insert(user.clone(), i);
+                    if let Some(users) = &mut cached.notify_users {
+                        users.insert(i, user.clone());
+                    }
+                    i
+                }
+            };
+            notified.push((index, *highlight));
+        }
+        let notes = crate::db::EventNotifications::new(event_id.to_string(), ts, &notified);
+        batch.writes.push(Db::notifications_write(room, seq, pos, &notes));
+    }
+    for (user, counts, _) in unread {
         batch.unread.insert(user.clone(), counts);
         cached.unread.insert(user, counts);
-    }
-    if !notified.is_empty() {
-        let notes = crate::db::EventNotifications { event_id: event_id.to_string(), ts, users: notified };
-        batch.writes.push(Db::notifications_write(room, seq, pos, &notes));
     }
     cached.head.extremities = vec![event_id.clone()];
     cached.head.depth = depth;
@@ -545,10 +615,6 @@ fn publish_typing(shard: &Rc<Shard>, room: &RoomId, users: Vec<OwnedUserId>) -> 
     Ok(())
 }
 
-/// Most notification rows read to recount a user's unread events when a
-/// read receipt lands (the counts stop growing there).
-const UNREAD_RECOUNT_MAX: usize = 10_000;
-
 #[allow(clippy::too_many_arguments)]
 fn receipt(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId, kind: String, thread: String, event_id: OwnedEventId, ts: u64) -> ApiResult<RoomReply> {
     let ev = shard.db.event(&event_id)?.ok_or_else(|| ApiError::not_found("Unknown event"))?;
@@ -578,7 +644,7 @@ fn receipt(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId, kind: String, th
         Db::stream_head_write(shard.id as u16, pos),
     ];
     if let Some(counts) = unread {
-        writes.push(Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(&counts)));
+        writes.push(Db::unread_write(&user, room, counts, pos));
     }
     shard.db.store.write(writes)?;
     let mut cached = cached_rc.borrow_mut();

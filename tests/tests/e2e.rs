@@ -420,6 +420,84 @@ fn unread_counts_follow_push_rules_and_receipts() {
     assert!(mine.contains(&three), "the receipt still points at the later event: {mine}");
 }
 
+/// Unread rows are written once per round of events, not per event: counts
+/// read back from storage (after a restart every cache is cold) must add
+/// the notifications since the last round, for the owner that keeps
+/// counting as well as for the syncing member.
+#[test]
+fn unread_counts_survive_rounds_and_restarts() {
+    let mut node = Node::start("unread-rounds", "");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let counts = |v: &Value| v["rooms"]["join"][&room]["unread_notifications"].clone();
+    // Sends messages `from..to`; every ninth mentions Bob (a highlight).
+    let send = |from: usize, to: usize| -> Vec<String> {
+        (from..to)
+            .map(|i| {
+                let mut body = json!({ "msgtype": "m.text", "body": format!("message {i}") });
+                if i % 9 == 0 {
+                    body["m.mentions"] = json!({ "user_ids": ["@bob:localhost"] });
+                }
+                let (s, v) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/r{i}"), body);
+                assert_eq!(s, 200, "{v}");
+                v["event_id"].as_str().expect("event_id").to_owned()
+            })
+            .collect()
+    };
+    // The owner announces counts a moment after answering the send: the
+    // first look waits for them; after a restart storage answers at once.
+    let settled = |want: Value| {
+        let (_, full) = bob.get("/_matrix/client/v3/sync");
+        if counts(&full) != want {
+            let seen = bob.sync_until(full["next_batch"].as_str().expect("next_batch"), |v| counts(v) == want);
+            assert_eq!(counts(&seen), want, "{seen}");
+        }
+    };
+    let full = || bob.get("/_matrix/client/v3/sync").1;
+
+    // More than one round (32 events): 45 messages, mentions at 0, 9, .. 36.
+    let ids = send(0, 45);
+    let want = json!({ "notification_count": 45, "highlight_count": 5 });
+    settled(want.clone());
+    // Then a round of Bob's own messages, which notify only Alice: the
+    // round must still write Bob's row for what came before it.
+    for i in 0..40 {
+        bob.send_text(&room, &format!("b{i}"), "from bob");
+    }
+    let alice_counts = || counts(&alice.get("/_matrix/client/v3/sync").1);
+    assert_eq!(node.stop(), Some(0), "{}", node.log());
+    node.spawn();
+    assert_eq!(counts(&full()), want, "after a restart");
+    assert_eq!(alice_counts(), json!({ "notification_count": 40, "highlight_count": 0 }));
+
+    // A receipt at message 29 leaves 30..45 unread (one mention, 36); the
+    // owner, reloaded, counts on from storage: 25 more, mentions 45, 54, 63.
+    let (s, _) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{}", ids[29]), json!({}));
+    assert_eq!(s, 200);
+    assert_eq!(node.stop(), Some(0), "{}", node.log());
+    node.spawn();
+    assert_eq!(counts(&full()), json!({ "notification_count": 15, "highlight_count": 1 }), "after the receipt");
+    send(45, 70);
+    let want = json!({ "notification_count": 40, "highlight_count": 4 });
+    settled(want.clone());
+    assert_eq!(node.stop(), Some(0), "{}", node.log());
+    node.spawn();
+    assert_eq!(counts(&full()), want, "after a second restart");
+    send(70, 73);
+    settled(json!({ "notification_count": 43, "highlight_count": 5 }));
+
+    // A receipt at the newest event: nothing unread, from storage too. Two
+    // in a row, so that at least one lands between rounds.
+    for i in 73..75 {
+        let id = send(i, i + 1).remove(0);
+        let (s, _) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{id}"), json!({}));
+        assert_eq!(s, 200);
+        assert_eq!(node.stop(), Some(0), "{}", node.log());
+        node.spawn();
+        assert_eq!(counts(&full()), json!({ "notification_count": 0, "highlight_count": 0 }), "after reading {i}");
+    }
+}
+
 #[test]
 fn rate_limits_answer_429_with_retry_after() {
     let node = Node::start_with("ratelimit", "", "[rate_limits]\nenabled = true\n[rate_limits.messages]\nper_second = 0.01\nburst = 3.0\n[rate_limits.registration]\nper_second = 100.0\nburst = 100.0\n[rate_limits.joins]\nper_second = 100.0\nburst = 100.0\n");

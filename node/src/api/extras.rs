@@ -54,15 +54,16 @@ pub fn notifications(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value
             .filter_map(|id| shard.db.event(&id).ok().flatten().map(|e| e.stored.pos))
             .max()
             .unwrap_or(0);
+        let index = shard.db.notify_index(&room_id, &auth.user)?;
         for (pos, row) in shard.db.room_notifications(&room_id, NOTIFICATIONS_SCAN_PER_ROOM)? {
             if row.ts >= before {
                 continue;
             }
-            let Some((_, highlight)) = row.users.iter().find(|(u, _)| u == auth.user.as_str()) else { continue };
+            let Some(highlight) = row.notified(&auth.user, index) else { continue };
             if only_highlight && !highlight {
                 continue;
             }
-            found.push((row.ts, room.clone(), row.event_id.clone(), *highlight, pos <= read_pos));
+            found.push((row.ts, room.clone(), row.event_id.clone(), highlight, pos <= read_pos));
         }
     }
     found.sort_by_key(|f| std::cmp::Reverse(f.0));

@@ -193,7 +193,7 @@ mod tests {
                 let id = ruma::OwnedEventId::try_from(format!("$e{n}")).expect("event id");
                 writes.extend(Db::timeline_writes(room, n, pos, &id));
                 if n % 7 == 0 {
-                    writes.push(Db::notifications_write(room, n, pos, &super::super::EventNotifications { event_id: id.to_string(), ts: n, users: vec![] }));
+                    writes.push(Db::notifications_write(room, n, pos, &super::super::EventNotifications { event_id: id.to_string(), ts: n, ..Default::default() }));
                 }
                 positions.push(pos);
             }
