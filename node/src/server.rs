@@ -33,19 +33,43 @@ use crate::storage::embedded::Embedded;
 const RING_VNODES: u32 = 64;
 
 /// Adapts a glommio TCP stream to hyper's I/O traits.
-struct HyperIo(TcpStream);
+///
+/// hyper hands `poll_read` uninitialised buffer space, which must be zeroed
+/// before it can be read into. Only `read_cap` bytes are offered per read:
+/// it starts at [`READ_CAP_MIN`] (a request line and headers), doubles
+/// while reads fill it (a large body), up to [`READ_CAP_MAX`], and falls
+/// back once they do not, so a keep-alive connection of small requests
+/// does not zero hyper's whole buffer on every read.
+struct HyperIo {
+    stream: TcpStream,
+    read_cap: usize,
+}
+
+const READ_CAP_MIN: usize = 2 << 10;
+const READ_CAP_MAX: usize = 256 << 10;
+
+impl HyperIo {
+    fn new(stream: TcpStream) -> HyperIo {
+        HyperIo { stream, read_cap: READ_CAP_MIN }
+    }
+}
 
 impl hyper::rt::Read for HyperIo {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, mut buf: hyper::rt::ReadBufCursor<'_>) -> Poll<std::io::Result<()>> {
-        // SAFETY: we only write initialised bytes into the slice through
-        // `poll_read`, then advance by exactly the number written.
+        let cap = self.read_cap;
+        // SAFETY: the first `len` bytes of the unfilled space are zeroed
+        // before they are handed out as initialised, and the cursor is
+        // advanced by exactly the number of bytes the read wrote.
         let slice = unsafe {
             let uninit = buf.as_mut();
-            std::ptr::write_bytes(uninit.as_mut_ptr(), 0, uninit.len());
-            std::slice::from_raw_parts_mut(uninit.as_mut_ptr().cast::<u8>(), uninit.len())
+            let len = uninit.len().min(cap);
+            std::ptr::write_bytes(uninit.as_mut_ptr(), 0, len);
+            std::slice::from_raw_parts_mut(uninit.as_mut_ptr().cast::<u8>(), len)
         };
-        match Pin::new(&mut self.0).poll_read(cx, slice) {
+        let offered = slice.len();
+        match Pin::new(&mut self.stream).poll_read(cx, slice) {
             Poll::Ready(Ok(n)) => {
+                self.read_cap = if n == offered { (cap * 2).min(READ_CAP_MAX) } else if n < cap / 2 { (cap / 2).max(READ_CAP_MIN) } else { cap };
                 // SAFETY: `n` bytes were initialised by the read above.
                 unsafe { buf.advance(n) };
                 Poll::Ready(Ok(()))
@@ -58,13 +82,13 @@ impl hyper::rt::Read for HyperIo {
 
 impl hyper::rt::Write for HyperIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_close(cx)
+        Pin::new(&mut self.stream).poll_close(cx)
     }
 }
 
@@ -286,7 +310,7 @@ async fn shard_main(shard: Rc<Shard>, receivers: Option<glommio::channels::chann
                     let shard = svc_shard.clone();
                     async move { Ok::<_, std::convert::Infallible>(crate::http::handle(shard, req, peer).await) }
                 });
-                let conn = hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(HyperIo(stream), service);
+                let conn = hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(HyperIo::new(stream), service);
                 let mut conn = std::pin::pin!(conn);
                 let first = async { Some(conn.as_mut().await) }.or(async {
                     let _ = stop.recv_async().await;

@@ -51,6 +51,23 @@ fn discovery_endpoints_and_unknown_paths() {
     assert_eq!(s, 200);
 }
 
+/// A body many times the first read's size arrives whole (the node's reads
+/// grow while they fill), and the connection then serves small requests.
+#[test]
+fn large_request_bodies_arrive_whole() {
+    let node = Node::start("bigbody", "");
+    let mut c = node.client();
+    c.register("carol");
+    let blob: String = (0..700_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let path = "/_matrix/client/v3/user/@carol:localhost/account_data/org.example.big";
+    let (s, v) = c.put(path, json!({ "blob": blob }));
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = c.get(path);
+    assert_eq!(s, 200);
+    assert!(v["blob"].as_str() == Some(blob.as_str()), "the stored blob differs: {} bytes back", v["blob"].as_str().map_or(0, str::len));
+    assert_eq!(c.get("/_matrix/client/v3/account/whoami").1["user_id"], "@carol:localhost");
+}
+
 #[test]
 fn register_login_whoami_logout() {
     let node = Node::start("accounts", "");
