@@ -230,6 +230,28 @@ pub type ReceiptKey = (String, String, String);
 /// key, message).
 pub type InboxMessage = (u16, u64, Vec<u8>, Value);
 
+/// A child event's row under its parent (`m.relates_to` of the child):
+/// what `/relations` filters on before it reads the event.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Relation {
+    pub event_id: OwnedEventId,
+    pub rel_type: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+impl Relation {
+    /// The parent and relation of an event's content: `m.relates_to` with
+    /// both `rel_type` and `event_id` (a reply's `m.in_reply_to` alone is
+    /// not a relation).
+    pub fn of(content: &Value) -> Option<(OwnedEventId, &str)> {
+        let rel = content.get("m.relates_to")?;
+        let rel_type = rel.get("rel_type")?.as_str()?;
+        let parent = OwnedEventId::try_from(rel.get("event_id")?.as_str()?).ok()?;
+        Some((parent, rel_type))
+    }
+}
+
 /// A stored receipt.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct Receipt {
@@ -572,6 +594,43 @@ impl Db {
         let mut writes = vec![Write::put(Table::Timeline, bucket_pk(room, bucket_of(seq)), pos.to_be_bytes().to_vec(), event_id.as_bytes())];
         writes.extend(bucket_index_write(room, seq, pos));
         writes
+    }
+
+    /// The partition of a parent event's children: `room \0 parent`.
+    fn relations_pk(room: &RoomId, parent: &EventId) -> Vec<u8> {
+        [room.as_bytes(), b"\0", parent.as_bytes()].concat()
+    }
+
+    /// Stages the row that names `child` (at `pos`) as a child of `parent`.
+    pub fn relation_write(room: &RoomId, parent: &EventId, pos: u64, child: &Relation) -> Write {
+        Write::put(Table::Relations, Db::relations_pk(room, parent), pos.to_be_bytes().to_vec(), encode(child))
+    }
+
+    /// Stages the removal of the child row at `pos` (its event was redacted).
+    pub fn relation_delete(room: &RoomId, parent: &EventId, pos: u64) -> Write {
+        Write::delete(Table::Relations, Db::relations_pk(room, parent), pos.to_be_bytes().to_vec())
+    }
+
+    /// The children of `parent` in `room` with positions within the bounds,
+    /// newest first when `reverse`.
+    pub fn relations(&self, room: &RoomId, parent: &EventId, from: Bound<u64>, to: Bound<u64>, reverse: bool, limit: usize) -> DbResult<Vec<(u64, Relation)>> {
+        let pk = Db::relations_pk(room, parent);
+        let key = |b: Bound<u64>| b.map(u64::to_be_bytes);
+        let (from, to) = (key(from), key(to));
+        let rows = self.scan_json::<Relation>(Scan {
+            table: Table::Relations,
+            pk: &pk,
+            from: from.as_ref().map(|k| &k[..]),
+            to: to.as_ref().map(|k| &k[..]),
+            reverse,
+            limit,
+        })?;
+        rows.into_iter()
+            .map(|(ck, r)| {
+                let pos = <[u8; 8]>::try_from(ck.as_slice()).map(u64::from_be_bytes).map_err(|_| corrupt(Table::Relations, "position"))?;
+                Ok((pos, r))
+            })
+            .collect()
     }
 
     pub fn user_rooms(&self, user: &UserId, limit: usize) -> DbResult<Vec<(String, UserRoom)>> {

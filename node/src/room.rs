@@ -20,7 +20,7 @@ use ruma::signatures::Ed25519KeyPair;
 use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
 use serde_json::{Value, json};
 
-use crate::db::{Db, RoomHead, StateEntry, UNREAD_RECOUNT_MAX, UNREAD_ROUND_EVENTS, UnreadRound, UserRoom, encode, state_ck};
+use crate::db::{Db, Relation, RoomHead, StateEntry, UNREAD_RECOUNT_MAX, UNREAD_ROUND_EVENTS, UnreadRound, UserRoom, encode, state_ck};
 use crate::error::{ApiError, ApiResult, Error};
 use crate::pdu::{Pdu, StoredEvent, to_canonical};
 use crate::shard::{Draft, NewRoom, RoomOp, RoomReply, Shard, ShardMsg, Typing, UnreadCounts};
@@ -508,6 +508,10 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         stored.replaces_state = Some(prev.id().to_string());
     }
     batch.writes.push(Write::put(Table::Events, event_id.as_bytes(), b"".to_vec(), encode(&stored)));
+    if let Some((parent, rel_type)) = Relation::of(&draft.content) {
+        let child = Relation { event_id: event_id.clone(), rel_type: rel_type.to_owned(), kind: draft.kind.clone() };
+        batch.writes.push(Db::relation_write(room, &parent, pos, &child));
+    }
     let seq = cached.head.timeline_len;
     batch.writes.extend(Db::timeline_writes(room, seq, pos, &event_id));
     if let Some((device, txn_id)) = &draft.txn {
@@ -517,6 +521,10 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         let mut redacted = (*ev.stored).clone();
         redacted.redacted_by = Some(event_id.to_string());
         batch.writes.push(Write::put(Table::Events, ev.pdu.id().as_bytes(), b"".to_vec(), encode(&redacted)));
+        // Redaction strips `m.relates_to`: the event is no longer a child.
+        if let Some((parent, _)) = Relation::of(&ev.pdu.content_value()) {
+            batch.writes.push(Db::relation_delete(room, &parent, ev.stored.pos));
+        }
         batch.redacted.push(ev.pdu.id().to_owned());
     }
     if let Some(sk) = &draft.state_key {

@@ -577,6 +577,35 @@ def test_context_200(api, check, user):
     assert [e["event_id"] for e in body["events_after"]][:1] == [ids[3]]
 
 
+V1 = "/_matrix/client/v1"
+
+
+def test_relations_200(api, check, user):
+    room_id = create_room(api, user)
+    root = send_text(api, user, room_id, "root")
+    children = []
+    for i in range(3):
+        content = {"msgtype": "m.text", "body": f"in thread {i}", "m.relates_to": {"rel_type": "m.thread", "event_id": root}}
+        resp = api.request("PUT", f"{V3}/rooms/{q(room_id)}/send/m.room.message/{unique('txn')}", user.access_token, json=content)
+        assert resp.status_code == 200, resp.text
+        children.append(resp.json()["event_id"])
+    path = f"{V1}/rooms/{q(room_id)}/relations/{q(root)}"
+    body = check(api.request("GET", path, user.access_token, params={"limit": 2}), "GET", f"{V1}/rooms/{{roomId}}/relations/{{eventId}}", 200)
+    assert [e["event_id"] for e in body["chunk"]] == children[::-1][:2]
+    resp = api.request("GET", f"{path}/m.thread", user.access_token, params={"limit": 2, "from": body["next_batch"]})
+    body = check(resp, "GET", f"{V1}/rooms/{{roomId}}/relations/{{eventId}}/{{relType}}", 200)
+    assert [e["event_id"] for e in body["chunk"]] == children[:1] and "next_batch" not in body
+    resp = api.request("GET", f"{path}/m.thread/m.room.message", user.access_token, params={"recurse": "true"})
+    body = check(resp, "GET", f"{V1}/rooms/{{roomId}}/relations/{{eventId}}/{{relType}}/{{eventType}}", 200)
+    assert [e["event_id"] for e in body["chunk"]] == children[::-1] and body["recursion_depth"] >= 3
+
+
+def test_relations_404(api, check, user):
+    room_id = create_room(api, user)
+    resp = api.request("GET", f"{V1}/rooms/{q(room_id)}/relations/{q('$doesnotexist')}", user.access_token)
+    assert check(resp, "GET", f"{V1}/rooms/{{roomId}}/relations/{{eventId}}", 404)["errcode"] == "M_NOT_FOUND"
+
+
 def test_event_by_id_200(api, check, user):
     room_id = create_room(api, user)
     event_id = send_text(api, user, room_id, "fetch me")

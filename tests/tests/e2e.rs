@@ -395,6 +395,82 @@ fn sigterm_stops_cleanly_and_tokens_survive_restart() {
 }
 
 #[test]
+fn relations_list_children_by_type_with_paging_recursion_and_redaction() {
+    let node = Node::start("relations", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let send = |c: &Client, room: &str, kind: &str, txn: &str, content: Value| -> String {
+        let (s, b) = c.put(&format!("/_matrix/client/v3/rooms/{room}/send/{kind}/{txn}"), content);
+        assert_eq!(s, 200, "send: {b}");
+        b["event_id"].as_str().expect("event_id").to_owned()
+    };
+    let thread = |parent: &str, body: &str| json!({ "msgtype": "m.text", "body": body, "m.relates_to": { "rel_type": "m.thread", "event_id": parent } });
+    let react = |parent: &str, key: &str| json!({ "m.relates_to": { "rel_type": "m.annotation", "event_id": parent, "key": key } });
+    let root = alice.send_text(&room, "root", "root");
+    let t1 = send(&bob, &room, "m.room.message", "t1", thread(&root, "first in thread"));
+    let r1 = send(&bob, &room, "m.reaction", "r1", react(&root, "+1"));
+    let t2 = send(&alice, &room, "m.room.message", "t2", thread(&root, "second in thread"));
+    // Not children of the root: a plain reply, a reaction to a child, and
+    // an event of another room that names the root.
+    send(&alice, &room, "m.room.message", "reply", json!({ "msgtype": "m.text", "body": "reply", "m.relates_to": { "m.in_reply_to": { "event_id": root } } }));
+    let nested = send(&alice, &room, "m.reaction", "r2", react(&t1, "eyes"));
+    let elsewhere = alice.create_room(json!({}));
+    send(&alice, &elsewhere, "m.reaction", "r3", react(&root, "x"));
+
+    let get = |path: &str| -> Value {
+        let (s, b) = bob.get(&format!("/_matrix/client/v1/rooms/{room}/relations/{root}{path}"));
+        assert_eq!(s, 200, "{path}: {b}");
+        b
+    };
+    let ids = |b: &Value| -> Vec<String> { b["chunk"].as_array().expect("chunk").iter().map(|e| e["event_id"].as_str().expect("event_id").to_owned()).collect() };
+    let all = get("");
+    assert_eq!(ids(&all), [t2.as_str(), r1.as_str(), t1.as_str()], "{all}");
+    assert!(all.get("next_batch").is_none() && all.get("recursion_depth").is_none(), "{all}");
+    assert_eq!(all["chunk"][0]["content"]["body"], "second in thread");
+    assert_eq!(ids(&get("/m.thread")), [t2.as_str(), t1.as_str()]);
+    assert_eq!(ids(&get("/m.annotation/m.reaction")), [r1.as_str()]);
+    assert!(ids(&get("/m.annotation/m.room.message")).is_empty());
+    assert_eq!(ids(&get("?dir=f")), [t1.as_str(), r1.as_str(), t2.as_str()]);
+
+    // Pages of one, both ways, each token taking up after the last.
+    for (dir, expected) in [("b", [t2.as_str(), r1.as_str(), t1.as_str()]), ("f", [t1.as_str(), r1.as_str(), t2.as_str()])] {
+        let mut seen = Vec::new();
+        let mut from = String::new();
+        for _ in 0..5 {
+            let page = get(&format!("?dir={dir}&limit=1{from}"));
+            seen.extend(ids(&page));
+            match page["next_batch"].as_str() {
+                Some(t) => from = format!("&from={t}"),
+                None => break,
+            }
+        }
+        assert_eq!(seen, expected, "dir={dir}");
+    }
+
+    let deep = get("?recurse=true");
+    assert_eq!(ids(&deep), [nested.as_str(), t2.as_str(), r1.as_str(), t1.as_str()], "{deep}");
+    assert_eq!(deep["recursion_depth"], 3);
+    let flat = get("?recurse=false");
+    assert_eq!(ids(&flat), [t2.as_str(), r1.as_str(), t1.as_str()]);
+    assert_eq!(flat["recursion_depth"], 1);
+
+    // A redacted child loses its relation.
+    let (s, b) = bob.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{r1}/red1"), json!({}));
+    assert_eq!(s, 200, "redact: {b}");
+    assert_eq!(ids(&get("")), [t2.as_str(), t1.as_str()]);
+
+    // Unknown parents, parents in rooms the user cannot see, bad parameters.
+    let (s, b) = bob.get(&format!("/_matrix/client/v1/rooms/{room}/relations/$nope"));
+    assert_eq!((s, b["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{b}");
+    let mut carol = node.client();
+    carol.register("carol");
+    let (s, b) = carol.get(&format!("/_matrix/client/v1/rooms/{room}/relations/{root}"));
+    assert_eq!((s, b["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{b}");
+    let (s, b) = bob.get(&format!("/_matrix/client/v1/rooms/{room}/relations/{root}?dir=sideways"));
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{b}");
+}
+
+#[test]
 fn unread_counts_follow_push_rules_and_receipts() {
     let node = Node::start("unread", "");
     let (alice, bob) = two_users(&node);

@@ -100,11 +100,14 @@ pub enum Table {
     BackupKeys,
     /// pk = user id; ck = "" -> the user's dehydrated device.
     DehydratedDevices,
+    /// pk = room id \0 parent event id; ck = stream position of the child
+    /// -> the child's id, relation type and event type (`m.relates_to`).
+    Relations,
 }
 
 impl Table {
     /// All tables, for backends that create them up front.
-    pub const ALL: [Table; 36] = [
+    pub const ALL: [Table; 37] = [
         Table::Meta,
         Table::Users,
         Table::AccessTokens,
@@ -141,6 +144,7 @@ impl Table {
         Table::BackupVersions,
         Table::BackupKeys,
         Table::DehydratedDevices,
+        Table::Relations,
     ];
 
     /// The table's name in every backend.
@@ -182,6 +186,7 @@ impl Table {
             Table::BackupVersions => "backup_versions",
             Table::BackupKeys => "backup_keys",
             Table::DehydratedDevices => "dehydrated_devices",
+            Table::Relations => "relations",
         }
     }
 }
