@@ -199,6 +199,12 @@ pub struct Limits {
     pub one_time_keys_per_device_max: usize,
     /// Most sessions one key backup version may hold.
     pub backup_keys_per_version_max: usize,
+    /// Most rooms one space-hierarchy request walks (`/hierarchy`); its
+    /// pages and depth stay within it.
+    pub hierarchy_rooms_max: usize,
+    /// Deepest level below the space `/hierarchy` descends to, whatever
+    /// `max_depth` the client asks for.
+    pub hierarchy_depth_max: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -321,6 +327,8 @@ impl Default for Limits {
             rooms_per_user_max: 10_000,
             one_time_keys_per_device_max: 1_000,
             backup_keys_per_version_max: 1_000_000,
+            hierarchy_rooms_max: 1_000,
+            hierarchy_depth_max: 10,
         }
     }
 }
@@ -413,6 +421,9 @@ impl Config {
         }
         if self.limits.events_per_page_max == 0 {
             return invalid("limits.events_per_page_max", "must be at least 1");
+        }
+        if self.limits.hierarchy_rooms_max == 0 {
+            return invalid("limits.hierarchy_rooms_max", "must be at least 1");
         }
         if self.runtime.mesh_channel_depth == 0 {
             return invalid("runtime.mesh_channel_depth", "must be at least 1");

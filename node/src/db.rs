@@ -563,6 +563,18 @@ impl Db {
     }
 
     /// The current state event of (type, state_key).
+    /// The current state entries of one event type, by state key: one range
+    /// scan over `kind \0 ..`.
+    pub fn state_of_type(&self, room: &RoomId, kind: &str, limit: usize) -> DbResult<Vec<(String, StateEntry)>> {
+        let from = state_ck(kind, "");
+        let mut to = from.clone();
+        if let Some(last) = to.last_mut() {
+            *last = 1;
+        }
+        let rows = self.scan_json::<StateEntry>(Scan { table: Table::RoomState, pk: room.as_bytes(), from: Bound::Included(&from), to: Bound::Excluded(&to), reverse: false, limit })?;
+        Ok(rows.into_iter().filter_map(|(ck, e)| split_state_ck(&ck).map(|(_, key)| (key, e))).collect())
+    }
+
     pub fn state_event(&self, room: &RoomId, kind: &str, state_key: &str) -> DbResult<Option<Event>> {
         match self.state_entry(room, kind, state_key)? {
             Some(entry) => self.event(&entry.event_id),

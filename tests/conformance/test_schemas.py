@@ -606,6 +606,39 @@ def test_relations_404(api, check, user):
     assert check(resp, "GET", f"{V1}/rooms/{{roomId}}/relations/{{eventId}}", 404)["errcode"] == "M_NOT_FOUND"
 
 
+def test_space_hierarchy_200(api, check, user, new_user):
+    space = create_room(api, user, preset="public_chat", name="Space", creation_content={"type": "m.space"})
+    child = create_room(api, user, preset="public_chat", name="Child")
+    resp = api.request("PUT", f"{V3}/rooms/{q(space)}/state/m.space.child/{q(child)}", user.access_token, json={"via": [user.user_id.split(":", 1)[1]]})
+    assert resp.status_code == 200, resp.text
+    other = new_user()
+    resp = api.request("GET", f"{V1}/rooms/{q(space)}/hierarchy", other.access_token, params={"limit": 1})
+    body = check(resp, "GET", f"{V1}/rooms/{{roomId}}/hierarchy", 200)
+    assert [r["room_id"] for r in body["rooms"]] == [space]
+    assert [c["state_key"] for c in body["rooms"][0]["children_state"]] == [child]
+    resp = api.request("GET", f"{V1}/rooms/{q(space)}/hierarchy", other.access_token, params={"limit": 1, "from": body["next_batch"]})
+    body = check(resp, "GET", f"{V1}/rooms/{{roomId}}/hierarchy", 200)
+    assert [r["room_id"] for r in body["rooms"]] == [child] and "next_batch" not in body
+
+
+def test_space_hierarchy_403(api, check, user, new_user):
+    room_id = create_room(api, user, preset="private_chat")
+    resp = api.request("GET", f"{V1}/rooms/{q(room_id)}/hierarchy", new_user().access_token)
+    assert check(resp, "GET", f"{V1}/rooms/{{roomId}}/hierarchy", 403)["errcode"] == "M_FORBIDDEN"
+
+
+def test_room_summary_200(api, check, user):
+    room_id = create_room(api, user, preset="public_chat", name="Summarised", topic="what it is about")
+    body = check(api.request("GET", f"{V1}/room_summary/{q(room_id)}", user.access_token), "GET", f"{V1}/room_summary/{{roomIdOrAlias}}", 200)
+    assert (body["room_id"], body["name"], body["topic"], body["membership"], body["num_joined_members"]) == (room_id, "Summarised", "what it is about", "join", 1)
+
+
+def test_room_summary_404(api, check, user, new_user):
+    room_id = create_room(api, user, preset="private_chat")
+    resp = api.request("GET", f"{V1}/room_summary/{q(room_id)}", new_user().access_token)
+    assert check(resp, "GET", f"{V1}/room_summary/{{roomIdOrAlias}}", 404)["errcode"] == "M_NOT_FOUND"
+
+
 def test_event_by_id_200(api, check, user):
     room_id = create_room(api, user)
     event_id = send_text(api, user, room_id, "fetch me")

@@ -471,6 +471,84 @@ fn relations_list_children_by_type_with_paging_recursion_and_redaction() {
 }
 
 #[test]
+fn space_hierarchy_walks_visible_children_in_order_with_pages_and_summaries() {
+    let node = Node::start("spaces", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let space = alice.create_room(json!({ "preset": "public_chat", "name": "Space", "creation_content": { "type": "m.space" } }));
+    let public = alice.create_room(json!({ "preset": "public_chat", "name": "Public", "room_alias_name": "public-room" }));
+    let private = alice.create_room(json!({ "preset": "private_chat", "name": "Private" }));
+    let members_only = alice.create_room(json!({ "preset": "private_chat", "name": "Members only" }));
+    let rule = json!({ "join_rule": "restricted", "allow": [{ "type": "m.room_membership", "room_id": space }] });
+    let (s, b) = alice.put(&format!("/_matrix/client/v3/rooms/{members_only}/state/m.room.join_rules"), rule);
+    assert_eq!(s, 200, "{b}");
+    let sub = alice.create_room(json!({ "preset": "public_chat", "name": "Sub-space", "creation_content": { "type": "m.space" } }));
+    let deep = alice.create_room(json!({ "preset": "public_chat", "name": "Deep" }));
+    let no_via = alice.create_room(json!({ "preset": "public_chat", "name": "No via" }));
+    let add = |parent: &str, child: &str, content: Value| {
+        let (s, b) = alice.put(&format!("/_matrix/client/v3/rooms/{parent}/state/m.space.child/{child}"), content);
+        assert_eq!(s, 200, "{b}");
+    };
+    add(&space, &public, json!({ "via": ["localhost"], "order": "b" }));
+    add(&space, &private, json!({ "via": ["localhost"] }));
+    add(&space, &members_only, json!({ "via": ["localhost"], "order": "a", "suggested": true }));
+    add(&space, &sub, json!({ "via": ["localhost"] }));
+    add(&space, &no_via, json!({}));
+    add(&sub, &deep, json!({ "via": ["localhost"] }));
+    let (s, b) = bob.post(&format!("/_matrix/client/v3/join/{space}"), json!({}));
+    assert_eq!(s, 200, "{b}");
+
+    let get = |query: &str| -> (u16, Value) { bob.get(&format!("/_matrix/client/v1/rooms/{space}/hierarchy{query}")) };
+    let ids = |b: &Value| -> Vec<String> { b["rooms"].as_array().expect("rooms").iter().map(|r| r["room_id"].as_str().expect("room_id").to_owned()).collect() };
+    // Depth first, ordered children first; the private room is left out.
+    let (s, all) = get("");
+    assert_eq!(s, 200, "{all}");
+    assert_eq!(ids(&all), [space.as_str(), members_only.as_str(), public.as_str(), sub.as_str(), deep.as_str()], "{all}");
+    assert!(all.get("next_batch").is_none(), "{all}");
+    let top = &all["rooms"][0];
+    assert_eq!((top["room_type"].as_str(), top["name"].as_str(), top["join_rule"].as_str()), (Some("m.space"), Some("Space"), Some("public")));
+    let listed: Vec<&str> = top["children_state"].as_array().expect("children_state").iter().map(|c| c["state_key"].as_str().expect("state_key")).collect();
+    assert_eq!(listed, [members_only.as_str(), public.as_str(), private.as_str(), sub.as_str()], "{top}");
+    assert!(top["children_state"][0]["origin_server_ts"].as_u64().is_some());
+    assert_eq!(all["rooms"][1]["allowed_room_ids"], json!([space]));
+    assert_eq!(all["rooms"][2]["children_state"], json!([]));
+
+    // Pages of two, each token taking up after the last.
+    let mut seen = Vec::new();
+    let mut from = String::new();
+    for _ in 0..5 {
+        let (s, page) = get(&format!("?limit=2{from}"));
+        assert_eq!(s, 200, "{page}");
+        assert!(page["rooms"].as_array().expect("rooms").len() <= 2);
+        seen.extend(ids(&page));
+        match page["next_batch"].as_str() {
+            Some(t) => from = format!("&from={t}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids(&all));
+    let (_, first) = get("?limit=2");
+    let token = first["next_batch"].as_str().expect("next_batch");
+    let (s, b) = get(&format!("?limit=2&max_depth=1&from={token}"));
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{b}");
+
+    let (_, shallow) = get("?max_depth=1");
+    assert_eq!(ids(&shallow), [space.as_str(), members_only.as_str(), public.as_str(), sub.as_str()]);
+    let (_, suggested) = get("?suggested_only=true");
+    assert_eq!(ids(&suggested), [space.as_str(), members_only.as_str()]);
+
+    // Rooms the user cannot see: 403 for the hierarchy, 404 for a summary.
+    let (s, b) = bob.get(&format!("/_matrix/client/v1/rooms/{private}/hierarchy"));
+    assert_eq!((s, b["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{b}");
+    let (s, b) = bob.get(&format!("/_matrix/client/v1/room_summary/{private}"));
+    assert_eq!((s, b["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{b}");
+    let (s, b) = bob.get("/_matrix/client/v1/room_summary/%23public-room:localhost");
+    assert_eq!(s, 200, "{b}");
+    assert_eq!((b["room_id"].as_str(), b["room_version"].as_str(), b.get("membership")), (Some(public.as_str()), Some("11"), None), "{b}");
+    let (_, b) = bob.get(&format!("/_matrix/client/v1/room_summary/{space}"));
+    assert_eq!((b["membership"].as_str(), b["num_joined_members"].as_u64()), (Some("join"), Some(2)), "{b}");
+}
+
+#[test]
 fn unread_counts_follow_push_rules_and_receipts() {
     let node = Node::start("unread", "");
     let (alice, bob) = two_users(&node);

@@ -13,6 +13,7 @@ pub mod backup;
 pub mod dehydrated;
 pub mod profile;
 pub mod rooms;
+pub mod spaces;
 pub mod sync;
 pub mod userdata;
 
@@ -182,6 +183,8 @@ async fn authed(shard: &Rc<Shard>, req: &Req, auth: &LazyAuth<'_>, segs: &[&str]
         ["rooms", room, "redact", event, txn] => methods!(req, PUT => ok(rooms::redact(shard, req, auth.get()?, room, event, txn).await?)),
         ["rooms", room, "messages"] => methods!(req, GET => ok(rooms::messages(shard, req, auth.get()?, room)?)),
         ["rooms", room, "context", event] => methods!(req, GET => ok(rooms::context(shard, req, auth.get()?, room, event)?)),
+        ["rooms", room, "hierarchy"] => methods!(req, GET => ok(spaces::hierarchy(shard, req, auth.get()?, room)?)),
+        ["room_summary", room] => methods!(req, GET => ok(spaces::summary(shard, auth.get()?, room)?)),
         ["rooms", room, "relations", event] => methods!(req, GET => ok(rooms::relations(shard, req, auth.get()?, room, event, None, None)?)),
         ["rooms", room, "relations", event, rel_type] => methods!(req, GET => ok(rooms::relations(shard, req, auth.get()?, room, event, Some(rel_type), None)?)),
         ["rooms", room, "relations", event, rel_type, event_type] => methods!(req, GET => ok(rooms::relations(shard, req, auth.get()?, room, event, Some(rel_type), Some(event_type))?)),

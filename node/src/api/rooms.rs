@@ -944,7 +944,7 @@ pub fn set_visibility(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> Ap
     Ok(json!({}))
 }
 
-fn room_summary(shard: &Shard, room: &RoomId) -> ApiResult<Value> {
+pub(crate) fn room_summary(shard: &Shard, room: &RoomId) -> ApiResult<Value> {
     let content = |kind: &str| -> ApiResult<Value> { Ok(shard.db.state_event(room, kind, "")?.map(|e| e.pdu.content_value()).unwrap_or(Value::Null)) };
     let joined = shard.db.members(room, "join", MEMBERS_MAX)?.len();
     let mut s = json!({
