@@ -72,7 +72,7 @@ fn children(shard: &Shard, space: &RoomId) -> ApiResult<Vec<(Value, String, bool
     for (state_key, entry) in shard.db.state_of_type(space, "m.space.child", SPACE_CHILDREN_MAX)? {
         let Some(ev) = shard.db.event(&entry.event_id)? else { continue };
         let content = ev.pdu.content_value();
-        if !content["via"].as_array().is_some_and(|v| !v.is_empty()) {
+        if content["via"].as_array().is_none_or(|v| v.is_empty()) {
             continue;
         }
         let order = content["order"].as_str().filter(|o| o.len() <= 50 && o.bytes().all(|b| (0x20..=0x7e).contains(&b))).map(str::to_owned);
