@@ -952,6 +952,22 @@ impl Db {
             .collect())
     }
 
+    /// Stores a content report (`kind`: event, room or user) under the day
+    /// it arrived, for moderators.
+    pub fn put_report(&self, kind: &str, received_ms: u64, reporter: &UserId, target: &str, report: &Value) -> DbResult<()> {
+        let day = u32::try_from(received_ms / 86_400_000).unwrap_or(u32::MAX);
+        let pk = [kind.as_bytes(), b"\0", &day.to_be_bytes()].concat();
+        let ck = [&received_ms.to_be_bytes()[..], b"\0", reporter.as_bytes(), b"\0", target.as_bytes()].concat();
+        Ok(self.store.write(vec![Write::put(Table::Reports, pk, ck, encode(report))])?)
+    }
+
+    /// The reports of one kind that arrived on one day (days since the
+    /// epoch), oldest first.
+    pub fn reports(&self, kind: &str, day: u32, limit: usize) -> DbResult<Vec<Value>> {
+        let pk = [kind.as_bytes(), b"\0", &day.to_be_bytes()].concat();
+        Ok(self.scan_json::<Value>(Scan::partition(Table::Reports, &pk, limit))?.into_iter().map(|(_, v)| v).collect())
+    }
+
     pub fn put_openid_token(&self, token: &str, user: &UserId, expires_ms: u64) -> DbResult<()> {
         let record = serde_json::json!({ "user_id": user, "expires_ms": expires_ms });
         Ok(self.store.write(vec![Write::put(Table::OpenIdTokens, token.as_bytes(), b"".to_vec(), encode(&record))])?)
@@ -1080,5 +1096,26 @@ mod tests {
         let old: EventNotifications = serde_json::from_str(r#"{"event_id":"$e:x","ts":5,"users":[["@dave:x",true]]}"#).expect("old row");
         assert_eq!(ids.iter().map(|u| old.notified(u, Some(0))).collect::<Vec<_>>(), vec![None, None, Some(true)]);
         assert_eq!(old.members(), (vec![], vec![ids[2].clone()]));
+    }
+
+    /// Reports are kept by kind and day, oldest first; two reports by one
+    /// user in the same millisecond are both kept when their targets differ.
+    #[test]
+    fn reports_are_kept_by_kind_and_day() {
+        let (db, dir) = db("reports");
+        let (bob, carol) = (UserId::parse("@bob:x").expect("bob"), UserId::parse("@carol:x").expect("carol"));
+        let day_ms = 86_400_000u64;
+        let at = 20_000 * day_ms + 5;
+        db.put_report("event", at, &bob, "$b:x", &serde_json::json!({ "n": 2 })).expect("put");
+        db.put_report("event", at, &bob, "$a:x", &serde_json::json!({ "n": 1 })).expect("put");
+        db.put_report("event", at - 1, &carol, "$a:x", &serde_json::json!({ "n": 0 })).expect("put");
+        db.put_report("event", at + day_ms, &bob, "$c:x", &serde_json::json!({ "n": 3 })).expect("put");
+        db.put_report("user", at, &bob, "@carol:x", &serde_json::json!({ "n": 4 })).expect("put");
+        let n = |v: Vec<Value>| v.iter().map(|r| r["n"].as_u64().expect("n")).collect::<Vec<_>>();
+        assert_eq!(n(db.reports("event", 20_000, 10).expect("reports")), [0, 1, 2]);
+        assert_eq!(n(db.reports("event", 20_001, 10).expect("reports")), [3]);
+        assert_eq!(n(db.reports("user", 20_000, 10).expect("reports")), [4]);
+        assert!(db.reports("room", 20_000, 10).expect("reports").is_empty());
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

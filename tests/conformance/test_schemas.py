@@ -639,6 +639,31 @@ def test_room_summary_404(api, check, user, new_user):
     assert check(resp, "GET", f"{V1}/room_summary/{{roomIdOrAlias}}", 404)["errcode"] == "M_NOT_FOUND"
 
 
+def test_report_event_room_user_200(api, check, user, new_user):
+    room_id = create_room(api, user, preset="public_chat")
+    event_id = send_text(api, user, room_id, "report me")
+    reporter = new_user()
+    join(api, reporter, room_id)
+    resp = api.request("POST", f"{V3}/rooms/{q(room_id)}/report/{q(event_id)}", reporter.access_token, json={"reason": "spam"})
+    assert check(resp, "POST", f"{V3}/rooms/{{roomId}}/report/{{eventId}}", 200) == {}
+    resp = api.request("POST", f"{V3}/rooms/{q(room_id)}/report", reporter.access_token, json={"reason": "spam room"})
+    assert check(resp, "POST", f"{V3}/rooms/{{roomId}}/report", 200) == {}
+    resp = api.request("POST", f"{V3}/users/{q(user.user_id)}/report", reporter.access_token, json={"reason": "spammer"})
+    assert check(resp, "POST", f"{V3}/users/{{userId}}/report", 200) == {}
+
+
+def test_report_event_room_user_404(api, check, user, server):
+    room_id = create_room(api, user)
+    resp = api.request("POST", f"{V3}/rooms/{q(room_id)}/report/{q('$doesnotexist')}", user.access_token, json={"reason": "x"})
+    assert check(resp, "POST", f"{V3}/rooms/{{roomId}}/report/{{eventId}}", 404)["errcode"] == "M_NOT_FOUND"
+    missing_room = f"!{unique('missing')}:{server.launch['server_name']}"
+    resp = api.request("POST", f"{V3}/rooms/{q(missing_room)}/report", user.access_token, json={"reason": "x"})
+    assert check(resp, "POST", f"{V3}/rooms/{{roomId}}/report", 404)["errcode"] == "M_NOT_FOUND"
+    missing_user = f"@{unique('nobody')}:{server.launch['server_name']}"
+    resp = api.request("POST", f"{V3}/users/{q(missing_user)}/report", user.access_token, json={"reason": "x"})
+    assert check(resp, "POST", f"{V3}/users/{{userId}}/report", 404)["errcode"] == "M_NOT_FOUND"
+
+
 def test_event_by_id_200(api, check, user):
     room_id = create_room(api, user)
     event_id = send_text(api, user, room_id, "fetch me")

@@ -549,6 +549,46 @@ fn space_hierarchy_walks_visible_children_in_order_with_pages_and_summaries() {
 }
 
 #[test]
+fn reports_of_events_rooms_and_users_are_accepted_only_for_what_exists() {
+    let node = Node::start("reports", "");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let event = alice.send_text(&room, "bad", "something bad");
+    let (s, b) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/report/{event}"), json!({ "reason": "spam", "score": -100 }));
+    assert_eq!((s, b), (200, json!({})));
+    let (s, b) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/report/{event}"), json!({}));
+    assert_eq!(s, 200, "the reason of an event report is optional: {b}");
+    let (s, b) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/report"), json!({ "reason": "" }));
+    assert_eq!((s, b), (200, json!({})));
+    let (s, b) = bob.post("/_matrix/client/v3/users/@alice:localhost/report", json!({ "reason": "abuse" }));
+    assert_eq!((s, b), (200, json!({})));
+    assert!(node.log().contains("event reported"), "reports are logged for moderators");
+
+    // What does not exist, or what the reporter cannot see, is 404.
+    let mut carol = node.client();
+    carol.register("carol");
+    let not_found = [
+        carol.post(&format!("/_matrix/client/v3/rooms/{room}/report/{event}"), json!({ "reason": "not joined" })),
+        bob.post(&format!("/_matrix/client/v3/rooms/{room}/report/$missing"), json!({ "reason": "no such event" })),
+        bob.post("/_matrix/client/v3/rooms/!missing:localhost/report", json!({ "reason": "no such room" })),
+        bob.post("/_matrix/client/v3/users/@nobody:localhost/report", json!({ "reason": "no such user" })),
+        bob.post("/_matrix/client/v3/users/@alice:elsewhere.example/report", json!({ "reason": "not ours" })),
+    ];
+    for (s, b) in not_found {
+        assert_eq!((s, b["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{b}");
+    }
+    let (s, b) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{event}/red"), json!({}));
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/report/{event}"), json!({ "reason": "redacted now" }));
+    assert_eq!((s, b["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{b}");
+    // Rooms and users need a reason, and a reason is a string.
+    for (path, body) in [(format!("/_matrix/client/v3/rooms/{room}/report"), json!({})), ("/_matrix/client/v3/users/@alice:localhost/report".to_owned(), json!({ "reason": 5 }))] {
+        let (s, b) = bob.post(&path, body);
+        assert_eq!((s, b["errcode"].as_str()), (400, Some("M_BAD_JSON")), "{path}: {b}");
+    }
+}
+
+#[test]
 fn unread_counts_follow_push_rules_and_receipts() {
     let node = Node::start("unread", "");
     let (alice, bob) = two_users(&node);

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod backup;
 pub mod dehydrated;
 pub mod profile;
+pub mod reports;
 pub mod rooms;
 pub mod spaces;
 pub mod sync;
@@ -183,6 +184,9 @@ async fn authed(shard: &Rc<Shard>, req: &Req, auth: &LazyAuth<'_>, segs: &[&str]
         ["rooms", room, "redact", event, txn] => methods!(req, PUT => ok(rooms::redact(shard, req, auth.get()?, room, event, txn).await?)),
         ["rooms", room, "messages"] => methods!(req, GET => ok(rooms::messages(shard, req, auth.get()?, room)?)),
         ["rooms", room, "context", event] => methods!(req, GET => ok(rooms::context(shard, req, auth.get()?, room, event)?)),
+        ["rooms", room, "report", event] => methods!(req, POST => ok(reports::event(shard, req, auth.get()?, room, event)?)),
+        ["rooms", room, "report"] => methods!(req, POST => ok(reports::room(shard, req, auth.get()?, room)?)),
+        ["users", user, "report"] => methods!(req, POST => ok(reports::user(shard, req, auth.get()?, user)?)),
         ["rooms", room, "hierarchy"] => methods!(req, GET => ok(spaces::hierarchy(shard, req, auth.get()?, room)?)),
         ["room_summary", room] => methods!(req, GET => ok(spaces::summary(shard, auth.get()?, room)?)),
         ["rooms", room, "relations", event] => methods!(req, GET => ok(rooms::relations(shard, req, auth.get()?, room, event, None, None)?)),

@@ -103,11 +103,15 @@ pub enum Table {
     /// pk = room id \0 parent event id; ck = stream position of the child
     /// -> the child's id, relation type and event type (`m.relates_to`).
     Relations,
+    /// pk = kind (`event`, `room`, `user`) \0 day (u32 BE, days since the
+    /// epoch); ck = received ms (u64 BE) \0 reporter \0 reported id -> the
+    /// report.
+    Reports,
 }
 
 impl Table {
     /// All tables, for backends that create them up front.
-    pub const ALL: [Table; 37] = [
+    pub const ALL: [Table; 38] = [
         Table::Meta,
         Table::Users,
         Table::AccessTokens,
@@ -145,6 +149,7 @@ impl Table {
         Table::BackupKeys,
         Table::DehydratedDevices,
         Table::Relations,
+        Table::Reports,
     ];
 
     /// The table's name in every backend.
@@ -187,6 +192,7 @@ impl Table {
             Table::BackupKeys => "backup_keys",
             Table::DehydratedDevices => "dehydrated_devices",
             Table::Relations => "relations",
+            Table::Reports => "reports",
         }
     }
 }
