@@ -238,6 +238,9 @@ pub struct Relation {
     pub rel_type: String,
     #[serde(rename = "type")]
     pub kind: String,
+    /// The child's sender (threads count their participants from it).
+    #[serde(default)]
+    pub sender: String,
 }
 
 impl Relation {
@@ -249,6 +252,29 @@ impl Relation {
         let rel_type = rel.get("rel_type")?.as_str()?;
         let parent = OwnedEventId::try_from(rel.get("event_id")?.as_str()?).ok()?;
         Some((parent, rel_type))
+    }
+}
+
+/// What a thread root's `m.thread` aggregation is built from.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct ThreadSummary {
+    /// Replies in the thread.
+    pub count: u64,
+    /// The latest reply and its position.
+    pub latest: String,
+    pub latest_pos: u64,
+    /// Senders of replies, at most [`THREAD_PARTICIPANTS_MAX`] (later
+    /// ones are not recorded).
+    pub participants: Vec<String>,
+}
+
+/// Most reply senders a thread summary records.
+pub const THREAD_PARTICIPANTS_MAX: usize = 1_000;
+
+impl ThreadSummary {
+    /// Whether `user` took part: wrote the root (`root_sender`) or a reply.
+    pub fn participated(&self, user: &UserId, root_sender: &UserId) -> bool {
+        user == root_sender || self.participants.iter().any(|p| p == user.as_str())
     }
 }
 
@@ -641,6 +667,54 @@ impl Db {
             .map(|(ck, r)| {
                 let pos = <[u8; 8]>::try_from(ck.as_slice()).map(u64::from_be_bytes).map_err(|_| corrupt(Table::Relations, "position"))?;
                 Ok((pos, r))
+            })
+            .collect()
+    }
+
+    /// The summary of the thread rooted at `root`, if it has replies.
+    pub fn thread_summary(&self, room: &RoomId, root: &EventId) -> DbResult<Option<ThreadSummary>> {
+        self.get_json(Table::Threads, room.as_bytes(), root.as_bytes())
+    }
+
+    fn threads_latest_pk(room: &RoomId) -> Vec<u8> {
+        [room.as_bytes(), b"\0latest"].concat()
+    }
+
+    /// Stages a thread's new summary and moves its row in the by-activity
+    /// order from `old` (its previous summary, if any).
+    pub fn thread_writes(room: &RoomId, root: &EventId, old: Option<&ThreadSummary>, new: &ThreadSummary) -> Vec<Write> {
+        let latest = Db::threads_latest_pk(room);
+        let mut writes = vec![Write::put(Table::Threads, room.as_bytes(), root.as_bytes(), encode(new))];
+        if let Some(old) = old
+            && old.latest_pos != new.latest_pos
+        {
+            writes.push(Write::delete(Table::Threads, latest.clone(), old.latest_pos.to_be_bytes().to_vec()));
+        }
+        writes.push(Write::put(Table::Threads, latest, new.latest_pos.to_be_bytes().to_vec(), root.as_bytes()));
+        writes
+    }
+
+    /// Stages the removal of a thread that has no reply left.
+    pub fn thread_delete(room: &RoomId, root: &EventId, old: Option<&ThreadSummary>) -> Vec<Write> {
+        let mut writes = vec![Write::delete(Table::Threads, room.as_bytes(), root.as_bytes())];
+        if let Some(old) = old {
+            writes.push(Write::delete(Table::Threads, Db::threads_latest_pk(room), old.latest_pos.to_be_bytes().to_vec()));
+        }
+        writes
+    }
+
+    /// Thread roots of a room by the position of their latest reply, within
+    /// the bounds, most recent first when `reverse`.
+    pub fn threads(&self, room: &RoomId, from: Bound<u64>, to: Bound<u64>, reverse: bool, limit: usize) -> DbResult<Vec<(u64, OwnedEventId)>> {
+        let pk = Db::threads_latest_pk(room);
+        let key = |b: Bound<u64>| b.map(u64::to_be_bytes);
+        let (from, to) = (key(from), key(to));
+        let rows = self.store.scan(Scan { table: Table::Threads, pk: &pk, from: from.as_ref().map(|k| &k[..]), to: to.as_ref().map(|k| &k[..]), reverse, limit })?;
+        rows.into_iter()
+            .map(|(ck, v)| {
+                let pos = <[u8; 8]>::try_from(ck.as_ref()).map(u64::from_be_bytes).map_err(|_| corrupt(Table::Threads, "position"))?;
+                let id = OwnedEventId::try_from(String::from_utf8_lossy(&v).into_owned()).map_err(|_| corrupt(Table::Threads, "root id"))?;
+                Ok((pos, id))
             })
             .collect()
     }

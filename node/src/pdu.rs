@@ -246,6 +246,12 @@ impl Rendered {
 
     /// The client JSON for `viewer` at `now_ms`.
     pub fn render(&self, now_ms: u64, viewer: Option<(&UserId, &str)>) -> Box<RawJsonValue> {
+        self.render_with(now_ms, viewer, None)
+    }
+
+    /// [`Rendered::render`] with `extra` (JSON object members, such as
+    /// `"m.relations":{..}`) added to `unsigned`.
+    pub fn render_with(&self, now_ms: u64, viewer: Option<(&UserId, &str)>, extra: Option<&str>) -> Box<RawJsonValue> {
         use std::fmt::Write as _;
         let mut out = String::with_capacity(self.head.len() + 64);
         out.push_str(&self.head);
@@ -260,6 +266,10 @@ impl Rendered {
         {
             out.push_str(",\"transaction_id\":");
             out.push_str(&serde_json::to_string(txn_id).unwrap_or_else(|_| "\"\"".into()));
+        }
+        if let Some(extra) = extra {
+            out.push(',');
+            out.push_str(extra);
         }
         out.push_str("}}");
         // The head is serde_json output and the tail is well-formed, so this

@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,7 +21,7 @@ use ruma::signatures::Ed25519KeyPair;
 use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
 use serde_json::{Value, json};
 
-use crate::db::{Db, Relation, RoomHead, StateEntry, UNREAD_RECOUNT_MAX, UNREAD_ROUND_EVENTS, UnreadRound, UserRoom, encode, state_ck};
+use crate::db::{Db, Relation, RoomHead, StateEntry, THREAD_PARTICIPANTS_MAX, ThreadSummary, UNREAD_RECOUNT_MAX, UNREAD_ROUND_EVENTS, UnreadRound, UserRoom, encode, state_ck};
 use crate::error::{ApiError, ApiResult, Error};
 use crate::pdu::{Pdu, StoredEvent, to_canonical};
 use crate::shard::{Draft, NewRoom, RoomOp, RoomReply, Shard, ShardMsg, Typing, UnreadCounts};
@@ -140,12 +141,60 @@ struct Batch {
     unread: BTreeMap<OwnedUserId, crate::db::Unread>,
     /// Events staged in this batch.
     events: Vec<OwnedEventId>,
+    /// Threads this batch changes: root -> (summary stored before the
+    /// batch, summary after it; None when no reply is left). Written once
+    /// per root when the batch is committed ([`Batch::stage_threads`]).
+    threads: HashMap<OwnedEventId, (Option<ThreadSummary>, Option<ThreadSummary>)>,
 }
 
 impl Batch {
     fn new(pos: u64) -> Batch {
-        Batch { writes: Vec::new(), pos, users: Vec::new(), redacted: Vec::new(), unread: BTreeMap::new(), events: Vec::new() }
+        Batch { writes: Vec::new(), pos, users: Vec::new(), redacted: Vec::new(), unread: BTreeMap::new(), events: Vec::new(), threads: HashMap::new() }
     }
+
+    /// Stages the rows of every thread this batch changed.
+    fn stage_threads(&mut self, room: &RoomId) {
+        for (root, (stored, new)) in self.threads.drain() {
+            match new {
+                Some(new) => self.writes.extend(Db::thread_writes(room, &root, stored.as_ref(), &new)),
+                None => self.writes.extend(Db::thread_delete(room, &root, stored.as_ref())),
+            }
+        }
+    }
+
+    /// The summary of the thread at `root` as of this batch: staged here,
+    /// else stored. `None` when `root` is not an event of this room.
+    fn thread(&mut self, shard: &Shard, room: &RoomId, root: &EventId) -> ApiResult<Option<Option<ThreadSummary>>> {
+        if let Some((_, current)) = self.threads.get(root) {
+            return Ok(Some(current.clone()));
+        }
+        let in_room = self.events.iter().any(|e| e == root) || shard.db.event(root)?.is_some_and(|ev| ev.pdu.room_id == room);
+        if !in_room {
+            return Ok(None);
+        }
+        let stored = shard.db.thread_summary(room, root)?;
+        self.threads.insert(root.to_owned(), (stored.clone(), stored.clone()));
+        Ok(Some(stored))
+    }
+}
+
+/// Most replies read to recount a thread after one is redacted.
+const THREAD_RECOUNT_MAX: usize = 100_000;
+
+/// A thread's summary from its replies in stream order; None when there
+/// are none.
+fn recount_thread(replies: impl Iterator<Item = (u64, Relation)>) -> Option<ThreadSummary> {
+    let mut summary: Option<ThreadSummary> = None;
+    for (pos, reply) in replies {
+        let s = summary.get_or_insert_with(ThreadSummary::default);
+        s.count += 1;
+        s.latest = reply.event_id.to_string();
+        s.latest_pos = pos;
+        if s.participants.len() < THREAD_PARTICIPANTS_MAX && !s.participants.contains(&reply.sender) {
+            s.participants.push(reply.sender);
+        }
+    }
+    summary
 }
 
 fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply> {
@@ -239,8 +288,9 @@ fn send_group(shard: &Rc<Shard>, room: &RoomId, group: Vec<QueuedSend>) {
             }
         }
         // A redaction reads its target from storage: one staged in this
-        // batch is written first.
-        if draft.redacts.as_ref().is_some_and(|target| batch.events.contains(target)) {
+        // batch is written first; so are thread replies, which a redaction
+        // may recount from storage.
+        if draft.redacts.as_ref().is_some_and(|target| batch.events.contains(target) || !batch.threads.is_empty()) {
             let full = std::mem::replace(&mut batch, Batch::new(0));
             if let Err(e) = commit_group(shard, room, &cached_rc, full, std::mem::take(&mut waiting)) {
                 // The cache held the unwritten events: nothing more is appended to it.
@@ -282,6 +332,7 @@ fn commit_group(shard: &Rc<Shard>, room: &RoomId, cached_rc: &Rc<RefCell<CachedR
     let head = {
         let mut cached = cached_rc.borrow_mut();
         cached.head.last_event_pos = batch.pos;
+        batch.stage_threads(room);
         stage_unread_round(shard, room, &mut cached, &mut batch).map(|()| cached.head.clone())
     };
     match head.and_then(|head| commit_batch(shard, room, &head, batch)) {
@@ -303,6 +354,7 @@ fn commit_group(shard: &Rc<Shard>, room: &RoomId, cached_rc: &Rc<RefCell<CachedR
 
 fn commit(shard: &Rc<Shard>, room: &RoomId, mut cached: CachedRoom, mut batch: Batch) -> ApiResult<()> {
     cached.head.last_event_pos = batch.pos;
+    batch.stage_threads(room);
     stage_unread_round(shard, room, &mut cached, &mut batch)?;
     let head = cached.head.clone();
     commit_batch(shard, room, &head, batch)?;
@@ -494,6 +546,24 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         Some(target) => shard.db.event(target)?.filter(|ev| ev.pdu.room_id == room),
         None => None,
     };
+    let relation = Relation::of(&draft.content);
+    // A reply in a thread: the root's summary as of this batch.
+    let thread = match &relation {
+        Some((root, "m.thread")) => batch.thread(shard, room, root)?.map(|summary| (root.clone(), summary)),
+        _ => None,
+    };
+    // A redacted reply leaves its thread: the summary recounted from the
+    // thread's other replies.
+    let unthread = match &redacted_target {
+        Some(target) => match Relation::of(&target.pdu.content_value()) {
+            Some((root, "m.thread")) if batch.thread(shard, room, &root)?.is_some() => {
+                let replies = shard.db.relations(room, &root, Bound::Unbounded, Bound::Unbounded, false, THREAD_RECOUNT_MAX)?;
+                Some((root, recount_thread(replies.into_iter().filter(|(pos, r)| *pos != target.stored.pos && r.rel_type == "m.thread"))))
+            }
+            _ => None,
+        },
+        None => None,
+    };
 
     // Staged: allocate the position and write everything.
     batch.pos += 1;
@@ -508,9 +578,26 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         stored.replaces_state = Some(prev.id().to_string());
     }
     batch.writes.push(Write::put(Table::Events, event_id.as_bytes(), b"".to_vec(), encode(&stored)));
-    if let Some((parent, rel_type)) = Relation::of(&draft.content) {
-        let child = Relation { event_id: event_id.clone(), rel_type: rel_type.to_owned(), kind: draft.kind.clone() };
+    if let Some((parent, rel_type)) = relation {
+        let child = Relation { event_id: event_id.clone(), rel_type: rel_type.to_owned(), kind: draft.kind.clone(), sender: draft.sender.to_string() };
         batch.writes.push(Db::relation_write(room, &parent, pos, &child));
+    }
+    if let Some((root, current)) = thread {
+        let mut new = current.unwrap_or_default();
+        new.count += 1;
+        new.latest = event_id.to_string();
+        new.latest_pos = pos;
+        if new.participants.len() < THREAD_PARTICIPANTS_MAX && !new.participants.iter().any(|p| p == draft.sender.as_str()) {
+            new.participants.push(draft.sender.to_string());
+        }
+        if let Some(entry) = batch.threads.get_mut(&root) {
+            entry.1 = Some(new);
+        }
+    }
+    if let Some((root, recounted)) = unthread
+        && let Some(entry) = batch.threads.get_mut(&root)
+    {
+        entry.1 = recounted;
     }
     let seq = cached.head.timeline_len;
     batch.writes.extend(Db::timeline_writes(room, seq, pos, &event_id));

@@ -606,6 +606,28 @@ def test_relations_404(api, check, user):
     assert check(resp, "GET", f"{V1}/rooms/{{roomId}}/relations/{{eventId}}", 404)["errcode"] == "M_NOT_FOUND"
 
 
+def test_threads_200(api, check, user):
+    room_id = create_room(api, user)
+    roots = [send_text(api, user, room_id, f"root {i}") for i in range(2)]
+    for root in roots[::-1]:
+        content = {"msgtype": "m.text", "body": "reply", "m.relates_to": {"rel_type": "m.thread", "event_id": root}}
+        resp = api.request("PUT", f"{V3}/rooms/{q(room_id)}/send/m.room.message/{unique('txn')}", user.access_token, json=content)
+        assert resp.status_code == 200, resp.text
+    resp = api.request("GET", f"{V1}/rooms/{q(room_id)}/threads", user.access_token, params={"limit": 1, "include": "participated"})
+    body = check(resp, "GET", f"{V1}/rooms/{{roomId}}/threads", 200)
+    assert [e["event_id"] for e in body["chunk"]] == [roots[0]]
+    assert body["chunk"][0]["unsigned"]["m.relations"]["m.thread"]["count"] == 1
+    resp = api.request("GET", f"{V1}/rooms/{q(room_id)}/threads", user.access_token, params={"limit": 1, "from": body["next_batch"]})
+    body = check(resp, "GET", f"{V1}/rooms/{{roomId}}/threads", 200)
+    assert [e["event_id"] for e in body["chunk"]] == [roots[1]] and "next_batch" not in body
+
+
+def test_threads_403(api, check, user, new_user):
+    room_id = create_room(api, user, preset="private_chat")
+    resp = api.request("GET", f"{V1}/rooms/{q(room_id)}/threads", new_user().access_token)
+    assert check(resp, "GET", f"{V1}/rooms/{{roomId}}/threads", 403)["errcode"] == "M_FORBIDDEN"
+
+
 def test_space_hierarchy_200(api, check, user, new_user):
     space = create_room(api, user, preset="public_chat", name="Space", creation_content={"type": "m.space"})
     child = create_room(api, user, preset="public_chat", name="Child")

@@ -549,6 +549,103 @@ fn space_hierarchy_walks_visible_children_in_order_with_pages_and_summaries() {
 }
 
 #[test]
+fn threads_list_by_latest_reply_and_roots_carry_their_summary() {
+    let node = Node::start("threads", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let mut carol = node.client();
+    carol.register("carol");
+    let (s, b) = alice.post(&format!("/_matrix/client/v3/rooms/{room}/invite"), json!({ "user_id": "@carol:localhost" }));
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = carol.post(&format!("/_matrix/client/v3/join/{room}"), json!({}));
+    assert_eq!(s, 200, "{b}");
+    let reply = |c: &Client, txn: &str, root: &str, body: &str| -> String {
+        let content = json!({ "msgtype": "m.text", "body": body, "m.relates_to": { "rel_type": "m.thread", "event_id": root } });
+        let (s, b) = c.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}"), content);
+        assert_eq!(s, 200, "{b}");
+        b["event_id"].as_str().expect("event_id").to_owned()
+    };
+    let r1 = alice.send_text(&room, "r1", "root one");
+    let r2 = alice.send_text(&room, "r2", "root two");
+    let r3 = bob.send_text(&room, "r3", "no replies");
+    let b1 = reply(&bob, "b1", &r1, "bob in one");
+    reply(&alice, "a1", &r2, "alice in two");
+    let b2 = reply(&bob, "b2", &r2, "bob in two");
+    let b3 = reply(&bob, "b3", &r1, "bob again in one");
+
+    let list = |c: &Client, query: &str| -> Value {
+        let (s, b) = c.get(&format!("/_matrix/client/v1/rooms/{room}/threads{query}"));
+        assert_eq!(s, 200, "{b}");
+        b
+    };
+    let ids = |b: &Value| -> Vec<String> { b["chunk"].as_array().expect("chunk").iter().map(|e| e["event_id"].as_str().expect("event_id").to_owned()).collect() };
+    let all = list(&alice, "");
+    assert_eq!(ids(&all), [r1.as_str(), r2.as_str()], "{all}");
+    let thread = &all["chunk"][0]["unsigned"]["m.relations"]["m.thread"];
+    assert_eq!((thread["count"].as_u64(), thread["latest_event"]["event_id"].as_str(), thread["latest_event"]["content"]["body"].as_str()), (Some(2), Some(b3.as_str()), Some("bob again in one")), "{all}");
+    assert_eq!(thread["current_user_participated"], true, "alice wrote the root");
+    assert!(ids(&list(&carol, "?include=participated")).is_empty());
+    assert_eq!(ids(&list(&bob, "?include=participated")), [r1.as_str(), r2.as_str()]);
+    let first = list(&carol, "?limit=1");
+    assert_eq!(ids(&first), [r1.as_str()]);
+    let next = first["next_batch"].as_str().expect("next_batch");
+    let second = list(&carol, &format!("?limit=1&from={next}"));
+    assert_eq!(ids(&second), [r2.as_str()]);
+    assert!(second.get("next_batch").is_none(), "{second}");
+
+    // The summary travels with the root wherever it is served, per viewer.
+    let summary = |c: &Client, id: &str| -> Value {
+        let (s, b) = c.get(&format!("/_matrix/client/v3/rooms/{room}/event/{id}"));
+        assert_eq!(s, 200, "{b}");
+        b["unsigned"]["m.relations"]["m.thread"].clone()
+    };
+    assert_eq!((summary(&bob, &r1)["count"].as_u64(), summary(&bob, &r1)["current_user_participated"].as_bool()), (Some(2), Some(true)));
+    assert_eq!(summary(&carol, &r1)["current_user_participated"], false);
+    assert_eq!(summary(&carol, &r3), Value::Null);
+    let (_, page) = carol.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"));
+    let in_page = |id: &str| page["chunk"].as_array().expect("chunk").iter().find(|e| e["event_id"] == id).cloned().expect("event in page");
+    assert_eq!(in_page(&r2)["unsigned"]["m.relations"]["m.thread"]["count"], 2);
+    assert!(in_page(&r3)["unsigned"].get("m.relations").is_none());
+    let (_, sync) = carol.get("/_matrix/client/v3/sync?filter=%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A50%7D%7D%7D");
+    let timeline = sync["rooms"]["join"][&room]["timeline"]["events"].as_array().expect("timeline").clone();
+    let root = timeline.iter().find(|e| e["event_id"] == r1.as_str()).expect("root in sync");
+    assert_eq!(root["unsigned"]["m.relations"]["m.thread"]["latest_event"]["event_id"], b3.as_str(), "{root}");
+
+    // Replies sent at once from many connections are all counted.
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            let c = Client::new(bob.base.clone(), bob.token.clone());
+            let (room, r3) = (room.clone(), r3.clone());
+            std::thread::spawn(move || {
+                for j in 0..4 {
+                    let content = json!({ "msgtype": "m.text", "body": format!("burst {t} {j}"), "m.relates_to": { "rel_type": "m.thread", "event_id": r3 } });
+                    let (s, b) = c.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/burst-{t}-{j}"), content);
+                    assert_eq!(s, 200, "{b}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("sender thread");
+    }
+    assert_eq!(summary(&carol, &r3)["count"], 24);
+    assert_eq!(ids(&list(&carol, "?limit=1")), [r3.as_str()]);
+
+    // Redacted replies leave their thread; a thread left empty leaves the list.
+    for id in [&b3, &b1] {
+        let (s, b) = bob.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{id}/red-{id}"), json!({}));
+        assert_eq!(s, 200, "{b}");
+        if id == &b3 {
+            assert_eq!(summary(&alice, &r1)["latest_event"]["event_id"], b1.as_str());
+            assert_eq!(ids(&list(&alice, "")), [r3.as_str(), r2.as_str(), r1.as_str()]);
+        }
+    }
+    assert_eq!(summary(&alice, &r1), Value::Null);
+    assert_eq!(ids(&list(&alice, "")), [r3.as_str(), r2.as_str()]);
+    assert_eq!(summary(&alice, &r2)["latest_event"]["event_id"], b2.as_str());
+}
+
+#[test]
 fn reports_of_events_rooms_and_users_are_accepted_only_for_what_exists() {
     let node = Node::start("reports", "");
     let (alice, bob) = two_users(&node);

@@ -72,7 +72,7 @@ pub fn ensure_joined(shard: &Shard, room: &RoomId, user: &UserId) -> ApiResult<U
 
 /// The highest timeline position the user may see: all for joined members,
 /// up to their leave for former members.
-fn visible_upto(shard: &Shard, room: &RoomId, user: &UserId) -> ApiResult<u64> {
+pub(crate) fn visible_upto(shard: &Shard, room: &RoomId, user: &UserId) -> ApiResult<u64> {
     let ur = membership_record(shard, room, user)?;
     match ur.membership.as_str() {
         "join" => Ok(u64::MAX),
@@ -607,7 +607,9 @@ pub fn messages(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResul
         }
     }
     let start = format!("t{from}");
-    let mut body = json!({ "start": start, "chunk": chunk.iter().map(|e| e.to_client(now, Some((&auth.user, &auth.device)))).collect::<Vec<_>>() });
+    let viewer = Some((&*auth.user, auth.device.as_str()));
+    let rendered = chunk.iter().map(|e| client_event(shard, &room, e, now, viewer)).collect::<ApiResult<Vec<_>>>()?;
+    let mut body = json!({ "start": start, "chunk": rendered });
     if let Some(p) = last_pos
         && (chunk.len() >= limit)
     {
@@ -617,6 +619,13 @@ pub fn messages(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResul
         body["state"] = json!(lazy_members(shard, &room, &chunk, now)?);
     }
     Ok(body)
+}
+
+/// An event's client JSON for `viewer`, with its bundled aggregations.
+fn client_event(shard: &Shard, room: &RoomId, ev: &Event, now: u64, viewer: Option<(&UserId, &str)>) -> ApiResult<Value> {
+    let mut value = ev.to_client(now, viewer);
+    crate::api::threads::bundle_into(shard, room, ev, &mut value, viewer, now)?;
+    Ok(value)
 }
 
 /// GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}
@@ -660,9 +669,9 @@ pub fn context(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &str)
         state.extend(lazy_members(shard, &room, &all, now)?);
     }
     Ok(json!({
-        "event": ev.to_client(now, viewer),
-        "events_before": before.iter().map(|e| e.to_client(now, viewer)).collect::<Vec<_>>(),
-        "events_after": after.iter().map(|e| e.to_client(now, viewer)).collect::<Vec<_>>(),
+        "event": client_event(shard, &room, &ev, now, viewer)?,
+        "events_before": before.iter().map(|e| client_event(shard, &room, e, now, viewer)).collect::<ApiResult<Vec<_>>>()?,
+        "events_after": after.iter().map(|e| client_event(shard, &room, e, now, viewer)).collect::<ApiResult<Vec<_>>>()?,
         "start": format!("t{start}"),
         "end": format!("t{end}"),
         "state": state,
@@ -675,7 +684,7 @@ pub fn event(shard: &Shard, auth: &Authed, room: &str, event: &str) -> ApiResult
     let upto = visible_upto(shard, &room, &auth.user).map_err(|_| ApiError::not_found("Event not found"))?;
     let id = OwnedEventId::try_from(event).map_err(|_| ApiError::not_found("Event not found"))?;
     let ev = shard.db.event(&id)?.filter(|e| e.pdu.room_id == room && e.stored.pos <= upto).ok_or_else(|| ApiError::not_found("Event not found"))?;
-    Ok(ev.to_client(now_ms(), Some((&auth.user, &auth.device))))
+    client_event(shard, &room, &ev, now_ms(), Some((&auth.user, &auth.device)))
 }
 
 /// Children per `/relations` page when the client names no limit.
@@ -777,7 +786,7 @@ pub fn relations(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &st
     let mut chunk = Vec::with_capacity(found.len());
     for (_, child) in &found {
         if let Some(ev) = shard.db.event(child)? {
-            chunk.push(ev.to_client(now, Some((&auth.user, &auth.device))));
+            chunk.push(client_event(shard, &room, &ev, now, Some((&auth.user, &auth.device)))?);
         }
     }
     let mut body = json!({ "chunk": chunk });

@@ -414,7 +414,10 @@ fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, room_events: Option<u64
     events.reverse();
     let prev_batch = format!("t{}", first.saturating_sub(1));
     let viewer = Some((&*auth.user, auth.device.as_str()));
-    let rendered = events.iter().map(|e| e.render(now, viewer)).collect();
+    let rendered = events
+        .iter()
+        .map(|e| Ok(e.render_with(now, viewer, crate::api::threads::bundle(shard, room, &e.event, viewer, now)?.as_deref())))
+        .collect::<ApiResult<Vec<_>>>()?;
     Ok((Timeline { events: rendered, limited, prev_batch }, events))
 }
 

@@ -107,11 +107,15 @@ pub enum Table {
     /// epoch); ck = received ms (u64 BE) \0 reporter \0 reported id -> the
     /// report.
     Reports,
+    /// pk = room id -> ck = thread root event id -> the thread's summary;
+    /// pk = room id \0 `latest` -> ck = position of the thread's latest
+    /// reply (u64 BE) -> the root's id (threads by latest activity).
+    Threads,
 }
 
 impl Table {
     /// All tables, for backends that create them up front.
-    pub const ALL: [Table; 38] = [
+    pub const ALL: [Table; 39] = [
         Table::Meta,
         Table::Users,
         Table::AccessTokens,
@@ -150,6 +154,7 @@ impl Table {
         Table::DehydratedDevices,
         Table::Relations,
         Table::Reports,
+        Table::Threads,
     ];
 
     /// The table's name in every backend.
@@ -193,6 +198,7 @@ impl Table {
             Table::DehydratedDevices => "dehydrated_devices",
             Table::Relations => "relations",
             Table::Reports => "reports",
+            Table::Threads => "threads",
         }
     }
 }

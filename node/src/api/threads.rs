@@ -1,0 +1,116 @@
+//! Threads: the list of a room's thread roots (`/threads`) and the
+//! `m.thread` aggregation bundled into a root's `unsigned.m.relations`
+//! wherever the root is served (sync timelines, `/messages`, `/context`,
+//! `/event`, `/relations`, `/threads`).
+//!
+//! A root's summary (reply count, latest reply, participants) is kept in
+//! the threads table by the room's owner as replies are appended
+//! (`room::Batch::thread`), and read here per served event: one point read
+//! of the threads table for each non-state event.
+
+use std::ops::Bound;
+
+use ruma::{EventId, RoomId, UserId};
+use serde_json::{Value, json};
+
+use crate::api::rooms::{parse_position, parse_room};
+use crate::error::{ApiError, ApiResult};
+use crate::http::{Authed, Req};
+use crate::pdu::Event;
+use crate::room::now_ms;
+use crate::shard::Shard;
+
+/// Thread roots per `/threads` page when the client names no limit.
+const THREADS_PAGE: u64 = 5;
+
+/// The `m.relations` bundle of `event` for `viewer`: its thread summary
+/// when it is a thread root (state events never are here).
+pub fn bundle(shard: &Shard, room: &RoomId, event: &Event, viewer: Option<(&UserId, &str)>, now: u64) -> ApiResult<Option<String>> {
+    if event.pdu.state_key.is_some() {
+        return Ok(None);
+    }
+    let Some(summary) = shard.db.thread_summary(room, event.pdu.id())? else { return Ok(None) };
+    let Ok(latest) = EventId::parse(summary.latest.as_str()) else { return Ok(None) };
+    let Some(latest) = shard.rendered(&latest)? else { return Ok(None) };
+    let participated = viewer.is_some_and(|(user, _)| summary.participated(user, &event.pdu.sender));
+    Ok(Some(format!(
+        "\"m.relations\":{{\"m.thread\":{{\"latest_event\":{},\"count\":{},\"current_user_participated\":{participated}}}}}",
+        latest.render(now, viewer).get(),
+        summary.count
+    )))
+}
+
+/// Adds the bundle of `event` to its client JSON `value`.
+pub fn bundle_into(shard: &Shard, room: &RoomId, event: &Event, value: &mut Value, viewer: Option<(&UserId, &str)>, now: u64) -> ApiResult<()> {
+    if let Some(fragment) = bundle(shard, room, event, viewer, now)? {
+        let parsed: Value = serde_json::from_str(&format!("{{{fragment}}}")).map_err(|e| ApiError::unknown(e.to_string()))?;
+        if let (Some(unsigned), Some(relations)) = (value.get_mut("unsigned").and_then(Value::as_object_mut), parsed.get("m.relations")) {
+            unsigned.insert("m.relations".into(), relations.clone());
+        }
+    }
+    Ok(())
+}
+
+/// GET /_matrix/client/v1/rooms/{roomId}/threads
+///
+/// Roots by the position of their latest reply, most recent first; the
+/// token is that position. Roots the user cannot see (after they left)
+/// are left out.
+pub fn threads(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult<Value> {
+    let room = parse_room(room)?;
+    let upto = crate::api::rooms::visible_upto(shard, &room, &auth.user).map_err(|_| ApiError::forbidden("You are not allowed to view this room."))?;
+    let participated_only = match req.query("include") {
+        None | Some("all") => false,
+        Some("participated") => true,
+        Some(_) => return Err(ApiError::invalid_param("include must be all or participated")),
+    };
+    let limit = match req.query_u64("limit")? {
+        Some(0) => return Err(ApiError::invalid_param("limit must be greater than zero")),
+        l => (l.unwrap_or(THREADS_PAGE) as usize).min(shard.config.limits.events_per_page_max.max(1)),
+    };
+    let head = shard.db.room_head(&room)?.ok_or_else(|| ApiError::forbidden("You are not allowed to view this room."))?;
+    let mut hi = match req.query("from") {
+        Some(t) => Bound::Excluded(parse_position(shard, t, head.shard)?),
+        None => Bound::Unbounded,
+    };
+    let viewer = Some((&*auth.user, auth.device.as_str()));
+    let now = now_ms();
+    let mut chunk = Vec::new();
+    let mut last = None;
+    let mut more = false;
+    let page = (limit + 1) * 2;
+    'scan: loop {
+        let rows = shard.db.threads(&room, Bound::Unbounded, hi, true, page)?;
+        let n = rows.len();
+        for (latest_pos, root) in rows {
+            hi = Bound::Excluded(latest_pos);
+            if chunk.len() == limit {
+                more = true;
+                break 'scan;
+            }
+            let Some(rendered) = shard.rendered(&root)? else { continue };
+            let ev = &rendered.event;
+            if ev.stored.pos > upto {
+                continue;
+            }
+            if participated_only {
+                let summary = shard.db.thread_summary(&room, &root)?;
+                if !summary.is_some_and(|s| s.participated(&auth.user, &ev.pdu.sender)) {
+                    continue;
+                }
+            }
+            let fragment = bundle(shard, &room, ev, viewer, now)?;
+            chunk.push(rendered.render_with(now, viewer, fragment.as_deref()));
+            last = Some(latest_pos);
+        }
+        if n < page {
+            break;
+        }
+    }
+    let mut body = json!({ "chunk": chunk });
+    if more && let Some(pos) = last {
+        body["next_batch"] = json!(format!("t{pos}"));
+    }
+    Ok(body)
+}
+
