@@ -180,6 +180,14 @@ pub struct RoomHead {
     /// Notification indexes given so far (see [`Db::notify_index`]).
     #[serde(default)]
     pub notify_members: u32,
+    /// Threads with replies in the room: readers look up thread summaries
+    /// only in rooms that have some.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub threads: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A point of a room's history up to which every member's stored unread
@@ -1128,7 +1136,7 @@ mod tests {
             Db::notifications_write(&room, pos, pos, &EventNotifications::new(format!("$n{pos}:x"), 1, &by_index))
         };
         let head = |round: Option<UnreadRound>| {
-            let head = RoomHead { version: "11".into(), creator: "@a:x".into(), extremities: vec![], depth: 1, shard: 0, last_event_pos: 6, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 7, unread_round: round, notify_members: 0 };
+            let head = RoomHead { version: "11".into(), creator: "@a:x".into(), extremities: vec![], depth: 1, shard: 0, last_event_pos: 6, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 7, unread_round: round, notify_members: 0, threads: 0 };
             Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(&head))
         };
         let get = |user: &UserId| db.unread(user, &room).map(|c| (c.notifications, c.highlights)).expect("unread");

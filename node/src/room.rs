@@ -202,7 +202,7 @@ fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply
     if shard.db.room_head(room)?.is_some() {
         return Err(ApiError::new(http::StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", "Room id already exists"));
     }
-    let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 0, unread_round: Some(UnreadRound::default()), notify_members: 0 };
+    let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 0, unread_round: Some(UnreadRound::default()), notify_members: 0, threads: 0 };
     let mut cached = CachedRoom::new(head, rules, HashMap::new());
     let mut batch = Batch::new(shard.pos());
     let create = Draft { sender: new.creator.clone(), kind: "m.room.create".into(), state_key: Some(String::new()), content: new.create_content, txn: None, redacts: None };
@@ -583,6 +583,9 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         batch.writes.push(Db::relation_write(room, &parent, pos, &child));
     }
     if let Some((root, current)) = thread {
+        if current.is_none() {
+            cached.head.threads += 1;
+        }
         let mut new = current.unwrap_or_default();
         new.count += 1;
         new.latest = event_id.to_string();
@@ -597,6 +600,9 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
     if let Some((root, recounted)) = unthread
         && let Some(entry) = batch.threads.get_mut(&root)
     {
+        if entry.1.is_some() && recounted.is_none() {
+            cached.head.threads = cached.head.threads.saturating_sub(1);
+        }
         entry.1 = recounted;
     }
     let seq = cached.head.timeline_len;

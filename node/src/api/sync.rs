@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use crate::db::UserRoom;
+use crate::db::{RoomHead, UserRoom};
 use crate::error::{ApiError, ApiResult};
 use crate::filter::SyncFilter;
 use crate::http::{Authed, Req, Resp};
@@ -382,7 +382,9 @@ fn to_device(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sy
 ///
 /// `room_events`: the room's event count from a head read after `upto` was fixed.
 #[allow(clippy::too_many_arguments)]
-fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, room_events: Option<u64>, from: Option<u64>, upto: u64, filter: &SyncFilter, now: u64) -> ApiResult<(Timeline, Vec<Rc<Rendered>>)> {
+fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, head: Option<&RoomHead>, from: Option<u64>, upto: u64, filter: &SyncFilter, now: u64) -> ApiResult<(Timeline, Vec<Rc<Rendered>>)> {
+    let room_events = head.map(|h| h.timeline_len);
+    let threads = crate::api::threads::may_have_threads(head);
     let limit = filter.timeline.limit.unwrap_or(TIMELINE_LIMIT_DEFAULT).min(shard.config.limits.events_per_page_max);
     // Newest first, in pages, until `limit` events pass the filter; the
     // filter applies before the limit. Scanning is bounded by SCAN_PAGES.
@@ -416,7 +418,10 @@ fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, room_events: Option<u64
     let viewer = Some((&*auth.user, auth.device.as_str()));
     let rendered = events
         .iter()
-        .map(|e| Ok(e.render_with(now, viewer, crate::api::threads::bundle(shard, room, &e.event, viewer, now)?.as_deref())))
+        .map(|e| {
+            let bundle = if threads { crate::api::threads::bundle(shard, room, &e.event, viewer, now)? } else { None };
+            Ok(e.render_with(now, viewer, bundle.as_deref()))
+        })
         .collect::<ApiResult<Vec<_>>>()?;
     Ok((Timeline { events: rendered, limited, prev_batch }, events))
 }
@@ -465,7 +470,7 @@ fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, 
         shard.note_room_activity(room, h.last_event_pos.max(h.last_receipt_pos).max(typing));
     }
     let (timeline, loaded) = if since.is_none_or(|s| head.as_ref().is_some_and(|h| h.last_event_pos > s)) {
-        timeline(shard, auth, room, head.as_ref().map(|h| h.timeline_len), since, upto, filter, now)?
+        timeline(shard, auth, room, head, since, upto, filter, now)?
     } else {
         (Timeline { events: Vec::new(), limited: false, prev_batch: format!("t{}", since.unwrap_or(0)) }, Vec::new())
     };

@@ -14,6 +14,7 @@ use ruma::{EventId, RoomId, UserId};
 use serde_json::{Value, json};
 
 use crate::api::rooms::{parse_position, parse_room};
+use crate::db::RoomHead;
 use crate::error::{ApiError, ApiResult};
 use crate::http::{Authed, Req};
 use crate::pdu::Event;
@@ -22,6 +23,12 @@ use crate::shard::Shard;
 
 /// Thread roots per `/threads` page when the client names no limit.
 const THREADS_PAGE: u64 = 5;
+
+/// Whether a room may hold thread roots: false only when its head says
+/// it has no thread (`threads`); callers without the head pass `None`.
+pub fn may_have_threads(head: Option<&RoomHead>) -> bool {
+    head.is_none_or(|h| h.threads > 0)
+}
 
 /// The `m.relations` bundle of `event` for `viewer`: its thread summary
 /// when it is a thread root (state events never are here).
