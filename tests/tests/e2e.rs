@@ -546,6 +546,14 @@ fn space_hierarchy_walks_visible_children_in_order_with_pages_and_summaries() {
     assert_eq!((b["room_id"].as_str(), b["room_version"].as_str(), b.get("membership")), (Some(public.as_str()), Some("11"), None), "{b}");
     let (_, b) = bob.get(&format!("/_matrix/client/v1/room_summary/{space}"));
     assert_eq!((b["membership"].as_str(), b["num_joined_members"].as_u64()), (Some("join"), Some(2)), "{b}");
+
+    // A room that banned the user is hidden, public or not.
+    let (s, b) = alice.post(&format!("/_matrix/client/v3/rooms/{public}/ban"), json!({ "user_id": "@bob:localhost" }));
+    assert_eq!(s, 200, "{b}");
+    let (_, after_ban) = get("");
+    assert_eq!(ids(&after_ban), [space.as_str(), members_only.as_str(), sub.as_str(), deep.as_str()]);
+    let (s, b) = bob.get(&format!("/_matrix/client/v1/rooms/{public}/hierarchy"));
+    assert_eq!((s, b["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{b}");
 }
 
 #[test]

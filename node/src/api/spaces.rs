@@ -42,14 +42,16 @@ fn allowed_rooms(join_rules: &Value) -> Vec<String> {
 
 /// Whether `user` may see the summary of `room` (`summary` from
 /// [`preview`]): a member or invitee, or a room anyone may join, knock on
-/// or read, or a restricted room the user could join.
+/// or read, or a restricted room the user could join; never a room that
+/// banned the user.
 fn accessible(shard: &Shard, room: &RoomId, user: &UserId, summary: &Value) -> ApiResult<bool> {
-    if matches!(summary["join_rule"].as_str(), Some("public" | "knock" | "knock_restricted")) || summary["world_readable"] == true {
-        return Ok(true);
+    let membership = shard.db.user_room(user, room)?.map(|ur| ur.membership);
+    match membership.as_deref() {
+        Some("ban") => return Ok(false),
+        Some("join" | "invite") => return Ok(true),
+        _ => {}
     }
-    if let Some(ur) = shard.db.user_room(user, room)?
-        && matches!(ur.membership.as_str(), "join" | "invite")
-    {
+    if matches!(summary["join_rule"].as_str(), Some("public" | "knock" | "knock_restricted")) || summary["world_readable"] == true {
         return Ok(true);
     }
     if summary["join_rule"] == "restricted" {
