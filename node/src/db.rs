@@ -184,6 +184,10 @@ pub struct RoomHead {
     /// only in rooms that have some.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub threads: u64,
+    /// Edits (`m.replace` relations) ever sent in the room: readers look
+    /// for an event's latest edit only in rooms that have some.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub edits: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -1136,7 +1140,7 @@ mod tests {
             Db::notifications_write(&room, pos, pos, &EventNotifications::new(format!("$n{pos}:x"), 1, &by_index))
         };
         let head = |round: Option<UnreadRound>| {
-            let head = RoomHead { version: "11".into(), creator: "@a:x".into(), extremities: vec![], depth: 1, shard: 0, last_event_pos: 6, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 7, unread_round: round, notify_members: 0, threads: 0 };
+            let head = RoomHead { version: "11".into(), creator: "@a:x".into(), extremities: vec![], depth: 1, shard: 0, last_event_pos: 6, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 7, unread_round: round, notify_members: 0, threads: 0, edits: 0 };
             Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(&head))
         };
         let get = |user: &UserId| db.unread(user, &room).map(|c| (c.notifications, c.highlights)).expect("unread");

@@ -654,6 +654,48 @@ fn threads_list_by_latest_reply_and_roots_carry_their_summary() {
 }
 
 #[test]
+fn events_carry_their_latest_edit_by_their_sender() {
+    let node = Node::start("edits", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let original = alice.send_text(&room, "orig", "first words");
+    let untouched = alice.send_text(&room, "other", "never edited");
+    let edit = |c: &Client, txn: &str, body: &str| -> String {
+        let content = json!({ "msgtype": "m.text", "body": format!("* {body}"), "m.new_content": { "msgtype": "m.text", "body": body }, "m.relates_to": { "rel_type": "m.replace", "event_id": original } });
+        let (s, b) = c.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}"), content);
+        assert_eq!(s, 200, "{b}");
+        b["event_id"].as_str().expect("event_id").to_owned()
+    };
+    let e1 = edit(&alice, "e1", "second words");
+    let e2 = edit(&alice, "e2", "third words");
+    // Not edits of the original: another sender's, and a reaction.
+    edit(&bob, "e3", "bob's words");
+    let (s, b) = bob.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.reaction/r1"), json!({ "m.relates_to": { "rel_type": "m.annotation", "event_id": original, "key": "+1" } }));
+    assert_eq!(s, 200, "{b}");
+
+    let bundled = |c: &Client, id: &str| -> Value {
+        let (s, b) = c.get(&format!("/_matrix/client/v3/rooms/{room}/event/{id}"));
+        assert_eq!(s, 200, "{b}");
+        b["unsigned"]["m.relations"]["m.replace"].clone()
+    };
+    let latest = bundled(&bob, &original);
+    assert_eq!((latest["event_id"].as_str(), latest["content"]["m.new_content"]["body"].as_str()), (Some(e2.as_str()), Some("third words")), "{latest}");
+    assert_eq!(bundled(&bob, &untouched), Value::Null);
+    let (_, page) = bob.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"));
+    let in_page = page["chunk"].as_array().expect("chunk").iter().find(|e| e["event_id"] == original.as_str()).cloned().expect("original in page");
+    assert_eq!(in_page["unsigned"]["m.relations"]["m.replace"]["event_id"], e2.as_str());
+    let (_, sync) = bob.get("/_matrix/client/v3/sync?filter=%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A50%7D%7D%7D");
+    let timeline = sync["rooms"]["join"][&room]["timeline"]["events"].as_array().expect("timeline").clone();
+    let in_sync = timeline.iter().find(|e| e["event_id"] == original.as_str()).expect("original in sync");
+    assert_eq!(in_sync["unsigned"]["m.relations"]["m.replace"]["event_id"], e2.as_str(), "{in_sync}");
+
+    // Redacting the latest edit brings back the one before it.
+    let (s, b) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{e2}/red"), json!({}));
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(bundled(&bob, &original)["event_id"], e1.as_str());
+}
+
+#[test]
 fn reports_of_events_rooms_and_users_are_accepted_only_for_what_exists() {
     let node = Node::start("reports", "");
     let (alice, bob) = two_users(&node);

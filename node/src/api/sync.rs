@@ -384,7 +384,7 @@ fn to_device(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sy
 #[allow(clippy::too_many_arguments)]
 fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, head: Option<&RoomHead>, from: Option<u64>, upto: u64, filter: &SyncFilter, now: u64) -> ApiResult<(Timeline, Vec<Rc<Rendered>>)> {
     let room_events = head.map(|h| h.timeline_len);
-    let threads = crate::api::threads::may_have_threads(head);
+
     let limit = filter.timeline.limit.unwrap_or(TIMELINE_LIMIT_DEFAULT).min(shard.config.limits.events_per_page_max);
     // Newest first, in pages, until `limit` events pass the filter; the
     // filter applies before the limit. Scanning is bounded by SCAN_PAGES.
@@ -419,7 +419,7 @@ fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, head: Option<&RoomHead>
     let rendered = events
         .iter()
         .map(|e| {
-            let bundle = if threads { crate::api::threads::bundle(shard, room, &e.event, viewer, now)? } else { None };
+            let bundle = crate::api::threads::bundle(shard, room, head, &e.event, viewer, now)?;
             Ok(e.render_with(now, viewer, bundle.as_deref()))
         })
         .collect::<ApiResult<Vec<_>>>()?;

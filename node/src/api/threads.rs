@@ -1,7 +1,8 @@
-//! Threads: the list of a room's thread roots (`/threads`) and the
-//! `m.thread` aggregation bundled into a root's `unsigned.m.relations`
-//! wherever the root is served (sync timelines, `/messages`, `/context`,
-//! `/event`, `/relations`, `/threads`).
+//! Threads and bundled aggregations: the list of a room's thread roots
+//! (`/threads`), and the `m.thread` summary and latest `m.replace` edit
+//! bundled into an event's `unsigned.m.relations` wherever it is served
+//! (sync timelines, `/messages`, `/context`, `/event`, `/relations`,
+//! `/threads`).
 //!
 //! A root's summary (reply count, latest reply, participants) is kept in
 //! the threads table by the room's owner as replies are appended
@@ -24,32 +25,46 @@ use crate::shard::Shard;
 /// Thread roots per `/threads` page when the client names no limit.
 const THREADS_PAGE: u64 = 5;
 
-/// Whether a room may hold thread roots: false only when its head says
-/// it has no thread (`threads`); callers without the head pass `None`.
-pub fn may_have_threads(head: Option<&RoomHead>) -> bool {
-    head.is_none_or(|h| h.threads > 0)
-}
+/// Most child rows read, newest first, to find an event's latest edit.
+const EDIT_SCAN_MAX: usize = 1_000;
 
-/// The `m.relations` bundle of `event` for `viewer`: its thread summary
-/// when it is a thread root (state events never are here).
-pub fn bundle(shard: &Shard, room: &RoomId, event: &Event, viewer: Option<(&UserId, &str)>, now: u64) -> ApiResult<Option<String>> {
+/// The `m.relations` bundle of `event` for `viewer`, as object members:
+/// its thread summary when it is a thread root, and its latest edit
+/// (`m.replace` by the original sender, of the same type). State events
+/// get none. `head`, when the caller has it, skips the lookups its counts
+/// rule out (`RoomHead::threads`, `RoomHead::edits`).
+pub fn bundle(shard: &Shard, room: &RoomId, head: Option<&RoomHead>, event: &Event, viewer: Option<(&UserId, &str)>, now: u64) -> ApiResult<Option<String>> {
     if event.pdu.state_key.is_some() {
         return Ok(None);
     }
-    let Some(summary) = shard.db.thread_summary(room, event.pdu.id())? else { return Ok(None) };
-    let Ok(latest) = EventId::parse(summary.latest.as_str()) else { return Ok(None) };
-    let Some(latest) = shard.rendered(&latest)? else { return Ok(None) };
-    let participated = viewer.is_some_and(|(user, _)| summary.participated(user, &event.pdu.sender));
-    Ok(Some(format!(
-        "\"m.relations\":{{\"m.thread\":{{\"latest_event\":{},\"count\":{},\"current_user_participated\":{participated}}}}}",
-        latest.render(now, viewer).get(),
-        summary.count
-    )))
+    let mut members = Vec::new();
+    if head.is_none_or(|h| h.threads > 0)
+        && let Some(summary) = shard.db.thread_summary(room, event.pdu.id())?
+        && let Ok(latest) = EventId::parse(summary.latest.as_str())
+        && let Some(latest) = shard.rendered(&latest)?
+    {
+        let participated = viewer.is_some_and(|(user, _)| summary.participated(user, &event.pdu.sender));
+        members.push(format!("\"m.thread\":{{\"latest_event\":{},\"count\":{},\"current_user_participated\":{participated}}}", latest.render(now, viewer).get(), summary.count));
+    }
+    if head.is_none_or(|h| h.edits > 0) {
+        let kind = event.pdu.kind.to_string();
+        let children = shard.db.relations(room, event.pdu.id(), Bound::Unbounded, Bound::Unbounded, true, EDIT_SCAN_MAX)?;
+        let latest = children.into_iter().find(|(_, r)| r.rel_type == "m.replace" && r.sender == event.pdu.sender.as_str() && r.kind == kind);
+        if let Some((_, edit)) = latest
+            && let Some(edit) = shard.rendered(&edit.event_id)?
+        {
+            members.push(format!("\"m.replace\":{}", edit.render(now, viewer).get()));
+        }
+    }
+    if members.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(format!("\"m.relations\":{{{}}}", members.join(","))))
 }
 
 /// Adds the bundle of `event` to its client JSON `value`.
 pub fn bundle_into(shard: &Shard, room: &RoomId, event: &Event, value: &mut Value, viewer: Option<(&UserId, &str)>, now: u64) -> ApiResult<()> {
-    if let Some(fragment) = bundle(shard, room, event, viewer, now)? {
+    if let Some(fragment) = bundle(shard, room, None, event, viewer, now)? {
         let parsed: Value = serde_json::from_str(&format!("{{{fragment}}}")).map_err(|e| ApiError::unknown(e.to_string()))?;
         if let (Some(unsigned), Some(relations)) = (value.get_mut("unsigned").and_then(Value::as_object_mut), parsed.get("m.relations")) {
             unsigned.insert("m.relations".into(), relations.clone());
@@ -106,7 +121,7 @@ pub fn threads(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult
                     continue;
                 }
             }
-            let fragment = bundle(shard, &room, ev, viewer, now)?;
+            let fragment = bundle(shard, &room, Some(&head), ev, viewer, now)?;
             chunk.push(rendered.render_with(now, viewer, fragment.as_deref()));
             last = Some(latest_pos);
         }
