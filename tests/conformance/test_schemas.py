@@ -628,6 +628,20 @@ def test_threads_403(api, check, user, new_user):
     assert check(resp, "GET", f"{V1}/rooms/{{roomId}}/threads", 403)["errcode"] == "M_FORBIDDEN"
 
 
+def test_timestamp_to_event_200(api, check, user):
+    room_id, ids = _room_with_messages(api, user, 3)
+    sent = api.request("GET", f"{V3}/rooms/{q(room_id)}/event/{q(ids[1])}", user.access_token).json()["origin_server_ts"]
+    resp = api.request("GET", f"{V1}/rooms/{q(room_id)}/timestamp_to_event", user.access_token, params={"ts": sent, "dir": "b"})
+    body = check(resp, "GET", f"{V1}/rooms/{{roomId}}/timestamp_to_event", 200)
+    assert body["origin_server_ts"] <= sent and body["event_id"] in ids[1:]
+
+
+def test_timestamp_to_event_404(api, check, user):
+    room_id = create_room(api, user)
+    resp = api.request("GET", f"{V1}/rooms/{q(room_id)}/timestamp_to_event", user.access_token, params={"ts": 1, "dir": "b"})
+    assert check(resp, "GET", f"{V1}/rooms/{{roomId}}/timestamp_to_event", 404)["errcode"] == "M_NOT_FOUND"
+
+
 def test_space_hierarchy_200(api, check, user, new_user):
     space = create_room(api, user, preset="public_chat", name="Space", creation_content={"type": "m.space"})
     child = create_room(api, user, preset="public_chat", name="Child")

@@ -696,6 +696,44 @@ fn events_carry_their_latest_edit_by_their_sender() {
 }
 
 #[test]
+fn timestamp_to_event_finds_the_nearest_event_each_way() {
+    let node = Node::start("jump", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    for i in 0..30 {
+        alice.send_text(&room, &format!("m{i}"), &format!("message {i}"));
+    }
+    // Every event of the room with its timestamp, oldest first.
+    let (_, page) = bob.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=f&limit=200"));
+    let events: Vec<(String, u64)> = page["chunk"].as_array().expect("chunk").iter().map(|e| (e["event_id"].as_str().expect("id").to_owned(), e["origin_server_ts"].as_u64().expect("ts"))).collect();
+    assert!(events.len() > 30, "{page}");
+    let jump = |ts: u64, dir: &str| -> (u16, Value) { bob.get(&format!("/_matrix/client/v1/rooms/{room}/timestamp_to_event?ts={ts}&dir={dir}")) };
+    let (first_ts, last_ts) = (events[0].1, events[events.len() - 1].1);
+    let mut probes: Vec<u64> = events.iter().flat_map(|(_, ts)| [ts - 1, *ts, ts + 1]).collect();
+    probes.extend([0, first_ts, last_ts + 1_000_000]);
+    for ts in probes {
+        let forward = events.iter().find(|(_, t)| *t >= ts);
+        let backward = events.iter().rev().find(|(_, t)| *t <= ts);
+        for (dir, expected) in [("f", forward), ("b", backward)] {
+            let (s, b) = jump(ts, dir);
+            match expected {
+                Some((id, t)) => {
+                    assert_eq!(s, 200, "ts={ts} dir={dir}: {b}");
+                    assert_eq!((b["event_id"].as_str(), b["origin_server_ts"].as_u64()), (Some(id.as_str()), Some(*t)), "ts={ts} dir={dir}");
+                }
+                None => assert_eq!((s, b["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "ts={ts} dir={dir}: {b}"),
+            }
+        }
+    }
+    let (s, b) = bob.get(&format!("/_matrix/client/v1/rooms/{room}/timestamp_to_event?ts=5"));
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_MISSING_PARAM")), "{b}");
+    let mut carol = node.client();
+    carol.register("carol");
+    let (s, b) = carol.get(&format!("/_matrix/client/v1/rooms/{room}/timestamp_to_event?ts=5&dir=f"));
+    assert_eq!((s, b["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{b}");
+}
+
+#[test]
 fn reports_of_events_rooms_and_users_are_accepted_only_for_what_exists() {
     let node = Node::start("reports", "");
     let (alice, bob) = two_users(&node);

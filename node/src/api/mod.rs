@@ -188,6 +188,7 @@ async fn authed(shard: &Rc<Shard>, req: &Req, auth: &LazyAuth<'_>, segs: &[&str]
         ["rooms", room, "report", event] => methods!(req, POST => ok(reports::event(shard, req, auth.get()?, room, event)?)),
         ["rooms", room, "report"] => methods!(req, POST => ok(reports::room(shard, req, auth.get()?, room)?)),
         ["users", user, "report"] => methods!(req, POST => ok(reports::user(shard, req, auth.get()?, user)?)),
+        ["rooms", room, "timestamp_to_event"] => methods!(req, GET => ok(rooms::timestamp_to_event(shard, req, auth.get()?, room)?)),
         ["rooms", room, "threads"] => methods!(req, GET => ok(threads::threads(shard, req, auth.get()?, room)?)),
         ["rooms", room, "hierarchy"] => methods!(req, GET => ok(spaces::hierarchy(shard, req, auth.get()?, room)?)),
         ["room_summary", room] => methods!(req, GET => ok(spaces::summary(shard, auth.get()?, room)?)),

@@ -802,6 +802,66 @@ pub fn relations(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &st
     Ok(body)
 }
 
+/// GET /_matrix/client/v1/rooms/{roomId}/timestamp_to_event
+///
+/// The event closest to `ts` in direction `dir`: with `f`, the first event
+/// sent at or after it; with `b`, the last sent at or before it. A binary
+/// search over the room's timeline positions, which follow the events'
+/// timestamps on one server; each step reads one timeline row and its event.
+pub fn timestamp_to_event(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult<Value> {
+    let room = parse_room(room)?;
+    let ts = req.query_u64("ts")?.ok_or_else(|| ApiError::missing_param("ts is required"))?;
+    let forward = match req.query("dir") {
+        Some("f") => true,
+        Some("b") => false,
+        Some(_) => return Err(ApiError::invalid_param("dir must be b or f")),
+        None => return Err(ApiError::missing_param("dir is required")),
+    };
+    let upto = visible_upto(shard, &room, &auth.user)?;
+    let head = shard.db.room_head(&room)?.ok_or_else(|| ApiError::not_found("Unknown room"))?;
+    let end = head.last_event_pos.min(upto);
+    // One timeline row within [lo, hi]: the first (forward) or last.
+    let row = |lo: u64, hi: u64, first: bool| -> ApiResult<Option<(u64, u64, OwnedEventId)>> {
+        let Some((pos, id)) = shard.db.timeline(&room, Bound::Included(lo), Bound::Included(hi), !first, 1)?.into_iter().next() else { return Ok(None) };
+        let sent = shard.rendered(&id)?.map_or(0, |r| u64::from(r.event.pdu.origin_server_ts.get()));
+        Ok(Some((pos, sent, id)))
+    };
+    let (mut lo, mut hi) = (0u64, end);
+    let mut found = None;
+    while lo <= hi {
+        let mid = lo + (hi - lo) / 2;
+        if forward {
+            match row(mid, hi, true)? {
+                None if mid == 0 => break,
+                None => hi = mid - 1,
+                Some((_, sent, id)) if sent >= ts => {
+                    found = Some((id, sent));
+                    if mid == 0 {
+                        break;
+                    }
+                    hi = mid - 1;
+                }
+                Some((pos, _, _)) => lo = pos + 1,
+            }
+        } else {
+            match row(lo, mid, false)? {
+                None => lo = mid + 1,
+                Some((_, sent, id)) if sent <= ts => {
+                    found = Some((id, sent));
+                    lo = mid + 1;
+                }
+                Some((0, _, _)) => break,
+                Some((pos, _, _)) => hi = pos - 1,
+            }
+        }
+        if lo > end {
+            break;
+        }
+    }
+    let (id, sent) = found.ok_or_else(|| ApiError::not_found("No event found"))?;
+    Ok(json!({ "event_id": id, "origin_server_ts": sent }))
+}
+
 /// PUT /_matrix/client/v3/rooms/{roomId}/typing/{userId}
 pub async fn typing(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str, user: &str) -> ApiResult<Value> {
     #[derive(Deserialize)]
