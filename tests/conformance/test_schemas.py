@@ -642,6 +642,21 @@ def test_timestamp_to_event_404(api, check, user):
     assert check(resp, "GET", f"{V1}/rooms/{{roomId}}/timestamp_to_event", 404)["errcode"] == "M_NOT_FOUND"
 
 
+def test_mutual_rooms_200(api, check, user, new_user):
+    other = new_user()
+    room_id = create_room(api, user, preset="public_chat")
+    join(api, other, room_id)
+    create_room(api, user)
+    resp = api.request("GET", f"{V1}/mutual_rooms", user.access_token, params={"user_id": other.user_id})
+    body = check(resp, "GET", f"{V1}/mutual_rooms", 200)
+    assert (body["joined"], body["count"]) == ([room_id], 1) and "next_batch" not in body
+
+
+def test_mutual_rooms_400_own_id(api, check, user):
+    resp = api.request("GET", f"{V1}/mutual_rooms", user.access_token, params={"user_id": user.user_id})
+    assert check(resp, "GET", f"{V1}/mutual_rooms", 400)["errcode"] == "M_INVALID_PARAM"
+
+
 def test_space_hierarchy_200(api, check, user, new_user):
     space = create_room(api, user, preset="public_chat", name="Space", creation_content={"type": "m.space"})
     child = create_room(api, user, preset="public_chat", name="Child")

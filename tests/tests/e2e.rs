@@ -734,6 +734,49 @@ fn timestamp_to_event_finds_the_nearest_event_each_way() {
 }
 
 #[test]
+fn mutual_rooms_lists_rooms_both_users_are_joined_to_in_pages() {
+    let node = Node::start("mutual", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let mut shared: Vec<String> = (0..102)
+        .map(|_| {
+            let room = alice.create_room(json!({ "preset": "public_chat" }));
+            let (s, b) = bob.post(&format!("/_matrix/client/v3/join/{room}"), json!({}));
+            assert_eq!(s, 200, "{b}");
+            room
+        })
+        .collect();
+    // Not shared: one bob left, one alice is alone in, one bob is only invited to.
+    let left = shared.pop().expect("room");
+    let (s, b) = bob.post(&format!("/_matrix/client/v3/rooms/{left}/leave"), json!({}));
+    assert_eq!(s, 200, "{b}");
+    alice.create_room(json!({}));
+    alice.create_room(json!({ "invite": ["@bob:localhost"] }));
+    shared.sort();
+
+    let mut seen = Vec::new();
+    let mut from = String::new();
+    for _ in 0..4 {
+        let (s, page) = bob.get(&format!("/_matrix/client/v1/mutual_rooms?user_id=@alice:localhost{from}"));
+        assert_eq!(s, 200, "{page}");
+        assert_eq!(page["count"], shared.len(), "{page}");
+        seen.extend(page["joined"].as_array().expect("joined").iter().map(|r| r.as_str().expect("room").to_owned()));
+        match page["next_batch"].as_str() {
+            Some(t) => from = format!("&from={t}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, shared);
+    let (s, b) = alice.get("/_matrix/client/unstable/uk.half-shot.msc2666/user/mutual_rooms?user_id=@bob:localhost");
+    assert_eq!((s, b["count"].as_u64()), (200, Some(101)), "{b}");
+    let (_, b) = alice.get("/_matrix/client/v1/mutual_rooms?user_id=@nobody:localhost");
+    assert_eq!((b["joined"].clone(), b["count"].as_u64()), (json!([]), Some(0)));
+    let (s, b) = alice.get("/_matrix/client/v1/mutual_rooms?user_id=@alice:localhost");
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{b}");
+    let (s, b) = alice.get("/_matrix/client/v1/mutual_rooms");
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_MISSING_PARAM")), "{b}");
+}
+
+#[test]
 fn reports_of_events_rooms_and_users_are_accepted_only_for_what_exists() {
     let node = Node::start("reports", "");
     let (alice, bob) = two_users(&node);

@@ -188,6 +188,7 @@ async fn authed(shard: &Rc<Shard>, req: &Req, auth: &LazyAuth<'_>, segs: &[&str]
         ["rooms", room, "report", event] => methods!(req, POST => ok(reports::event(shard, req, auth.get()?, room, event)?)),
         ["rooms", room, "report"] => methods!(req, POST => ok(reports::room(shard, req, auth.get()?, room)?)),
         ["users", user, "report"] => methods!(req, POST => ok(reports::user(shard, req, auth.get()?, user)?)),
+        ["mutual_rooms"] | ["uk.half-shot.msc2666", "user", "mutual_rooms"] => methods!(req, GET => ok(rooms::mutual_rooms(shard, req, auth.get()?)?)),
         ["rooms", room, "timestamp_to_event"] => methods!(req, GET => ok(rooms::timestamp_to_event(shard, req, auth.get()?, room)?)),
         ["rooms", room, "threads"] => methods!(req, GET => ok(threads::threads(shard, req, auth.get()?, room)?)),
         ["rooms", room, "hierarchy"] => methods!(req, GET => ok(spaces::hierarchy(shard, req, auth.get()?, room)?)),

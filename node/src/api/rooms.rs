@@ -862,6 +862,39 @@ pub fn timestamp_to_event(shard: &Shard, req: &Req, auth: &Authed, room: &str) -
     Ok(json!({ "event_id": id, "origin_server_ts": sent }))
 }
 
+/// Rooms per `/mutual_rooms` page.
+const MUTUAL_ROOMS_PAGE: usize = 100;
+
+/// GET /_matrix/client/v1/mutual_rooms
+///
+/// Rooms both the caller and `user_id` are joined to, by room id; `count`
+/// is the total. The token is the last room id of the page.
+pub fn mutual_rooms(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value> {
+    let other = req.query("user_id").ok_or_else(|| ApiError::missing_param("user_id is required"))?;
+    let other = parse_user(other)?;
+    if other == auth.user {
+        return Err(ApiError::invalid_param("user_id is your own user id"));
+    }
+    let max = shard.config.limits.rooms_per_user_max;
+    let joined = |user: &UserId| -> ApiResult<HashSet<String>> { Ok(shard.db.user_rooms(user, max)?.into_iter().filter(|(_, ur)| ur.membership == "join").map(|(room, _)| room).collect()) };
+    let theirs = joined(&other)?;
+    let mut both: Vec<String> = joined(&auth.user)?.into_iter().filter(|r| theirs.contains(r)).collect();
+    both.sort_unstable();
+    let count = both.len();
+    let after = match req.query("from") {
+        Some(t) => Some(t.strip_prefix('r').ok_or_else(|| ApiError::invalid_param("Invalid pagination token"))?),
+        None => None,
+    };
+    let page: Vec<&String> = both.iter().filter(|r| after.is_none_or(|a| r.as_str() > a)).take(MUTUAL_ROOMS_PAGE + 1).collect();
+    let more = page.len() > MUTUAL_ROOMS_PAGE;
+    let page = &page[..page.len().min(MUTUAL_ROOMS_PAGE)];
+    let mut body = json!({ "joined": page, "count": count });
+    if more && let Some(last) = page.last() {
+        body["next_batch"] = json!(format!("r{last}"));
+    }
+    Ok(body)
+}
+
 /// PUT /_matrix/client/v3/rooms/{roomId}/typing/{userId}
 pub async fn typing(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str, user: &str) -> ApiResult<Value> {
     #[derive(Deserialize)]
