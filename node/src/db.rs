@@ -2,7 +2,7 @@
 //! in `crate::keystore`), so handlers never touch raw partition or
 //! clustering keys.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,6 +115,10 @@ pub struct Account {
     #[serde(default)]
     pub avatar_url: Option<String>,
     pub created_ms: u64,
+    /// Profile fields besides `displayname` and `avatar_url` (`m.tz` and
+    /// custom keys), by key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, Value>,
 }
 
 /// An access token's record.

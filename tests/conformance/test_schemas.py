@@ -290,6 +290,23 @@ def test_profile_avatar_url_put_get_200(api, check, user, server):
     assert body == {"avatar_url": mxc}
 
 
+def test_profile_custom_field_put_get_delete_200(api, check, user):
+    path = f"{V3}/profile/{q(user.user_id)}/m.tz"
+    template = f"{V3}/profile/{{userId}}/{{keyName}}"
+    check(api.request("PUT", path, user.access_token, json={"m.tz": "Europe/London"}), "PUT", template, 200)
+    assert check(api.request("GET", path), "GET", template, 200) == {"m.tz": "Europe/London"}
+    assert check(api.request("DELETE", path, user.access_token), "DELETE", template, 200) == {}
+    assert check(api.request("GET", f"{V3}/profile/{q(user.user_id)}"), "GET", f"{V3}/profile/{{userId}}", 200).get("m.tz") is None
+
+
+def test_profile_put_400_too_large(api, check, user):
+    base = f"{V3}/profile/{q(user.user_id)}"
+    first = api.request("PUT", f"{base}/org.example.one", user.access_token, json={"org.example.one": "x" * (40 * 1024)})
+    assert first.status_code == 200, describe(first)
+    resp = api.request("PUT", f"{base}/org.example.two", user.access_token, json={"org.example.two": "x" * (40 * 1024)})
+    assert check(resp, "PUT", f"{V3}/profile/{{userId}}/{{keyName}}", 400)["errcode"] == "M_PROFILE_TOO_LARGE"
+
+
 # --- account data ----------------------------------------------------------------------------
 
 

@@ -777,6 +777,55 @@ fn mutual_rooms_lists_rooms_both_users_are_joined_to_in_pages() {
 }
 
 #[test]
+fn extended_profile_fields_are_set_read_and_deleted() {
+    let node = Node::start("profiles", "");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let me = "/_matrix/client/v3/profile/@alice:localhost";
+    let (_, caps) = alice.get("/_matrix/client/v3/capabilities");
+    assert_eq!(caps["capabilities"]["m.profile_fields"]["enabled"], true, "{caps}");
+    for (key, value) in [("m.tz", json!("Europe/Paris")), ("org.example.pronouns", json!({ "en": ["she", "her"] })), ("displayname", json!("Alice A."))] {
+        let (s, b) = alice.put(&format!("{me}/{key}"), json!({ key: value }));
+        assert_eq!(s, 200, "{key}: {b}");
+    }
+    let (_, profile) = bob.get(me);
+    assert_eq!(profile, json!({ "displayname": "Alice A.", "m.tz": "Europe/Paris", "org.example.pronouns": { "en": ["she", "her"] } }));
+    let (_, one) = bob.get(&format!("{me}/org.example.pronouns"));
+    assert_eq!(one, json!({ "org.example.pronouns": { "en": ["she", "her"] } }));
+
+    // Deleting: a custom field goes; the display name goes from the member event too.
+    for key in ["org.example.pronouns", "org.example.pronouns", "displayname"] {
+        let (s, b) = alice.request("DELETE", &format!("{me}/{key}"), None);
+        assert_eq!((s, b), (200, json!({})), "{key}");
+    }
+    let (_, profile) = bob.get(me);
+    assert_eq!(profile, json!({ "m.tz": "Europe/Paris" }));
+    let (s, b) = bob.get(&format!("{me}/org.example.pronouns"));
+    assert_eq!((s, b["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{b}");
+    let (_, member) = bob.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/@alice:localhost"));
+    assert_eq!((member["membership"].as_str(), member.get("displayname")), (Some("join"), None), "{member}");
+
+    // Limits and permissions.
+    let big = "x".repeat(40 * 1024);
+    let (s, b) = alice.put(&format!("{me}/org.example.one"), json!({ "org.example.one": big }));
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = alice.put(&format!("{me}/org.example.two"), json!({ "org.example.two": big }));
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_PROFILE_TOO_LARGE")), "{b}");
+    let (_, profile) = bob.get(me);
+    assert!(profile.get("org.example.two").is_none(), "a refused field is not stored");
+    let bad = [
+        (alice.put(&format!("{me}/m.tz"), json!({ "m.tz": 3 })), 400, "M_INVALID_PARAM"),
+        (alice.put(&format!("{me}/NotAKey"), json!({ "NotAKey": 1 })), 400, "M_INVALID_PARAM"),
+        (alice.put(&format!("{me}/org.example.x"), json!({ "other": 1 })), 400, "M_MISSING_PARAM"),
+        (bob.put(&format!("{me}/org.example.x"), json!({ "org.example.x": 1 })), 403, "M_FORBIDDEN"),
+        (bob.request("DELETE", &format!("{me}/m.tz"), None), 403, "M_FORBIDDEN"),
+    ];
+    for ((s, b), status, errcode) in bad {
+        assert_eq!((s, b["errcode"].as_str()), (status, Some(errcode)), "{b}");
+    }
+}
+
+#[test]
 fn reports_of_events_rooms_and_users_are_accepted_only_for_what_exists() {
     let node = Node::start("reports", "");
     let (alice, bob) = two_users(&node);

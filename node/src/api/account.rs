@@ -217,7 +217,7 @@ pub async fn register(shard: &Rc<Shard>, req: &Req) -> ApiResult<Value> {
         Some(p) => Some(hash_password(shard, p).await?),
         None => None,
     };
-    let account = Account { password_hash, deactivated: false, is_guest: guest, admin: false, displayname: Some(user.localpart().to_owned()), avatar_url: None, created_ms: now_ms() };
+    let account = Account { password_hash, deactivated: false, is_guest: guest, admin: false, displayname: Some(user.localpart().to_owned()), avatar_url: None, created_ms: now_ms(), fields: Default::default() };
     if !shard.db.create_account(&user, &account)? {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "M_USER_IN_USE", "User ID already taken"));
     }

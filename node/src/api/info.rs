@@ -42,6 +42,7 @@ pub fn capabilities(shard: &Shard) -> Value {
             },
             "m.set_displayname": { "enabled": true },
             "m.set_avatar_url": { "enabled": true },
+            "m.profile_fields": { "enabled": true },
             "m.3pid_changes": { "enabled": false },
             "m.get_login_token": { "enabled": false }
         }

@@ -1,13 +1,13 @@
-//! Profiles: `GET /profile/{userId}`, `GET /profile/{userId}/{keyName}` and
-//! `PUT /profile/{userId}/{keyName}`.
-//! (Spec: client-server API, "Profiles".)
+//! Profiles: `GET /profile/{userId}`, and `GET`, `PUT` and `DELETE`
+//! `/profile/{userId}/{keyName}`. (Spec: client-server API, "Profiles".)
 //!
-//! A profile is the `displayname` and `avatar_url` of the account record;
-//! custom profile fields are not stored. A change is copied to the user
-//! directory and to a fresh `m.room.member` event in every room the user is
-//! joined to, so other members see it. Each room's event is created on that
-//! room's owner shard; one room failing does not undo the others or the
-//! profile change itself.
+//! A profile is the `displayname` and `avatar_url` of the account record,
+//! plus its other fields (`m.tz` and custom keys, any JSON value), all of it
+//! under [`PROFILE_BYTES_MAX`]. A display name or avatar change is copied
+//! to the user directory and to a fresh `m.room.member` event in every room
+//! the user is joined to, so other members see it. Each room's event is
+//! created on that room's owner shard; one room failing does not undo the
+//! others or the profile change itself. Other fields stay in the profile.
 
 use std::rc::Rc;
 
@@ -26,6 +26,8 @@ const DISPLAYNAME_CHARS_MAX: usize = 256;
 const AVATAR_URL_BYTES_MAX: usize = 1000;
 /// Longest profile key, in bytes (the spec's limit).
 const KEY_BYTES_MAX: usize = 255;
+/// Largest profile, all fields in JSON together (the spec's limit).
+const PROFILE_BYTES_MAX: usize = 64 * 1024;
 
 /// The profile fields this server stores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,7 +78,7 @@ fn valid_key(key: &str) -> bool {
 }
 
 fn profile_json(account: &Account) -> Value {
-    let mut out = Map::new();
+    let mut out: Map<String, Value> = account.fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     for field in [Field::DisplayName, Field::AvatarUrl] {
         if let Some(v) = field.value(account) {
             out.insert(field.key().to_owned(), json!(v));
@@ -91,8 +93,11 @@ pub fn get(shard: &Shard, _req: &Req, user: &str, field: Option<&str>) -> ApiRes
     let user = UserId::parse(user).map_err(|_| ApiError::invalid_param(format!("Invalid user id: {user}")))?;
     let account = shard.db.account(&user)?.ok_or_else(|| ApiError::not_found("Profile was not found"))?;
     let Some(key) = field else { return Ok(profile_json(&account)) };
-    // Custom keys are never stored, so they are never set.
-    let value = Field::parse(key).and_then(|f| f.value(&account)).ok_or_else(|| ApiError::not_found(format!("The profile has no {key}")))?;
+    let value = match Field::parse(key) {
+        Some(f) => f.value(&account).map(|v| json!(v)),
+        None => account.fields.get(key).cloned(),
+    };
+    let value = value.ok_or_else(|| ApiError::not_found(format!("The profile has no {key}")))?;
     Ok(json!({ key: value }))
 }
 
@@ -133,28 +138,80 @@ fn updated_member_content(mut content: Value, account: &Account) -> Value {
     content
 }
 
-/// PUT /_matrix/client/v3/profile/{userId}/{keyName}
-pub async fn set(shard: &Rc<Shard>, req: &Req, auth: &Authed, user: &str, field: &str) -> ApiResult<Value> {
+/// The caller's own user id from the path, and a valid key; the errors
+/// both `PUT` and `DELETE` give.
+fn own_key(auth: &Authed, user: &str, key: &str) -> ApiResult<ruma::OwnedUserId> {
     let user = UserId::parse(user).map_err(|_| ApiError::invalid_param(format!("Invalid user id: {user}")))?;
     if user != auth.user {
         return Err(ApiError::forbidden("Cannot change another user's profile"));
     }
-    if field.len() > KEY_BYTES_MAX {
+    if key.len() > KEY_BYTES_MAX {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "M_KEY_TOO_LARGE", format!("Profile keys are at most {KEY_BYTES_MAX} bytes")));
     }
-    let Some(field) = Field::parse(field) else {
-        if valid_key(field) {
-            return Err(ApiError::forbidden(format!("This server does not store the profile field {field}")));
-        }
-        return Err(ApiError::invalid_param(format!("Invalid profile key: {field}")));
-    };
-    let body: Map<String, Value> = req.json(shard)?;
-    let value = new_value(field, &body)?;
+    if !valid_key(key) {
+        return Err(ApiError::invalid_param(format!("Invalid profile key: {key}")));
+    }
+    Ok(user)
+}
 
+/// The value of another field (`m.tz` or a custom key) from a PUT body.
+fn other_value(key: &str, body: &Map<String, Value>) -> ApiResult<Value> {
+    let value = body.get(key).ok_or_else(|| ApiError::missing_param(format!("`{key}` is required")))?;
+    if key == "m.tz" && !value.is_string() {
+        return Err(ApiError::invalid_param("`m.tz` must be a string"));
+    }
+    Ok(value.clone())
+}
+
+/// Stores the account after a profile change, refused when the profile
+/// would pass [`PROFILE_BYTES_MAX`].
+fn store_profile(shard: &Shard, user: &UserId, account: &Account) -> ApiResult<()> {
+    if serde_json::to_vec(&profile_json(account)).map_or(usize::MAX, |v| v.len()) > PROFILE_BYTES_MAX {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "M_PROFILE_TOO_LARGE", format!("A profile holds at most {PROFILE_BYTES_MAX} bytes")));
+    }
+    shard.db.put_account(user, account)?;
+    Ok(())
+}
+
+/// PUT /_matrix/client/v3/profile/{userId}/{keyName}
+pub async fn set(shard: &Rc<Shard>, req: &Req, auth: &Authed, user: &str, key: &str) -> ApiResult<Value> {
+    let user = own_key(auth, user, key)?;
+    let body: Map<String, Value> = req.json(shard)?;
     let mut account = shard.db.account(&user)?.ok_or_else(|| ApiError::not_found("Profile was not found"))?;
+    let Some(field) = Field::parse(key) else {
+        account.fields.insert(key.to_owned(), other_value(key, &body)?);
+        store_profile(shard, &user, &account)?;
+        return Ok(json!({}));
+    };
+    let value = new_value(field, &body)?;
     match field {
         Field::DisplayName => account.displayname = value,
         Field::AvatarUrl => account.avatar_url = value,
+    }
+    store_profile(shard, &user, &account)?;
+    shard.db.put_directory_user(&user, &json!({ "displayname": account.displayname, "avatar_url": account.avatar_url }))?;
+    propagate(shard, &user, &account).await?;
+    Ok(json!({}))
+}
+
+/// DELETE /_matrix/client/v3/profile/{userId}/{keyName}
+///
+/// Removing a field that is not set is not an error.
+pub async fn delete(shard: &Rc<Shard>, auth: &Authed, user: &str, key: &str) -> ApiResult<Value> {
+    let user = own_key(auth, user, key)?;
+    let mut account = shard.db.account(&user)?.ok_or_else(|| ApiError::not_found("Profile was not found"))?;
+    let Some(field) = Field::parse(key) else {
+        if account.fields.remove(key).is_some() {
+            shard.db.put_account(&user, &account)?;
+        }
+        return Ok(json!({}));
+    };
+    if field.value(&account).is_none() {
+        return Ok(json!({}));
+    }
+    match field {
+        Field::DisplayName => account.displayname = None,
+        Field::AvatarUrl => account.avatar_url = None,
     }
     shard.db.put_account(&user, &account)?;
     shard.db.put_directory_user(&user, &json!({ "displayname": account.displayname, "avatar_url": account.avatar_url }))?;
@@ -201,7 +258,7 @@ mod tests {
     use super::*;
 
     fn account(displayname: Option<&str>, avatar_url: Option<&str>) -> Account {
-        Account { password_hash: None, deactivated: false, is_guest: false, admin: false, displayname: displayname.map(str::to_owned), avatar_url: avatar_url.map(str::to_owned), created_ms: 0 }
+        Account { password_hash: None, deactivated: false, is_guest: false, admin: false, displayname: displayname.map(str::to_owned), avatar_url: avatar_url.map(str::to_owned), created_ms: 0, fields: Default::default() }
     }
 
     #[test]
