@@ -765,7 +765,7 @@ fn receipt(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId, kind: String, th
 /// Content of the first `m.room.member` join for a user, from their profile.
 pub fn member_content(db: &Db, user: &UserId, membership: &str, reason: Option<&str>) -> ApiResult<Value> {
     let mut content = json!({ "membership": membership });
-    if (membership == "join" || membership == "invite")
+    if matches!(membership, "join" | "invite" | "knock")
         && let Some(account) = db.account(user)?
     {
         if let Some(d) = account.displayname {

@@ -405,6 +405,27 @@ def test_join_403_invite_only(api, check, new_user):
 INVITE = f"{V3}/rooms/{{roomId}}/invite "
 
 
+def test_knock_200(api, check, new_user):
+    owner, knocker = new_user(), new_user()
+    room_id = create_room(api, owner, preset="private_chat", initial_state=[{"type": "m.room.join_rules", "state_key": "", "content": {"join_rule": "knock"}}])
+    resp = api.request("POST", f"{V3}/knock/{q(room_id)}", knocker.access_token, json={"reason": "hello"})
+    assert check(resp, "POST", f"{V3}/knock/{{roomIdOrAlias}}", 200)["room_id"] == room_id
+    member = api.request("GET", f"{V3}/rooms/{q(room_id)}/state/m.room.member/{q(knocker.user_id)}", owner.access_token).json()
+    assert member["membership"] == "knock"
+
+
+def test_knock_403_not_knockable(api, check, new_user):
+    room_id = create_room(api, new_user(), preset="private_chat")
+    resp = api.request("POST", f"{V3}/knock/{q(room_id)}", new_user().access_token, json={})
+    assert check(resp, "POST", f"{V3}/knock/{{roomIdOrAlias}}", 403)["errcode"] == "M_FORBIDDEN"
+
+
+def test_knock_404_unknown_room(api, check, user, server):
+    room_id = f"!{unique('nowhere')}:{server.launch['server_name']}"
+    resp = api.request("POST", f"{V3}/knock/{q(room_id)}", user.access_token, json={})
+    assert check(resp, "POST", f"{V3}/knock/{{roomIdOrAlias}}", 404)["errcode"] == "M_NOT_FOUND"
+
+
 def test_invite_200(api, check, new_user):
     owner, guest = new_user(), new_user()
     room_id = create_room(api, owner, preset="private_chat")

@@ -826,6 +826,53 @@ fn extended_profile_fields_are_set_read_and_deleted() {
 }
 
 #[test]
+fn knocks_reach_the_room_and_end_in_an_invite_or_a_denial() {
+    let node = Node::start("knock", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let mut carol = node.client();
+    carol.register("carol");
+    let rule = |r: &str| json!([{ "type": "m.room.join_rules", "state_key": "", "content": { "join_rule": r } }]);
+    let room = alice.create_room(json!({ "preset": "private_chat", "name": "Door", "initial_state": rule("knock") }));
+    let public = alice.create_room(json!({ "preset": "public_chat" }));
+    let (_, a0) = alice.get("/_matrix/client/v3/sync");
+    let alice_since = a0["next_batch"].as_str().expect("next_batch").to_owned();
+    let (_, b0) = bob.get("/_matrix/client/v3/sync");
+    let bob_since = b0["next_batch"].as_str().expect("next_batch").to_owned();
+
+    let (s, b) = bob.post(&format!("/_matrix/client/v3/knock/{room}"), json!({ "reason": "let me in" }));
+    assert_eq!((s, b["room_id"].as_str()), (200, Some(room.as_str())), "{b}");
+    // The knocker sees the room under `knock` with its stripped state.
+    let bob_sync = bob.sync_until(&bob_since, |v| v["rooms"]["knock"].get(&room).is_some());
+    let state = bob_sync["rooms"]["knock"][&room]["knock_state"]["events"].as_array().expect("knock_state").clone();
+    let of = |kind: &str| state.iter().find(|e| e["type"] == kind).cloned().unwrap_or(Value::Null);
+    assert_eq!(of("m.room.join_rules")["content"]["join_rule"], "knock", "{bob_sync}");
+    assert_eq!(of("m.room.name")["content"]["name"], "Door");
+    assert!(state.iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == "@bob:localhost" && e["content"]["membership"] == "knock"), "{bob_sync}");
+    // The room sees the knock, with its reason.
+    let alice_sync = alice.sync_until(&alice_since, |v| v["rooms"]["join"][&room]["timeline"]["events"].as_array().is_some_and(|t| t.iter().any(|e| e["content"]["membership"] == "knock")));
+    let knock = alice_sync["rooms"]["join"][&room]["timeline"]["events"].as_array().expect("timeline").iter().find(|e| e["content"]["membership"] == "knock").cloned().expect("knock");
+    assert_eq!((knock["state_key"].as_str(), knock["content"]["reason"].as_str()), (Some("@bob:localhost"), Some("let me in")));
+
+    // Accepted: an invite, then a join.
+    let (s, b) = alice.post(&format!("/_matrix/client/v3/rooms/{room}/invite"), json!({ "user_id": "@bob:localhost" }));
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = bob.post(&format!("/_matrix/client/v3/join/{room}"), json!({}));
+    assert_eq!(s, 200, "{b}");
+    // Denied: a kick of the knocker leaves them out.
+    let (s, b) = carol.post(&format!("/_matrix/client/v3/knock/{room}"), json!({}));
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = alice.post(&format!("/_matrix/client/v3/rooms/{room}/kick"), json!({ "user_id": "@carol:localhost", "reason": "no" }));
+    assert_eq!(s, 200, "{b}");
+    let (_, member) = alice.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/@carol:localhost"));
+    assert_eq!(member["membership"], "leave", "{member}");
+    // Rooms whose join rule has no door, and rooms that do not exist.
+    let (s, b) = carol.post(&format!("/_matrix/client/v3/knock/{public}"), json!({}));
+    assert_eq!((s, b["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{b}");
+    let (s, b) = carol.post("/_matrix/client/v3/knock/!nowhere:localhost", json!({}));
+    assert_eq!((s, b["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{b}");
+}
+
+#[test]
 fn reports_of_events_rooms_and_users_are_accepted_only_for_what_exists() {
     let node = Node::start("reports", "");
     let (alice, bob) = two_users(&node);

@@ -170,6 +170,7 @@ async fn authed(shard: &Rc<Shard>, req: &Req, auth: &LazyAuth<'_>, segs: &[&str]
         ["sync"] => methods!(req, GET => sync::sync(shard, req, auth.get()?).await),
         ["createRoom"] => methods!(req, POST => ok(rooms::create_room(shard, req, auth.get()?).await?)),
         ["joined_rooms"] => methods!(req, GET => ok(rooms::joined_rooms(shard, auth.get()?)?)),
+        ["knock", target] => methods!(req, POST => ok(rooms::knock(shard, req, auth.get()?, target).await?)),
         ["join", target] => methods!(req, POST => ok(rooms::join(shard, req, auth.get()?, target).await?)),
         ["rooms", room, "join"] => methods!(req, POST => ok(rooms::join(shard, req, auth.get()?, room).await?)),
         ["rooms", room, action @ ("invite" | "leave" | "kick" | "ban" | "unban")] => methods!(req, POST => ok(rooms::membership(shard, req, auth.get()?, room, action).await?)),

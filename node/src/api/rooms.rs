@@ -280,6 +280,35 @@ pub async fn join(shard: &Rc<Shard>, req: &Req, auth: &Authed, target: &str) -> 
     Ok(json!({ "room_id": room }))
 }
 
+/// POST /_matrix/client/v3/knock/{roomIdOrAlias}
+///
+/// Asks to join a room whose join rule allows knocking (`knock`, or
+/// `knock_restricted`, in room versions that have them); the room's auth
+/// rules refuse the member event otherwise. Rooms of other servers are
+/// unknown until federation exists.
+pub async fn knock(shard: &Rc<Shard>, req: &Req, auth: &Authed, target: &str) -> ApiResult<Value> {
+    #[derive(Deserialize, Default)]
+    struct Body {
+        reason: Option<String>,
+    }
+    let body: Body = req.json(shard)?;
+    let room = resolve_target(shard, target)?;
+    if shard.db.room_head(&room)?.is_none() {
+        return Err(ApiError::not_found("Unknown room"));
+    }
+    match shard.db.membership(&room, &auth.user)?.as_deref() {
+        Some("knock") => return Ok(json!({ "room_id": room })),
+        Some("join") => return Err(ApiError::forbidden("You are already in the room")),
+        Some("invite") => return Err(ApiError::forbidden("You are already invited to the room")),
+        Some("ban") => return Err(ApiError::forbidden("You are banned from the room")),
+        _ => {}
+    }
+    shard.limiter.check(Action::Join, auth.user.as_str(), Instant::now())?;
+    let content = member_content(&shard.db, &auth.user, "knock", body.reason.as_deref())?;
+    send_member(shard, &room, &auth.user, &auth.user, content).await?;
+    Ok(json!({ "room_id": room }))
+}
+
 /// POST /_matrix/client/v3/rooms/{roomId}/{invite,leave,kick,ban,unban}
 pub async fn membership(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str, action: &str) -> ApiResult<Value> {
     #[derive(Deserialize, Default)]

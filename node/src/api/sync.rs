@@ -270,6 +270,10 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
                 out.invite.insert(room_id.clone(), json!({ "invite_state": { "events": invite_state(shard, &room, ur)? } }));
                 changed = true;
             }
+            "knock" if membership_changed => {
+                out.knock.insert(room_id.clone(), json!({ "knock_state": { "events": invite_state(shard, &room, ur)? } }));
+                changed = true;
+            }
             "leave" | "ban" if !ur.forgotten && ((since.is_some() && membership_changed) || (since.is_none() && filter.include_leave)) => {
                 let from = s.unwrap_or(0);
                 let (timeline, loaded) = timeline(shard, auth, &room, None, Some(from), ur.pos, filter, now)?;
