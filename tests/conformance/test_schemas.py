@@ -426,6 +426,36 @@ def test_knock_404_unknown_room(api, check, user, server):
     assert check(resp, "POST", f"{V3}/knock/{{roomIdOrAlias}}", 404)["errcode"] == "M_NOT_FOUND"
 
 
+UPGRADE = f"{V3}/rooms/{{roomId}}/upgrade"
+
+
+def test_upgrade_200(api, check, new_user):
+    owner = new_user()
+    room_id = create_room(api, owner, preset="private_chat", name="Before")
+    resp = api.request("POST", f"{V3}/rooms/{q(room_id)}/upgrade", owner.access_token, json={"new_version": "10"})
+    new_id = check(resp, "POST", UPGRADE, 200)["replacement_room"]
+    state = {(e["type"], e["state_key"]): e for e in room_state(api, owner, new_id)}
+    assert state[("m.room.create", "")]["content"]["predecessor"]["room_id"] == room_id
+    assert state[("m.room.name", "")]["content"]["name"] == "Before"
+    old = {(e["type"], e["state_key"]): e for e in room_state(api, owner, room_id)}
+    assert old[("m.room.tombstone", "")]["content"]["replacement_room"] == new_id
+
+
+def test_upgrade_400_unsupported_version(api, check, new_user):
+    owner = new_user()
+    room_id = create_room(api, owner, preset="private_chat")
+    resp = api.request("POST", f"{V3}/rooms/{q(room_id)}/upgrade", owner.access_token, json={"new_version": "no-such-version"})
+    assert check(resp, "POST", UPGRADE, 400)["errcode"] == "M_UNSUPPORTED_ROOM_VERSION"
+
+
+def test_upgrade_403_not_permitted(api, check, new_user):
+    owner, member = new_user(), new_user()
+    room_id = create_room(api, owner, preset="public_chat")
+    join(api, member, room_id)
+    resp = api.request("POST", f"{V3}/rooms/{q(room_id)}/upgrade", member.access_token, json={"new_version": "10"})
+    assert check(resp, "POST", UPGRADE, 403)["errcode"] == "M_FORBIDDEN"
+
+
 def test_invite_200(api, check, new_user):
     owner, guest = new_user(), new_user()
     room_id = create_room(api, owner, preset="private_chat")

@@ -873,6 +873,89 @@ fn knocks_reach_the_room_and_end_in_an_invite_or_a_denial() {
 }
 
 #[test]
+fn upgrades_replace_the_room_and_carry_its_state_aliases_and_members_settings() {
+    let node = Node::start("upgrade", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let mut carol = node.client();
+    carol.register("carol");
+    let encryption = json!([{ "type": "m.room.encryption", "state_key": "", "content": { "algorithm": "m.megolm.v1.aes-sha2" } }]);
+    let old = alice.create_room(json!({ "preset": "public_chat", "visibility": "public", "name": "Old", "topic": "t", "room_alias_name": "up", "initial_state": encryption }));
+    let (s, b) = bob.post(&format!("/_matrix/client/v3/join/{old}"), json!({}));
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = alice.post(&format!("/_matrix/client/v3/rooms/{old}/ban"), json!({ "user_id": "@carol:localhost", "reason": "spam" }));
+    assert_eq!(s, 200, "{b}");
+    for (c, tag) in [(&alice, "m.favourite"), (&bob, "u.work")] {
+        let who = if tag == "m.favourite" { "alice" } else { "bob" };
+        let (s, b) = c.put(&format!("/_matrix/client/v3/user/@{who}:localhost/rooms/{old}/tags/{tag}"), json!({ "order": 0.5 }));
+        assert_eq!(s, 200, "{b}");
+    }
+    let (s, b) = alice.put(&format!("/_matrix/client/v3/pushrules/global/room/{old}"), json!({ "actions": [] }));
+    assert_eq!(s, 200, "{b}");
+    let (_, b0) = bob.get("/_matrix/client/v3/sync");
+    let bob_since = b0["next_batch"].as_str().expect("next_batch").to_owned();
+
+    // Refused: too little power, versions this server cannot create, and
+    // rooms the caller is not in.
+    let upgrade = |c: &Client, room: &str, body: Value| c.post(&format!("/_matrix/client/v3/rooms/{room}/upgrade"), body);
+    let (s, b) = upgrade(&bob, &old, json!({ "new_version": "10" }));
+    assert_eq!((s, b["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{b}");
+    let (s, b) = upgrade(&alice, &old, json!({ "new_version": "99" }));
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_UNSUPPORTED_ROOM_VERSION")), "{b}");
+    let (s, b) = upgrade(&alice, &old, json!({}));
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_BAD_JSON")), "{b}");
+    let (s, b) = upgrade(&carol, &old, json!({ "new_version": "10" }));
+    assert_eq!(s, 403, "{b}");
+
+    let (s, b) = upgrade(&alice, &old, json!({ "new_version": "10" }));
+    assert_eq!(s, 200, "{b}");
+    let new = b["replacement_room"].as_str().expect("replacement_room").to_owned();
+    assert_ne!(new, old);
+
+    let state = |room: &str, kind: &str, key: &str| alice.get(&format!("/_matrix/client/v3/rooms/{room}/state/{kind}/{key}")).1;
+    // The new room names its predecessor and carries the old room's state.
+    let create = state(&new, "m.room.create", "");
+    assert_eq!((create["room_version"].as_str(), create["predecessor"]["room_id"].as_str()), (Some("10"), Some(old.as_str())), "{create}");
+    assert_eq!(state(&new, "m.room.name", "")["name"], "Old");
+    assert_eq!(state(&new, "m.room.topic", "")["topic"], "t");
+    assert_eq!(state(&new, "m.room.encryption", "")["algorithm"], "m.megolm.v1.aes-sha2");
+    assert_eq!(state(&new, "m.room.join_rules", "")["join_rule"], "public");
+    // The new room has the power levels the old one had before they were
+    // restricted.
+    let mut before = state(&old, "m.room.power_levels", "");
+    before["events_default"] = json!(0);
+    assert_eq!(state(&new, "m.room.power_levels", ""), before);
+    assert_eq!(state(&new, "m.room.member", "@carol:localhost")["membership"], "ban", "bans are carried over");
+    assert_eq!(state(&new, "m.room.member", "@bob:localhost")["errcode"], "M_NOT_FOUND", "members are not moved");
+    // The alias and the directory listing moved with it.
+    assert_eq!(alice.get("/_matrix/client/v3/directory/room/%23up:localhost").1["room_id"], new.as_str());
+    assert_eq!(state(&new, "m.room.canonical_alias", "")["alias"], "#up:localhost");
+    assert_eq!(state(&old, "m.room.canonical_alias", ""), json!({}));
+    assert_eq!(alice.get(&format!("/_matrix/client/v3/directory/list/room/{new}")).1["visibility"], "public");
+    assert_eq!(alice.get(&format!("/_matrix/client/v3/directory/list/room/{old}")).1["visibility"], "private");
+    // The old room is tombstoned, and ordinary members may no longer speak.
+    assert_eq!(state(&old, "m.room.tombstone", "")["replacement_room"], new.as_str());
+    assert_eq!(state(&old, "m.room.power_levels", "")["events_default"], 50);
+    let (s, b) = bob.put(&format!("/_matrix/client/v3/rooms/{old}/send/m.room.message/late"), json!({ "msgtype": "m.text", "body": "late" }));
+    assert_eq!(s, 403, "{b}");
+    let synced = bob.sync_until(&bob_since, |v| v["rooms"]["join"][&old]["timeline"]["events"].as_array().is_some_and(|t| t.iter().any(|e| e["type"] == "m.room.tombstone")));
+    let tomb = synced["rooms"]["join"][&old]["timeline"]["events"].as_array().expect("timeline").iter().find(|e| e["type"] == "m.room.tombstone").cloned().expect("tombstone");
+    assert_eq!(tomb["content"]["replacement_room"], new.as_str());
+
+    // The upgrader's tags and room push rule follow; a member's follow
+    // when they join the replacement.
+    let tags = |c: &Client, who: &str, room: &str| c.get(&format!("/_matrix/client/v3/user/@{who}:localhost/rooms/{room}/tags")).1["tags"].clone();
+    assert!(tags(&alice, "alice", &new).get("m.favourite").is_some(), "{}", tags(&alice, "alice", &new));
+    assert_eq!(alice.get(&format!("/_matrix/client/v3/pushrules/global/room/{new}")).0, 200);
+    assert_eq!(tags(&bob, "bob", &new), json!({}));
+    let (s, b) = bob.post(&format!("/_matrix/client/v3/join/{new}"), json!({}));
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(tags(&bob, "bob", &new)["u.work"]["order"], 0.5);
+    // A banned user stays out of the replacement.
+    let (s, b) = carol.post(&format!("/_matrix/client/v3/join/{new}"), json!({}));
+    assert_eq!(s, 403, "{b}");
+}
+
+#[test]
 fn reports_of_events_rooms_and_users_are_accepted_only_for_what_exists() {
     let node = Node::start("reports", "");
     let (alice, bob) = two_users(&node);

@@ -17,6 +17,7 @@ pub mod rooms;
 pub mod spaces;
 pub mod sync;
 pub mod threads;
+pub mod upgrade;
 pub mod userdata;
 
 use std::rc::Rc;
@@ -174,6 +175,7 @@ async fn authed(shard: &Rc<Shard>, req: &Req, auth: &LazyAuth<'_>, segs: &[&str]
         ["join", target] => methods!(req, POST => ok(rooms::join(shard, req, auth.get()?, target).await?)),
         ["rooms", room, "join"] => methods!(req, POST => ok(rooms::join(shard, req, auth.get()?, room).await?)),
         ["rooms", room, action @ ("invite" | "leave" | "kick" | "ban" | "unban")] => methods!(req, POST => ok(rooms::membership(shard, req, auth.get()?, room, action).await?)),
+        ["rooms", room, "upgrade"] => methods!(req, POST => ok(upgrade::upgrade(shard, req, auth.get()?, room).await?)),
         ["rooms", room, "forget"] => methods!(req, POST => ok(rooms::forget(shard, auth.get()?, room)?)),
         ["rooms", room, "members"] => methods!(req, GET => ok(rooms::members(shard, req, auth.get()?, room)?)),
         ["rooms", room, "joined_members"] => methods!(req, GET => ok(rooms::joined_members(shard, auth.get()?, room)?)),

@@ -81,11 +81,19 @@ pub(crate) fn visible_upto(shard: &Shard, room: &RoomId, user: &UserId) -> ApiRe
     }
 }
 
-fn power_content(shard: &Shard, room: &RoomId) -> ApiResult<Value> {
+/// A 400 for room versions this server cannot create.
+pub(crate) fn supported_version(version: &str) -> ApiResult<()> {
+    match version {
+        "10" | "11" => Ok(()),
+        _ => Err(ApiError::new(StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION", format!("Room version {version} is not supported"))),
+    }
+}
+
+pub(crate) fn power_content(shard: &Shard, room: &RoomId) -> ApiResult<Value> {
     Ok(shard.db.state_event(room, "m.room.power_levels", "")?.map(|e| e.pdu.content_value()).unwrap_or(Value::Null))
 }
 
-fn user_power(pl: &Value, user: &UserId) -> i64 {
+pub(crate) fn user_power(pl: &Value, user: &UserId) -> i64 {
     pl["users"][user.as_str()].as_i64().or_else(|| pl["users_default"].as_i64()).unwrap_or(0)
 }
 
@@ -134,9 +142,7 @@ fn merge(base: &mut Value, over: &Value) {
 pub async fn create_room(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Value> {
     let body: CreateRoomBody = req.json(shard)?;
     let version = body.room_version.clone().unwrap_or_else(|| shard.config.rooms.default_version.clone());
-    if !matches!(version.as_str(), "10" | "11") {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION", format!("Room version {version} is not supported")));
-    }
+    supported_version(&version)?;
     let public = body.visibility.as_deref() == Some("public");
     let preset = body.preset.clone().unwrap_or_else(|| if public { "public_chat".into() } else { "private_chat".into() });
     if !matches!(preset.as_str(), "public_chat" | "private_chat" | "trusted_private_chat") {
@@ -277,6 +283,7 @@ pub async fn join(shard: &Rc<Shard>, req: &Req, auth: &Authed, target: &str) -> 
     let content = member_content(&shard.db, &auth.user, "join", body.reason.as_deref())?;
     send_member(shard, &room, &auth.user, &auth.user, content).await?;
     crate::api::keys::membership_changed(shard, &room, &auth.user, true)?;
+    crate::api::upgrade::joined(shard, &auth.user, &room)?;
     Ok(json!({ "room_id": room }))
 }
 

@@ -104,7 +104,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> ApiResult<Value> {
 
 /// Writes one piece of account data under a fresh stream position and
 /// announces it to the user's syncs (see the module invariant).
-fn write_account_data(shard: &Shard, user: &UserId, room: Option<&RoomId>, kind: &str, content: Value) -> ApiResult<()> {
+pub(crate) fn write_account_data(shard: &Shard, user: &UserId, room: Option<&RoomId>, kind: &str, content: Value) -> ApiResult<()> {
     let pos = shard.next_pos();
     let entry = AccountDataEntry { content, shard: shard.id as u16, pos };
     shard.db.put_account_data(user, room, kind, &entry, vec![Db::stream_head_write(shard.id as u16, pos)])?;
@@ -180,7 +180,7 @@ pub fn put_account_data(shard: &Shard, req: &Req, auth: &Authed, user: &str, roo
 
 /// The `tags` object of a room's `m.tag` account data (empty when unset or
 /// malformed).
-fn room_tags(shard: &Shard, user: &UserId, room: &RoomId) -> ApiResult<Map<String, Value>> {
+pub(crate) fn room_tags(shard: &Shard, user: &UserId, room: &RoomId) -> ApiResult<Map<String, Value>> {
     Ok(shard
         .db
         .account_data(user, Some(room), "m.tag")?
@@ -267,7 +267,7 @@ fn rule_json(rule: AnyPushRuleRef<'_>) -> ApiResult<Value> {
 }
 
 /// Stores the user's rule set; syncs see it as `m.push_rules` account data.
-fn save_rules(shard: &Shard, user: &UserId, rules: &Ruleset) -> ApiResult<()> {
+pub(crate) fn save_rules(shard: &Shard, user: &UserId, rules: &Ruleset) -> ApiResult<()> {
     write_account_data(shard, user, None, "m.push_rules", json!({ "global": ruleset_json(rules)? }))
 }
 
