@@ -98,6 +98,11 @@ pub struct SyncFilter {
     pub account_data: EventFilter,
     pub presence: EventFilter,
     pub include_leave: bool,
+    /// Leaves the device's to-device inbox alone: neither sends it nor
+    /// acknowledges what the previous token covered. Set by the legacy
+    /// `/events`, which cannot deliver to-device messages; no client filter
+    /// sets it.
+    pub without_to_device: bool,
 }
 
 impl SyncFilter {
@@ -114,6 +119,7 @@ impl SyncFilter {
             account_data: sub(v, "account_data"),
             presence: sub(v, "presence"),
             include_leave: room.get("include_leave").and_then(Value::as_bool).unwrap_or(false),
+            without_to_device: false,
         }
     }
 

@@ -426,6 +426,58 @@ def test_knock_404_unknown_room(api, check, user, server):
     assert check(resp, "POST", f"{V3}/knock/{{roomIdOrAlias}}", 404)["errcode"] == "M_NOT_FOUND"
 
 
+def test_initial_sync_200(api, check, new_user):
+    owner, invitee = new_user(), new_user()
+    room_id = create_room(api, owner, preset="private_chat", name="Legacy")
+    send_text(api, owner, room_id, "hello")
+    invite(api, owner, room_id, invitee)
+    body = check(api.request("GET", f"{V3}/initialSync?limit=5", owner.access_token), "GET", f"{V3}/initialSync", 200)
+    room = next(r for r in body["rooms"] if r["room_id"] == room_id)
+    assert room["membership"] == "join"
+    assert any(e["content"].get("body") == "hello" for e in room["messages"]["chunk"])
+    body = check(api.request("GET", f"{V3}/initialSync", invitee.access_token), "GET", f"{V3}/initialSync", 200)
+    assert next(r for r in body["rooms"] if r["room_id"] == room_id)["membership"] == "invite"
+
+
+def test_room_initial_sync_200(api, check, new_user):
+    owner = new_user()
+    room_id = create_room(api, owner, preset="private_chat")
+    send_text(api, owner, room_id, "hello")
+    body = check(api.request("GET", f"{V3}/rooms/{q(room_id)}/initialSync", owner.access_token), "GET", f"{V3}/rooms/{{roomId}}/initialSync", 200)
+    assert body["room_id"] == room_id and body["messages"]["chunk"][-1]["content"]["body"] == "hello"
+
+
+def test_room_initial_sync_403(api, check, new_user):
+    room_id = create_room(api, new_user(), preset="private_chat")
+    resp = api.request("GET", f"{V3}/rooms/{q(room_id)}/initialSync", new_user().access_token)
+    assert check(resp, "GET", f"{V3}/rooms/{{roomId}}/initialSync", 403)["errcode"] == "M_FORBIDDEN"
+
+
+def test_events_200(api, check, new_user):
+    owner = new_user()
+    room_id = create_room(api, owner, preset="private_chat")
+    end = api.request("GET", f"{V3}/initialSync?limit=1", owner.access_token).json()["end"]
+    event_id = send_text(api, owner, room_id, "streamed")
+    seen, frm = [], end
+    for _ in range(20):
+        body = check(api.request("GET", f"{V3}/events?from={q(frm)}&timeout=2000", owner.access_token), "GET", f"{V3}/events", 200)
+        seen += [e["event_id"] for e in body["chunk"] if "event_id" in e]
+        frm = body["end"]
+        if event_id in seen:
+            break
+    assert event_id in seen
+
+
+def test_event_by_id_200_and_404(api, check, new_user):
+    owner = new_user()
+    room_id = create_room(api, owner, preset="private_chat")
+    event_id = send_text(api, owner, room_id, "one")
+    body = check(api.request("GET", f"{V3}/events/{q(event_id)}", owner.access_token), "GET", f"{V3}/events/{{eventId}}", 200)
+    assert body["event_id"] == event_id
+    resp = api.request("GET", f"{V3}/events/{q(event_id)}", new_user().access_token)
+    check(resp, "GET", f"{V3}/events/{{eventId}}", 404)
+
+
 UPGRADE = f"{V3}/rooms/{{roomId}}/upgrade"
 
 

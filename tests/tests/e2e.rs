@@ -956,6 +956,97 @@ fn upgrades_replace_the_room_and_carry_its_state_aliases_and_members_settings() 
 }
 
 #[test]
+fn legacy_initial_sync_and_event_stream() {
+    let node = Node::start("legacy", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    for i in 0..3 {
+        alice.send_text(&room, &format!("m{i}"), &format!("message {i}"));
+    }
+    let (s, b) = bob.put(&format!("/_matrix/client/v3/user/@bob:localhost/rooms/{room}/tags/u.x"), json!({}));
+    assert_eq!(s, 200, "{b}");
+    let invited = alice.create_room(json!({ "invite": ["@bob:localhost"] }));
+    let left = alice.create_room(json!({ "preset": "public_chat", "name": "Left" }));
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{left}"), json!({})).0, 200);
+    alice.send_text(&left, "l0", "before the leave");
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/rooms/{left}/leave"), json!({})).0, 200);
+    alice.send_text(&left, "l1", "after the leave");
+
+    // /initialSync: the latest messages in order, the state, the room's
+    // account data; invites with their event; left rooms only when archived.
+    let (s, init) = bob.get("/_matrix/client/v3/initialSync?limit=2");
+    assert_eq!(s, 200, "{init}");
+    let rooms = init["rooms"].as_array().expect("rooms").clone();
+    let info = |rooms: &[Value], id: &str| rooms.iter().find(|r| r["room_id"] == id).cloned().unwrap_or(Value::Null);
+    let shared = info(&rooms, &room);
+    assert_eq!(shared["membership"], "join");
+    let chunk = shared["messages"]["chunk"].as_array().expect("chunk").clone();
+    let texts: Vec<&str> = chunk.iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert_eq!(texts, ["message 1", "message 2"], "{shared}");
+    assert!(chunk.iter().all(|e| e["room_id"] == room.as_str()));
+    assert!(shared["state"].as_array().is_some_and(|st| st.iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Test")));
+    assert!(shared["account_data"].as_array().is_some_and(|a| a.iter().any(|d| d["type"] == "m.tag" && d["content"]["tags"].get("u.x").is_some())), "{shared}");
+    assert_eq!(shared["visibility"], "private");
+    // The start token pages back to the first message.
+    let start = shared["messages"]["start"].as_str().expect("start");
+    let (_, older) = bob.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&from={start}&limit=20"));
+    assert!(older["chunk"].as_array().is_some_and(|c| c.iter().any(|e| e["content"]["body"] == "message 0")), "{older}");
+    let inv = info(&rooms, &invited);
+    assert_eq!((inv["membership"].as_str(), inv["invite"]["content"]["membership"].as_str()), (Some("invite"), Some("invite")), "{inv}");
+    assert_eq!(info(&rooms, &left), Value::Null, "left rooms need archived=true");
+    let (_, archived) = bob.get("/_matrix/client/v3/initialSync?archived=true");
+    let old = info(archived["rooms"].as_array().expect("rooms"), &left);
+    assert_eq!(old["membership"], "leave");
+    let seen = old["messages"]["chunk"].to_string();
+    assert!(seen.contains("before the leave") && !seen.contains("after the leave"), "{old}");
+    assert_eq!(bob.get("/_matrix/client/v3/initialSync?archived=maybe").0, 400);
+
+    // /rooms/{roomId}/initialSync: one room; 403 for rooms never joined.
+    let (s, one) = bob.get(&format!("/_matrix/client/v3/rooms/{room}/initialSync"));
+    assert_eq!((s, one["membership"].as_str()), (200, Some("join")), "{one}");
+    assert_eq!(one["messages"]["chunk"].as_array().map(Vec::len).map(|n| n >= 4), Some(true), "{one}");
+    let private = alice.create_room(json!({}));
+    assert_eq!(bob.get(&format!("/_matrix/client/v3/rooms/{private}/initialSync")).0, 403);
+
+    // /events from the initial sync's end: new events with their room id,
+    // and to-device messages stay for /sync.
+    let bob_device = bob.get("/_matrix/client/v3/account/whoami").1["device_id"].as_str().expect("device").to_owned();
+    let (_, s0) = bob.get("/_matrix/client/v3/sync");
+    let sync_token = s0["next_batch"].as_str().expect("token").to_owned();
+    let end = init["end"].as_str().expect("end").to_owned();
+    let sent = alice.send_text(&room, "e0", "streamed");
+    let body = json!({ "messages": { "@bob:localhost": { &bob_device: { "n": 7 } } } });
+    assert_eq!(alice.put("/_matrix/client/v3/sendToDevice/org.example.ping/e1", body).0, 200);
+    let mut from = end.clone();
+    let mut found = Value::Null;
+    for _ in 0..20 {
+        let (s, page) = bob.get(&format!("/_matrix/client/v3/events?from={from}&timeout=2000"));
+        assert_eq!((s, page["start"].as_str()), (200, Some(from.as_str())), "{page}");
+        if let Some(e) = page["chunk"].as_array().and_then(|c| c.iter().find(|e| e["event_id"] == sent.as_str())) {
+            found = e.clone();
+        }
+        from = page["end"].as_str().expect("end").to_owned();
+        if !found.is_null() {
+            break;
+        }
+    }
+    assert_eq!((found["room_id"].as_str(), found["content"]["body"].as_str()), (Some(room.as_str()), Some("streamed")), "{found}");
+    let (_, quiet) = bob.get(&format!("/_matrix/client/v3/events?from={from}&timeout=0"));
+    assert!(!quiet["chunk"].to_string().contains("streamed"), "{quiet}");
+    let (_, other_room) = bob.get(&format!("/_matrix/client/v3/events?from={end}&room_id={invited}&timeout=0"));
+    assert_eq!(other_room["errcode"], "M_FORBIDDEN", "{other_room}");
+    let synced = bob.sync_until(&sync_token, |v| v["to_device"]["events"].as_array().is_some_and(|a| !a.is_empty()));
+    assert_eq!(synced["to_device"]["events"][0]["content"]["n"], 7, "{synced}");
+
+    // /events/{eventId}: visible events only.
+    let (s, ev) = bob.get(&format!("/_matrix/client/v3/events/{sent}"));
+    assert_eq!((s, ev["content"]["body"].as_str()), (200, Some("streamed")), "{ev}");
+    let secret = alice.send_text(&private, "p0", "secret");
+    assert_eq!(bob.get(&format!("/_matrix/client/v3/events/{secret}")).0, 404);
+    assert_eq!(bob.get("/_matrix/client/v3/events/$nothing").0, 404);
+}
+
+#[test]
 fn reports_of_events_rooms_and_users_are_accepted_only_for_what_exists() {
     let node = Node::start("reports", "");
     let (alice, bob) = two_users(&node);

@@ -9,6 +9,7 @@ pub mod account;
 pub mod extras;
 pub mod info;
 pub mod keys;
+pub mod legacy;
 pub mod backup;
 pub mod dehydrated;
 pub mod profile;
@@ -175,6 +176,10 @@ async fn authed(shard: &Rc<Shard>, req: &Req, auth: &LazyAuth<'_>, segs: &[&str]
         ["join", target] => methods!(req, POST => ok(rooms::join(shard, req, auth.get()?, target).await?)),
         ["rooms", room, "join"] => methods!(req, POST => ok(rooms::join(shard, req, auth.get()?, room).await?)),
         ["rooms", room, action @ ("invite" | "leave" | "kick" | "ban" | "unban")] => methods!(req, POST => ok(rooms::membership(shard, req, auth.get()?, room, action).await?)),
+        ["initialSync"] => methods!(req, GET => ok(legacy::initial_sync(shard, req, auth.get()?).await?)),
+        ["events"] => methods!(req, GET => ok(legacy::events(shard, req, auth.get()?).await?)),
+        ["events", event] => methods!(req, GET => ok(legacy::event(shard, auth.get()?, event)?)),
+        ["rooms", room, "initialSync"] => methods!(req, GET => ok(legacy::room_initial_sync(shard, req, auth.get()?, room)?)),
         ["rooms", room, "upgrade"] => methods!(req, POST => ok(upgrade::upgrade(shard, req, auth.get()?, room).await?)),
         ["rooms", room, "forget"] => methods!(req, POST => ok(rooms::forget(shard, auth.get()?, room)?)),
         ["rooms", room, "members"] => methods!(req, GET => ok(rooms::members(shard, req, auth.get()?, room)?)),

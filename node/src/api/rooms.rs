@@ -430,7 +430,7 @@ const STATE_HISTORY_HOPS_MAX: usize = 1_000;
 
 /// The state event that was current for a state key at position `point`,
 /// starting from the one current now: `None` when the key had no state yet.
-fn state_as_of(shard: &Shard, current: &ruma::EventId, point: u64) -> ApiResult<Option<crate::pdu::Event>> {
+pub(crate) fn state_as_of(shard: &Shard, current: &ruma::EventId, point: u64) -> ApiResult<Option<crate::pdu::Event>> {
     let mut id = current.to_owned();
     for _ in 0..STATE_HISTORY_HOPS_MAX {
         let Some(ev) = shard.db.event(&id)? else { return Ok(None) };

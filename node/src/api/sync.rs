@@ -159,9 +159,16 @@ async fn sync_body(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Syn
         Some(s) => Some(SyncToken::parse(s, shard.count).ok_or_else(|| ApiError::invalid_param("Invalid since token"))?),
         None => None,
     };
-    let timeout_ms = req.query_u64("timeout")?.unwrap_or(0).min(shard.config.limits.sync_timeout_ms_max);
+    let timeout_ms = req.query_u64("timeout")?.unwrap_or(0);
     let full_state = req.query("full_state") == Some("true");
     let filter = load_filter(shard, req, auth)?;
+    sync_with(shard, auth, since, timeout_ms, full_state, &filter).await
+}
+
+/// A sync from `since` (initial without it), long-polling up to
+/// `timeout_ms` (capped by `limits.sync_timeout_ms_max`) for something new.
+pub(crate) async fn sync_with(shard: &Rc<Shard>, auth: &Authed, since: Option<SyncToken>, timeout_ms: u64, full_state: bool, filter: &SyncFilter) -> ApiResult<SyncResponse> {
+    let timeout_ms = timeout_ms.min(shard.config.limits.sync_timeout_ms_max);
     let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms);
     // Set once the wait ran out: the last pass answers without waiting.
     let mut timed_out = false;
@@ -189,10 +196,10 @@ async fn sync_body(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Syn
         // A long-poll whose token covers every position this shard has
         // heard of has nothing in (since, upper] to read: it waits (and
         // computes when woken or when the wait runs out).
-        let Some(waiter) = waiter else { return Ok(compute(shard, auth, since.as_ref(), &upper, &filter, full_state, &rooms.list)?.0) };
+        let Some(waiter) = waiter else { return Ok(compute(shard, auth, since.as_ref(), &upper, filter, full_state, &rooms.list)?.0) };
         let nothing_new = !full_state && since.as_ref().is_some_and(|s| s.heads == upper.heads);
         if !nothing_new {
-            let (body, changed) = compute(shard, auth, since.as_ref(), &upper, &filter, full_state, &rooms.list)?;
+            let (body, changed) = compute(shard, auth, since.as_ref(), &upper, filter, full_state, &rooms.list)?;
             if changed || shard.shutting_down.get() {
                 return Ok(body);
             }
@@ -298,7 +305,7 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
         account_data.push(json!({ "type": "m.push_rules", "content": crate::push::ruleset_content(&rules) }));
     }
     changed |= !account_data.is_empty();
-    let to_device = to_device(shard, auth, since, upper)?;
+    let to_device = if filter.without_to_device { Vec::new() } else { to_device(shard, auth, since, upper)? };
     changed |= !to_device.is_empty();
     let presence = if filter.presence.allows_type("m.presence") && since.is_none_or(|s| shard.presence_writes_after(&s.heads)) { presence(shard, auth, since, upper, filter)? } else { Vec::new() };
     changed |= !presence.is_empty();
