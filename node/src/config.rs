@@ -29,6 +29,7 @@ pub struct Config {
     pub rate_limits: RateLimits,
     pub turn: Turn,
     pub rooms: Rooms,
+    pub support: Support,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -239,6 +240,26 @@ pub struct Turn {
     pub ttl_secs: u64,
 }
 
+/// Who runs the server, served at `/.well-known/matrix/support`; nothing
+/// is served (404) while both are empty.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Support {
+    /// Ways to reach the administrators.
+    pub contacts: Vec<SupportContact>,
+    /// A page with help specific to this server.
+    pub page: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupportContact {
+    /// `m.role.admin`, `m.role.security` or a namespaced role of one's own.
+    pub role: String,
+    pub matrix_id: Option<String>,
+    pub email_address: Option<String>,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Rooms {
@@ -261,6 +282,7 @@ impl Default for Config {
             rate_limits: RateLimits::default(),
             turn: Turn::default(),
             rooms: Rooms::default(),
+            support: Support::default(),
         }
     }
 }
@@ -401,6 +423,17 @@ impl Config {
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         if ruma::ServerName::parse(&self.server_name).is_err() {
             return invalid("server_name", "not a valid Matrix server name");
+        }
+        for c in &self.support.contacts {
+            if c.role.is_empty() {
+                return invalid("support.contacts", "every contact needs a role (e.g. \"m.role.admin\")");
+            }
+            if c.matrix_id.is_none() && c.email_address.is_none() {
+                return invalid("support.contacts", "every contact needs a matrix_id or an email_address");
+            }
+            if c.matrix_id.as_deref().is_some_and(|id| ruma::UserId::parse(id).is_err()) {
+                return invalid("support.contacts", "matrix_id is not a valid Matrix user id");
+            }
         }
         if !matches!(self.rooms.default_version.as_str(), "10" | "11") {
             return invalid("rooms.default_version", "supported room versions are \"10\" and \"11\"");
@@ -607,6 +640,21 @@ mod tests {
         }
         let c = Config::load(None, env(&[("TESSERA__STORAGE__SCYLLA__PASSWORD", "hunter2"), ("TESSERA__STORAGE__SCYLLA__USERNAME", "u")])).expect("config");
         assert!(!format!("{c:?}").contains("hunter2"), "passwords stay out of Debug output");
+    }
+
+    #[test]
+    fn support_contacts_need_a_role_and_a_way_to_reach_them() {
+        let contact = |role: &str, id: Option<&str>, email: Option<&str>| SupportContact { role: role.into(), matrix_id: id.map(Into::into), email_address: email.map(Into::into) };
+        let check = |c: SupportContact| {
+            let mut config = Config::default();
+            config.support.contacts = vec![c];
+            config.validate().map_err(|e| e.to_string())
+        };
+        assert!(check(contact("m.role.admin", Some("@a:example.org"), None)).is_ok());
+        assert!(check(contact("m.role.admin", None, Some("a@example.org"))).is_ok());
+        assert!(check(contact("", Some("@a:example.org"), None)).is_err_and(|e| e.contains("support.contacts")));
+        assert!(check(contact("m.role.admin", None, None)).is_err_and(|e| e.contains("support.contacts")));
+        assert!(check(contact("m.role.admin", Some("not-a-user"), None)).is_err_and(|e| e.contains("support.contacts")));
     }
 
     #[test]

@@ -60,6 +60,13 @@ def test_wellknown_client_200(api, check):
     assert body["m.homeserver"]["base_url"].startswith("http")
 
 
+def test_wellknown_support_200(api, check, server):
+    if server.kind != "tessera":
+        pytest.skip("support contacts are configured only for tessera")
+    body = check(api.request("GET", "/.well-known/matrix/support"), "GET", "/.well-known/matrix/support", 200)
+    assert body["contacts"][0]["role"] == "m.role.admin" and body["support_page"].startswith("https://")
+
+
 def test_capabilities_200(api, check, user):
     body = check(api.request("GET", f"{V3}/capabilities", user.access_token), "GET", f"{V3}/capabilities", 200)
     assert isinstance(body["capabilities"], dict)
@@ -1148,6 +1155,24 @@ def test_pushers_get_set_200(api, check, user):
 def test_thirdparty_protocols_200(api, check, user):
     body = check(api.request("GET", f"{V3}/thirdparty/protocols", user.access_token), "GET", f"{V3}/thirdparty/protocols", 200)
     assert isinstance(body, dict)
+
+
+def test_thirdparty_protocol_404_unknown(api, check, user):
+    resp = api.request("GET", f"{V3}/thirdparty/protocol/{unique('proto')}", user.access_token)
+    assert check(resp, "GET", f"{V3}/thirdparty/protocol/{{protocol}}", 404)["errcode"] == "M_NOT_FOUND"
+
+
+@pytest.mark.parametrize("kind,query", [("location", "alias=%23nowhere:example.org"), ("user", "userid=%40nobody:example.org")])
+def test_thirdparty_lookups_200_empty(api, check, user, kind, query):
+    body = check(api.request("GET", f"{V3}/thirdparty/{kind}?{query}", user.access_token), "GET", f"{V3}/thirdparty/{kind}", 200)
+    assert body == []
+    body = check(api.request("GET", f"{V3}/thirdparty/{kind}/{unique('proto')}", user.access_token), "GET", f"{V3}/thirdparty/{kind}/{{protocol}}", 200)
+    assert body == []
+
+
+def test_whois_200_self(api, check, user):
+    body = check(api.request("GET", f"{V3}/admin/whois/{q(user.user_id)}", user.access_token), "GET", f"{V3}/admin/whois/{{userId}}", 200)
+    assert body["user_id"] == user.user_id and user.device_id in body["devices"]
 
 
 def test_voip_turn_server_200(api, check, user):

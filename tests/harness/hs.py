@@ -136,6 +136,14 @@ def prepare_tessera(workdir: Path, port: int) -> dict:
                 f"shared_secret = {_toml_str(secrets.token_hex(16))}",
                 "ttl_secs = 3600",
                 "",
+                "[support]",
+                'page = "https://example.org/support"',
+                "",
+                "[[support.contacts]]",
+                'role = "m.role.admin"',
+                'matrix_id = "@admin:example.org"',
+                'email_address = "admin@example.org"',
+                "",
             ]
         )
     )

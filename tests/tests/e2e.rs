@@ -49,6 +49,24 @@ fn discovery_endpoints_and_unknown_paths() {
     assert_eq!((s, v["errcode"].as_str()), (401, Some("M_MISSING_TOKEN")));
     let (s, _) = c.get("/metrics");
     assert_eq!(s, 200);
+    // Support contacts are served only once configured.
+    let (s, v) = c.get("/.well-known/matrix/support");
+    assert_eq!((s, v["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{v}");
+    let with = Node::start("support", "[[support.contacts]]\nrole = \"m.role.security\"\nemail_address = \"sec@example.org\"\n");
+    let (s, v) = with.client().get("/.well-known/matrix/support");
+    assert_eq!((s, v), (200, json!({ "contacts": [{ "role": "m.role.security", "email_address": "sec@example.org" }] })));
+}
+
+#[test]
+fn whois_answers_for_oneself_only() {
+    let node = Node::start("whois", "");
+    let (alice, _bob) = two_users(&node);
+    let device = alice.get("/_matrix/client/v3/account/whoami").1["device_id"].as_str().expect("device").to_owned();
+    let (s, v) = alice.get("/_matrix/client/v3/admin/whois/@alice:localhost");
+    assert_eq!((s, v["user_id"].as_str()), (200, Some("@alice:localhost")), "{v}");
+    assert!(v["devices"][&device]["sessions"][0]["connections"][0]["last_seen"].as_u64().is_some(), "{v}");
+    let (s, v) = alice.get("/_matrix/client/v3/admin/whois/@bob:localhost");
+    assert_eq!((s, v["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{v}");
 }
 
 /// A body many times the first read's size arrives whole (the node's reads

@@ -436,6 +436,30 @@ pub fn devices(shard: &Shard, auth: &Authed) -> ApiResult<Value> {
     Ok(json!({ "devices": list }))
 }
 
+/// GET /_matrix/client/v3/admin/whois/{userId}
+///
+/// A user's devices with where and when each was last seen (as of its
+/// login). Users may look themselves up; looking up others needs a server
+/// administrator, which this server does not have yet, so it is 403.
+pub fn whois(shard: &Shard, auth: &Authed, user: &str) -> ApiResult<Value> {
+    let user = crate::api::rooms::parse_user(user)?;
+    if user != auth.user {
+        return Err(ApiError::forbidden("Only server administrators may look up other users"));
+    }
+    let mut devices = serde_json::Map::new();
+    for (id, d) in shard.db.devices(&user, 10_000)? {
+        let mut connection = json!({});
+        if let Some(ip) = &d.last_seen_ip {
+            connection["ip"] = json!(ip);
+        }
+        if let Some(ts) = d.last_seen_ts {
+            connection["last_seen"] = json!(ts);
+        }
+        devices.insert(id, json!({ "sessions": [{ "connections": [connection] }] }));
+    }
+    Ok(json!({ "user_id": user, "devices": devices }))
+}
+
 /// GET /_matrix/client/v3/devices/{deviceId}
 pub fn device(shard: &Shard, auth: &Authed, device: &str) -> ApiResult<Value> {
     let d = shard.db.device(&auth.user, device)?.ok_or_else(|| ApiError::not_found("Unknown device"))?;

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use http::StatusCode;
 use serde_json::{Value, json};
 
+use crate::error::{ApiError, ApiResult};
 use crate::http::{Authed, Resp, text_response};
 use crate::shard::Shard;
 
@@ -29,6 +30,37 @@ pub fn well_known_client(shard: &Shard) -> Value {
 pub fn well_known_server(shard: &Shard) -> Value {
     let port = shard.config.listen.address.port();
     json!({ "m.server": format!("{}:{}", shard.server_name, port) })
+}
+
+/// GET /.well-known/matrix/support: the configured contacts and page, or
+/// 404 while none is configured.
+pub fn well_known_support(shard: &Shard) -> ApiResult<Value> {
+    let support = &shard.config.support;
+    if support.contacts.is_empty() && support.page.is_none() {
+        return Err(ApiError::not_found("No support information is configured"));
+    }
+    let contacts: Vec<Value> = support
+        .contacts
+        .iter()
+        .map(|c| {
+            let mut v = json!({ "role": c.role });
+            if let Some(id) = &c.matrix_id {
+                v["matrix_id"] = json!(id);
+            }
+            if let Some(email) = &c.email_address {
+                v["email_address"] = json!(email);
+            }
+            v
+        })
+        .collect();
+    let mut body = json!({});
+    if !contacts.is_empty() {
+        body["contacts"] = json!(contacts);
+    }
+    if let Some(page) = &support.page {
+        body["support_page"] = json!(page);
+    }
+    Ok(body)
 }
 
 /// GET /_matrix/client/v3/capabilities

@@ -51,6 +51,7 @@ pub async fn route(shard: &Rc<Shard>, req: &Req) -> ApiResult<Resp> {
         ["_matrix", "client", "versions"] => methods!(req, GET => ok(info::versions())),
         [".well-known", "matrix", "client"] => methods!(req, GET => ok(info::well_known_client(shard))),
         [".well-known", "matrix", "server"] => methods!(req, GET => ok(info::well_known_server(shard))),
+        [".well-known", "matrix", "support"] => methods!(req, GET => ok(info::well_known_support(shard)?)),
         ["metrics"] => methods!(req, GET => Ok(info::metrics(shard))),
         ["_matrix", "client", version, rest @ ..] if matches!(*version, "v3" | "r0" | "v1" | "unstable") => client(shard, req, rest).await,
         _ => Err(ApiError::unrecognized()),
@@ -109,7 +110,12 @@ async fn authed(shard: &Rc<Shard>, req: &Req, auth: &LazyAuth<'_>, segs: &[&str]
             DELETE => ok(account::delete_device(shard, req, auth.get()?, device).await?)),
         ["delete_devices"] => methods!(req, POST => ok(account::delete_devices(shard, req, auth.get()?).await?)),
         ["capabilities"] => methods!(req, GET => ok(info::capabilities(shard))),
-        ["thirdparty", "protocols"] => methods!(req, GET => ok(serde_json::json!({}))),
+        // No application service bridges any protocol yet: every protocol
+        // is unknown, and lookups find nothing (as Synapse answers them).
+        ["thirdparty", "protocols"] => methods!(req, GET => { auth.get()?; ok(serde_json::json!({})) }),
+        ["thirdparty", "protocol", _] => methods!(req, GET => { auth.get()?; Err(ApiError::not_found("Unknown protocol")) }),
+        ["thirdparty", "location" | "user"] | ["thirdparty", "location" | "user", _] => methods!(req, GET => { auth.get()?; ok(serde_json::json!([])) }),
+        ["admin", "whois", user] => methods!(req, GET => ok(account::whois(shard, auth.get()?, user)?)),
         ["voip", "turnServer"] => methods!(req, GET => ok(info::turn_server(shard, auth.get()?))),
         ["profile", user, field] => methods!(req,
             PUT => ok(profile::set(shard, req, auth.get()?, user, field).await?),
