@@ -661,6 +661,17 @@ def test_send_idempotent_txn_200(api, check, user):
     assert first["event_id"] == again["event_id"], "retrying a transaction ID created a second event"
 
 
+def test_send_400_duplicate_annotation(api, check, server, user):
+    room_id = create_room(api, user)
+    event_id = send_text(api, user, room_id, "react to me")
+    reaction = {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": "+1"}}
+    template = f"{V3}/rooms/{{roomId}}/send/{{eventType}}/{{txnId}}"
+    check(api.request("PUT", f"{V3}/rooms/{q(room_id)}/send/m.reaction/{unique('txn')}", user.access_token, json=reaction), "PUT", template, 200)
+    again = check(api.request("PUT", f"{V3}/rooms/{q(room_id)}/send/m.reaction/{unique('txn')}", user.access_token, json=reaction), "PUT", template, 400)
+    # Synapse still answers with its older M_UNKNOWN code.
+    assert again["errcode"] == ("M_DUPLICATE_ANNOTATION" if server.kind == "tessera" else "M_UNKNOWN")
+
+
 def test_redact_200(api, check, user):
     room_id = create_room(api, user)
     event_id = send_text(api, user, room_id, "to be redacted")

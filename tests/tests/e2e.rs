@@ -428,12 +428,13 @@ fn relations_list_children_by_type_with_paging_recursion_and_redaction() {
     let t1 = send(&bob, &room, "m.room.message", "t1", thread(&root, "first in thread"));
     let r1 = send(&bob, &room, "m.reaction", "r1", react(&root, "+1"));
     let t2 = send(&alice, &room, "m.room.message", "t2", thread(&root, "second in thread"));
-    // Not children of the root: a plain reply, a reaction to a child, and
-    // an event of another room that names the root.
+    // Not children of the root: a plain reply and a reaction to a child.
+    // An event of another room may not name the root at all.
     send(&alice, &room, "m.room.message", "reply", json!({ "msgtype": "m.text", "body": "reply", "m.relates_to": { "m.in_reply_to": { "event_id": root } } }));
     let nested = send(&alice, &room, "m.reaction", "r2", react(&t1, "eyes"));
     let elsewhere = alice.create_room(json!({}));
-    send(&alice, &elsewhere, "m.reaction", "r3", react(&root, "x"));
+    let (s, b) = alice.put(&format!("/_matrix/client/v3/rooms/{elsewhere}/send/m.reaction/r3"), react(&root, "x"));
+    assert_eq!(s, 400, "{b}");
 
     let get = |path: &str| -> Value {
         let (s, b) = bob.get(&format!("/_matrix/client/v1/rooms/{room}/relations/{root}{path}"));
@@ -1062,6 +1063,44 @@ fn legacy_initial_sync_and_event_stream() {
     let secret = alice.send_text(&private, "p0", "secret");
     assert_eq!(bob.get(&format!("/_matrix/client/v3/events/{secret}")).0, 404);
     assert_eq!(bob.get("/_matrix/client/v3/events/$nothing").0, 404);
+}
+
+#[test]
+fn relations_are_checked_when_sent() {
+    let node = Node::start("relcheck", "");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let other = alice.create_room(json!({}));
+    let root = alice.send_text(&room, "root", "root");
+    let send = |c: &Client, room: &str, kind: &str, txn: &str, content: Value| c.put(&format!("/_matrix/client/v3/rooms/{room}/send/{kind}/{txn}"), content);
+    let react = |key: &str| json!({ "m.relates_to": { "rel_type": "m.annotation", "event_id": root, "key": key } });
+
+    let (s, first) = send(&bob, &room, "m.reaction", "r1", react("👍"));
+    assert_eq!(s, 200, "{first}");
+    let (s, b) = send(&bob, &room, "m.reaction", "r2", react("👍"));
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_DUPLICATE_ANNOTATION")), "{b}");
+    // Another key, another sender, or another event type is no duplicate.
+    assert_eq!(send(&bob, &room, "m.reaction", "r3", react("🎉")).0, 200);
+    assert_eq!(send(&alice, &room, "m.reaction", "r4", react("👍")).0, 200);
+    assert_eq!(send(&bob, &room, "org.example.vote", "r5", react("👍")).0, 200);
+    // Once the first is redacted, the same reaction may be sent again.
+    let first = first["event_id"].as_str().expect("event_id");
+    assert_eq!(bob.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{first}/x1"), json!({})).0, 200);
+    assert_eq!(send(&bob, &room, "m.reaction", "r6", react("👍")).0, 200);
+    let (s, b) = send(&bob, &room, "m.reaction", "r7", json!({ "m.relates_to": { "rel_type": "m.annotation", "event_id": root } }));
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_BAD_JSON")), "{b}");
+
+    // Threads start only from events without a relation.
+    let thread = |parent: &str| json!({ "msgtype": "m.text", "body": "in thread", "m.relates_to": { "rel_type": "m.thread", "event_id": parent } });
+    let (s, reply) = send(&bob, &room, "m.room.message", "t1", thread(&root));
+    assert_eq!(s, 200, "{reply}");
+    let (s, b) = send(&bob, &room, "m.room.message", "t2", thread(reply["event_id"].as_str().expect("event_id")));
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_UNKNOWN")), "{b}");
+    // A parent in another room is refused; nothing was stored by the refusals.
+    let (s, b) = send(&alice, &other, "m.room.message", "x2", thread(&root));
+    assert_eq!(s, 400, "{b}");
+    let (_, rel) = alice.get(&format!("/_matrix/client/v1/rooms/{room}/relations/{root}?limit=50"));
+    assert_eq!(rel["chunk"].as_array().map(Vec::len), Some(5), "{rel}");
 }
 
 #[test]

@@ -521,6 +521,7 @@ pub async fn send(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str, kind:
     }
     ensure_joined(shard, &room, &auth.user)?;
     shard.limiter.check(Action::Message, auth.user.as_str(), Instant::now())?;
+    crate::api::threads::check_relation(shard, &room, &auth.user, kind, &content)?;
     let draft = Draft { sender: auth.user.clone(), kind: kind.into(), state_key: None, content, txn: txn.map(|t| (auth.device.clone(), t.to_owned())), redacts: None };
     let id = event_id_of(shard.room_op(&room, RoomOp::Send(draft)).await?)?;
     Ok(json!({ "event_id": id }))

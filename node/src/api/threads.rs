@@ -28,6 +28,53 @@ const THREADS_PAGE: u64 = 5;
 /// Most child rows read, newest first, to find an event's latest edit.
 const EDIT_SCAN_MAX: usize = 1_000;
 
+/// Longest annotation key accepted (as Synapse), in bytes.
+const ANNOTATION_KEY_BYTES_MAX: usize = 500;
+/// Most of a parent's annotation rows read to find a duplicate.
+const ANNOTATION_SCAN_MAX: usize = 10_000;
+
+/// Checks the relation a new event of `kind` by `sender` declares, before
+/// it is sent: annotations need a key and may not repeat one the sender
+/// already put on the same event with the same event type (400
+/// `M_DUPLICATE_ANNOTATION`, until that one is redacted); a thread may not
+/// start from an event that itself relates to another (400, as Synapse
+/// answers it); and a parent this server holds must be in the same room.
+///
+/// Concurrent duplicates sent in the same instant can both pass, as they
+/// can with Synapse: the check runs before the room's writer.
+pub fn check_relation(shard: &Shard, room: &RoomId, sender: &UserId, kind: &str, content: &Value) -> ApiResult<()> {
+    let Some(relates) = content.get("m.relates_to") else { return Ok(()) };
+    let (Some(rel_type), Some(parent)) = (relates.get("rel_type").and_then(Value::as_str), relates.get("event_id").and_then(Value::as_str)) else { return Ok(()) };
+    let Ok(parent_id) = ruma::OwnedEventId::try_from(parent) else { return Err(ApiError::bad_json("m.relates_to.event_id is not an event id")) };
+    let parent_event = shard.db.event(&parent_id)?;
+    if parent_event.as_ref().is_some_and(|p| p.pdu.room_id != room) {
+        return Err(ApiError::new(http::StatusCode::BAD_REQUEST, "M_UNKNOWN", "Relations must be in the same room"));
+    }
+    match rel_type {
+        "m.annotation" => {
+            let Some(key) = relates.get("key").and_then(Value::as_str) else { return Err(ApiError::bad_json("An annotation needs a string key")) };
+            if key.len() > ANNOTATION_KEY_BYTES_MAX {
+                return Err(ApiError::invalid_param(format!("Annotation keys are at most {ANNOTATION_KEY_BYTES_MAX} bytes")));
+            }
+            let rows = shard.db.relations(room, &parent_id, Bound::Unbounded, Bound::Unbounded, false, ANNOTATION_SCAN_MAX)?;
+            for (_, r) in rows.iter().filter(|(_, r)| r.rel_type == "m.annotation" && r.sender == sender.as_str() && r.kind == kind) {
+                if let Some(existing) = shard.db.event(&r.event_id)?
+                    && existing.pdu.content_value()["m.relates_to"]["key"].as_str() == Some(key)
+                {
+                    return Err(ApiError::new(http::StatusCode::BAD_REQUEST, "M_DUPLICATE_ANNOTATION", "You already annotated this event with this key"));
+                }
+            }
+        }
+        "m.thread" => {
+            if parent_event.is_some_and(|p| p.pdu.content_value()["m.relates_to"]["rel_type"].is_string()) {
+                return Err(ApiError::new(http::StatusCode::BAD_REQUEST, "M_UNKNOWN", "Cannot start threads from an event with a relation"));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// The `m.relations` bundle of `event` for `viewer`, as object members:
 /// its thread summary when it is a thread root, and its latest edit
 /// (`m.replace` by the original sender, of the same type). State events
