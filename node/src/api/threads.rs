@@ -65,10 +65,8 @@ pub fn check_relation(shard: &Shard, room: &RoomId, sender: &UserId, kind: &str,
                 }
             }
         }
-        "m.thread" => {
-            if parent_event.is_some_and(|p| p.pdu.content_value()["m.relates_to"]["rel_type"].is_string()) {
-                return Err(ApiError::new(http::StatusCode::BAD_REQUEST, "M_UNKNOWN", "Cannot start threads from an event with a relation"));
-            }
+        "m.thread" if parent_event.is_some_and(|p| p.pdu.content_value()["m.relates_to"]["rel_type"].is_string()) => {
+            return Err(ApiError::new(http::StatusCode::BAD_REQUEST, "M_UNKNOWN", "Cannot start threads from an event with a relation"));
         }
         _ => {}
     }
