@@ -2,7 +2,7 @@
 //! in `crate::keystore`), so handlers never touch raw partition or
 //! clustering keys.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1040,6 +1040,20 @@ impl Db {
                 Some((shard, pos, ck, v))
             })
             .collect())
+    }
+
+    /// The users who ignore `user` (at most `limit`).
+    pub fn ignored_by(&self, user: &UserId, limit: usize) -> DbResult<Vec<OwnedUserId>> {
+        let rows = self.scan_json::<Value>(Scan::partition(Table::IgnoredBy, user.as_bytes(), limit))?;
+        Ok(rows.into_iter().filter_map(|(ck, _)| String::from_utf8(ck).ok().and_then(|u| OwnedUserId::try_from(u).ok())).collect())
+    }
+
+    /// Stages the rows that move `ignorer`'s ignored users from `old` to
+    /// `new`.
+    pub fn ignore_writes(ignorer: &UserId, old: &HashSet<OwnedUserId>, new: &HashSet<OwnedUserId>) -> Vec<Write> {
+        let added = new.difference(old).map(|u| Write::put(Table::IgnoredBy, u.as_bytes(), ignorer.as_bytes(), b"{}".to_vec()));
+        let removed = old.difference(new).map(|u| Write::delete(Table::IgnoredBy, u.as_bytes(), ignorer.as_bytes()));
+        added.chain(removed).collect()
     }
 
     /// Stores a content report (`kind`: event, room or user) under the day

@@ -64,6 +64,8 @@ pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc
         let actions = futures_lite::future::block_on(rules.get_actions(&raw, &ctx));
         (actions.iter().any(Action::should_notify), actions.iter().any(Action::is_highlight))
     };
+    // Members who ignore the sender are not notified of their events.
+    let ignorers = shard.ignorers_of(&pdu.sender)?;
     let neutral_user = ruma::OwnedUserId::try_from(format!("@{NEUTRAL}:{}", shard.server_name)).ok();
     let neutral_usable = neutral_user.is_some() && !haystack.contains(NEUTRAL);
     let mut shared: Option<(bool, bool)> = None;
@@ -71,7 +73,7 @@ pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc
     for member in members.iter() {
         let user = &member.user;
         // Members of other servers are counted by their own server.
-        if *user == pdu.sender || user.server_name() != shard.server_name {
+        if *user == pdu.sender || user.server_name() != shard.server_name || ignorers.contains(user) {
             continue;
         }
         let named = member.needles.iter().any(|n| haystack.contains(n.as_str()));

@@ -9,7 +9,7 @@
 //! returned, so a position seen in a sync token is always readable.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -228,13 +228,22 @@ pub struct Shard {
     pub redactions: Arc<AtomicU64>,
     /// The count of `redactions` this shard's cache reflects.
     pub redactions_seen: Cell<u64>,
-    /// Push rule changes written on any shard of the node, counted; a shard
-    /// that sees the count move drops its cache of users' own rule sets.
+    /// Changes of users' push rules or ignored-user lists written on any
+    /// shard of the node, counted; a shard that sees the count move drops
+    /// its caches of both.
     pub push_rule_changes: Arc<AtomicU64>,
     pub push_rule_changes_seen: Cell<u64>,
     /// Users' own push rule sets (`None`: the user has none), for the
     /// evaluation of every new event in the rooms this shard owns.
     pub push_rules: RefCell<HashMap<OwnedUserId, Option<Rc<Ruleset>>>>,
+    /// The count of `push_rule_changes` the `ignored` and `ignorers`
+    /// caches reflect.
+    pub ignored_seen: Cell<u64>,
+    /// For senders of events in rooms this shard owns: who ignores them.
+    pub ignorers: RefCell<HashMap<OwnedUserId, Rc<HashSet<OwnedUserId>>>>,
+    /// Users' ignored-user lists (`m.ignored_user_list`), read for every
+    /// sync, page of history and search of theirs.
+    pub ignored: RefCell<HashMap<OwnedUserId, Rc<HashSet<OwnedUserId>>>>,
     /// Per shard of the node, the highest position it announced with users
     /// attached (account data, to-device messages, device-list changes,
     /// receipts, memberships); starts at the stream heads of the node's
@@ -417,6 +426,8 @@ const ROOM_ACTIVITY_MAX: usize = 100_000;
 /// Most users whose own push rule sets a shard caches (a few KiB each when
 /// set, a few bytes when not); the cache is cleared when full.
 const PUSH_RULES_CACHE_MAX: usize = 100_000;
+/// Most ignorers of one user read when counting their events.
+const IGNORERS_MAX: usize = 100_000;
 
 /// Whether any shard's hint is above that shard's position in `token`.
 fn hint_after(hints: &[AtomicU64], token: &[u64]) -> bool {
@@ -577,6 +588,49 @@ impl Shard {
         }
         cache.insert(user.to_owned(), rules.clone());
         Ok(rules)
+    }
+
+    /// The users `user` ignores: their non-state events and their invites
+    /// are not shown to `user`. Cached per shard like push rules.
+    pub fn ignored_users(&self, user: &UserId) -> ApiResult<Rc<HashSet<OwnedUserId>>> {
+        let changes = self.push_rule_changes.load(Ordering::Acquire);
+        if changes != self.ignored_seen.get() {
+            self.ignored.borrow_mut().clear();
+            self.ignorers.borrow_mut().clear();
+            self.ignored_seen.set(changes);
+        }
+        if let Some(set) = self.ignored.borrow().get(user) {
+            return Ok(set.clone());
+        }
+        let set = self.db.account_data(user, None, "m.ignored_user_list")?.map(|e| crate::api::userdata::ignored_list(&e.content)).unwrap_or_default();
+        let set = Rc::new(set);
+        let mut cache = self.ignored.borrow_mut();
+        if cache.len() >= PUSH_RULES_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(user.to_owned(), set.clone());
+        Ok(set)
+    }
+
+    /// The users who ignore `user`: events of `user` do not count towards
+    /// their unread notifications. Cached per shard like push rules.
+    pub fn ignorers_of(&self, user: &UserId) -> ApiResult<Rc<HashSet<OwnedUserId>>> {
+        let changes = self.push_rule_changes.load(Ordering::Acquire);
+        if changes != self.ignored_seen.get() {
+            self.ignored.borrow_mut().clear();
+            self.ignorers.borrow_mut().clear();
+            self.ignored_seen.set(changes);
+        }
+        if let Some(set) = self.ignorers.borrow().get(user) {
+            return Ok(set.clone());
+        }
+        let set: Rc<HashSet<OwnedUserId>> = Rc::new(self.db.ignored_by(user, IGNORERS_MAX)?.into_iter().collect());
+        let mut cache = self.ignorers.borrow_mut();
+        if cache.len() >= PUSH_RULES_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(user.to_owned(), set.clone());
+        Ok(set)
     }
 
     /// Whether some shard announced a user-scoped write above `token`
@@ -775,9 +829,9 @@ impl Shard {
         }
     }
 
-    /// Announces a push rule change to every shard's cache.
-    /// Called after the write and before its answer.
-    pub fn push_rules_changed(&self) {
+    /// Announces a change of a user's push rules or ignored users to every
+    /// shard's caches. Called after the write and before its answer.
+    pub fn user_settings_changed(&self) {
         self.push_rule_changes.fetch_add(1, Ordering::Release);
     }
 

@@ -1104,6 +1104,59 @@ fn relations_are_checked_when_sent() {
 }
 
 #[test]
+fn ignored_users_are_hidden_and_do_not_notify() {
+    let node = Node::start("ignore", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let mut carol = node.client();
+    carol.register("carol");
+    let room = bob.create_room(json!({ "preset": "public_chat" }));
+    for c in [&alice, &carol] {
+        assert_eq!(c.post(&format!("/_matrix/client/v3/join/{room}"), json!({})).0, 200);
+    }
+    let ignore = |list: Value| bob.put("/_matrix/client/v3/user/@bob:localhost/account_data/m.ignored_user_list", json!({ "ignored_users": list }));
+    assert_eq!(ignore(json!({ "@alice:localhost": {} })).0, 200);
+    let (_, s0) = bob.get("/_matrix/client/v3/sync");
+    let since = s0["next_batch"].as_str().expect("next_batch").to_owned();
+
+    let hidden = alice.send_text(&room, "a1", "from alice");
+    let (s, _) = alice.put("/_matrix/client/v3/profile/@alice:localhost/displayname", json!({ "displayname": "Alice Renamed" }));
+    assert_eq!(s, 200);
+    carol.send_text(&room, "c1", "from carol");
+    // Bob's sync: Carol's message and Alice's state, not Alice's message,
+    // and only Carol's message counts as unread.
+    let sync = bob.sync_until(&since, |v| bodies(v, &room).contains(&"from carol".to_owned()));
+    assert_eq!(bodies(&sync, &room), ["from carol"], "{sync}");
+    let timeline = sync["rooms"]["join"][&room]["timeline"]["events"].to_string();
+    assert!(timeline.contains("Alice Renamed"), "state of ignored users stays: {timeline}");
+    assert_eq!(sync["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 1, "{sync}");
+    // History, context and notifications leave it out too; Carol sees it.
+    let (_, page) = bob.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"));
+    assert!(!page.to_string().contains("from alice"), "{page}");
+    let (_, page) = carol.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"));
+    assert!(page.to_string().contains("from alice"), "{page}");
+    let (_, notes) = bob.get("/_matrix/client/v3/notifications");
+    let notes = notes.to_string();
+    assert!(notes.contains("from carol") && !notes.contains("from alice"), "{notes}");
+    assert_eq!(bob.get(&format!("/_matrix/client/v3/rooms/{room}/event/{hidden}")).0, 200, "fetching one event by id still works, as with Synapse");
+
+    // Invites from ignored users are not shown; others are.
+    let from_alice = alice.create_room(json!({ "invite": ["@bob:localhost"] }));
+    let from_carol = carol.create_room(json!({ "invite": ["@bob:localhost"] }));
+    let sync = bob.sync_until(&since, |v| v["rooms"]["invite"].get(&from_carol).is_some());
+    assert!(sync["rooms"]["invite"].get(&from_alice).is_none(), "{sync}");
+
+    // Unignored: Alice's events come back.
+    let (_, s1) = bob.get("/_matrix/client/v3/sync");
+    let since = s1["next_batch"].as_str().expect("next_batch").to_owned();
+    assert_eq!(ignore(json!({})).0, 200);
+    alice.send_text(&room, "a2", "alice again");
+    let sync = bob.sync_until(&since, |v| bodies(v, &room).contains(&"alice again".to_owned()));
+    assert_eq!(sync["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 2, "{sync}");
+    let (_, page) = bob.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"));
+    assert!(page.to_string().contains("from alice"), "{page}");
+}
+
+#[test]
 fn reports_of_events_rooms_and_users_are_accepted_only_for_what_exists() {
     let node = Node::start("reports", "");
     let (alice, bob) = two_users(&node);

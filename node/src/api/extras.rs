@@ -69,9 +69,19 @@ pub fn notifications(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value
     found.sort_by_key(|f| std::cmp::Reverse(f.0));
     let now = now_ms();
     let mut out = Vec::new();
-    for (ts, room, event_id, highlight, read) in found.iter().take(limit) {
+    let ignored = shard.ignored_users(&auth.user)?;
+    // The index of the last entry looked at: the next page starts after it.
+    let mut last_seen = None;
+    for (i, (ts, room, event_id, highlight, read)) in found.iter().enumerate() {
+        if out.len() == limit {
+            break;
+        }
+        last_seen = Some(i);
         let Ok(id) = ruma::OwnedEventId::try_from(event_id.as_str()) else { continue };
         let Some(ev) = shard.db.event(&id)? else { continue };
+        if crate::api::rooms::hidden(&ignored, &ev.pdu) {
+            continue;
+        }
         let mut actions = vec![json!("notify")];
         if *highlight {
             actions.push(json!({ "set_tweak": "highlight", "value": true }));
@@ -79,10 +89,10 @@ pub fn notifications(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value
         out.push(json!({ "actions": actions, "event": ev.to_client(now, None), "read": read, "room_id": room, "ts": ts }));
     }
     let mut body = json!({ "notifications": out });
-    if found.len() > limit
-        && let Some(last) = found.get(limit - 1)
+    if let Some(i) = last_seen
+        && i + 1 < found.len()
     {
-        body["next_token"] = json!(last.0.to_string());
+        body["next_token"] = json!(found[i].0.to_string());
     }
     Ok(body)
 }
@@ -125,6 +135,7 @@ pub fn search(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value> {
     };
     let now = now_ms();
     let mut hits = Vec::new();
+    let ignored = shard.ignored_users(&auth.user)?;
     for (room, ur) in shard.db.user_rooms(&auth.user, shard.config.limits.rooms_per_user_max)? {
         if ur.membership != "join" || !filter.allows_room(&room) {
             continue;
@@ -132,7 +143,7 @@ pub fn search(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value> {
         let Ok(room_id) = RoomId::parse(room.as_str()) else { continue };
         for (_, id) in shard.db.timeline(&room_id, Bound::Unbounded, Bound::Unbounded, true, SEARCH_SCAN_PER_ROOM)? {
             let Some(ev) = shard.db.event(&id)? else { continue };
-            if ev.stored.redacted_by.is_some() || !filter.allows(&ev.pdu) {
+            if ev.stored.redacted_by.is_some() || !filter.allows(&ev.pdu) || crate::api::rooms::hidden(&ignored, &ev.pdu) {
                 continue;
             }
             let content = ev.pdu.content_value();

@@ -144,8 +144,11 @@ fn messages_limit(shard: &Shard, req: &Req) -> ApiResult<usize> {
 fn room_info(shard: &Shard, user: &UserId, room: &RoomId, membership: &str, upto: u64, limit: usize, now: u64) -> ApiResult<Value> {
     let ids = shard.db.timeline(room, Bound::Unbounded, Bound::Included(upto), true, limit)?;
     let mut chunk = Vec::new();
+    let ignored = shard.ignored_users(user)?;
     for (_, id) in ids.iter().rev() {
-        if let Some(ev) = shard.db.event(id)? {
+        if let Some(ev) = shard.db.event(id)?
+            && !crate::api::rooms::hidden(&ignored, &ev.pdu)
+        {
             chunk.push(ev.to_client(now, None));
         }
     }

@@ -56,6 +56,12 @@ fn event_id_of(reply: RoomReply) -> ApiResult<OwnedEventId> {
     }
 }
 
+/// Whether a viewer who ignores `ignored` is kept from `pdu`: the non-state
+/// events of users they ignore are (state stays, so rooms still make sense).
+pub(crate) fn hidden(ignored: &HashSet<OwnedUserId>, pdu: &crate::pdu::Pdu) -> bool {
+    pdu.state_key.is_none() && ignored.contains(&pdu.sender)
+}
+
 /// The user's membership record in the room, or 403.
 fn membership_record(shard: &Shard, room: &RoomId, user: &UserId) -> ApiResult<UserRoom> {
     shard.db.user_room(user, room)?.ok_or_else(|| ApiError::forbidden("You are not a member of this room"))
@@ -607,6 +613,7 @@ pub fn messages(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResul
     let to = req.query("to").map(|t| parse_position(shard, t, head.shard)).transpose()?;
     let filter = filter_param(shard, req, auth)?;
     let limit = filter.limit.map_or(limit, |l| l.min(limit));
+    let ignored = shard.ignored_users(&auth.user)?;
     let now = now_ms();
     let (lo, hi) = if backwards {
         (to.map_or(Bound::Unbounded, Bound::Excluded), Bound::Included(from.min(upto)))
@@ -626,6 +633,7 @@ pub fn messages(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResul
             last_pos = Some(*pos);
             if let Some(ev) = shard.db.event(id)?
                 && filter.allows(&ev.pdu)
+                && !hidden(&ignored, &ev.pdu)
             {
                 chunk.push(ev);
                 if chunk.len() >= limit {
@@ -677,11 +685,13 @@ pub fn context(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &str)
     let after_n = limit - before_n;
     let now = now_ms();
     let viewer = Some((&*auth.user, auth.device.as_str()));
+    let ignored = shard.ignored_users(&auth.user)?;
     let load = |ids: Vec<(u64, OwnedEventId)>| -> ApiResult<Vec<Event>> {
         let mut v = Vec::new();
         for (_, id) in ids {
             if let Some(e) = shard.db.event(&id)?
                 && filter.allows(&e.pdu)
+                && !hidden(&ignored, &e.pdu)
             {
                 v.push(e);
             }
@@ -821,8 +831,11 @@ pub fn relations(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &st
     found.truncate(limit);
     let now = now_ms();
     let mut chunk = Vec::with_capacity(found.len());
+    let ignored = shard.ignored_users(&auth.user)?;
     for (_, child) in &found {
-        if let Some(ev) = shard.db.event(child)? {
+        if let Some(ev) = shard.db.event(child)?
+            && !hidden(&ignored, &ev.pdu)
+        {
             chunk.push(client_event(shard, &room, &ev, now, Some((&auth.user, &auth.device)))?);
         }
     }

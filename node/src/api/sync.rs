@@ -219,6 +219,16 @@ pub(crate) async fn sync_with(shard: &Rc<Shard>, auth: &Authed, since: Option<Sy
     }
 }
 
+/// Whether the user's invite to `room` came from a user they ignore (such
+/// invites are not shown).
+fn invited_by_ignored(shard: &Shard, auth: &Authed, room: &RoomId) -> ApiResult<bool> {
+    let ignored = shard.ignored_users(&auth.user)?;
+    if ignored.is_empty() {
+        return Ok(false);
+    }
+    Ok(shard.db.state_event(room, "m.room.member", auth.user.as_str())?.is_some_and(|e| ignored.contains(&e.pdu.sender)))
+}
+
 fn in_range(pos: u64, since: Option<&SyncToken>, upper: &SyncToken, shard: u16) -> bool {
     let s = since.and_then(|t| t.heads.get(usize::from(shard)).copied()).unwrap_or(0);
     let u = upper.heads.get(usize::from(shard)).copied().unwrap_or(0);
@@ -273,7 +283,7 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
                     changed = true;
                 }
             }
-            "invite" if membership_changed => {
+            "invite" if membership_changed && !invited_by_ignored(shard, auth, &room)? => {
                 out.invite.insert(room_id.clone(), json!({ "invite_state": { "events": invite_state(shard, &room, ur)? } }));
                 changed = true;
             }
@@ -400,6 +410,7 @@ fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, head: Option<&RoomHead>
     // Newest first, in pages, until `limit` events pass the filter; the
     // filter applies before the limit. Scanning is bounded by SCAN_PAGES.
     const SCAN_PAGES: usize = 8;
+    let ignored = shard.ignored_users(&auth.user)?;
     let mut events = Vec::new();
     let mut hi = upto;
     let mut first = upto + 1;
@@ -414,6 +425,7 @@ fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, head: Option<&RoomHead>
             first = *pos;
             if let Some(ev) = shard.rendered(id)?
                 && filter.timeline.allows(&ev.event.pdu)
+                && !crate::api::rooms::hidden(&ignored, &ev.event.pdu)
             {
                 events.push(ev);
             }

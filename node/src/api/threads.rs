@@ -142,6 +142,7 @@ pub fn threads(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult
     };
     let viewer = Some((&*auth.user, auth.device.as_str()));
     let now = now_ms();
+    let ignored = shard.ignored_users(&auth.user)?;
     let mut chunk = Vec::new();
     let mut last = None;
     let mut more = false;
@@ -157,7 +158,7 @@ pub fn threads(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult
             }
             let Some(rendered) = shard.rendered(&root)? else { continue };
             let ev = &rendered.event;
-            if ev.stored.pos > upto {
+            if ev.stored.pos > upto || crate::api::rooms::hidden(&ignored, &ev.pdu) {
                 continue;
             }
             if participated_only {

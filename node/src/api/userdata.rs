@@ -105,14 +105,33 @@ fn to_json<T: serde::Serialize>(value: &T) -> ApiResult<Value> {
 /// Writes one piece of account data under a fresh stream position and
 /// announces it to the user's syncs (see the module invariant).
 pub(crate) fn write_account_data(shard: &Shard, user: &UserId, room: Option<&RoomId>, kind: &str, content: Value) -> ApiResult<()> {
+    let mut extra = Vec::new();
+    if room.is_none() && kind == "m.ignored_user_list" {
+        let new = ignored_list(&content);
+        if new.len() > IGNORED_USERS_MAX {
+            return Err(ApiError::invalid_param(format!("A user can ignore at most {IGNORED_USERS_MAX} users")));
+        }
+        let old = shard.db.account_data(user, None, kind)?.map(|e| ignored_list(&e.content)).unwrap_or_default();
+        extra = Db::ignore_writes(user, &old, &new);
+    }
     let pos = shard.next_pos();
     let entry = AccountDataEntry { content, shard: shard.id as u16, pos };
-    shard.db.put_account_data(user, room, kind, &entry, vec![Db::stream_head_write(shard.id as u16, pos)])?;
-    if room.is_none() && kind == "m.push_rules" {
-        shard.push_rules_changed();
+    extra.push(Db::stream_head_write(shard.id as u16, pos));
+    shard.db.put_account_data(user, room, kind, &entry, extra)?;
+    if room.is_none() && matches!(kind, "m.push_rules" | "m.ignored_user_list") {
+        shard.user_settings_changed();
     }
     shard.publish(pos, vec![], vec![user.to_owned()]);
     Ok(())
+}
+
+/// Most users one user may ignore.
+const IGNORED_USERS_MAX: usize = 10_000;
+
+/// The user ids of an `m.ignored_user_list` content (keys of
+/// `ignored_users` that are user ids; anything else ignores nobody).
+pub(crate) fn ignored_list(content: &Value) -> std::collections::HashSet<ruma::OwnedUserId> {
+    content.get("ignored_users").and_then(Value::as_object).map(|m| m.keys().filter_map(|k| UserId::parse(k.as_str()).ok()).collect()).unwrap_or_default()
 }
 
 // ---- filters

@@ -111,11 +111,14 @@ pub enum Table {
     /// pk = room id \0 `latest` -> ck = position of the thread's latest
     /// reply (u64 BE) -> the root's id (threads by latest activity).
     Threads,
+    /// pk = ignored user id; ck = id of a user who ignores them -> `{}`
+    /// (`m.ignored_user_list`, read backwards when an event is counted).
+    IgnoredBy,
 }
 
 impl Table {
     /// All tables, for backends that create them up front.
-    pub const ALL: [Table; 39] = [
+    pub const ALL: [Table; 40] = [
         Table::Meta,
         Table::Users,
         Table::AccessTokens,
@@ -155,6 +158,7 @@ impl Table {
         Table::Relations,
         Table::Reports,
         Table::Threads,
+        Table::IgnoredBy,
     ];
 
     /// The table's name in every backend.
@@ -199,6 +203,7 @@ impl Table {
             Table::Relations => "relations",
             Table::Reports => "reports",
             Table::Threads => "threads",
+            Table::IgnoredBy => "ignored_by",
         }
     }
 }
