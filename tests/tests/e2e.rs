@@ -1157,6 +1157,44 @@ fn ignored_users_are_hidden_and_do_not_notify() {
 }
 
 #[test]
+fn room_summaries_name_heroes_and_count_members() {
+    let node = Node::start("summary", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let mut carol = node.client();
+    carol.register("carol");
+    let mut dave = node.client();
+    dave.register("dave");
+    let room = alice.create_room(json!({ "preset": "private_chat", "invite": ["@bob:localhost", "@carol:localhost"] }));
+    for c in [&bob, &carol] {
+        assert_eq!(c.post(&format!("/_matrix/client/v3/join/{room}"), json!({})).0, 200);
+    }
+    assert_eq!(alice.post(&format!("/_matrix/client/v3/rooms/{room}/invite"), json!({ "user_id": "@dave:localhost" })).0, 200);
+    alice.send_text(&room, "s1", "latest");
+
+    // Lazy-loaded initial sync with a one-event timeline: the heroes'
+    // member events come with the state although they sent nothing shown.
+    let filter = r#"{"room":{"timeline":{"limit":1},"state":{"lazy_load_members":true}}}"#;
+    let (s, sync) = alice.get(&format!("/_matrix/client/v3/sync?filter={}", filter.replace('"', "%22").replace('{', "%7B").replace('}', "%7D").replace(':', "%3A").replace(',', "%2C")));
+    assert_eq!(s, 200, "{sync}");
+    let joined = &sync["rooms"]["join"][&room];
+    assert_eq!(joined["summary"], json!({ "m.heroes": ["@bob:localhost", "@carol:localhost", "@dave:localhost"], "m.joined_member_count": 3, "m.invited_member_count": 1 }), "{joined}");
+    let members: Vec<&str> = joined["state"]["events"].as_array().expect("state").iter().filter(|e| e["type"] == "m.room.member").filter_map(|e| e["state_key"].as_str()).collect();
+    for hero in ["@bob:localhost", "@carol:localhost", "@dave:localhost"] {
+        assert!(members.contains(&hero), "{hero} missing from lazy-loaded state: {members:?}");
+    }
+    let since = sync["next_batch"].as_str().expect("next_batch").to_owned();
+
+    // A message alone brings no summary; a membership change brings a fresh one.
+    bob.send_text(&room, "s2", "plain");
+    let quiet = alice.sync_until(&since, |v| bodies(v, &room).contains(&"plain".to_owned()));
+    assert_eq!(quiet["rooms"]["join"][&room]["summary"], json!({}), "{quiet}");
+    let since = quiet["next_batch"].as_str().expect("next_batch").to_owned();
+    assert_eq!(carol.post(&format!("/_matrix/client/v3/rooms/{room}/leave"), json!({})).0, 200);
+    let changed = alice.sync_until(&since, |v| v["rooms"]["join"][&room]["summary"].get("m.heroes").is_some());
+    assert_eq!(changed["rooms"]["join"][&room]["summary"], json!({ "m.heroes": ["@bob:localhost", "@dave:localhost"], "m.joined_member_count": 2, "m.invited_member_count": 1 }), "{changed}");
+}
+
+#[test]
 fn reports_of_events_rooms_and_users_are_accepted_only_for_what_exists() {
     let node = Node::start("reports", "");
     let (alice, bob) = two_users(&node);
@@ -1469,7 +1507,8 @@ fn lazy_loading_sends_only_needed_members() {
     let (alice, bob) = two_users(&node);
     let mut carol = node.client();
     carol.register("carol");
-    let room = alice.create_room(json!({ "preset": "public_chat" }));
+    // Named, so the summary needs no heroes (whose members would load).
+    let room = alice.create_room(json!({ "preset": "public_chat", "name": "Named" }));
     for c in [&bob, &carol] {
         assert_eq!(c.post(&format!("/_matrix/client/v3/join/{room}"), json!({})).0, 200);
     }
@@ -1485,6 +1524,7 @@ fn lazy_loading_sends_only_needed_members() {
     assert!(members.contains(&"@bob:localhost"), "the viewer's own membership: {members:?}");
     assert!(!members.contains(&"@carol:localhost"), "silent members are not loaded: {members:?}");
     assert_eq!(sync["rooms"]["join"][&room]["timeline"]["limited"], true);
+    assert_eq!(sync["rooms"]["join"][&room]["summary"], json!({ "m.joined_member_count": 3, "m.invited_member_count": 0 }));
 }
 
 #[test]

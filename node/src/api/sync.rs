@@ -294,7 +294,7 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
             "leave" | "ban" if !ur.forgotten && ((since.is_some() && membership_changed) || (since.is_none() && filter.include_leave)) => {
                 let from = s.unwrap_or(0);
                 let (timeline, loaded) = timeline(shard, auth, &room, None, Some(from), ur.pos, filter, now)?;
-                let state = if since.is_none() { state_events(shard, &auth.user, &room, None, &loaded, filter, now)? } else { vec![] };
+                let state = if since.is_none() { state_events(shard, &auth.user, &room, None, &loaded, &[], filter, now)? } else { vec![] };
                 out.leave.insert(room_id.clone(), LeftRoom { timeline, state: Events { events: state }, account_data: Events::default() });
                 changed = true;
             }
@@ -452,12 +452,15 @@ fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, head: Option<&RoomHead>
 /// State to send with a timeline: the current state entries not in the
 /// timeline, optionally only those that changed after `changed_after`;
 /// lazy-loading keeps only the members who sent timeline events (and the viewer).
-fn state_events(shard: &Shard, viewer: &ruma::UserId, room: &RoomId, changed_after: Option<u64>, timeline: &[Rc<Rendered>], filter: &SyncFilter, now: u64) -> ApiResult<Vec<Box<RawValue>>> {
+#[allow(clippy::too_many_arguments)]
+fn state_events(shard: &Shard, viewer: &ruma::UserId, room: &RoomId, changed_after: Option<u64>, timeline: &[Rc<Rendered>], heroes: &[String], filter: &SyncFilter, now: u64) -> ApiResult<Vec<Box<RawValue>>> {
     let in_timeline: HashSet<String> = timeline.iter().map(|e| e.event.pdu.id().to_string()).collect();
-    // Lazy loading keeps the members who sent timeline events, and the viewer.
+    // Lazy loading keeps the members who sent timeline events, the viewer
+    // and the room summary's heroes.
     let mut senders: HashSet<String> = timeline.iter().map(|e| e.event.pdu.sender.to_string()).collect();
     if changed_after.is_none() {
         senders.insert(viewer.to_string());
+        senders.extend(heroes.iter().cloned());
     }
     let first_pos = timeline.first().map(|e| e.event.stored.pos);
     let mut out = Vec::new();
@@ -498,10 +501,14 @@ fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, 
         (Timeline { events: Vec::new(), limited: false, prev_batch: format!("t{}", since.unwrap_or(0)) }, Vec::new())
     };
     let limited = timeline.limited;
+    // The summary comes with the room's first sync and whenever its
+    // membership may have changed since the last one.
+    let summary_due = with_state || since.is_none() || limited || loaded.iter().any(|e| e.event.pdu.kind == ruma::events::TimelineEventType::RoomMember);
+    let (summary, heroes) = if summary_due { room_summary(shard, &auth.user, room)? } else { (json!({}), Vec::new()) };
     let state = if with_state || since.is_none() {
-        state_events(shard, &auth.user, room, None, &loaded, filter, now)?
+        state_events(shard, &auth.user, room, None, &loaded, &heroes, filter, now)?
     } else if limited {
-        state_events(shard, &auth.user, room, since, &loaded, filter, now)?
+        state_events(shard, &auth.user, room, since, &loaded, &heroes, filter, now)?
     } else {
         Vec::new()
     };
@@ -544,8 +551,40 @@ fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, 
         ephemeral: Events { events: ephemeral },
         account_data: Events { events: room_data },
         unread_notifications: json!({ "notification_count": unread.notifications, "highlight_count": unread.highlights }),
-        summary: json!({}),
+        summary,
     }))
+}
+
+/// Heroes named in a room summary.
+const HEROES: usize = 5;
+
+/// A room's sync summary for `viewer` (joined and invited member counts,
+/// and for a room without a name or canonical alias, `m.heroes`: up to five
+/// other joined members, then invited ones, or when there are none, members
+/// who left or were banned), with the heroes' ids for lazy-loaded state.
+/// Heroes are taken in user id order, so the same members name the room
+/// from one sync to the next.
+fn room_summary(shard: &Shard, viewer: &ruma::UserId, room: &RoomId) -> ApiResult<(Value, Vec<String>)> {
+    let members = shard.room_members(room, ROOM_STATE_MAX)?;
+    let counts = |m: &str| members.iter().filter(|(_, ms)| ms == m).count();
+    let mut summary = json!({ "m.joined_member_count": counts("join"), "m.invited_member_count": counts("invite") });
+    let named = |kind: &str, key: &str| -> ApiResult<bool> { Ok(shard.db.state_event(room, kind, "")?.is_some_and(|e| e.stored.redacted_by.is_none() && e.pdu.content_value()[key].as_str().is_some_and(|v| !v.is_empty()))) };
+    if named("m.room.name", "name")? || named("m.room.canonical_alias", "alias")? {
+        return Ok((summary, Vec::new()));
+    }
+    let others = |kinds: &[&str]| -> Vec<String> {
+        let mut out = Vec::new();
+        for kind in kinds {
+            out.extend(members.iter().filter(|(u, m)| m == kind && u != viewer.as_str()).map(|(u, _)| u.clone()).take(HEROES - out.len()));
+        }
+        out
+    };
+    let mut heroes = others(&["join", "invite"]);
+    if heroes.is_empty() {
+        heroes = others(&["leave", "ban"]);
+    }
+    summary["m.heroes"] = json!(heroes);
+    Ok((summary, heroes))
 }
 
 /// Stripped state for an invite: the room's key state plus the invite itself.
