@@ -1195,6 +1195,41 @@ fn room_summaries_name_heroes_and_count_members() {
 }
 
 #[test]
+fn deactivation_leaves_rooms_and_removes_access_pushers_and_profile() {
+    let node = Node::start("deactivate", "[runtime]\nshards = 2\n");
+    let (alice, mut bob) = two_users(&node);
+    let joined = shared_room(&alice, &bob);
+    let invited = alice.create_room(json!({ "invite": ["@bob:localhost"] }));
+    let knocked = alice.create_room(json!({ "initial_state": [{ "type": "m.room.join_rules", "state_key": "", "content": { "join_rule": "knock" } }] }));
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/knock/{knocked}"), json!({})).0, 200);
+    assert_eq!(bob.put("/_matrix/client/v3/profile/@bob:localhost/displayname", json!({ "displayname": "Bobby" })).0, 200);
+    let pusher = json!({ "kind": "http", "app_id": "org.example.app", "pushkey": "k1", "app_display_name": "App", "device_display_name": "Phone", "lang": "en", "data": { "url": "https://push.example.org/_matrix/push/v1/notify" } });
+    assert_eq!(bob.post("/_matrix/client/v3/pushers/set", pusher).0, 200);
+    let bob_token = bob.token.clone();
+
+    let auth = json!({ "auth": { "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "bob" }, "password": "secret-pass" } });
+    let (s, b) = bob.post("/_matrix/client/v3/account/deactivate", auth);
+    assert_eq!(s, 200, "{b}");
+    // Every membership ended: joined, invited and knocking.
+    for room in [&joined, &invited, &knocked] {
+        let (_, m) = alice.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/@bob:localhost"));
+        assert_eq!(m["membership"], "leave", "{room}: {m}");
+    }
+    // The token is gone, and so is the password.
+    bob.token = bob_token;
+    assert_eq!(bob.get("/_matrix/client/v3/account/whoami").1["errcode"], "M_UNKNOWN_TOKEN");
+    let (s, b) = bob.post("/_matrix/client/v3/login", json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "bob" }, "password": "secret-pass" }));
+    assert_eq!(s, 403, "{b}");
+    // The name cannot be registered again, and nothing of the profile is left.
+    let (s, b) = alice.get("/_matrix/client/v3/register/available?username=bob");
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_USER_IN_USE")), "{b}");
+    let (_, profile) = alice.get("/_matrix/client/v3/profile/@bob:localhost");
+    assert!(profile.get("displayname").is_none(), "{profile}");
+    let (_, found) = alice.post("/_matrix/client/v3/user_directory/search", json!({ "search_term": "Bobby" }));
+    assert_eq!(found["results"], json!([]), "{found}");
+}
+
+#[test]
 fn reports_of_events_rooms_and_users_are_accepted_only_for_what_exists() {
     let node = Node::start("reports", "");
     let (alice, bob) = two_users(&node);

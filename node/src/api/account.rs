@@ -407,7 +407,7 @@ pub async fn deactivate(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResul
     require_password(shard, req, auth).await?;
     let mut account = shard.db.account(&auth.user)?.ok_or_else(|| ApiError::unknown_token(false))?;
     for (room, ur) in shard.db.user_rooms(&auth.user, shard.config.limits.rooms_per_user_max)? {
-        if ur.membership == "join" || ur.membership == "invite" {
+        if matches!(ur.membership.as_str(), "join" | "invite" | "knock") {
             let Ok(room) = ruma::RoomId::parse(room.as_str()) else { continue };
             let draft = Draft { sender: auth.user.clone(), kind: "m.room.member".into(), state_key: Some(auth.user.to_string()), content: json!({ "membership": "leave" }), txn: None, redacts: None };
             if let Err(e) = shard.room_op(&room, RoomOp::Send(draft)).await {
@@ -423,6 +423,14 @@ pub async fn deactivate(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResul
     for (id, _) in shard.db.devices(&auth.user, usize::MAX)? {
         shard.db.delete_device(&auth.user, &id)?;
     }
+    // Nothing is pushed to a deactivated account, and it leaves the user
+    // directory's profile.
+    for pusher in shard.db.pushers(&auth.user, usize::MAX)? {
+        if let (Some(app_id), Some(pushkey)) = (pusher["app_id"].as_str(), pusher["pushkey"].as_str()) {
+            shard.db.put_pusher(&auth.user, app_id, pushkey, None)?;
+        }
+    }
+    shard.db.put_directory_user(&auth.user, &json!({}))?;
     Ok(json!({ "id_server_unbind_result": "no-support" }))
 }
 
