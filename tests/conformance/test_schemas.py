@@ -970,6 +970,15 @@ def test_sync_incremental_200(api, check, user):
     assert timeline == [event_id], f"incremental sync should hold exactly the new event: {timeline}"
 
 
+def test_sync_use_state_after_200(api, check, server, user):
+    room_id = create_room(api, user, name="After")
+    send_text(api, user, room_id, "in initial sync")
+    body = check(api.request("GET", f"{V3}/sync", user.access_token, params={"timeout": 0, "use_state_after": "true"}), "GET", f"{V3}/sync", 200)
+    room = body["rooms"]["join"][room_id]
+    if server.kind == "tessera":
+        assert "state" not in room and any(e["type"] == "m.room.name" for e in room["state_after"]["events"]), room
+
+
 def test_sync_with_filter_200(api, check, user):
     room_id = create_room(api, user)
     for i in range(3):

@@ -1230,6 +1230,58 @@ fn deactivation_leaves_rooms_and_removes_access_pushers_and_profile() {
 }
 
 #[test]
+fn use_state_after_reports_state_at_the_end_of_the_timeline() {
+    let node = Node::start("stateafter", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let state_of = |v: &Value, section: &str, kind: &str| -> Vec<Value> {
+        v["rooms"]["join"][&room][section]["events"].as_array().map(|a| a.iter().filter(|e| e["type"] == kind).cloned().collect()).unwrap_or_default()
+    };
+    // Initial: the whole state, including the state events the timeline
+    // also holds, and no `state`.
+    let (s, first) = bob.get("/_matrix/client/v3/sync?use_state_after=true");
+    assert_eq!(s, 200, "{first}");
+    let joined = &first["rooms"]["join"][&room];
+    assert!(joined.get("state").is_none(), "{joined}");
+    assert_eq!(state_of(&first, "state_after", "m.room.name").len(), 1, "{joined}");
+    assert_eq!(state_of(&first, "state_after", "m.room.member").len(), 2, "both members, though the timeline holds Bob's join: {joined}");
+    assert_eq!(state_of(&first, "state_after", "m.room.create").len(), 1);
+    // Without the parameter: `state`, and no `state_after`.
+    let (_, plain) = bob.get("/_matrix/client/v3/sync");
+    assert!(plain["rooms"]["join"][&room].get("state").is_some() && plain["rooms"]["join"][&room].get("state_after").is_none(), "{plain}");
+
+    // Incremental, everything in the timeline: the changes are its own
+    // state events, the last one per key.
+    let since = first["next_batch"].as_str().expect("next_batch").to_owned();
+    for name in ["one", "two"] {
+        assert_eq!(alice.put(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.name/"), json!({ "name": name })).0, 200);
+    }
+    alice.send_text(&room, "sa1", "after the names");
+    let inc = bob.sync_until(&format!("{since}&use_state_after=true"), |v| bodies(v, &room).contains(&"after the names".to_owned()));
+    let names = state_of(&inc, "state_after", "m.room.name");
+    assert_eq!(names.iter().map(|e| e["content"]["name"].clone()).collect::<Vec<_>>(), [json!("two")], "{inc}");
+    assert!(inc["rooms"]["join"][&room].get("state").is_none());
+    let since = inc["next_batch"].as_str().expect("next_batch").to_owned();
+
+    // A message alone changes no state: `state_after` is there, empty.
+    alice.send_text(&room, "sa2", "just talk");
+    let quiet = bob.sync_until(&format!("{since}&use_state_after=true"), |v| bodies(v, &room).contains(&"just talk".to_owned()));
+    assert_eq!(quiet["rooms"]["join"][&room]["state_after"], json!({ "events": [] }), "{quiet}");
+    let since = quiet["next_batch"].as_str().expect("next_batch").to_owned();
+
+    // Limited: a change that fell out of the timeline is still reported.
+    assert_eq!(alice.put(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.topic/"), json!({ "topic": "hidden by the limit" })).0, 200);
+    for i in 0..3 {
+        alice.send_text(&room, &format!("sl{i}"), "filler");
+    }
+    let filter = "%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A1%7D%7D%7D";
+    let limited = bob.sync_until(&format!("{since}&use_state_after=true&filter={filter}"), |v| v["rooms"]["join"][&room]["timeline"]["limited"] == true);
+    let topics = state_of(&limited, "state_after", "m.room.topic");
+    assert_eq!(topics.iter().map(|e| e["content"]["topic"].clone()).collect::<Vec<_>>(), [json!("hidden by the limit")], "{limited}");
+    assert!(state_of(&limited, "state_after", "m.room.name").is_empty(), "unchanged state is not repeated: {limited}");
+}
+
+#[test]
 fn reports_of_events_rooms_and_users_are_accepted_only_for_what_exists() {
     let node = Node::start("reports", "");
     let (alice, bob) = two_users(&node);

@@ -114,7 +114,7 @@ pub async fn events(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Va
     // limited `/sync` timeline does).
     filter.timeline.limit = Some(shard.config.limits.events_per_page_max);
     let start = since.encode();
-    let body = sync_with(shard, auth, Some(since), timeout_ms, false, &filter).await?;
+    let body = sync_with(shard, auth, Some(since), timeout_ms, crate::api::sync::SyncOpts::default(), &filter).await?;
     let body = serde_json::to_value(&body).map_err(|e| ApiError::unknown(e.to_string()))?;
     let mut chunk = Vec::new();
     if let Some(joined) = body["rooms"]["join"].as_object() {

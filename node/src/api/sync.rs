@@ -47,7 +47,12 @@ struct Timeline {
 #[derive(Serialize)]
 struct JoinedRoom {
     timeline: Timeline,
-    state: Events<Box<RawValue>>,
+    /// State up to the start of the timeline; `state_after` (up to its end)
+    /// replaces it when the client asks with `use_state_after`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<Events<Box<RawValue>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_after: Option<Events<Box<RawValue>>>,
     ephemeral: Events<Value>,
     account_data: Events<Value>,
     unread_notifications: Value,
@@ -57,7 +62,10 @@ struct JoinedRoom {
 #[derive(Serialize)]
 struct LeftRoom {
     timeline: Timeline,
-    state: Events<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<Events<Box<RawValue>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_after: Option<Events<Box<RawValue>>>,
     account_data: Events<Value>,
 }
 
@@ -80,6 +88,16 @@ pub struct SyncResponse {
     device_lists: Value,
     device_one_time_keys_count: Value,
     device_unused_fallback_key_types: Value,
+}
+
+/// How a sync reports state, from its query parameters.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SyncOpts {
+    /// `full_state=true`: every joined room's whole state.
+    pub full_state: bool,
+    /// `use_state_after=true` (v1.16): state up to the end of the timeline,
+    /// in `state_after`, instead of up to its start in `state`.
+    pub state_after: bool,
 }
 
 /// Default timeline events per room when the filter sets no limit.
@@ -160,14 +178,16 @@ async fn sync_body(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Syn
         None => None,
     };
     let timeout_ms = req.query_u64("timeout")?.unwrap_or(0);
-    let full_state = req.query("full_state") == Some("true");
+    let flag = |name: &str| req.query(name) == Some("true");
+    let opts = SyncOpts { full_state: flag("full_state"), state_after: flag("use_state_after") || flag("org.matrix.msc4222.use_state_after") };
     let filter = load_filter(shard, req, auth)?;
-    sync_with(shard, auth, since, timeout_ms, full_state, &filter).await
+    sync_with(shard, auth, since, timeout_ms, opts, &filter).await
 }
 
 /// A sync from `since` (initial without it), long-polling up to
 /// `timeout_ms` (capped by `limits.sync_timeout_ms_max`) for something new.
-pub(crate) async fn sync_with(shard: &Rc<Shard>, auth: &Authed, since: Option<SyncToken>, timeout_ms: u64, full_state: bool, filter: &SyncFilter) -> ApiResult<SyncResponse> {
+pub(crate) async fn sync_with(shard: &Rc<Shard>, auth: &Authed, since: Option<SyncToken>, timeout_ms: u64, opts: SyncOpts, filter: &SyncFilter) -> ApiResult<SyncResponse> {
+    let full_state = opts.full_state;
     let timeout_ms = timeout_ms.min(shard.config.limits.sync_timeout_ms_max);
     let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms);
     // Set once the wait ran out: the last pass answers without waiting.
@@ -196,10 +216,10 @@ pub(crate) async fn sync_with(shard: &Rc<Shard>, auth: &Authed, since: Option<Sy
         // A long-poll whose token covers every position this shard has
         // heard of has nothing in (since, upper] to read: it waits (and
         // computes when woken or when the wait runs out).
-        let Some(waiter) = waiter else { return Ok(compute(shard, auth, since.as_ref(), &upper, filter, full_state, &rooms.list)?.0) };
+        let Some(waiter) = waiter else { return Ok(compute(shard, auth, since.as_ref(), &upper, filter, opts, &rooms.list)?.0) };
         let nothing_new = !full_state && since.as_ref().is_some_and(|s| s.heads == upper.heads);
         if !nothing_new {
-            let (body, changed) = compute(shard, auth, since.as_ref(), &upper, filter, full_state, &rooms.list)?;
+            let (body, changed) = compute(shard, auth, since.as_ref(), &upper, filter, opts, &rooms.list)?;
             if changed || shard.shutting_down.get() {
                 return Ok(body);
             }
@@ -235,7 +255,8 @@ fn in_range(pos: u64, since: Option<&SyncToken>, upper: &SyncToken, shard: u16) 
     pos > s && pos <= u
 }
 
-fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &SyncToken, filter: &SyncFilter, full_state: bool, rooms: &[(String, UserRoom)]) -> ApiResult<(SyncResponse, bool)> {
+fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &SyncToken, filter: &SyncFilter, opts: SyncOpts, rooms: &[(String, UserRoom)]) -> ApiResult<(SyncResponse, bool)> {
+    let full_state = opts.full_state;
     let now = now_ms();
     // No user-scoped write anywhere since `since`: no account data,
     // to-device or device-list rows can be new, and no membership changed.
@@ -278,7 +299,7 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
                 if !initial && !full_state && data.is_empty() && s.is_some_and(|s| shard.room_quiet_since(&room, s)) {
                     continue;
                 }
-                if let Some(v) = joined_room(shard, auth, &room, if initial { None } else { s }, u, filter, full_state || initial, data, now)? {
+                if let Some(v) = joined_room(shard, auth, &room, if initial { None } else { s }, u, filter, full_state || initial, opts.state_after, data, now)? {
                     out.join.insert(room_id.clone(), v);
                     changed = true;
                 }
@@ -294,8 +315,14 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
             "leave" | "ban" if !ur.forgotten && ((since.is_some() && membership_changed) || (since.is_none() && filter.include_leave)) => {
                 let from = s.unwrap_or(0);
                 let (timeline, loaded) = timeline(shard, auth, &room, None, Some(from), ur.pos, filter, now)?;
-                let state = if since.is_none() { state_events(shard, &auth.user, &room, None, &loaded, &[], filter, now)? } else { vec![] };
-                out.leave.insert(room_id.clone(), LeftRoom { timeline, state: Events { events: state }, account_data: Events::default() });
+                let (state, state_after) = if opts.state_after {
+                    let after = state_after_events(shard, &auth.user, &room, since.map(|_| from), ur.pos, &loaded, timeline.limited, &[], filter, now)?;
+                    (None, Some(Events { events: after }))
+                } else {
+                    let state = if since.is_none() { state_events(shard, &auth.user, &room, None, &loaded, &[], filter, now)? } else { vec![] };
+                    (Some(Events { events: state }), None)
+                };
+                out.leave.insert(room_id.clone(), LeftRoom { timeline, state, state_after, account_data: Events::default() });
                 changed = true;
             }
             _ => {}
@@ -486,8 +513,63 @@ fn state_events(shard: &Shard, viewer: &ruma::UserId, room: &RoomId, changed_aft
     Ok(out)
 }
 
+/// `state_after`: the room's state at `upto` (the end of the timeline), or
+/// with `since`, the state that changed in `(since, upto]`. When the
+/// timeline holds everything after `since` (not `limited`), those changes
+/// are its own state events and nothing is read; otherwise the current
+/// state rows are read, each taken back to `upto` when it changed later.
+/// Lazy loading keeps the members the timeline needs (its senders and the
+/// members it changes), the viewer and the heroes.
 #[allow(clippy::too_many_arguments)]
-fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, upto: u64, filter: &SyncFilter, with_state: bool, room_data: Vec<Value>, now: u64) -> ApiResult<Option<JoinedRoom>> {
+fn state_after_events(shard: &Shard, viewer: &ruma::UserId, room: &RoomId, since: Option<u64>, upto: u64, timeline: &[Rc<Rendered>], limited: bool, heroes: &[String], filter: &SyncFilter, now: u64) -> ApiResult<Vec<Box<RawValue>>> {
+    let timeline_state = timeline.iter().filter(|e| e.event.pdu.state_key.is_some());
+    if since.is_some() && !limited {
+        // The last event of each state key wins, in timeline order.
+        let mut last: std::collections::HashMap<(String, &str), usize> = std::collections::HashMap::new();
+        let events: Vec<&Rc<Rendered>> = timeline_state.filter(|e| filter.state.allows_type(&e.event.pdu.kind.to_string())).collect();
+        for (i, e) in events.iter().enumerate() {
+            last.insert((e.event.pdu.kind.to_string(), e.event.pdu.state_key.as_deref().unwrap_or_default()), i);
+        }
+        let mut keep: Vec<usize> = last.into_values().collect();
+        keep.sort_unstable();
+        return Ok(keep.into_iter().map(|i| events[i].render(now, None)).collect());
+    }
+    let mut members: HashSet<String> = timeline.iter().map(|e| e.event.pdu.sender.to_string()).collect();
+    members.extend(timeline_state.filter(|e| e.event.pdu.kind == ruma::events::TimelineEventType::RoomMember).filter_map(|e| e.event.pdu.state_key.clone()));
+    if since.is_none() {
+        members.insert(viewer.to_string());
+        members.extend(heroes.iter().cloned());
+    }
+    let entries = if filter.state.lazy_load_members {
+        shard.db.room_state_of_members(room, members.iter().map(String::as_str), ROOM_STATE_MAX)?
+    } else {
+        shard.db.room_state(room, ROOM_STATE_MAX)?
+    };
+    let mut out = Vec::new();
+    for ((kind, key), entry) in entries {
+        if !filter.state.allows_type(&kind) || (filter.state.lazy_load_members && kind == "m.room.member" && !members.contains(&key)) {
+            continue;
+        }
+        let id = if entry.pos <= upto {
+            entry.event_id
+        } else {
+            // Changed after the end of this timeline: the event of then.
+            match crate::api::rooms::state_as_of(shard, &entry.event_id, upto)? {
+                Some(ev) => ev.pdu.id().to_owned(),
+                None => continue,
+            }
+        };
+        let Some(ev) = shard.rendered(&id)? else { continue };
+        if since.is_some_and(|s| ev.event.stored.pos <= s) {
+            continue;
+        }
+        out.push(ev.render(now, None));
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, upto: u64, filter: &SyncFilter, with_state: bool, use_state_after: bool, room_data: Vec<Value>, now: u64) -> ApiResult<Option<JoinedRoom>> {
     let owner = shard.owner_of(room);
     let read = shard.sync_room_head(room, owner, upto)?;
     let head = read.as_ref().as_ref();
@@ -505,13 +587,17 @@ fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, 
     // membership may have changed since the last one.
     let summary_due = with_state || since.is_none() || limited || loaded.iter().any(|e| e.event.pdu.kind == ruma::events::TimelineEventType::RoomMember);
     let (summary, heroes) = if summary_due { room_summary(shard, &auth.user, room)? } else { (json!({}), Vec::new()) };
-    let state = if with_state || since.is_none() {
+    let initial = with_state || since.is_none();
+    let state = if use_state_after {
+        Vec::new()
+    } else if initial {
         state_events(shard, &auth.user, room, None, &loaded, &heroes, filter, now)?
     } else if limited {
         state_events(shard, &auth.user, room, since, &loaded, &heroes, filter, now)?
     } else {
         Vec::new()
     };
+    let state_after = if use_state_after { state_after_events(shard, &auth.user, room, if initial { None } else { since }, upto, &loaded, limited, &heroes, filter, now)? } else { Vec::new() };
 
     let mut ephemeral = Vec::new();
     if filter.ephemeral.allows_type("m.typing")
@@ -541,13 +627,14 @@ fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, 
         }
     }
 
-    if since.is_some() && timeline.events.is_empty() && state.is_empty() && ephemeral.is_empty() && room_data.is_empty() {
+    if since.is_some() && timeline.events.is_empty() && state.is_empty() && state_after.is_empty() && ephemeral.is_empty() && room_data.is_empty() {
         return Ok(None);
     }
     let unread = shard.unread(&auth.user, room, owner, upto)?;
     Ok(Some(JoinedRoom {
         timeline,
-        state: Events { events: state },
+        state: (!use_state_after).then_some(Events { events: state }),
+        state_after: use_state_after.then_some(Events { events: state_after }),
         ephemeral: Events { events: ephemeral },
         account_data: Events { events: room_data },
         unread_notifications: json!({ "notification_count": unread.notifications, "highlight_count": unread.highlights }),
