@@ -202,7 +202,7 @@ fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply
     if shard.db.room_head(room)?.is_some() {
         return Err(ApiError::new(http::StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", "Room id already exists"));
     }
-    let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 0, unread_round: Some(UnreadRound::default()), notify_members: 0, threads: 0, edits: 0 };
+    let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 0, unread_round: Some(UnreadRound::default()), notify_members: 0, threads: 0, edits: 0, restricted_history: false };
     let mut cached = CachedRoom::new(head, rules, HashMap::new());
     let mut batch = Batch::new(shard.pos());
     let create = Draft { sender: new.creator.clone(), kind: "m.room.create".into(), state_key: Some(String::new()), content: new.create_content, txn: None, redacts: None };
@@ -578,6 +578,9 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         stored.replaces_state = Some(prev.id().to_string());
     }
     batch.writes.push(Write::put(Table::Events, event_id.as_bytes(), b"".to_vec(), encode(&stored)));
+    if draft.kind == "m.room.history_visibility" && draft.content["history_visibility"].as_str() != Some("shared") {
+        cached.head.restricted_history = true;
+    }
     if let Some((parent, rel_type)) = relation {
         if rel_type == "m.replace" {
             cached.head.edits += 1;

@@ -1282,6 +1282,63 @@ fn use_state_after_reports_state_at_the_end_of_the_timeline() {
 }
 
 #[test]
+fn history_visibility_decides_what_members_and_others_read() {
+    let node = Node::start("visibility", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let mut carol = node.client();
+    carol.register("carol");
+    let with_visibility = |v: &str| json!({ "preset": "public_chat", "initial_state": [{ "type": "m.room.history_visibility", "state_key": "", "content": { "history_visibility": v } }] });
+    let texts = |c: &Client, room: &str| -> Vec<String> {
+        let (s, page) = c.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100"));
+        assert_eq!(s, 200, "{page}");
+        let mut t: Vec<String> = page["chunk"].as_array().expect("chunk").iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)).collect();
+        t.reverse();
+        t
+    };
+
+    // joined: nothing from before the join, in history, sync, context or by id.
+    let joined = alice.create_room(with_visibility("joined"));
+    let early = alice.send_text(&joined, "j1", "before bob");
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{joined}"), json!({})).0, 200);
+    alice.send_text(&joined, "j2", "after bob");
+    assert_eq!(texts(&bob, &joined), ["after bob"]);
+    assert_eq!(texts(&alice, &joined), ["before bob", "after bob"]);
+    let (_, sync) = bob.get("/_matrix/client/v3/sync");
+    assert_eq!(bodies(&sync, &joined), ["after bob"], "{sync}");
+    assert_eq!(bob.get(&format!("/_matrix/client/v3/rooms/{joined}/event/{early}")).0, 404);
+    assert_eq!(bob.get(&format!("/_matrix/client/v3/rooms/{joined}/context/{early}")).0, 404);
+
+    // invited: from the invite on.
+    let invited = alice.create_room(json!({ "preset": "private_chat", "initial_state": [{ "type": "m.room.history_visibility", "state_key": "", "content": { "history_visibility": "invited" } }] }));
+    alice.send_text(&invited, "i1", "before the invite");
+    assert_eq!(alice.post(&format!("/_matrix/client/v3/rooms/{invited}/invite"), json!({ "user_id": "@bob:localhost" })).0, 200);
+    alice.send_text(&invited, "i2", "while invited");
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{invited}"), json!({})).0, 200);
+    alice.send_text(&invited, "i3", "joined");
+    assert_eq!(texts(&bob, &invited), ["while invited", "joined"]);
+
+    // shared (the default): all of it for members, up to the leave after.
+    let shared = alice.create_room(json!({ "preset": "public_chat" }));
+    alice.send_text(&shared, "s1", "old news");
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{shared}"), json!({})).0, 200);
+    assert_eq!(texts(&bob, &shared), ["old news"]);
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/rooms/{shared}/leave"), json!({})).0, 200);
+    alice.send_text(&shared, "s2", "after bob left");
+    assert!(!texts(&bob, &shared).contains(&"after bob left".to_owned()));
+    assert_eq!(carol.get(&format!("/_matrix/client/v3/rooms/{shared}/messages?dir=b")).0, 403, "not world readable");
+
+    // world_readable: non-members read what was sent while it was.
+    let open = alice.create_room(with_visibility("world_readable"));
+    alice.send_text(&open, "w1", "for the world");
+    assert_eq!(texts(&carol, &open), ["for the world"]);
+    assert_eq!(alice.put(&format!("/_matrix/client/v3/rooms/{open}/state/m.room.history_visibility/"), json!({ "history_visibility": "joined" })).0, 200);
+    alice.send_text(&open, "w2", "members only");
+    assert_eq!(carol.get(&format!("/_matrix/client/v3/rooms/{open}/messages?dir=b")).0, 403, "no longer world readable");
+    assert_eq!(alice.put(&format!("/_matrix/client/v3/rooms/{open}/state/m.room.history_visibility/"), json!({ "history_visibility": "world_readable" })).0, 200);
+    assert_eq!(texts(&carol, &open), ["for the world"], "what was sent to members only stays theirs");
+}
+
+#[test]
 fn reports_of_events_rooms_and_users_are_accepted_only_for_what_exists() {
     let node = Node::start("reports", "");
     let (alice, bob) = two_users(&node);

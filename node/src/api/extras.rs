@@ -141,9 +141,10 @@ pub fn search(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value> {
             continue;
         }
         let Ok(room_id) = RoomId::parse(room.as_str()) else { continue };
+        let reader = crate::api::visibility::Reader::new(shard, &room_id, &auth.user)?;
         for (_, id) in shard.db.timeline(&room_id, Bound::Unbounded, Bound::Unbounded, true, SEARCH_SCAN_PER_ROOM)? {
             let Some(ev) = shard.db.event(&id)? else { continue };
-            if ev.stored.redacted_by.is_some() || !filter.allows(&ev.pdu) || crate::api::rooms::hidden(&ignored, &ev.pdu) {
+            if ev.stored.redacted_by.is_some() || !filter.allows(&ev.pdu) || crate::api::rooms::hidden(&ignored, &ev.pdu) || !reader.allows(&ev) {
                 continue;
             }
             let content = ev.pdu.content_value();

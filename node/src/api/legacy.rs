@@ -73,9 +73,9 @@ pub async fn initial_sync(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiRes
 pub fn room_initial_sync(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult<Value> {
     let room = parse_room(room)?;
     let limit = messages_limit(shard, req)?;
-    let upto = visible_upto(shard, &room, &auth.user)?;
+    let reader = crate::api::visibility::Reader::new(shard, &room, &auth.user)?;
     let membership = shard.db.user_room(&auth.user, &room)?.map(|ur| ur.membership).unwrap_or_default();
-    room_info(shard, &auth.user, &room, &membership, upto, limit, now_ms())
+    room_info(shard, &auth.user, &room, &membership, reader.upto, limit, now_ms())
 }
 
 /// GET /_matrix/client/v3/events/{eventId}
@@ -83,8 +83,8 @@ pub fn event(shard: &Shard, auth: &Authed, event: &str) -> ApiResult<Value> {
     let not_found = || ApiError::not_found("Event not found");
     let id = OwnedEventId::try_from(event).map_err(|_| not_found())?;
     let ev = shard.db.event(&id)?.ok_or_else(not_found)?;
-    let upto = visible_upto(shard, &ev.pdu.room_id, &auth.user).map_err(|_| not_found())?;
-    if ev.stored.pos > upto {
+    let reader = crate::api::visibility::Reader::new(shard, &ev.pdu.room_id, &auth.user).map_err(|_| not_found())?;
+    if !reader.allows(&ev) {
         return Err(not_found());
     }
     Ok(ev.to_client(now_ms(), Some((&auth.user, &auth.device))))
@@ -145,9 +145,11 @@ fn room_info(shard: &Shard, user: &UserId, room: &RoomId, membership: &str, upto
     let ids = shard.db.timeline(room, Bound::Unbounded, Bound::Included(upto), true, limit)?;
     let mut chunk = Vec::new();
     let ignored = shard.ignored_users(user)?;
+    let reader = crate::api::visibility::Reader::new(shard, room, user)?;
     for (_, id) in ids.iter().rev() {
         if let Some(ev) = shard.db.event(id)?
             && !crate::api::rooms::hidden(&ignored, &ev.pdu)
+            && reader.allows(&ev)
         {
             chunk.push(ev.to_client(now, None));
         }

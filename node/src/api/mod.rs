@@ -20,6 +20,7 @@ pub mod sync;
 pub mod threads;
 pub mod upgrade;
 pub mod userdata;
+pub mod visibility;
 
 use std::rc::Rc;
 

@@ -596,7 +596,8 @@ fn lazy_members(shard: &Shard, room: &RoomId, events: &[Event], now: u64) -> Api
 /// GET /_matrix/client/v3/rooms/{roomId}/messages
 pub fn messages(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult<Value> {
     let room = parse_room(room)?;
-    let upto = visible_upto(shard, &room, &auth.user)?;
+    let reader = crate::api::visibility::Reader::new(shard, &room, &auth.user)?;
+    let upto = reader.upto;
     let head = shard.db.room_head(&room)?.ok_or_else(|| ApiError::not_found("Unknown room"))?;
     let backwards = match req.query("dir") {
         Some("b") => true,
@@ -634,6 +635,7 @@ pub fn messages(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResul
             if let Some(ev) = shard.db.event(id)?
                 && filter.allows(&ev.pdu)
                 && !hidden(&ignored, &ev.pdu)
+                && reader.allows(&ev)
             {
                 chunk.push(ev);
                 if chunk.len() >= limit {
@@ -676,9 +678,10 @@ fn client_event(shard: &Shard, room: &RoomId, ev: &Event, now: u64, viewer: Opti
 /// GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}
 pub fn context(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &str) -> ApiResult<Value> {
     let room = parse_room(room)?;
-    let upto = visible_upto(shard, &room, &auth.user)?;
+    let reader = crate::api::visibility::Reader::new(shard, &room, &auth.user)?;
+    let upto = reader.upto;
     let id = OwnedEventId::try_from(event).map_err(|_| ApiError::invalid_param("Invalid event id"))?;
-    let ev = shard.db.event(&id)?.filter(|e| e.pdu.room_id == room && e.stored.pos <= upto).ok_or_else(|| ApiError::not_found("Event not found"))?;
+    let ev = shard.db.event(&id)?.filter(|e| e.pdu.room_id == room && reader.allows(e)).ok_or_else(|| ApiError::not_found("Event not found"))?;
     let limit = (req.query_u64("limit")?.unwrap_or(10) as usize).min(shard.config.limits.events_per_page_max);
     let filter = filter_param(shard, req, auth)?;
     let before_n = limit / 2;
@@ -692,6 +695,7 @@ pub fn context(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &str)
             if let Some(e) = shard.db.event(&id)?
                 && filter.allows(&e.pdu)
                 && !hidden(&ignored, &e.pdu)
+                && reader.allows(&e)
             {
                 v.push(e);
             }
@@ -728,9 +732,9 @@ pub fn context(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &str)
 /// GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}
 pub fn event(shard: &Shard, auth: &Authed, room: &str, event: &str) -> ApiResult<Value> {
     let room = parse_room(room)?;
-    let upto = visible_upto(shard, &room, &auth.user).map_err(|_| ApiError::not_found("Event not found"))?;
+    let reader = crate::api::visibility::Reader::new(shard, &room, &auth.user).map_err(|_| ApiError::not_found("Event not found"))?;
     let id = OwnedEventId::try_from(event).map_err(|_| ApiError::not_found("Event not found"))?;
-    let ev = shard.db.event(&id)?.filter(|e| e.pdu.room_id == room && e.stored.pos <= upto).ok_or_else(|| ApiError::not_found("Event not found"))?;
+    let ev = shard.db.event(&id)?.filter(|e| e.pdu.room_id == room && reader.allows(e)).ok_or_else(|| ApiError::not_found("Event not found"))?;
     client_event(shard, &room, &ev, now_ms(), Some((&auth.user, &auth.device)))
 }
 
@@ -750,9 +754,10 @@ const RELATIONS_SCAN_MAX: usize = 10_000;
 pub fn relations(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &str, rel_type: Option<&str>, event_type: Option<&str>) -> ApiResult<Value> {
     let room = parse_room(room)?;
     let not_found = || ApiError::not_found("Event not found");
-    let upto = visible_upto(shard, &room, &auth.user).map_err(|_| not_found())?;
+    let reader = crate::api::visibility::Reader::new(shard, &room, &auth.user).map_err(|_| not_found())?;
+    let upto = reader.upto;
     let parent = OwnedEventId::try_from(event).map_err(|_| not_found())?;
-    shard.db.event(&parent)?.filter(|e| e.pdu.room_id == room && e.stored.pos <= upto).ok_or_else(not_found)?;
+    shard.db.event(&parent)?.filter(|e| e.pdu.room_id == room && reader.allows(e)).ok_or_else(not_found)?;
     let head = shard.db.room_head(&room)?.ok_or_else(not_found)?;
     let backwards = match req.query("dir") {
         None | Some("b") => true,
@@ -835,6 +840,7 @@ pub fn relations(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &st
     for (_, child) in &found {
         if let Some(ev) = shard.db.event(child)?
             && !hidden(&ignored, &ev.pdu)
+            && reader.allows(&ev)
         {
             chunk.push(client_event(shard, &room, &ev, now, Some((&auth.user, &auth.device)))?);
         }

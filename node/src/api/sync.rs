@@ -438,6 +438,12 @@ fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, head: Option<&RoomHead>
     // filter applies before the limit. Scanning is bounded by SCAN_PAGES.
     const SCAN_PAGES: usize = 8;
     let ignored = shard.ignored_users(&auth.user)?;
+    // Rooms whose history was ever not `shared` check every event.
+    let restricted = match head {
+        Some(h) => h.restricted_history,
+        None => shard.db.room_head(room)?.is_some_and(|h| h.restricted_history),
+    };
+    let reader = if restricted { Some(crate::api::visibility::Reader::new(shard, room, &auth.user)?) } else { None };
     let mut events = Vec::new();
     let mut hi = upto;
     let mut first = upto + 1;
@@ -453,6 +459,7 @@ fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, head: Option<&RoomHead>
             if let Some(ev) = shard.rendered(id)?
                 && filter.timeline.allows(&ev.event.pdu)
                 && !crate::api::rooms::hidden(&ignored, &ev.event.pdu)
+                && reader.as_ref().is_none_or(|r| r.allows(&ev.event))
             {
                 events.push(ev);
             }

@@ -125,7 +125,8 @@ pub fn bundle_into(shard: &Shard, room: &RoomId, event: &Event, value: &mut Valu
 /// are left out.
 pub fn threads(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult<Value> {
     let room = parse_room(room)?;
-    let upto = crate::api::rooms::visible_upto(shard, &room, &auth.user).map_err(|_| ApiError::forbidden("You are not allowed to view this room."))?;
+    let reader = crate::api::visibility::Reader::new(shard, &room, &auth.user).map_err(|_| ApiError::forbidden("You are not allowed to view this room."))?;
+    let upto = reader.upto;
     let participated_only = match req.query("include") {
         None | Some("all") => false,
         Some("participated") => true,
@@ -158,7 +159,7 @@ pub fn threads(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult
             }
             let Some(rendered) = shard.rendered(&root)? else { continue };
             let ev = &rendered.event;
-            if ev.stored.pos > upto || crate::api::rooms::hidden(&ignored, &ev.pdu) {
+            if ev.stored.pos > upto || crate::api::rooms::hidden(&ignored, &ev.pdu) || !reader.allows(ev) {
                 continue;
             }
             if participated_only {
