@@ -30,6 +30,7 @@ pub struct Config {
     pub turn: Turn,
     pub rooms: Rooms,
     pub support: Support,
+    pub presence: Presence,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -217,6 +218,12 @@ pub struct RateLimits {
     pub registration: Bucket,
     pub login: Bucket,
     pub joins: Bucket,
+    /// Invites sent by one user.
+    pub invites_per_issuer: Bucket,
+    /// Invites sent into one room.
+    pub invites_per_room: Bucket,
+    /// Invites received by one user.
+    pub invites_per_user: Bucket,
     /// Most distinct users/IPs tracked per shard; the oldest are evicted.
     pub tracked_keys_max: usize,
 }
@@ -238,6 +245,25 @@ pub struct Turn {
     pub shared_secret: String,
     /// Lifetime of issued credentials, in seconds.
     pub ttl_secs: u64,
+}
+
+/// Presence from syncing.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Presence {
+    /// Syncing makes users online (`set_presence`); off, only
+    /// `PUT /presence` changes presence.
+    pub enabled: bool,
+    /// A user none of whose clients started a sync for this long goes
+    /// offline, in milliseconds. Longer than the longest long-poll
+    /// (`limits.sync_timeout_ms_max`) plus some slack.
+    pub offline_after_ms: u64,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Presence { enabled: true, offline_after_ms: 90_000 }
+    }
 }
 
 /// Who runs the server, served at `/.well-known/matrix/support`; nothing
@@ -283,6 +309,7 @@ impl Default for Config {
             turn: Turn::default(),
             rooms: Rooms::default(),
             support: Support::default(),
+            presence: Presence::default(),
         }
     }
 }
@@ -363,6 +390,9 @@ impl Default for RateLimits {
             registration: Bucket { per_second: 0.17, burst: 3.0 },
             login: Bucket { per_second: 0.17, burst: 3.0 },
             joins: Bucket { per_second: 0.1, burst: 10.0 },
+            invites_per_issuer: Bucket { per_second: 0.3, burst: 10.0 },
+            invites_per_room: Bucket { per_second: 0.3, burst: 10.0 },
+            invites_per_user: Bucket { per_second: 0.003, burst: 5.0 },
             tracked_keys_max: 100_000,
         }
     }
@@ -423,6 +453,9 @@ impl Config {
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         if ruma::ServerName::parse(&self.server_name).is_err() {
             return invalid("server_name", "not a valid Matrix server name");
+        }
+        if self.presence.offline_after_ms < 1_000 {
+            return invalid("presence.offline_after_ms", "must be at least 1000");
         }
         for c in &self.support.contacts {
             if c.role.is_empty() {

@@ -1008,6 +1008,16 @@ impl Db {
         Ok(counts)
     }
 
+    /// The highest event position the user's read receipts in `room`
+    /// reached, in any thread (0 when none).
+    pub fn read_floor(&self, room: &RoomId, user: &UserId) -> DbResult<u64> {
+        Ok(self.store.get(Table::ReadFloors, room.as_bytes(), user.as_bytes())?.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(0))
+    }
+
+    pub fn read_floor_write(room: &RoomId, user: &UserId, pos: u64) -> Write {
+        Write::put(Table::ReadFloors, room.as_bytes(), user.as_bytes(), pos.to_be_bytes().to_vec())
+    }
+
     pub fn receipt(&self, room: &RoomId, kind: &str, thread: &str, user: &UserId) -> DbResult<Option<Receipt>> {
         self.get_json(Table::Receipts, room.as_bytes(), &Db::receipt_ck(kind, thread, user))
     }

@@ -12,6 +12,7 @@ pub mod http;
 pub mod keys;
 pub mod keystore;
 pub mod pdu;
+pub mod presence;
 pub mod push;
 pub mod ratelimit;
 pub mod room;

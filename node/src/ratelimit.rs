@@ -1,4 +1,5 @@
-//! Per-shard token buckets for messages, registration, login and joins.
+//! Per-shard token buckets for messages, registration, login, joins and
+//! invites.
 //!
 //! Buckets live on the shard that handles the request (no cross-core
 //! traffic); a client spread over several connections may get up to one
@@ -20,6 +21,12 @@ pub enum Action {
     Registration,
     Login,
     Join,
+    /// Keyed by the inviting user.
+    InviteIssuer,
+    /// Keyed by the room.
+    InviteRoom,
+    /// Keyed by the invited user.
+    InviteTarget,
 }
 
 /// The limiter of one shard.
@@ -39,6 +46,9 @@ impl RateLimiter {
             Action::Registration => self.config.registration,
             Action::Login => self.config.login,
             Action::Join => self.config.joins,
+            Action::InviteIssuer => self.config.invites_per_issuer,
+            Action::InviteRoom => self.config.invites_per_room,
+            Action::InviteTarget => self.config.invites_per_user,
         }
     }
 

@@ -737,9 +737,14 @@ fn receipt(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId, kind: String, th
     {
         return Ok(RoomReply::Done);
     }
-    // A read receipt leaves unread what the events after it notified.
+    // A read receipt leaves unread what the events after it notified, or
+    // after the furthest any of the user's read receipts reached: one per
+    // thread means a receipt can trail another (the main timeline's, read
+    // after a thread further on), and unread counts never rise on reading.
     let read = kind == "m.read" || kind == "m.read.private";
-    let unread = if read { Some(shard.db.unread_after(room, &user, ev.stored.pos, UNREAD_RECOUNT_MAX)?) } else { None };
+    let floor = if read { shard.db.read_floor(room, &user)? } else { 0 };
+    let read_upto = ev.stored.pos.max(floor);
+    let unread = if read { Some(shard.db.unread_after(room, &user, read_upto, UNREAD_RECOUNT_MAX)?) } else { None };
     let cached_rc = shard.rooms.load(&shard.db, room)?;
     let pos = shard.next_pos();
     let receipt = crate::db::Receipt { event_id: event_id.to_string(), ts, pos };
@@ -752,6 +757,9 @@ fn receipt(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId, kind: String, th
     ];
     if let Some(counts) = unread {
         writes.push(Db::unread_write(&user, room, counts, pos));
+    }
+    if read && read_upto > floor {
+        writes.push(Db::read_floor_write(room, &user, read_upto));
     }
     shard.db.store.write(writes)?;
     let mut cached = cached_rc.borrow_mut();

@@ -222,6 +222,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     ignored_seen: Default::default(),
                     ignored: Default::default(),
                     ignorers: Default::default(),
+                    presence_sent: Default::default(),
+                    presence_seen: Default::default(),
                     user_writes,
                     presence_writes,
                     filters: Default::default(),
@@ -280,6 +282,7 @@ async fn shard_main(shard: Rc<Shard>, receivers: Option<glommio::channels::chann
             .detach();
         }
     }
+    let sweeper = glommio::spawn_local(crate::presence::sweeper(shard.clone()));
     let listener = TcpListener::bind(shard.config.listen.address).map_err(|e| anyhow::anyhow!("binding {}: {e}", shard.config.listen.address))?;
     if shard.id == 0 {
         tracing::info!(address = %shard.config.listen.address, shards = shard.count, server_name = %shard.server_name, "listening");
@@ -346,5 +349,7 @@ async fn shard_main(shard: Rc<Shard>, receivers: Option<glommio::channels::chann
     while open.get() > 0 && std::time::Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
+    drop(sweeper);
+    crate::presence::all_offline(&shard);
     Ok(())
 }

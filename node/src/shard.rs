@@ -75,6 +75,8 @@ pub enum ShardMsg {
     Advanced { shard: u16, pos: u64, rooms: Vec<OwnedRoomId>, users: Vec<OwnedUserId>, unread: Option<Arc<UnreadCounts>> },
     /// Typing state of a room changed (owner shard to all).
     Typing { room: OwnedRoomId, users: Vec<OwnedUserId>, pos: u64, shard: u16 },
+    /// A user is syncing (to the shard that owns the user's presence).
+    Presence { user: OwnedUserId, state: crate::presence::SyncPresence },
 }
 
 /// Members' new unread counts in a room, announced with the write that
@@ -241,6 +243,12 @@ pub struct Shard {
     pub ignored_seen: Cell<u64>,
     /// For senders of events in rooms this shard owns: who ignores them.
     pub ignorers: RefCell<HashMap<OwnedUserId, Rc<HashSet<OwnedUserId>>>>,
+    /// Users syncing here: when this shard last told their presence owner
+    /// (see `presence`).
+    pub presence_sent: RefCell<HashMap<OwnedUserId, (std::time::Instant, crate::presence::SyncPresence)>>,
+    /// Users whose presence this shard owns: when a sync of theirs was last
+    /// heard of, anywhere on the node.
+    pub presence_seen: RefCell<HashMap<OwnedUserId, (std::time::Instant, crate::presence::SyncPresence)>>,
     /// Users' ignored-user lists (`m.ignored_user_list`), read for every
     /// sync, page of history and search of theirs.
     pub ignored: RefCell<HashMap<OwnedUserId, Rc<HashSet<OwnedUserId>>>>,
@@ -449,6 +457,11 @@ impl Shard {
     /// The owner shard of a room.
     pub fn owner_of(&self, room: &RoomId) -> usize {
         usize::from(self.ring.owner(room.as_bytes()).core)
+    }
+
+    /// The shard that tracks `user`'s presence from syncing.
+    pub fn owner_of_user(&self, user: &UserId) -> usize {
+        usize::from(self.ring.owner(user.as_bytes()).core)
     }
 
     pub fn metrics(&self) -> &ShardMetrics {
@@ -874,6 +887,7 @@ impl Shard {
                 self.typing.borrow_mut().insert(room.clone(), Typing { users, pos, shard });
                 self.notifier.notify(&[room], &[]);
             }
+            ShardMsg::Presence { user, state } => crate::presence::heard(self, user, state),
         }
     }
 

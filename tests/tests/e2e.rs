@@ -275,6 +275,35 @@ fn presence_reaches_room_members_in_sync() {
     assert_eq!(alices(&initial).map(|e| e["content"]["presence"].clone()), Some(json!("online")));
 }
 
+/// Syncing makes a user online (or unavailable, as asked), and they go
+/// offline once their syncs stop; a sync with `set_presence=offline`
+/// changes nothing.
+#[test]
+fn syncing_sets_presence_until_it_stops() {
+    let node = Node::start("presence-syncing", "[runtime]\nshards = 2\n[presence]\noffline_after_ms = 1500\n");
+    let (alice, bob) = two_users(&node);
+    shared_room(&alice, &bob);
+    let bobs = |sync: &Value| sync["presence"]["events"].as_array().and_then(|evs| evs.iter().rev().find(|e| e["sender"] == "@bob:localhost")).map(|e| e["content"]["presence"].clone());
+    let presence_of_bob = || alice.get("/_matrix/client/v3/presence/@bob:localhost/status").1["presence"].clone();
+    // Alice watches without going online herself.
+    let (_, a0) = alice.get("/_matrix/client/v3/sync?set_presence=offline");
+    let since = a0["next_batch"].as_str().expect("next_batch").to_owned();
+    assert_eq!(alice.get("/_matrix/client/v3/presence/@alice:localhost/status").1["presence"], "offline");
+
+    assert_eq!(bob.get("/_matrix/client/v3/sync?timeout=0").0, 200);
+    let got = alice.sync_until(&format!("{since}&set_presence=offline"), |v| bobs(v) == Some(json!("online")));
+    assert_eq!(presence_of_bob(), "online");
+    // No more syncs from Bob: offline after the delay.
+    let since = got["next_batch"].as_str().expect("next_batch").to_owned();
+    let got = alice.sync_until(&format!("{since}&set_presence=offline"), |v| bobs(v) == Some(json!("offline")));
+    assert_eq!(presence_of_bob(), "offline");
+    // Asking for unavailable.
+    let since = got["next_batch"].as_str().expect("next_batch").to_owned();
+    assert_eq!(bob.get("/_matrix/client/v3/sync?timeout=0&set_presence=unavailable").0, 200);
+    alice.sync_until(&format!("{since}&set_presence=offline"), |v| bobs(v) == Some(json!("unavailable")));
+    assert_eq!(alice.get("/_matrix/client/v3/presence/@alice:localhost/status").1["presence"], "offline", "Alice's own syncs asked for no change");
+}
+
 /// Incremental syncs of a user in several rooms (owned by both shards)
 /// carry exactly the rooms with something new: messages, typing and
 /// receipts in one room reach the next sync, and quiet rooms stay out.
@@ -1249,6 +1278,11 @@ fn use_state_after_reports_state_at_the_end_of_the_timeline() {
     // Without the parameter: `state`, and no `state_after`.
     let (_, plain) = bob.get("/_matrix/client/v3/sync");
     assert!(plain["rooms"]["join"][&room].get("state").is_some() && plain["rooms"]["join"][&room].get("state_after").is_none(), "{plain}");
+    // Asked by its MSC4222 name (as matrix-js-sdk does), answered by it.
+    let (_, unstable) = bob.get("/_matrix/client/v3/sync?org.matrix.msc4222.use_state_after=true");
+    let joined = &unstable["rooms"]["join"][&room];
+    assert!(joined.get("state").is_none() && joined.get("state_after").is_none(), "{joined}");
+    assert!(joined["org.matrix.msc4222.state_after"]["events"].as_array().is_some_and(|a| a.iter().any(|e| e["type"] == "m.room.name")), "{joined}");
 
     // Incremental, everything in the timeline: the changes are its own
     // state events, the last one per key.
@@ -1426,6 +1460,39 @@ fn unread_counts_follow_push_rules_and_receipts() {
 /// the notifications since the last round, for the owner that keeps
 /// counting as well as for the syncing member.
 #[test]
+fn a_receipt_behind_another_thread_does_not_bring_back_unread_counts() {
+    let node = Node::start("threadreceipts", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let (_, s0) = bob.get("/_matrix/client/v3/sync");
+    let since = s0["next_batch"].as_str().expect("next_batch").to_owned();
+    let root = alice.send_text(&room, "r", "root");
+    let (s, reply) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t1"), json!({ "msgtype": "m.text", "body": "in thread", "m.relates_to": { "rel_type": "m.thread", "event_id": root } }));
+    assert_eq!(s, 200, "{reply}");
+    let reply = reply["event_id"].as_str().expect("event_id").to_owned();
+    let count = |v: &Value| v["rooms"]["join"][&room]["unread_notifications"]["notification_count"].clone();
+    let sync = bob.sync_until(&since, |v| bodies(v, &room).len() == 2);
+    assert_eq!(count(&sync), 2, "{sync}");
+    // The thread is read first, then the main timeline, whose last event
+    // comes before the thread's reply: nothing becomes unread again.
+    let receipt = |event: &str, thread: &str| bob.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{event}"), json!({ "thread_id": thread }));
+    let receipted = |v: &Value, event: &str| v["rooms"]["join"][&room]["ephemeral"]["events"].to_string().contains(event);
+    let since = sync["next_batch"].as_str().expect("next_batch").to_owned();
+    assert_eq!(receipt(&reply, &root).0, 200);
+    let sync = bob.sync_until(&since, |v| receipted(v, &reply));
+    assert_eq!(count(&sync), 0, "{sync}");
+    let since = sync["next_batch"].as_str().expect("next_batch").to_owned();
+    assert_eq!(receipt(&root, "main").0, 200);
+    let sync = bob.sync_until(&since, |v| receipted(v, &root));
+    assert_eq!(count(&sync), 0, "{sync}");
+    // Later events count again.
+    let since = sync["next_batch"].as_str().expect("next_batch").to_owned();
+    alice.send_text(&room, "m2", "after");
+    let sync = bob.sync_until(&since, |v| bodies(v, &room).contains(&"after".to_owned()));
+    assert_eq!(count(&sync), 1, "{sync}");
+}
+
+#[test]
 fn unread_counts_survive_rounds_and_restarts() {
     let mut node = Node::start("unread-rounds", "");
     let (alice, bob) = two_users(&node);
@@ -1514,6 +1581,22 @@ fn rate_limits_answer_429_with_retry_after() {
     let (_, page) = alice.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"));
     assert!(!page.to_string().contains("\"over\""));
     bob.send_text(&room, "b0", "bob is not limited");
+}
+
+#[test]
+fn invites_are_rate_limited_per_invited_user() {
+    let node = Node::start_with("invitelimit", "", "[rate_limits]\nenabled = true\n[rate_limits.registration]\nper_second = 100.0\nburst = 100.0\n[rate_limits.invites_per_user]\nper_second = 0.001\nburst = 2.0\n");
+    let (alice, _bob) = two_users(&node);
+    let rooms: Vec<String> = (0..3).map(|_| alice.create_room(json!({}))).collect();
+    let invite = |room: &str, user: &str| alice.post(&format!("/_matrix/client/v3/rooms/{room}/invite"), json!({ "user_id": user }));
+    assert_eq!(invite(&rooms[0], "@bob:localhost").0, 200);
+    assert_eq!(invite(&rooms[1], "@bob:localhost").0, 200);
+    let (s, v) = invite(&rooms[2], "@bob:localhost");
+    assert_eq!((s, v["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")), "{v}");
+    assert!(v["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{v}");
+    // Nothing was stored for the refused invite.
+    let (_, member) = alice.get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.member/@bob:localhost", rooms[2]));
+    assert_eq!(member["errcode"], "M_NOT_FOUND", "{member}");
 }
 
 #[test]

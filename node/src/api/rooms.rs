@@ -349,6 +349,10 @@ pub async fn membership(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str,
             {
                 return Err(ApiError::forbidden(format!("{target} is already in the room or banned")));
             }
+            let now = Instant::now();
+            shard.limiter.check(Action::InviteIssuer, auth.user.as_str(), now)?;
+            shard.limiter.check(Action::InviteRoom, room.as_str(), now)?;
+            shard.limiter.check(Action::InviteTarget, target.as_str(), now)?;
             member_content(&shard.db, &target, "invite", reason)?
         }
         "leave" => {

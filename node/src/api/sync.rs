@@ -53,6 +53,9 @@ struct JoinedRoom {
     state: Option<Events<Box<RawValue>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     state_after: Option<Events<Box<RawValue>>>,
+    /// `state_after` under its MSC4222 name, for clients that asked with it.
+    #[serde(rename = "org.matrix.msc4222.state_after", skip_serializing_if = "Option::is_none")]
+    state_after_unstable: Option<Events<Box<RawValue>>>,
     ephemeral: Events<Value>,
     account_data: Events<Value>,
     unread_notifications: Value,
@@ -66,6 +69,8 @@ struct LeftRoom {
     state: Option<Events<Box<RawValue>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     state_after: Option<Events<Box<RawValue>>>,
+    #[serde(rename = "org.matrix.msc4222.state_after", skip_serializing_if = "Option::is_none")]
+    state_after_unstable: Option<Events<Box<RawValue>>>,
     account_data: Events<Value>,
 }
 
@@ -98,6 +103,23 @@ pub(crate) struct SyncOpts {
     /// `use_state_after=true` (v1.16): state up to the end of the timeline,
     /// in `state_after`, instead of up to its start in `state`.
     pub state_after: bool,
+    /// Asked with the MSC4222 name (`org.matrix.msc4222.use_state_after`):
+    /// answered under the matching name.
+    pub unstable_names: bool,
+}
+
+impl SyncOpts {
+    /// Places the state of a room in the fields these options ask for:
+    /// (`state`, `state_after`, its MSC4222 twin).
+    #[allow(clippy::type_complexity)]
+    fn place(self, state: Vec<Box<RawValue>>) -> (Option<Events<Box<RawValue>>>, Option<Events<Box<RawValue>>>, Option<Events<Box<RawValue>>>) {
+        let events = Some(Events { events: state });
+        match (self.state_after, self.unstable_names) {
+            (false, _) => (events, None, None),
+            (true, false) => (None, events, None),
+            (true, true) => (None, None, events),
+        }
+    }
 }
 
 /// Default timeline events per room when the filter sets no limit.
@@ -178,8 +200,13 @@ async fn sync_body(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Syn
         None => None,
     };
     let timeout_ms = req.query_u64("timeout")?.unwrap_or(0);
+    if let Some(presence) = crate::presence::SyncPresence::from_param(req.query("set_presence")) {
+        crate::presence::syncing(shard, &auth.user, presence);
+    }
     let flag = |name: &str| req.query(name) == Some("true");
-    let opts = SyncOpts { full_state: flag("full_state"), state_after: flag("use_state_after") || flag("org.matrix.msc4222.use_state_after") };
+    let stable = flag("use_state_after");
+    let unstable = !stable && flag("org.matrix.msc4222.use_state_after");
+    let opts = SyncOpts { full_state: flag("full_state"), state_after: stable || unstable, unstable_names: unstable };
     let filter = load_filter(shard, req, auth)?;
     sync_with(shard, auth, since, timeout_ms, opts, &filter).await
 }
@@ -299,7 +326,7 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
                 if !initial && !full_state && data.is_empty() && s.is_some_and(|s| shard.room_quiet_since(&room, s)) {
                     continue;
                 }
-                if let Some(v) = joined_room(shard, auth, &room, if initial { None } else { s }, u, filter, full_state || initial, opts.state_after, data, now)? {
+                if let Some(v) = joined_room(shard, auth, &room, if initial { None } else { s }, u, filter, full_state || initial, opts, data, now)? {
                     out.join.insert(room_id.clone(), v);
                     changed = true;
                 }
@@ -315,14 +342,15 @@ fn compute(shard: &Shard, auth: &Authed, since: Option<&SyncToken>, upper: &Sync
             "leave" | "ban" if !ur.forgotten && ((since.is_some() && membership_changed) || (since.is_none() && filter.include_leave)) => {
                 let from = s.unwrap_or(0);
                 let (timeline, loaded) = timeline(shard, auth, &room, None, Some(from), ur.pos, filter, now)?;
-                let (state, state_after) = if opts.state_after {
-                    let after = state_after_events(shard, &auth.user, &room, since.map(|_| from), ur.pos, &loaded, timeline.limited, &[], filter, now)?;
-                    (None, Some(Events { events: after }))
+                let state = if opts.state_after {
+                    state_after_events(shard, &auth.user, &room, since.map(|_| from), ur.pos, &loaded, timeline.limited, &[], filter, now)?
+                } else if since.is_none() {
+                    state_events(shard, &auth.user, &room, None, &loaded, &[], filter, now)?
                 } else {
-                    let state = if since.is_none() { state_events(shard, &auth.user, &room, None, &loaded, &[], filter, now)? } else { vec![] };
-                    (Some(Events { events: state }), None)
+                    vec![]
                 };
-                out.leave.insert(room_id.clone(), LeftRoom { timeline, state, state_after, account_data: Events::default() });
+                let (state, state_after, state_after_unstable) = opts.place(state);
+                out.leave.insert(room_id.clone(), LeftRoom { timeline, state, state_after, state_after_unstable, account_data: Events::default() });
                 changed = true;
             }
             _ => {}
@@ -576,7 +604,8 @@ fn state_after_events(shard: &Shard, viewer: &ruma::UserId, room: &RoomId, since
 }
 
 #[allow(clippy::too_many_arguments)]
-fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, upto: u64, filter: &SyncFilter, with_state: bool, use_state_after: bool, room_data: Vec<Value>, now: u64) -> ApiResult<Option<JoinedRoom>> {
+fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, upto: u64, filter: &SyncFilter, with_state: bool, opts: SyncOpts, room_data: Vec<Value>, now: u64) -> ApiResult<Option<JoinedRoom>> {
+    let use_state_after = opts.state_after;
     let owner = shard.owner_of(room);
     let read = shard.sync_room_head(room, owner, upto)?;
     let head = read.as_ref().as_ref();
@@ -638,10 +667,12 @@ fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, 
         return Ok(None);
     }
     let unread = shard.unread(&auth.user, room, owner, upto)?;
+    let (state, state_after, state_after_unstable) = opts.place(if use_state_after { state_after } else { state });
     Ok(Some(JoinedRoom {
         timeline,
-        state: (!use_state_after).then_some(Events { events: state }),
-        state_after: use_state_after.then_some(Events { events: state_after }),
+        state,
+        state_after,
+        state_after_unstable,
         ephemeral: Events { events: ephemeral },
         account_data: Events { events: room_data },
         unread_notifications: json!({ "notification_count": unread.notifications, "highlight_count": unread.highlights }),

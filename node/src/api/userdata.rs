@@ -619,20 +619,26 @@ pub fn put_presence(shard: &Shard, req: &Req, auth: &Authed, user: &str) -> ApiR
     if !PRESENCE_STATES.contains(&body.presence.as_str()) {
         return Err(ApiError::invalid_param(format!("Unknown presence state: {}", body.presence)));
     }
+    store_presence(shard, &user, &body.presence, body.status_msg.as_deref())?;
+    Ok(json!({}))
+}
+
+/// Writes a user's presence and announces it to everyone sharing a room
+/// with them (they see it in `/sync`).
+pub(crate) fn store_presence(shard: &Shard, user: &UserId, presence: &str, status_msg: Option<&str>) -> ApiResult<()> {
     let pos = shard.next_pos();
     let record = json!({
-        "presence": body.presence,
-        "status_msg": body.status_msg,
+        "presence": presence,
+        "status_msg": status_msg,
         "last_active_ts": now_ms(),
         "pos": pos,
         "shard": shard.id,
     });
-    // Everyone sharing a room with the user sees the change in `/sync`.
-    let watchers = crate::api::keys::presence_watchers(shard, &user)?;
+    let watchers = crate::api::keys::presence_watchers(shard, user)?;
     shard.db.store.write(vec![Write::put(Table::Presence, user.as_bytes(), b"".to_vec(), encode(&record)), Db::stream_head_write(shard.id as u16, pos)])?;
     shard.presence_writes[shard.id].fetch_max(pos, std::sync::atomic::Ordering::Release);
     shard.publish(pos, vec![], watchers);
-    Ok(json!({}))
+    Ok(())
 }
 
 // ---- user directory

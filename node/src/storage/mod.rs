@@ -114,11 +114,14 @@ pub enum Table {
     /// pk = ignored user id; ck = id of a user who ignores them -> `{}`
     /// (`m.ignored_user_list`, read backwards when an event is counted).
     IgnoredBy,
+    /// pk = room id; ck = user id -> the highest position any of the user's
+    /// read receipts in the room reached (u64 BE), whatever its thread.
+    ReadFloors,
 }
 
 impl Table {
     /// All tables, for backends that create them up front.
-    pub const ALL: [Table; 40] = [
+    pub const ALL: [Table; 41] = [
         Table::Meta,
         Table::Users,
         Table::AccessTokens,
@@ -159,6 +162,7 @@ impl Table {
         Table::Reports,
         Table::Threads,
         Table::IgnoredBy,
+        Table::ReadFloors,
     ];
 
     /// The table's name in every backend.
@@ -204,6 +208,7 @@ impl Table {
             Table::Reports => "reports",
             Table::Threads => "threads",
             Table::IgnoredBy => "ignored_by",
+            Table::ReadFloors => "read_floors",
         }
     }
 }
