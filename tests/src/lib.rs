@@ -36,7 +36,8 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts a node with test defaults (rate limits off) plus `extra` TOML.
+    /// Starts a node with test defaults (rate limits and presence from
+    /// syncing off) plus `extra` TOML.
     pub fn start(name: &str, extra: &str) -> Node {
         Node::start_with(name, extra, "[rate_limits]\nenabled = false\n")
     }
@@ -50,8 +51,12 @@ impl Node {
         let config_path = dir.join("config.toml");
         // `extra` may bring its own [registration] section; otherwise registration is open.
         let registration = if extra.contains("[registration]") { "" } else { "[registration]\nenabled = true\n" };
+        // Presence from syncing writes moments after a user's first sync,
+        // which would wake other users' long-polls in tests about something
+        // else: off unless `extra` has its own [presence] section.
+        let presence = if extra.contains("[presence]") { "" } else { "[presence]\nenabled = false\n" };
         let config = format!(
-            "server_name = \"localhost\"\ndata_dir = \"{}\"\n{extra}\n[listen]\naddress = \"127.0.0.1:{port}\"\n{registration}[auth]\nargon2_m_cost_kib = 64\nargon2_t_cost = 1\n{rate_limits}",
+            "server_name = \"localhost\"\ndata_dir = \"{}\"\n{extra}\n[listen]\naddress = \"127.0.0.1:{port}\"\n{registration}{presence}[auth]\nargon2_m_cost_kib = 64\nargon2_t_cost = 1\n{rate_limits}",
             dir.join("data").display()
         );
         std::fs::write(&config_path, config).expect("config");

@@ -1356,15 +1356,29 @@ fn history_visibility_decides_what_members_and_others_read() {
     alice.send_text(&shared, "s1", "old news");
     assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{shared}"), json!({})).0, 200);
     assert_eq!(texts(&bob, &shared), ["old news"]);
+    let topic = |t: &str| alice.put(&format!("/_matrix/client/v3/rooms/{shared}/state/m.room.topic/"), json!({ "topic": t })).0;
+    assert_eq!(topic("while bob was in"), 200);
     assert_eq!(bob.post(&format!("/_matrix/client/v3/rooms/{shared}/leave"), json!({})).0, 200);
     alice.send_text(&shared, "s2", "after bob left");
+    assert_eq!(topic("after bob left"), 200);
     assert!(!texts(&bob, &shared).contains(&"after bob left".to_owned()));
+    // A former member reads the state as it was when they left.
+    let (s, t) = bob.get(&format!("/_matrix/client/v3/rooms/{shared}/state/m.room.topic/"));
+    assert_eq!((s, t["topic"].as_str()), (200, Some("while bob was in")), "{t}");
+    let (_, all) = bob.get(&format!("/_matrix/client/v3/rooms/{shared}/state"));
+    assert!(all.to_string().contains("while bob was in") && !all.to_string().contains("after bob left"), "{all}");
     assert_eq!(carol.get(&format!("/_matrix/client/v3/rooms/{shared}/messages?dir=b")).0, 403, "not world readable");
+    assert_eq!(carol.get(&format!("/_matrix/client/v3/rooms/{shared}/state")).0, 403);
 
     // world_readable: non-members read what was sent while it was.
     let open = alice.create_room(with_visibility("world_readable"));
     alice.send_text(&open, "w1", "for the world");
     assert_eq!(texts(&carol, &open), ["for the world"]);
+    let (s, hv) = carol.get(&format!("/_matrix/client/v3/rooms/{open}/state/m.room.history_visibility/"));
+    assert_eq!((s, hv["history_visibility"].as_str()), (200, Some("world_readable")), "{hv}");
+    let (s, peek) = carol.get(&format!("/_matrix/client/v3/rooms/{open}/initialSync"));
+    assert_eq!(s, 200, "{peek}");
+    assert!(peek.get("membership").is_none() && peek["messages"].to_string().contains("for the world"), "{peek}");
     assert_eq!(alice.put(&format!("/_matrix/client/v3/rooms/{open}/state/m.room.history_visibility/"), json!({ "history_visibility": "joined" })).0, 200);
     alice.send_text(&open, "w2", "members only");
     assert_eq!(carol.get(&format!("/_matrix/client/v3/rooms/{open}/messages?dir=b")).0, 403, "no longer world readable");

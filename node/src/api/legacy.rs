@@ -176,14 +176,18 @@ fn room_info(shard: &Shard, user: &UserId, room: &RoomId, membership: &str, upto
         .filter(|(r, _, _)| r.as_deref() == Some(room.as_str()))
         .map(|(_, kind, entry)| json!({ "type": kind, "content": entry.content }))
         .collect();
-    Ok(json!({
+    let mut info = json!({
         "room_id": room,
-        "membership": membership,
         "messages": messages,
         "state": state,
         "visibility": if shard.db.is_published(room)? { "public" } else { "private" },
         "account_data": account_data,
-    }))
+    });
+    // Readers of a world-readable room they are not in have no membership.
+    if !membership.is_empty() {
+        info["membership"] = json!(membership);
+    }
+    Ok(info)
 }
 
 /// Presence events of the users who share a room with `user` (and their

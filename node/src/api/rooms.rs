@@ -480,14 +480,27 @@ pub fn joined_members(shard: &Shard, auth: &Authed, room: &str) -> ApiResult<Val
     Ok(json!({ "joined": joined }))
 }
 
+/// The state event current for `entry` as the reader may see it: now for
+/// members and readers of world-readable rooms, as of their leave for
+/// former members.
+fn readable_state(shard: &Shard, reader: &crate::api::visibility::Reader, event_id: &ruma::EventId) -> ApiResult<Option<Event>> {
+    if reader.upto == u64::MAX {
+        return Ok(shard.db.event(event_id)?);
+    }
+    state_as_of(shard, event_id, reader.upto)
+}
+
 /// GET /_matrix/client/v3/rooms/{roomId}/state
+///
+/// Current state for members (and anyone, in a world-readable room), the
+/// state as of their leave for former members (as Synapse).
 pub fn state(shard: &Shard, auth: &Authed, room: &str) -> ApiResult<Value> {
     let room = parse_room(room)?;
-    ensure_joined(shard, &room, &auth.user)?;
+    let reader = crate::api::visibility::Reader::new(shard, &room, &auth.user)?;
     let now = now_ms();
     let mut out = Vec::new();
     for (_, entry) in shard.db.room_state(&room, STATE_EVENTS_MAX)? {
-        if let Some(ev) = shard.db.event(&entry.event_id)? {
+        if let Some(ev) = readable_state(shard, &reader, &entry.event_id)? {
             out.push(ev.to_client(now, None));
         }
     }
@@ -497,8 +510,10 @@ pub fn state(shard: &Shard, auth: &Authed, room: &str) -> ApiResult<Value> {
 /// GET /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}
 pub fn state_event(shard: &Shard, req: &Req, auth: &Authed, room: &str, kind: &str, state_key: &str) -> ApiResult<Value> {
     let room = parse_room(room)?;
-    ensure_joined(shard, &room, &auth.user)?;
-    let ev = shard.db.state_event(&room, kind, state_key)?.ok_or_else(|| ApiError::not_found("Event not found"))?;
+    let reader = crate::api::visibility::Reader::new(shard, &room, &auth.user)?;
+    let not_found = || ApiError::not_found("Event not found");
+    let entry = shard.db.state_entry(&room, kind, state_key)?.ok_or_else(not_found)?;
+    let ev = readable_state(shard, &reader, &entry.event_id)?.ok_or_else(not_found)?;
     if req.query("format") == Some("event") {
         return Ok(ev.to_client(now_ms(), None));
     }
