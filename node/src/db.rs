@@ -192,6 +192,10 @@ pub struct RoomHead {
     /// for an event's latest edit only in rooms that have some.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub edits: u64,
+    /// References (`m.reference` relations) ever sent in the room: readers
+    /// bundle an event's references only in rooms that have some.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub references: u64,
     /// The room's history visibility was set to something other than
     /// `shared` at some point: readers check each event against it
     /// (`api::visibility`); other rooms' members read all history up to
@@ -1174,7 +1178,7 @@ mod tests {
             Db::notifications_write(&room, pos, pos, &EventNotifications::new(format!("$n{pos}:x"), 1, &by_index))
         };
         let head = |round: Option<UnreadRound>| {
-            let head = RoomHead { version: "11".into(), creator: "@a:x".into(), extremities: vec![], depth: 1, shard: 0, last_event_pos: 6, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 7, unread_round: round, notify_members: 0, threads: 0, edits: 0, restricted_history: false };
+            let head = RoomHead { version: "11".into(), creator: "@a:x".into(), extremities: vec![], depth: 1, shard: 0, last_event_pos: 6, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 7, unread_round: round, notify_members: 0, threads: 0, edits: 0, references: 0, restricted_history: false };
             Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(&head))
         };
         let get = |user: &UserId| db.unread(user, &room).map(|c| (c.notifications, c.highlights)).expect("unread");

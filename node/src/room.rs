@@ -202,7 +202,7 @@ fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply
     if shard.db.room_head(room)?.is_some() {
         return Err(ApiError::new(http::StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", "Room id already exists"));
     }
-    let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 0, unread_round: Some(UnreadRound::default()), notify_members: 0, threads: 0, edits: 0, restricted_history: false };
+    let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 0, unread_round: Some(UnreadRound::default()), notify_members: 0, threads: 0, edits: 0, references: 0, restricted_history: false };
     let mut cached = CachedRoom::new(head, rules, HashMap::new());
     let mut batch = Batch::new(shard.pos());
     let create = Draft { sender: new.creator.clone(), kind: "m.room.create".into(), state_key: Some(String::new()), content: new.create_content, txn: None, redacts: None };
@@ -584,6 +584,9 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
     if let Some((parent, rel_type)) = relation {
         if rel_type == "m.replace" {
             cached.head.edits += 1;
+        }
+        if rel_type == "m.reference" {
+            cached.head.references += 1;
         }
         let child = Relation { event_id: event_id.clone(), rel_type: rel_type.to_owned(), kind: draft.kind.clone(), sender: draft.sender.to_string() };
         batch.writes.push(Db::relation_write(room, &parent, pos, &child));

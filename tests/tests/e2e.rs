@@ -702,6 +702,30 @@ fn threads_list_by_latest_reply_and_roots_carry_their_summary() {
 }
 
 #[test]
+fn events_carry_the_events_that_reference_them() {
+    let node = Node::start("references", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let plain = alice.send_text(&room, "p0", "nobody refers to me");
+    let target = alice.send_text(&room, "t0", "a poll, say");
+    let refer = |c: &Client, txn: &str| -> String {
+        let (s, b) = c.put(&format!("/_matrix/client/v3/rooms/{room}/send/org.example.response/{txn}"), json!({ "m.relates_to": { "rel_type": "m.reference", "event_id": target } }));
+        assert_eq!(s, 200, "{b}");
+        b["event_id"].as_str().expect("event_id").to_owned()
+    };
+    let r1 = refer(&bob, "r1");
+    let r2 = refer(&alice, "r2");
+    let bundle = |id: &str| alice.get(&format!("/_matrix/client/v3/rooms/{room}/event/{id}")).1["unsigned"]["m.relations"].clone();
+    assert_eq!(bundle(&target)["m.reference"], json!({ "chunk": [{ "event_id": r1 }, { "event_id": r2 }] }));
+    assert!(bundle(&plain).get("m.reference").is_none(), "{}", bundle(&plain));
+    // In history too, and a redacted reference leaves the chunk.
+    assert_eq!(bob.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{r1}/x1"), json!({})).0, 200);
+    let (_, page) = alice.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=20"));
+    let in_page = page["chunk"].as_array().expect("chunk").iter().find(|e| e["event_id"] == target.as_str()).cloned().expect("target in page");
+    assert_eq!(in_page["unsigned"]["m.relations"]["m.reference"], json!({ "chunk": [{ "event_id": r2 }] }), "{in_page}");
+}
+
+#[test]
 fn events_carry_their_latest_edit_by_their_sender() {
     let node = Node::start("edits", "[runtime]\nshards = 2\n");
     let (alice, bob) = two_users(&node);

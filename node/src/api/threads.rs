@@ -74,10 +74,11 @@ pub fn check_relation(shard: &Shard, room: &RoomId, sender: &UserId, kind: &str,
 }
 
 /// The `m.relations` bundle of `event` for `viewer`, as object members:
-/// its thread summary when it is a thread root, and its latest edit
-/// (`m.replace` by the original sender, of the same type). State events
-/// get none. `head`, when the caller has it, skips the lookups its counts
-/// rule out (`RoomHead::threads`, `RoomHead::edits`).
+/// its thread summary when it is a thread root, its latest edit
+/// (`m.replace` by the original sender, of the same type) and the events
+/// that reference it (`m.reference`). State events get none. `head`, when
+/// the caller has it, skips the lookups its counts rule out
+/// (`RoomHead::threads`, `RoomHead::edits`, `RoomHead::references`).
 pub fn bundle(shard: &Shard, room: &RoomId, head: Option<&RoomHead>, event: &Event, viewer: Option<(&UserId, &str)>, now: u64) -> ApiResult<Option<String>> {
     if event.pdu.state_key.is_some() {
         return Ok(None);
@@ -91,14 +92,21 @@ pub fn bundle(shard: &Shard, room: &RoomId, head: Option<&RoomHead>, event: &Eve
         let participated = viewer.is_some_and(|(user, _)| summary.participated(user, &event.pdu.sender));
         members.push(format!("\"m.thread\":{{\"latest_event\":{},\"count\":{},\"current_user_participated\":{participated}}}", latest.render(now, viewer).get(), summary.count));
     }
-    if head.is_none_or(|h| h.edits > 0) {
-        let kind = event.pdu.kind.to_string();
+    let (edits, references) = (head.is_none_or(|h| h.edits > 0), head.is_none_or(|h| h.references > 0));
+    if edits || references {
+        // One newest-first read of the children serves both.
         let children = shard.db.relations(room, event.pdu.id(), Bound::Unbounded, Bound::Unbounded, true, EDIT_SCAN_MAX)?;
-        let latest = children.into_iter().find(|(_, r)| r.rel_type == "m.replace" && r.sender == event.pdu.sender.as_str() && r.kind == kind);
+        let kind = event.pdu.kind.to_string();
+        let latest = children.iter().find(|(_, r)| edits && r.rel_type == "m.replace" && r.sender == event.pdu.sender.as_str() && r.kind == kind);
         if let Some((_, edit)) = latest
             && let Some(edit) = shard.rendered(&edit.event_id)?
         {
             members.push(format!("\"m.replace\":{}", edit.render(now, viewer).get()));
+        }
+        // Every reference, oldest first (as far as the read went).
+        let refs: Vec<String> = children.iter().rev().filter(|(_, r)| references && r.rel_type == "m.reference").map(|(_, r)| json!({ "event_id": r.event_id }).to_string()).collect();
+        if !refs.is_empty() {
+            members.push(format!("\"m.reference\":{{\"chunk\":[{}]}}", refs.join(",")));
         }
     }
     if members.is_empty() {
