@@ -674,7 +674,7 @@ pub fn messages(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResul
     }
     let start = format!("t{from}");
     let viewer = Some((&*auth.user, auth.device.as_str()));
-    let rendered = chunk.iter().map(|e| client_event(shard, &room, e, now, viewer)).collect::<ApiResult<Vec<_>>>()?;
+    let rendered = chunk.iter().map(|e| client_event(shard, &room, Some(&head), e, now, viewer)).collect::<ApiResult<Vec<_>>>()?;
     let mut body = json!({ "start": start, "chunk": rendered });
     if let Some(p) = last_pos
         && (chunk.len() >= limit)
@@ -688,9 +688,12 @@ pub fn messages(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResul
 }
 
 /// An event's client JSON for `viewer`, with its bundled aggregations.
-fn client_event(shard: &Shard, room: &RoomId, ev: &Event, now: u64, viewer: Option<(&UserId, &str)>) -> ApiResult<Value> {
+///
+/// `head`, read once per request, lets rooms without threads, edits or
+/// references skip the lookups.
+fn client_event(shard: &Shard, room: &RoomId, head: Option<&crate::db::RoomHead>, ev: &Event, now: u64, viewer: Option<(&UserId, &str)>) -> ApiResult<Value> {
     let mut value = ev.to_client(now, viewer);
-    crate::api::threads::bundle_into(shard, room, ev, &mut value, viewer, now)?;
+    crate::api::threads::bundle_into(shard, room, head, ev, &mut value, viewer, now)?;
     Ok(value)
 }
 
@@ -701,6 +704,7 @@ pub fn context(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &str)
     let upto = reader.upto;
     let id = OwnedEventId::try_from(event).map_err(|_| ApiError::invalid_param("Invalid event id"))?;
     let ev = shard.db.event(&id)?.filter(|e| e.pdu.room_id == room && reader.allows(e)).ok_or_else(|| ApiError::not_found("Event not found"))?;
+    let head = shard.db.room_head(&room)?;
     let limit = (req.query_u64("limit")?.unwrap_or(10) as usize).min(shard.config.limits.events_per_page_max);
     let filter = filter_param(shard, req, auth)?;
     let before_n = limit / 2;
@@ -739,9 +743,9 @@ pub fn context(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &str)
         state.extend(lazy_members(shard, &room, &all, now)?);
     }
     Ok(json!({
-        "event": client_event(shard, &room, &ev, now, viewer)?,
-        "events_before": before.iter().map(|e| client_event(shard, &room, e, now, viewer)).collect::<ApiResult<Vec<_>>>()?,
-        "events_after": after.iter().map(|e| client_event(shard, &room, e, now, viewer)).collect::<ApiResult<Vec<_>>>()?,
+        "event": client_event(shard, &room, head.as_ref(), &ev, now, viewer)?,
+        "events_before": before.iter().map(|e| client_event(shard, &room, head.as_ref(), e, now, viewer)).collect::<ApiResult<Vec<_>>>()?,
+        "events_after": after.iter().map(|e| client_event(shard, &room, head.as_ref(), e, now, viewer)).collect::<ApiResult<Vec<_>>>()?,
         "start": format!("t{start}"),
         "end": format!("t{end}"),
         "state": state,
@@ -754,7 +758,8 @@ pub fn event(shard: &Shard, auth: &Authed, room: &str, event: &str) -> ApiResult
     let reader = crate::api::visibility::Reader::new(shard, &room, &auth.user).map_err(|_| ApiError::not_found("Event not found"))?;
     let id = OwnedEventId::try_from(event).map_err(|_| ApiError::not_found("Event not found"))?;
     let ev = shard.db.event(&id)?.filter(|e| e.pdu.room_id == room && reader.allows(e)).ok_or_else(|| ApiError::not_found("Event not found"))?;
-    client_event(shard, &room, &ev, now_ms(), Some((&auth.user, &auth.device)))
+    let head = shard.db.room_head(&room)?;
+    client_event(shard, &room, head.as_ref(), &ev, now_ms(), Some((&auth.user, &auth.device)))
 }
 
 /// Children per `/relations` page when the client names no limit.
@@ -861,7 +866,7 @@ pub fn relations(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &st
             && !hidden(&ignored, &ev.pdu)
             && reader.allows(&ev)
         {
-            chunk.push(client_event(shard, &room, &ev, now, Some((&auth.user, &auth.device)))?);
+            chunk.push(client_event(shard, &room, Some(&head), &ev, now, Some((&auth.user, &auth.device)))?);
         }
     }
     let mut body = json!({ "chunk": chunk });

@@ -116,8 +116,8 @@ pub fn bundle(shard: &Shard, room: &RoomId, head: Option<&RoomHead>, event: &Eve
 }
 
 /// Adds the bundle of `event` to its client JSON `value`.
-pub fn bundle_into(shard: &Shard, room: &RoomId, event: &Event, value: &mut Value, viewer: Option<(&UserId, &str)>, now: u64) -> ApiResult<()> {
-    if let Some(fragment) = bundle(shard, room, None, event, viewer, now)? {
+pub fn bundle_into(shard: &Shard, room: &RoomId, head: Option<&RoomHead>, event: &Event, value: &mut Value, viewer: Option<(&UserId, &str)>, now: u64) -> ApiResult<()> {
+    if let Some(fragment) = bundle(shard, room, head, event, viewer, now)? {
         let parsed: Value = serde_json::from_str(&format!("{{{fragment}}}")).map_err(|e| ApiError::unknown(e.to_string()))?;
         if let (Some(unsigned), Some(relations)) = (value.get_mut("unsigned").and_then(Value::as_object_mut), parsed.get("m.relations")) {
             unsigned.insert("m.relations".into(), relations.clone());
