@@ -1393,6 +1393,8 @@ fn history_visibility_decides_what_members_and_others_read() {
     assert!(all.to_string().contains("while bob was in") && !all.to_string().contains("after bob left"), "{all}");
     assert_eq!(carol.get(&format!("/_matrix/client/v3/rooms/{shared}/messages?dir=b")).0, 403, "not world readable");
     assert_eq!(carol.get(&format!("/_matrix/client/v3/rooms/{shared}/state")).0, 403);
+    assert_eq!(bob.get(&format!("/_matrix/client/v3/rooms/{shared}/members")).0, 200, "former members list members as of their leave");
+    assert_eq!(bob.get(&format!("/_matrix/client/v3/rooms/{shared}/joined_members")).0, 403);
 
     // world_readable: non-members read what was sent while it was.
     let open = alice.create_room(with_visibility("world_readable"));
@@ -1400,6 +1402,8 @@ fn history_visibility_decides_what_members_and_others_read() {
     assert_eq!(texts(&carol, &open), ["for the world"]);
     let (s, hv) = carol.get(&format!("/_matrix/client/v3/rooms/{open}/state/m.room.history_visibility/"));
     assert_eq!((s, hv["history_visibility"].as_str()), (200, Some("world_readable")), "{hv}");
+    let (s, joined) = carol.get(&format!("/_matrix/client/v3/rooms/{open}/joined_members"));
+    assert!(s == 200 && joined["joined"].get("@alice:localhost").is_some(), "{joined}");
     let (s, peek) = carol.get(&format!("/_matrix/client/v3/rooms/{open}/initialSync"));
     assert_eq!(s, 200, "{peek}");
     assert!(peek.get("membership").is_none() && peek["messages"].to_string().contains("for the world"), "{peek}");

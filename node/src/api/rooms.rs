@@ -408,7 +408,7 @@ pub fn joined_rooms(shard: &Shard, auth: &Authed) -> ApiResult<Value> {
 /// current event is walked back through the state it replaced.
 pub fn members(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult<Value> {
     let room = parse_room(room)?;
-    let upto = visible_upto(shard, &room, &auth.user)?;
+    let upto = crate::api::visibility::Reader::new(shard, &room, &auth.user)?.upto;
     let at = match req.query("at") {
         Some(token) => parse_position(shard, token, shard.owner_of(&room) as u16)?,
         None => u64::MAX,
@@ -458,7 +458,10 @@ pub(crate) fn state_as_of(shard: &Shard, current: &ruma::EventId, point: u64) ->
 /// GET /_matrix/client/v3/rooms/{roomId}/joined_members
 pub fn joined_members(shard: &Shard, auth: &Authed, room: &str) -> ApiResult<Value> {
     let room = parse_room(room)?;
-    ensure_joined(shard, &room, &auth.user)?;
+    // Members, and anyone in a world-readable room; not former members.
+    if crate::api::visibility::Reader::new(shard, &room, &auth.user)?.upto != u64::MAX {
+        return Err(ApiError::forbidden("You are not joined to this room"));
+    }
     let mut joined = serde_json::Map::new();
     for ((kind, key), entry) in shard.db.room_state(&room, STATE_EVENTS_MAX)? {
         if kind != "m.room.member" {
@@ -897,7 +900,7 @@ pub fn timestamp_to_event(shard: &Shard, req: &Req, auth: &Authed, room: &str) -
         Some(_) => return Err(ApiError::invalid_param("dir must be b or f")),
         None => return Err(ApiError::missing_param("dir is required")),
     };
-    let upto = visible_upto(shard, &room, &auth.user)?;
+    let upto = crate::api::visibility::Reader::new(shard, &room, &auth.user)?.upto;
     let head = shard.db.room_head(&room)?.ok_or_else(|| ApiError::not_found("Unknown room"))?;
     let end = head.last_event_pos.min(upto);
     // One timeline row within [lo, hi]: the first (forward) or last.
