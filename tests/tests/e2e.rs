@@ -1819,6 +1819,32 @@ fn notifications_and_search() {
     assert!(after["notifications"].as_array().expect("list").iter().all(|n| n["read"] == true), "{after}");
     // Alice's own messages never notify her.
     assert_eq!(alice.get("/_matrix/client/v3/notifications").1["notifications"].as_array().map(Vec::len), Some(0));
+    // Pages of one, across two rooms, see every notification once.
+    let other = shared_room(&alice, &bob);
+    let mut sent: Vec<String> = Vec::new();
+    for i in 0..6 {
+        let r = if i % 2 == 0 { &room } else { &other };
+        sent.push(alice.send_text(r, &format!("p{i}"), "page me"));
+    }
+    let mut seen: Vec<String> = Vec::new();
+    let mut from: Option<String> = None;
+    for _ in 0..20 {
+        let path = match &from {
+            Some(t) => format!("/_matrix/client/v3/notifications?limit=1&from={t}"),
+            None => "/_matrix/client/v3/notifications?limit=1".to_owned(),
+        };
+        let (s, page) = bob.get(&path);
+        assert_eq!(s, 200, "{page}");
+        seen.extend(page["notifications"].as_array().expect("list").iter().filter_map(|n| n["event"]["event_id"].as_str().map(str::to_owned)));
+        match page["next_token"].as_str() {
+            Some(t) => from = Some(t.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 8, "each notification once: {seen:?}");
+    for id in &sent {
+        assert_eq!(seen.iter().filter(|s| *s == id).count(), 1, "{id} in {seen:?}");
+    }
 
     let (s, found) = bob.post("/_matrix/client/v3/search", json!({ "search_categories": { "room_events": { "search_term": "LOOK" } } }));
     assert_eq!(s, 200, "{found}");

@@ -31,48 +31,58 @@ pub fn openid_token(shard: &Shard, auth: &Authed, user: &str) -> ApiResult<Value
     Ok(json!({ "access_token": token, "token_type": "Bearer", "matrix_server_name": shard.server_name, "expires_in": OPENID_TOKEN_LIFETIME_SECS }))
 }
 
+/// Where a `/notifications` page ends: entries run newest first, then by
+/// room id, then newest position first. Written `{ts}_{pos}_{room}`; a bare
+/// timestamp (the older form) continues below that millisecond's first.
+type NotificationKey = (std::cmp::Reverse<u64>, String, std::cmp::Reverse<u64>);
+
+fn notification_token(token: &str) -> ApiResult<NotificationKey> {
+    let bad = || ApiError::invalid_param("Invalid `from` token");
+    let mut parts = token.splitn(3, '_');
+    let ts: u64 = parts.next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+    match (parts.next(), parts.next()) {
+        (Some(pos), Some(room)) => Ok((std::cmp::Reverse(ts), room.to_owned(), std::cmp::Reverse(pos.parse().map_err(|_| bad())?))),
+        (None, None) => Ok((std::cmp::Reverse(ts), String::new(), std::cmp::Reverse(u64::MAX))),
+        _ => Err(bad()),
+    }
+}
+
 /// GET /_matrix/client/v3/notifications: newest first across the caller's
-/// joined rooms; `from` is the timestamp (ms) to continue below. Each room
-/// contributes at most `NOTIFICATIONS_SCAN_PER_ROOM` recent rows.
+/// joined rooms; `from` continues after the previous page's last entry.
+/// Each room contributes at most `NOTIFICATIONS_SCAN_PER_ROOM` recent rows.
 pub fn notifications(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value> {
     const NOTIFICATIONS_SCAN_PER_ROOM: usize = 1000;
     let limit = (req.query_u64("limit")?.unwrap_or(20) as usize).clamp(1, PAGE_MAX);
     let only_highlight = req.query("only") == Some("highlight");
-    let before = req.query_u64("from")?.unwrap_or(u64::MAX);
+    let after = req.query("from").map(notification_token).transpose()?;
     let mut found = Vec::new();
     for (room, ur) in shard.db.user_rooms(&auth.user, shard.config.limits.rooms_per_user_max)? {
         if ur.membership != "join" {
             continue;
         }
         let Ok(room_id) = RoomId::parse(room.as_str()) else { continue };
-        let read_pos = shard
-            .db
-            .receipts(&room_id, 100_000)?
-            .into_iter()
-            .filter(|((kind, _, user), _)| kind.starts_with("m.read") && user == auth.user.as_str())
-            .filter_map(|(_, r)| ruma::OwnedEventId::try_from(r.event_id).ok())
-            .filter_map(|id| shard.db.event(&id).ok().flatten().map(|e| e.stored.pos))
-            .max()
-            .unwrap_or(0);
+        // How far the user's read receipts reached, in any thread.
+        let read_pos = shard.db.read_floor(&room_id, &auth.user)?;
         let index = shard.db.notify_index(&room_id, &auth.user)?;
         for (pos, row) in shard.db.room_notifications(&room_id, NOTIFICATIONS_SCAN_PER_ROOM)? {
-            if row.ts >= before {
+            let key = (std::cmp::Reverse(row.ts), room.clone(), std::cmp::Reverse(pos));
+            if after.as_ref().is_some_and(|a| key <= *a) {
                 continue;
             }
             let Some(highlight) = row.notified(&auth.user, index) else { continue };
             if only_highlight && !highlight {
                 continue;
             }
-            found.push((row.ts, room.clone(), row.event_id.clone(), highlight, pos <= read_pos));
+            found.push((row.ts, room.clone(), row.event_id.clone(), highlight, pos <= read_pos, pos));
         }
     }
-    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    found.sort_by(|a, b| (std::cmp::Reverse(a.0), &a.1, std::cmp::Reverse(a.5)).cmp(&(std::cmp::Reverse(b.0), &b.1, std::cmp::Reverse(b.5))));
     let now = now_ms();
     let mut out = Vec::new();
     let ignored = shard.ignored_users(&auth.user)?;
     // The index of the last entry looked at: the next page starts after it.
     let mut last_seen = None;
-    for (i, (ts, room, event_id, highlight, read)) in found.iter().enumerate() {
+    for (i, (ts, room, event_id, highlight, read, _)) in found.iter().enumerate() {
         if out.len() == limit {
             break;
         }
@@ -92,7 +102,8 @@ pub fn notifications(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value
     if let Some(i) = last_seen
         && i + 1 < found.len()
     {
-        body["next_token"] = json!(found[i].0.to_string());
+        let (ts, room, _, _, _, pos) = &found[i];
+        body["next_token"] = json!(format!("{ts}_{pos}_{room}"));
     }
     Ok(body)
 }
