@@ -606,39 +606,29 @@ impl Shard {
     /// The users `user` ignores: their non-state events and their invites
     /// are not shown to `user`. Cached per shard like push rules.
     pub fn ignored_users(&self, user: &UserId) -> ApiResult<Rc<HashSet<OwnedUserId>>> {
-        let changes = self.push_rule_changes.load(Ordering::Acquire);
-        if changes != self.ignored_seen.get() {
-            self.ignored.borrow_mut().clear();
-            self.ignorers.borrow_mut().clear();
-            self.ignored_seen.set(changes);
-        }
-        if let Some(set) = self.ignored.borrow().get(user) {
-            return Ok(set.clone());
-        }
-        let set = self.db.account_data(user, None, "m.ignored_user_list")?.map(|e| crate::api::userdata::ignored_list(&e.content)).unwrap_or_default();
-        let set = Rc::new(set);
-        let mut cache = self.ignored.borrow_mut();
-        if cache.len() >= PUSH_RULES_CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(user.to_owned(), set.clone());
-        Ok(set)
+        self.ignore_cache(&self.ignored, user, || Ok(self.db.account_data(user, None, "m.ignored_user_list")?.map(|e| crate::api::userdata::ignored_list(&e.content)).unwrap_or_default()))
     }
 
     /// The users who ignore `user`: events of `user` do not count towards
     /// their unread notifications. Cached per shard like push rules.
     pub fn ignorers_of(&self, user: &UserId) -> ApiResult<Rc<HashSet<OwnedUserId>>> {
+        self.ignore_cache(&self.ignorers, user, || Ok(self.db.ignored_by(user, IGNORERS_MAX)?.into_iter().collect()))
+    }
+
+    /// One of the two ignore caches: both are dropped when the node-wide
+    /// settings counter moves.
+    fn ignore_cache(&self, cache: &RefCell<HashMap<OwnedUserId, Rc<HashSet<OwnedUserId>>>>, user: &UserId, load: impl FnOnce() -> ApiResult<HashSet<OwnedUserId>>) -> ApiResult<Rc<HashSet<OwnedUserId>>> {
         let changes = self.push_rule_changes.load(Ordering::Acquire);
         if changes != self.ignored_seen.get() {
             self.ignored.borrow_mut().clear();
             self.ignorers.borrow_mut().clear();
             self.ignored_seen.set(changes);
         }
-        if let Some(set) = self.ignorers.borrow().get(user) {
+        if let Some(set) = cache.borrow().get(user) {
             return Ok(set.clone());
         }
-        let set: Rc<HashSet<OwnedUserId>> = Rc::new(self.db.ignored_by(user, IGNORERS_MAX)?.into_iter().collect());
-        let mut cache = self.ignorers.borrow_mut();
+        let set = Rc::new(load()?);
+        let mut cache = cache.borrow_mut();
         if cache.len() >= PUSH_RULES_CACHE_MAX {
             cache.clear();
         }
