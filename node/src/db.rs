@@ -312,27 +312,140 @@ pub struct Receipt {
     pub pos: u64,
 }
 
-/// Unread notification counts of one user in one room.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize)]
+/// Unread notification counts of one user in one room: the whole room's,
+/// and the share of them in each thread (threaded read receipts clear one
+/// thread, or the main timeline, at a time).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 pub struct Unread {
     pub notifications: u64,
     pub highlights: u64,
+    /// Counts of the events in threads, by thread root; threads with
+    /// none are left out, and the main timeline has the rest. At most
+    /// [`UNREAD_THREADS_MAX`] threads are counted apart.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub threads: BTreeMap<String, Counts>,
+}
+
+/// Notification and highlight counts of one thread or timeline.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Counts {
+    #[serde(rename = "n")]
+    pub notifications: u64,
+    #[serde(rename = "h")]
+    pub highlights: u64,
+}
+
+/// Most threads of one room whose unread counts a member keeps apart;
+/// events of further threads count towards the main timeline.
+pub const UNREAD_THREADS_MAX: usize = 200;
+
+/// Which part of a room's timeline a read receipt covers: everything (an
+/// unthreaded receipt), the main timeline (`thread_id: "main"`), or one
+/// thread (its root's id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReadPart<'a> {
+    All,
+    Main,
+    Thread(&'a str),
+}
+
+impl<'a> ReadPart<'a> {
+    /// The part a receipt's `thread_id` names ("" when it has none).
+    pub fn of(thread_id: &'a str) -> ReadPart<'a> {
+        match thread_id {
+            "" => ReadPart::All,
+            "main" => ReadPart::Main,
+            root => ReadPart::Thread(root),
+        }
+    }
+
+    /// The part an event of `thread` (its root, or none for the main
+    /// timeline) belongs to.
+    pub fn of_event(thread: Option<&'a str>) -> ReadPart<'a> {
+        thread.map_or(ReadPart::Main, ReadPart::Thread)
+    }
+
+    /// The clustering suffix of the part's read floor.
+    fn key(self) -> &'a str {
+        match self {
+            ReadPart::All => "",
+            ReadPart::Main => "main",
+            ReadPart::Thread(root) => root,
+        }
+    }
+}
+
+impl Unread {
+    /// Counts one more notification, in `thread` or the main timeline.
+    pub fn add(&mut self, thread: Option<&str>, highlight: bool) {
+        self.notifications += 1;
+        self.highlights += u64::from(highlight);
+        if let Some(root) = thread
+            && (self.threads.len() < UNREAD_THREADS_MAX || self.threads.contains_key(root))
+        {
+            let c = self.threads.entry(root.to_owned()).or_default();
+            c.notifications += 1;
+            c.highlights += u64::from(highlight);
+        }
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn merge(&mut self, other: &Unread) {
+        self.notifications += other.notifications;
+        self.highlights += other.highlights;
+        for (root, c) in &other.threads {
+            if self.threads.len() < UNREAD_THREADS_MAX || self.threads.contains_key(root) {
+                let mine = self.threads.entry(root.clone()).or_default();
+                mine.notifications += c.notifications;
+                mine.highlights += c.highlights;
+            }
+        }
+    }
+
+    /// The main timeline's counts: the room's less its threads'.
+    pub fn main(&self) -> Counts {
+        let (n, h) = self.threads.values().fold((0u64, 0u64), |(n, h), c| (n + c.notifications, h + c.highlights));
+        Counts { notifications: self.notifications.saturating_sub(n), highlights: self.highlights.saturating_sub(h) }
+    }
+
+    /// Sets the counts of the main timeline or of one thread, keeping the
+    /// others (`All` sets the whole room's and drops the threads').
+    pub fn set(&mut self, part: ReadPart<'_>, counts: Counts) {
+        let old = match part {
+            ReadPart::All => {
+                self.threads.clear();
+                Counts { notifications: self.notifications, highlights: self.highlights }
+            }
+            ReadPart::Main => self.main(),
+            ReadPart::Thread(root) => {
+                let old = self.threads.remove(root).unwrap_or_default();
+                if counts.notifications > 0 || counts.highlights > 0 {
+                    self.threads.insert(root.to_owned(), counts);
+                }
+                old
+            }
+        };
+        self.notifications = self.notifications.saturating_sub(old.notifications) + counts.notifications;
+        self.highlights = self.highlights.saturating_sub(old.highlights) + counts.highlights;
+    }
 }
 
 /// A member's stored unread row: their counts as of stream position `at`
 /// (rows written before rounds existed carry none, and are exact as of
 /// the round their room's owner sets when it first loads the room).
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct UnreadRow {
     pub notifications: u64,
     pub highlights: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub threads: BTreeMap<String, Counts>,
 }
 
 impl UnreadRow {
-    pub fn new(counts: Unread, at: u64) -> UnreadRow {
-        UnreadRow { notifications: counts.notifications, highlights: counts.highlights, at: Some(at) }
+    pub fn new(counts: &Unread, at: u64) -> UnreadRow {
+        UnreadRow { notifications: counts.notifications, highlights: counts.highlights, at: Some(at), threads: counts.threads.clone() }
     }
 }
 
@@ -358,6 +471,9 @@ pub struct EventNotifications {
     /// before bitmaps.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<(String, bool)>,
+    /// The root of the thread the event is in (none for the main timeline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
 }
 
 fn bitmap(indexes: impl Iterator<Item = u32>) -> String {
@@ -381,10 +497,10 @@ fn bitmap_bytes(bits: &str) -> Vec<u8> {
 impl EventNotifications {
     /// The row of an event that notified the members of these indexes
     /// (index, highlight).
-    pub fn new(event_id: String, ts: u64, notified: &[(u32, bool)]) -> EventNotifications {
+    pub fn new(event_id: String, ts: u64, notified: &[(u32, bool)], thread: Option<String>) -> EventNotifications {
         let bits = bitmap(notified.iter().map(|(i, _)| *i));
         let high = bitmap(notified.iter().filter(|(_, h)| *h).map(|(i, _)| *i));
-        EventNotifications { event_id, ts, bits, high, users: Vec::new() }
+        EventNotifications { event_id, ts, bits, high, users: Vec::new(), thread }
     }
 
     /// Whether the event notified `user`, whose index in the room is
@@ -405,6 +521,19 @@ impl EventNotifications {
         let indexes = (0..bytes.len() as u32 * 8).filter(|i| bytes[(i / 8) as usize] & (1 << (i % 8)) != 0).collect();
         (indexes, self.users.iter().filter_map(|(u, _)| OwnedUserId::try_from(u.as_str()).ok()).collect())
     }
+}
+
+/// An event that notified a member (see [`Db::notified_rows_after`]).
+#[derive(Clone, Debug)]
+pub struct Notified {
+    pub pos: u64,
+    pub highlight: bool,
+    pub thread: Option<String>,
+}
+
+/// Clustering key of a member's read floor: `user \0 part`.
+fn read_floor_ck(user: &UserId, part: ReadPart<'_>) -> Vec<u8> {
+    [user.as_bytes(), b"\0", part.key().as_bytes()].concat()
 }
 
 /// A piece of account data with the stream position that last changed it.
@@ -827,17 +956,19 @@ impl Db {
     pub fn unread(&self, user: &UserId, room: &RoomId) -> DbResult<Unread> {
         let round = self.room_head(room)?.and_then(|h| h.unread_round);
         let row: UnreadRow = self.get_json(Table::Unread, user.as_bytes(), room.as_bytes())?.unwrap_or_default();
-        let mut counts = Unread { notifications: row.notifications, highlights: row.highlights };
+        let mut counts = Unread { notifications: row.notifications, highlights: row.highlights, threads: row.threads };
         let Some(round) = round else { return Ok(counts) };
         let after = row.at.unwrap_or(0).max(round.pos);
-        let since = self.unread_after(room, user, after, UNREAD_RECOUNT_MAX)?;
-        counts.notifications += since.notifications;
-        counts.highlights += since.highlights;
+        let mut since = Unread::default();
+        for n in self.notified_rows_after(room, user, after, UNREAD_RECOUNT_MAX)? {
+            since.add(n.thread.as_deref(), n.highlight);
+        }
+        counts.merge(&since);
         Ok(counts)
     }
 
     /// Stages a member's unread row: `counts` as of stream position `at`.
-    pub fn unread_write(user: &UserId, room: &RoomId, counts: Unread, at: u64) -> Write {
+    pub fn unread_write(user: &UserId, room: &RoomId, counts: &Unread, at: u64) -> Write {
         Write::put(Table::Unread, user.as_bytes(), room.as_bytes(), encode(&UnreadRow::new(counts, at)))
     }
 
@@ -996,30 +1127,31 @@ impl Db {
             .collect()
     }
 
-    /// Unread counts of `user` in a room from the events after position
-    /// `after`: the notification rows those events left for the user. At
-    /// most `limit` rows are read (the counts stop there).
-    pub fn unread_after(&self, room: &RoomId, user: &UserId, after: u64, limit: usize) -> DbResult<Unread> {
-        let mut counts = Unread::default();
+    /// The events after position `after` that notified `user` in a room,
+    /// in timeline order, from their notification rows. At most `limit`
+    /// rows are read.
+    pub fn notified_rows_after(&self, room: &RoomId, user: &UserId, after: u64, limit: usize) -> DbResult<Vec<Notified>> {
         let index = self.notify_index(room, user)?;
-        for (_, v) in self.bucket_scan(Table::Notifications, room, None, Bound::Excluded(after), Bound::Unbounded, false, limit)? {
+        let mut out = Vec::new();
+        for (pos, v) in self.bucket_scan(Table::Notifications, room, None, Bound::Excluded(after), Bound::Unbounded, false, limit)? {
             let notes: EventNotifications = decode(Table::Notifications, &v)?;
             if let Some(highlight) = notes.notified(user, index) {
-                counts.notifications += 1;
-                counts.highlights += u64::from(highlight);
+                out.push(Notified { pos, highlight, thread: notes.thread });
             }
         }
-        Ok(counts)
+        Ok(out)
     }
 
-    /// The highest event position the user's read receipts in `room`
-    /// reached, in any thread (0 when none).
-    pub fn read_floor(&self, room: &RoomId, user: &UserId) -> DbResult<u64> {
-        Ok(self.store.get(Table::ReadFloors, room.as_bytes(), user.as_bytes())?.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(0))
+    /// The highest event position the user's read receipts for one part
+    /// of a room reached (0 when none). A part is read up to the higher of
+    /// its own floor and the unthreaded one.
+    pub fn read_floor(&self, room: &RoomId, user: &UserId, part: ReadPart<'_>) -> DbResult<u64> {
+        let row = self.store.get(Table::ReadFloors, room.as_bytes(), &read_floor_ck(user, part))?;
+        Ok(row.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(0))
     }
 
-    pub fn read_floor_write(room: &RoomId, user: &UserId, pos: u64) -> Write {
-        Write::put(Table::ReadFloors, room.as_bytes(), user.as_bytes(), pos.to_be_bytes().to_vec())
+    pub fn read_floor_write(room: &RoomId, user: &UserId, part: ReadPart<'_>, pos: u64) -> Write {
+        Write::put(Table::ReadFloors, room.as_bytes(), read_floor_ck(user, part), pos.to_be_bytes().to_vec())
     }
 
     pub fn receipt(&self, room: &RoomId, kind: &str, thread: &str, user: &UserId) -> DbResult<Option<Receipt>> {
@@ -1175,7 +1307,7 @@ mod tests {
         let (bob, carol) = (UserId::parse("@bob:x").expect("bob"), UserId::parse("@carol:x").expect("carol"));
         let note = |pos: u64, users: &[(&UserId, bool)]| {
             let by_index: Vec<(u32, bool)> = users.iter().map(|(u, h)| (u32::from(*u == carol), *h)).collect();
-            Db::notifications_write(&room, pos, pos, &EventNotifications::new(format!("$n{pos}:x"), 1, &by_index))
+            Db::notifications_write(&room, pos, pos, &EventNotifications::new(format!("$n{pos}:x"), 1, &by_index, None))
         };
         let head = |round: Option<UnreadRound>| {
             let head = RoomHead { version: "11".into(), creator: "@a:x".into(), extremities: vec![], depth: 1, shard: 0, last_event_pos: 6, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 7, unread_round: round, notify_members: 0, threads: 0, edits: 0, references: 0, restricted_history: false };
@@ -1193,12 +1325,12 @@ mod tests {
         assert_eq!(get(&bob), (4, 2));
         assert_eq!(get(&carol), (2, 0));
         // A row of its own position (a receipt at 5) counts from there.
-        db.store.write(vec![Db::unread_write(&bob, &room, Unread { notifications: 0, highlights: 0 }, 5)]).expect("write");
+        db.store.write(vec![Db::unread_write(&bob, &room, &Unread::default(), 5)]).expect("write");
         assert_eq!(get(&bob), (0, 0));
         db.store.write(vec![note(7, &[(&bob, true)])]).expect("write");
         assert_eq!(get(&bob), (1, 1));
         // A later round makes older rows exact only at it: nothing counted twice.
-        db.store.write(vec![Db::unread_write(&carol, &room, Unread { notifications: 2, highlights: 0 }, 7), head(Some(UnreadRound { pos: 7, seq: 8 }))]).expect("write");
+        db.store.write(vec![Db::unread_write(&carol, &room, &Unread { notifications: 2, ..Unread::default() }, 7), head(Some(UnreadRound { pos: 7, seq: 8 }))]).expect("write");
         assert_eq!(get(&carol), (2, 0));
         let indexes = db.notify_indexes(&room, 10).expect("indexes");
         assert_eq!(indexes, vec![(0, bob.to_owned()), (1, carol.to_owned())]);
@@ -1206,17 +1338,55 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// Unread counts keep each thread's share apart: the main timeline has
+    /// the rest, and one part is set without touching the others.
+    #[test]
+    fn unread_counts_keep_threads_apart() {
+        let mut u = Unread::default();
+        u.add(None, false);
+        u.add(Some("$t1"), true);
+        u.add(Some("$t1"), false);
+        u.add(Some("$t2"), false);
+        assert_eq!((u.notifications, u.highlights), (4, 1));
+        assert_eq!(u.main(), Counts { notifications: 1, highlights: 0 });
+        assert_eq!(u.threads["$t1"], Counts { notifications: 2, highlights: 1 });
+        let mut v = u.clone();
+        v.merge(&u);
+        assert_eq!((v.notifications, v.main().notifications, v.threads["$t2"].notifications), (8, 2, 2));
+        // Reading thread 1 leaves the main timeline and thread 2.
+        u.set(ReadPart::Thread("$t1"), Counts::default());
+        assert_eq!((u.notifications, u.highlights, u.threads.len()), (2, 0, 1));
+        assert_eq!(u.main().notifications, 1);
+        // Reading the main timeline leaves thread 2.
+        u.set(ReadPart::Main, Counts { notifications: 0, highlights: 0 });
+        assert_eq!((u.notifications, u.threads["$t2"].notifications), (1, 1));
+        u.set(ReadPart::All, Counts::default());
+        assert_eq!(u, Unread::default());
+        // Threads past the cap count towards the main timeline.
+        let mut many = Unread::default();
+        for i in 0..UNREAD_THREADS_MAX + 5 {
+            many.add(Some(&format!("$t{i}")), false);
+        }
+        assert_eq!((many.threads.len(), many.main().notifications), (UNREAD_THREADS_MAX, 5));
+        // A stored row keeps the threads; rows without them still read.
+        let row: UnreadRow = serde_json::from_slice(&encode(&UnreadRow::new(&v, 3))).expect("row");
+        assert_eq!((row.threads, row.at), (v.threads.clone(), Some(3)));
+        let old: UnreadRow = serde_json::from_str(r#"{"notifications":3,"highlights":1}"#).expect("old row");
+        assert!(old.threads.is_empty());
+        assert_eq!([ReadPart::of(""), ReadPart::of("main"), ReadPart::of("$r")], [ReadPart::All, ReadPart::Main, ReadPart::Thread("$r")]);
+    }
+
     /// Notification rows name members by index in a bitmap; rows written
     /// with user ids still read.
     #[test]
     fn notification_rows_name_members_by_index() {
         let ids = ["@bob:x", "@carol:y", "@dave:x"].map(|u| UserId::parse(u).expect("user"));
-        let row = EventNotifications::new("$e:x".into(), 5, &[(0, false), (9, true), (17, false)]);
+        let row = EventNotifications::new("$e:x".into(), 5, &[(0, false), (9, true), (17, false)], None);
         let row: EventNotifications = serde_json::from_slice(&encode(&row)).expect("round trip");
         assert_eq!(row.members(), (vec![0, 9, 17], vec![]));
         assert_eq!([0, 9, 17, 1, 8, 10, 16, 18, 400].map(|i| row.notified(&ids[0], Some(i))), [Some(false), Some(true), Some(false), None, None, None, None, None, None]);
         assert_eq!(row.notified(&ids[0], None), None);
-        assert_eq!(EventNotifications::new("$e:x".into(), 5, &[]).members(), (vec![], vec![]));
+        assert_eq!(EventNotifications::new("$e:x".into(), 5, &[], None).members(), (vec![], vec![]));
         let old: EventNotifications = serde_json::from_str(r#"{"event_id":"$e:x","ts":5,"users":[["@dave:x",true]]}"#).expect("old row");
         assert_eq!(ids.iter().map(|u| old.notified(u, Some(0))).collect::<Vec<_>>(), vec![None, None, Some(true)]);
         assert_eq!(old.members(), (vec![], vec![ids[2].clone()]));

@@ -18,6 +18,10 @@ pub struct EventFilter {
     pub lazy_load_members: bool,
     pub include_redundant_members: bool,
     pub contains_url: Option<bool>,
+    /// Timeline filters only: unread counts per thread, the main
+    /// timeline's apart (spec `unread_thread_notifications`, also under
+    /// its MSC3773 name).
+    pub unread_thread_notifications: bool,
 }
 
 fn strings(v: &Value) -> Option<Vec<String>> {
@@ -54,6 +58,7 @@ impl EventFilter {
             lazy_load_members: v.get("lazy_load_members").and_then(Value::as_bool).unwrap_or(false),
             include_redundant_members: v.get("include_redundant_members").and_then(Value::as_bool).unwrap_or(false),
             contains_url: v.get("contains_url").and_then(Value::as_bool),
+            unread_thread_notifications: ["unread_thread_notifications", "org.matrix.msc3773.unread_thread_notifications"].iter().any(|k| v.get(*k).and_then(Value::as_bool) == Some(true)),
         }
     }
 

@@ -33,7 +33,8 @@ pub fn ruleset_content(rules: &Ruleset) -> Value {
 
 /// Evaluates the push rules of every joined local member (except the
 /// sender) for `pdu` and returns the members whose unread counts change,
-/// with their new counts.
+/// with their new counts, and the thread the event counts in (from
+/// `thread_of`, asked only when the event notifies someone).
 ///
 /// Members without rules of their own share one evaluation of the default
 /// rules: those rules depend on the member only through their user id,
@@ -41,7 +42,7 @@ pub fn ruleset_content(rules: &Ruleset) -> Value {
 /// in the event, the outcome is the same as for a neutral identity. Members
 /// named in the event, and members with their own rules, are evaluated one
 /// by one.
-pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc<Pdu>) -> ApiResult<Vec<(OwnedUserId, Unread, bool)>> {
+pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc<Pdu>, thread_of: &mut dyn FnMut() -> ApiResult<Option<String>>) -> ApiResult<(Vec<Notified>, Option<String>)> {
     let members = match &cached.members {
         Some(m) => m.clone(),
         None => {
@@ -51,12 +52,12 @@ pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc
         }
     };
     if members.len() < 2 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     let member_count = UInt::try_from(members.len()).unwrap_or(UInt::MAX);
     let event = Event { pdu: pdu.clone(), stored: Arc::new(StoredEvent { json: Box::default(), pos: 0, txn: None, redacted_by: None, prev_content: None, prev_sender: None, replaces_state: None }) };
     let client = event.to_client(0, None);
-    let Ok(raw) = serde_json::value::to_raw_value(&client) else { return Ok(Vec::new()) };
+    let Ok(raw) = serde_json::value::to_raw_value(&client) else { return Ok((Vec::new(), None)) };
     let haystack = raw.get().to_lowercase();
     let raw: Raw<Value> = Raw::from_json(raw);
     let outcome = |rules: &Ruleset, user: &UserId, name: &str| -> (bool, bool) {
@@ -70,6 +71,7 @@ pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc
     let neutral_usable = neutral_user.is_some() && !haystack.contains(NEUTRAL);
     let mut shared: Option<(bool, bool)> = None;
     let mut out = Vec::new();
+    let mut thread: Option<Option<String>> = None;
     for member in members.iter() {
         let user = &member.user;
         // Members of other servers are counted by their own server.
@@ -89,15 +91,22 @@ pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc
             continue;
         }
         let mut counts = match cached.unread.get(user) {
-            Some(c) => *c,
+            Some(c) => c.clone(),
             None => shard.db.unread(user, room)?,
         };
-        counts.notifications += u64::from(notify);
-        counts.highlights += u64::from(highlight);
+        let thread = match &thread {
+            Some(t) => t,
+            None => thread.insert(thread_of()?),
+        };
+        counts.add(thread.as_deref(), highlight);
         out.push((user.clone(), counts, highlight));
     }
-    Ok(out)
+    Ok((out, thread.flatten()))
 }
+
+/// A member an event notified: their new unread counts, and whether it
+/// highlighted them.
+pub type Notified = (OwnedUserId, Unread, bool);
 
 /// A joined member as push rules see them.
 pub struct Member {

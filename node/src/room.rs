@@ -21,7 +21,7 @@ use ruma::signatures::Ed25519KeyPair;
 use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
 use serde_json::{Value, json};
 
-use crate::db::{Db, Relation, RoomHead, StateEntry, THREAD_PARTICIPANTS_MAX, ThreadSummary, UNREAD_RECOUNT_MAX, UNREAD_ROUND_EVENTS, UnreadRound, UserRoom, encode, state_ck};
+use crate::db::{Db, ReadPart, Relation, RoomHead, StateEntry, THREAD_PARTICIPANTS_MAX, ThreadSummary, UNREAD_RECOUNT_MAX, UNREAD_ROUND_EVENTS, UnreadRound, UserRoom, encode, state_ck};
 use crate::error::{ApiError, ApiResult, Error};
 use crate::pdu::{Pdu, StoredEvent, to_canonical};
 use crate::shard::{Draft, NewRoom, RoomOp, RoomReply, Shard, ShardMsg, Typing, UnreadCounts};
@@ -386,10 +386,10 @@ fn stage_unread_round(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, bat
         // Members this batch did not notify have nothing unwritten: their
         // counts in storage are current.
         let counts = match batch.unread.get(&user).or_else(|| cached.unread.get(&user)) {
-            Some(c) => *c,
+            Some(c) => c.clone(),
             None => shard.db.unread(&user, room)?,
         };
-        batch.writes.push(Db::unread_write(&user, room, counts, batch.pos));
+        batch.writes.push(Db::unread_write(&user, room, &counts, batch.pos));
     }
     cached.head.unread_round = Some(UnreadRound { pos: batch.pos, seq: cached.head.timeline_len });
     Ok(())
@@ -534,7 +534,21 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
     ruma::state_res::check_state_dependent_auth_rules(&cached.rules.authorization, &*pdu, fetch_state).map_err(Error::AuthRules)?;
 
     // Everything fallible happens before the cache is touched.
-    let unread = crate::push::evaluate(shard, room, cached, &pdu)?;
+    let relation = Relation::of(&draft.content);
+    // The thread the event is in, for the unread counts of the members it
+    // notifies: a reply's root, or the thread of the event an edit or
+    // reaction relates to.
+    let mut thread_of = || -> ApiResult<Option<String>> {
+        Ok(match &relation {
+            Some((root, "m.thread")) => Some(root.to_string()),
+            Some((parent, _)) => shard.db.event(parent)?.and_then(|p| match Relation::of(&p.pdu.content_value()) {
+                Some((root, "m.thread")) => Some(root.to_string()),
+                _ => None,
+            }),
+            None => None,
+        })
+    };
+    let (unread, event_thread) = crate::push::evaluate(shard, room, cached, &pdu, &mut thread_of)?;
     for (user, _, _) in &unread {
         if !cached.notify_index.contains_key(user)
             && let Some(index) = shard.db.notify_index(room, user)?
@@ -546,7 +560,6 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         Some(target) => shard.db.event(target)?.filter(|ev| ev.pdu.room_id == room),
         None => None,
     };
-    let relation = Relation::of(&draft.content);
     // A reply in a thread: the root's summary as of this batch.
     let thread = match &relation {
         Some((root, "m.thread")) => batch.thread(shard, room, root)?.map(|summary| (root.clone(), summary)),
@@ -663,11 +676,11 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
             };
             notified.push((index, *highlight));
         }
-        let notes = crate::db::EventNotifications::new(event_id.to_string(), ts, &notified);
+        let notes = crate::db::EventNotifications::new(event_id.to_string(), ts, &notified, event_thread);
         batch.writes.push(Db::notifications_write(room, seq, pos, &notes));
     }
     for (user, counts, _) in unread {
-        batch.unread.insert(user.clone(), counts);
+        batch.unread.insert(user.clone(), counts.clone());
         cached.unread.insert(user, counts);
     }
     cached.head.extremities = vec![event_id.clone()];
@@ -740,14 +753,9 @@ fn receipt(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId, kind: String, th
     {
         return Ok(RoomReply::Done);
     }
-    // A read receipt leaves unread what the events after it notified, or
-    // after the furthest any of the user's read receipts reached: one per
-    // thread means a receipt can trail another (the main timeline's, read
-    // after a thread further on), and unread counts never rise on reading.
     let read = kind == "m.read" || kind == "m.read.private";
-    let floor = if read { shard.db.read_floor(room, &user)? } else { 0 };
-    let read_upto = ev.stored.pos.max(floor);
-    let unread = if read { Some(shard.db.unread_after(room, &user, read_upto, UNREAD_RECOUNT_MAX)?) } else { None };
+    let cached_rc = shard.rooms.load(&shard.db, room)?;
+    let (unread, floor) = if read { read_receipt_counts(shard, room, &cached_rc.borrow(), &user, ReadPart::of(&thread), ev.stored.pos)? } else { (None, None) };
     let cached_rc = shard.rooms.load(&shard.db, room)?;
     let pos = shard.next_pos();
     let receipt = crate::db::Receipt { event_id: event_id.to_string(), ts, pos };
@@ -758,22 +766,70 @@ fn receipt(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId, kind: String, th
         Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(&head)),
         Db::stream_head_write(shard.id as u16, pos),
     ];
-    if let Some(counts) = unread {
+    if let Some(counts) = &unread {
         writes.push(Db::unread_write(&user, room, counts, pos));
     }
-    if read && read_upto > floor {
-        writes.push(Db::read_floor_write(room, &user, read_upto));
+    if let Some(floor) = floor {
+        writes.push(Db::read_floor_write(room, &user, ReadPart::of(&thread), floor));
     }
     shard.db.store.write(writes)?;
     let mut cached = cached_rc.borrow_mut();
     cached.head = head;
-    if let Some(counts) = unread {
-        cached.unread.insert(user.clone(), counts);
+    if let Some(counts) = &unread {
+        cached.unread.insert(user.clone(), counts.clone());
     }
     drop(cached);
     let unread = unread.map(|counts| Arc::new(UnreadCounts { room: room.to_owned(), counts: vec![(user.clone(), counts)] }));
     shard.publish_with(pos, vec![room.to_owned()], vec![user], unread);
     Ok(RoomReply::Done)
+}
+
+/// A member's unread counts after their read receipt for `part` of the
+/// room at event position `at`, and the part's new read floor when it
+/// moves.
+///
+/// An unthreaded receipt reads everything up to `at`: what stays unread is
+/// each later notification not covered by its own part's floor. A receipt
+/// for the main timeline or one thread recounts only that part, from its
+/// floor on (the higher of its own and the unthreaded one): the others'
+/// counts stay as they were. Receipts of one part never move its floor
+/// back, so counts never rise on reading.
+fn read_receipt_counts(shard: &Shard, room: &RoomId, cached: &CachedRoom, user: &UserId, part: ReadPart<'_>, at: u64) -> ApiResult<(Option<crate::db::Unread>, Option<u64>)> {
+    let own = shard.db.read_floor(room, user, part)?;
+    let moved = (at > own).then_some(at);
+    let all = match part {
+        ReadPart::All => own.max(at),
+        _ => shard.db.read_floor(room, user, ReadPart::All)?,
+    };
+    let floor = all.max(own).max(at);
+    let rows = shard.db.notified_rows_after(room, user, floor, UNREAD_RECOUNT_MAX)?;
+    if part == ReadPart::All {
+        // Later events of parts read further on by their own receipts.
+        let mut floors: HashMap<ReadPart<'_>, u64> = HashMap::new();
+        let mut counts = crate::db::Unread::default();
+        for n in &rows {
+            let of = ReadPart::of_event(n.thread.as_deref());
+            let part_floor = match floors.get(&of) {
+                Some(f) => *f,
+                None => *floors.entry(of).or_insert(shard.db.read_floor(room, user, of)?),
+            };
+            if n.pos > part_floor {
+                counts.add(n.thread.as_deref(), n.highlight);
+            }
+        }
+        return Ok((Some(counts), moved));
+    }
+    let mut counts = match cached.unread.get(user) {
+        Some(c) => c.clone(),
+        None => shard.db.unread(user, room)?,
+    };
+    let mut recount = crate::db::Counts::default();
+    for n in rows.iter().filter(|n| ReadPart::of_event(n.thread.as_deref()) == part) {
+        recount.notifications += 1;
+        recount.highlights += u64::from(n.highlight);
+    }
+    counts.set(part, recount);
+    Ok((Some(counts), moved))
 }
 
 /// Content of the first `m.room.member` join for a user, from their profile.

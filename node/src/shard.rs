@@ -504,7 +504,7 @@ impl Shard {
     fn note_unread(&self, u: &UnreadCounts) {
         let mut cache = self.unread.borrow_mut();
         for (user, counts) in &u.counts {
-            cache.put(&u.room, user, *counts);
+            cache.put(&u.room, user, counts.clone());
         }
     }
 
@@ -516,10 +516,10 @@ impl Shard {
     pub fn unread(&self, user: &UserId, room: &RoomId, owner: usize, upto: u64) -> ApiResult<crate::db::Unread> {
         let heard = self.heads.borrow().get(owner).is_some_and(|h| upto <= *h);
         if heard && let Some(c) = self.unread.borrow().rooms.get(room).and_then(|users| users.get(user)) {
-            return Ok(*c);
+            return Ok(c.clone());
         }
         let counts = self.db.unread(user, room)?;
-        self.unread.borrow_mut().put(room, user, counts);
+        self.unread.borrow_mut().put(room, user, counts.clone());
         Ok(counts)
     }
 

@@ -996,6 +996,27 @@ def test_sync_with_filter_200(api, check, user):
     assert body["rooms"]["join"][room_id]["timeline"]["limited"] is True
 
 
+def test_sync_unread_thread_notifications_200(api, check, new_user):
+    owner, reader = new_user(), new_user()
+    room_id = create_room(api, owner, preset="public_chat")
+    join(api, reader, room_id)
+    root = send_text(api, owner, room_id, "root")
+    reply = {"msgtype": "m.text", "body": "in thread", "m.relates_to": {"rel_type": "m.thread", "event_id": root}}
+    resp = api.request("PUT", f"{V3}/rooms/{q(room_id)}/send/m.room.message/{unique('txn')}", owner.access_token, json=reply)
+    assert resp.status_code == 200, resp.text
+    flt = '{"room":{"timeline":{"unread_thread_notifications":true}}}'
+
+    def counted():
+        resp = api.request("GET", f"{V3}/sync", reader.access_token, params={"timeout": 0, "filter": flt})
+        body = check(resp, "GET", f"{V3}/sync", 200)
+        room = body["rooms"]["join"].get(room_id, {})
+        return room if room.get("unread_thread_notifications") else None
+
+    room = wait_until(counted, "per-thread unread counts")
+    assert room["unread_notifications"]["notification_count"] == 1, room
+    assert room["unread_thread_notifications"][root]["notification_count"] == 1, room
+
+
 # --- ephemeral: typing, receipts, read markers, presence --------------------------------------
 
 

@@ -240,9 +240,16 @@ impl Client {
     /// other shards' sync tokens moments later, so a test that expects a
     /// change waits for it (bounded) instead of reading once.
     pub fn sync_until(&self, since: &str, done: impl Fn(&Value) -> bool) -> Value {
+        self.sync_until_filtered("", since, done)
+    }
+
+    /// [`Client::sync_until`] with a filter (an id, or URL-encoded JSON);
+    /// an empty one is none.
+    pub fn sync_until_filtered(&self, filter: &str, since: &str, done: impl Fn(&Value) -> bool) -> Value {
         let mut last = Value::Null;
+        let filter = if filter.is_empty() { String::new() } else { format!("&filter={filter}") };
         for _ in 0..50 {
-            let (s, v) = self.get(&format!("/_matrix/client/v3/sync?since={since}&timeout=2000"));
+            let (s, v) = self.get(&format!("/_matrix/client/v3/sync?since={since}&timeout=2000{filter}"));
             assert_eq!(s, 200, "{v}");
             if done(&v) {
                 return v;

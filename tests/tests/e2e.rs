@@ -1497,43 +1497,82 @@ fn unread_counts_follow_push_rules_and_receipts() {
     assert!(mine.contains(&three), "the receipt still points at the later event: {mine}");
 }
 
+/// Threaded read receipts clear their own thread, or the main timeline,
+/// and nothing else; an unthreaded one reads everything before it. With
+/// `unread_thread_notifications` a sync gives the counts per thread, the
+/// main timeline's apart; without, the room's together.
+#[test]
+fn threaded_receipts_clear_their_own_thread() {
+    let mut node = Node::start("threadreceipts", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let (s, f) = bob.post("/_matrix/client/v3/user/@bob:localhost/filter", json!({ "room": { "timeline": { "unread_thread_notifications": true } } }));
+    assert_eq!(s, 200, "{f}");
+    let by_thread = f["filter_id"].as_str().expect("filter_id").to_owned();
+    let (_, s0) = bob.get("/_matrix/client/v3/sync");
+    let since = s0["next_batch"].as_str().expect("next_batch").to_owned();
+    let root = alice.send_text(&room, "r", "root");
+    let reply = |txn: &str, body: Value| {
+        let mut content = json!({ "msgtype": "m.text", "body": "in thread", "m.relates_to": { "rel_type": "m.thread", "event_id": root } });
+        content.as_object_mut().expect("object").extend(body.as_object().expect("object").clone());
+        let (s, v) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}"), content);
+        assert_eq!(s, 200, "{v}");
+        v["event_id"].as_str().expect("event_id").to_owned()
+    };
+    let reply1 = reply("t1", json!({ "m.mentions": { "user_ids": ["@bob:localhost"] } }));
+    let reply2 = reply("t2", json!({}));
+    let m1 = alice.send_text(&room, "m1", "main one");
+    let counts = |n: u64, h: u64| json!({ "notification_count": n, "highlight_count": h });
+    let total = |v: &Value| v["rooms"]["join"][&room]["unread_notifications"].clone();
+    let split = |v: &Value| (v["rooms"]["join"][&room]["unread_notifications"].clone(), v["rooms"]["join"][&room]["unread_thread_notifications"].clone());
+    // Each step waits for the counts it expects, split by thread, then
+    // checks the room's total in a sync without the filter.
+    let step = |since: &str, main: Value, thread: Value, all: Value| -> String {
+        let want = (main, thread);
+        let seen = bob.sync_until_filtered(&by_thread, since, |v| split(v) == want);
+        let plain = bob.sync_until(since, |v| total(v) == all);
+        assert!(plain["rooms"]["join"][&room].get("unread_thread_notifications").is_none(), "only when asked: {plain}");
+        seen["next_batch"].as_str().expect("next_batch").to_owned()
+    };
+    let since = step(&since, counts(2, 0), json!({ &root: counts(2, 1) }), counts(4, 1));
+    let receipt = |event: &str, thread: Option<&str>| {
+        let body = thread.map_or(json!({}), |t| json!({ "thread_id": t }));
+        let (s, v) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{event}"), body);
+        assert_eq!(s, 200, "{v}");
+    };
+    // The thread, read up to its first reply: the main timeline stays.
+    receipt(&reply1, Some(&root));
+    let since = step(&since, counts(2, 0), json!({ &root: counts(1, 0) }), counts(3, 0));
+    // The main timeline, read up to the root: its next event stays unread,
+    // and so does the thread's second reply, though it came before.
+    receipt(&root, Some("main"));
+    let since = step(&since, counts(1, 0), json!({ &root: counts(1, 0) }), counts(2, 0));
+    receipt(&m1, Some("main"));
+    let since = step(&since, counts(0, 0), json!({ &root: counts(1, 0) }), counts(1, 0));
+    // `/notifications` marks each entry read by its own part's receipts.
+    let (s, n) = bob.get("/_matrix/client/v3/notifications");
+    assert_eq!(s, 200, "{n}");
+    let read: Vec<(String, bool)> = n["notifications"].as_array().expect("notifications").iter().map(|e| (e["event"]["event_id"].as_str().unwrap_or_default().to_owned(), e["read"] == true)).collect();
+    assert_eq!(read, vec![(m1.clone(), true), (reply2.clone(), false), (reply1.clone(), true), (root.clone(), true)], "{n}");
+    // A new main event. After a restart the counts come back from storage,
+    // the thread's apart.
+    alice.send_text(&room, "m2", "main two");
+    step(&since, counts(1, 0), json!({ &root: counts(1, 0) }), counts(2, 0));
+    assert_eq!(node.stop(), Some(0), "{}", node.log());
+    node.spawn();
+    let (_, full) = bob.get(&format!("/_matrix/client/v3/sync?filter={by_thread}"));
+    assert_eq!(split(&full), (counts(1, 0), json!({ &root: counts(1, 0) })), "{full}");
+    // An unthreaded receipt at the second reply reads the thread, and
+    // leaves the newer main event unread.
+    let since = full["next_batch"].as_str().expect("next_batch").to_owned();
+    receipt(&reply2, None);
+    step(&since, counts(1, 0), Value::Null, counts(1, 0));
+}
+
 /// Unread rows are written once per round of events, not per event: counts
 /// read back from storage (after a restart every cache is cold) must add
 /// the notifications since the last round, for the owner that keeps
 /// counting as well as for the syncing member.
-#[test]
-fn a_receipt_behind_another_thread_does_not_bring_back_unread_counts() {
-    let node = Node::start("threadreceipts", "[runtime]\nshards = 2\n");
-    let (alice, bob) = two_users(&node);
-    let room = shared_room(&alice, &bob);
-    let (_, s0) = bob.get("/_matrix/client/v3/sync");
-    let since = s0["next_batch"].as_str().expect("next_batch").to_owned();
-    let root = alice.send_text(&room, "r", "root");
-    let (s, reply) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t1"), json!({ "msgtype": "m.text", "body": "in thread", "m.relates_to": { "rel_type": "m.thread", "event_id": root } }));
-    assert_eq!(s, 200, "{reply}");
-    let reply = reply["event_id"].as_str().expect("event_id").to_owned();
-    let count = |v: &Value| v["rooms"]["join"][&room]["unread_notifications"]["notification_count"].clone();
-    let sync = bob.sync_until(&since, |v| bodies(v, &room).len() == 2);
-    assert_eq!(count(&sync), 2, "{sync}");
-    // The thread is read first, then the main timeline, whose last event
-    // comes before the thread's reply: nothing becomes unread again.
-    let receipt = |event: &str, thread: &str| bob.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{event}"), json!({ "thread_id": thread }));
-    let receipted = |v: &Value, event: &str| v["rooms"]["join"][&room]["ephemeral"]["events"].to_string().contains(event);
-    let since = sync["next_batch"].as_str().expect("next_batch").to_owned();
-    assert_eq!(receipt(&reply, &root).0, 200);
-    let sync = bob.sync_until(&since, |v| receipted(v, &reply));
-    assert_eq!(count(&sync), 0, "{sync}");
-    let since = sync["next_batch"].as_str().expect("next_batch").to_owned();
-    assert_eq!(receipt(&root, "main").0, 200);
-    let sync = bob.sync_until(&since, |v| receipted(v, &root));
-    assert_eq!(count(&sync), 0, "{sync}");
-    // Later events count again.
-    let since = sync["next_batch"].as_str().expect("next_batch").to_owned();
-    alice.send_text(&room, "m2", "after");
-    let sync = bob.sync_until(&since, |v| bodies(v, &room).contains(&"after".to_owned()));
-    assert_eq!(count(&sync), 1, "{sync}");
-}
-
 #[test]
 fn unread_counts_survive_rounds_and_restarts() {
     let mut node = Node::start("unread-rounds", "");

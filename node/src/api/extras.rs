@@ -2,6 +2,7 @@
 //! `POST /user/{userId}/openid/request_token`, `GET /notifications`,
 //! `POST /search` (room events).
 
+use std::collections::HashMap;
 use std::ops::Bound;
 
 use http::StatusCode;
@@ -9,6 +10,7 @@ use ruma::RoomId;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::db::ReadPart;
 use crate::error::{ApiError, ApiResult};
 use crate::http::{Authed, Req};
 use crate::room::now_ms;
@@ -61,11 +63,14 @@ pub fn notifications(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value
             continue;
         }
         let Ok(room_id) = RoomId::parse(room.as_str()) else { continue };
-        // How far the user's read receipts reached, in any thread.
-        let read_pos = shard.db.read_floor(&room_id, &auth.user)?;
+        // How far the user's read receipts reached: everywhere, and in the
+        // main timeline or thread of each entry.
+        let read_all = shard.db.read_floor(&room_id, &auth.user, ReadPart::All)?;
+        let mut floors: HashMap<ReadPart<'_>, u64> = HashMap::new();
         let index = shard.db.notify_index(&room_id, &auth.user)?;
-        for (pos, row) in shard.db.room_notifications(&room_id, NOTIFICATIONS_SCAN_PER_ROOM)? {
-            let key = (std::cmp::Reverse(row.ts), room.clone(), std::cmp::Reverse(pos));
+        let rows = shard.db.room_notifications(&room_id, NOTIFICATIONS_SCAN_PER_ROOM)?;
+        for (pos, row) in &rows {
+            let key = (std::cmp::Reverse(row.ts), room.clone(), std::cmp::Reverse(*pos));
             if after.as_ref().is_some_and(|a| key <= *a) {
                 continue;
             }
@@ -73,7 +78,12 @@ pub fn notifications(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value
             if only_highlight && !highlight {
                 continue;
             }
-            found.push((row.ts, room.clone(), row.event_id.clone(), highlight, pos <= read_pos, pos));
+            let part = ReadPart::of_event(row.thread.as_deref());
+            let floor = match floors.get(&part) {
+                Some(f) => *f,
+                None => *floors.entry(part).or_insert(shard.db.read_floor(&room_id, &auth.user, part)?.max(read_all)),
+            };
+            found.push((row.ts, room.clone(), row.event_id.clone(), highlight, *pos <= floor, *pos));
         }
     }
     found.sort_by(|a, b| (std::cmp::Reverse(a.0), &a.1, std::cmp::Reverse(a.5)).cmp(&(std::cmp::Reverse(b.0), &b.1, std::cmp::Reverse(b.5))));

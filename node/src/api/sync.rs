@@ -59,6 +59,10 @@ struct JoinedRoom {
     ephemeral: Events<Value>,
     account_data: Events<Value>,
     unread_notifications: Value,
+    /// Counts by thread root, when the timeline filter asks for them
+    /// (`unread_notifications` then counts the main timeline only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unread_thread_notifications: Option<Value>,
     summary: Value,
 }
 
@@ -667,6 +671,13 @@ fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, 
         return Ok(None);
     }
     let unread = shard.unread(&auth.user, room, owner, upto)?;
+    let counts = |c: crate::db::Counts| json!({ "notification_count": c.notifications, "highlight_count": c.highlights });
+    let (unread_notifications, unread_thread_notifications) = if filter.timeline.unread_thread_notifications {
+        let threads: Map<String, Value> = unread.threads.iter().map(|(root, c)| (root.clone(), counts(*c))).collect();
+        (counts(unread.main()), (!threads.is_empty()).then_some(Value::Object(threads)))
+    } else {
+        (counts(crate::db::Counts { notifications: unread.notifications, highlights: unread.highlights }), None)
+    };
     let (state, state_after, state_after_unstable) = opts.place(if use_state_after { state_after } else { state });
     Ok(Some(JoinedRoom {
         timeline,
@@ -675,7 +686,8 @@ fn joined_room(shard: &Shard, auth: &Authed, room: &RoomId, since: Option<u64>, 
         state_after_unstable,
         ephemeral: Events { events: ephemeral },
         account_data: Events { events: room_data },
-        unread_notifications: json!({ "notification_count": unread.notifications, "highlight_count": unread.highlights }),
+        unread_notifications,
+        unread_thread_notifications,
         summary,
     }))
 }

@@ -114,8 +114,9 @@ pub enum Table {
     /// pk = ignored user id; ck = id of a user who ignores them -> `{}`
     /// (`m.ignored_user_list`, read backwards when an event is counted).
     IgnoredBy,
-    /// pk = room id; ck = user id -> the highest position any of the user's
-    /// read receipts in the room reached (u64 BE), whatever its thread.
+    /// pk = room id; ck = user id \0 part -> the highest event position the
+    /// user's read receipts for that part of the room reached (u64 BE); the
+    /// part is empty for unthreaded receipts, `main`, or a thread root id.
     ReadFloors,
 }
 

@@ -185,10 +185,14 @@ export async function login(hs, username, password) {
     });
 }
 
-/** Starts the SDK sync loop with a timeline limit large enough that no gap is expected. */
-export async function startSyncing(client, { timeoutMs }) {
+/**
+ * Starts the SDK sync loop with a timeline limit large enough that no gap is
+ * expected; `timeline` adds to the timeline filter, `threadSupport` turns on
+ * the SDK's threads.
+ */
+export async function startSyncing(client, { timeoutMs, timeline = {}, threadSupport = false }) {
     const filter = new sdk.Filter(client.getUserId());
-    filter.setDefinition({ room: { timeline: { limit: 1000 } } });
+    filter.setDefinition({ room: { timeline: { limit: 1000, ...timeline } } });
     const ready = new Promise((resolve, reject) => {
         const timer = setTimeout(() => {
             client.removeListener(sdk.ClientEvent.Sync, onSync);
@@ -207,6 +211,6 @@ export async function startSyncing(client, { timeoutMs }) {
         };
         client.on(sdk.ClientEvent.Sync, onSync);
     });
-    await client.startClient({ filter, lazyLoadMembers: false });
+    await client.startClient({ filter, lazyLoadMembers: false, threadSupport });
     await ready;
 }
