@@ -289,7 +289,7 @@ pub struct SupportContact {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Rooms {
-    /// Room version for new rooms ("10" or "11").
+    /// Room version for new rooms ("10", "11" or "12").
     pub default_version: String,
 }
 
@@ -468,8 +468,8 @@ impl Config {
                 return invalid("support.contacts", "matrix_id is not a valid Matrix user id");
             }
         }
-        if !matches!(self.rooms.default_version.as_str(), "10" | "11") {
-            return invalid("rooms.default_version", "supported room versions are \"10\" and \"11\"");
+        if !matches!(self.rooms.default_version.as_str(), "10" | "11" | "12") {
+            return invalid("rooms.default_version", "supported room versions are \"10\", \"11\" and \"12\"");
         }
         match self.storage.backend.as_str() {
             "embedded" => {}

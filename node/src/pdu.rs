@@ -17,7 +17,12 @@ use serde_json::{Value, json};
 pub struct Pdu {
     #[serde(skip_deserializing, skip_serializing)]
     pub event_id: Option<OwnedEventId>,
+    /// The room; the create event of a room version 12 room has none in
+    /// its JSON (the room id is derived from its event id, see
+    /// `room_id_implied`).
     pub room_id: OwnedRoomId,
+    #[serde(skip_deserializing, skip_serializing)]
+    pub room_id_implied: bool,
     pub sender: OwnedUserId,
     pub origin_server_ts: MilliSecondsSinceUnixEpoch,
     #[serde(rename = "type")]
@@ -78,9 +83,27 @@ pub struct Event {
 impl Pdu {
     /// Parses a stored PDU's JSON and attaches its id.
     pub fn parse(json: &str, event_id: OwnedEventId) -> Result<Pdu, serde_json::Error> {
-        let mut pdu: Pdu = serde_json::from_str(json)?;
+        let mut pdu: Pdu = match serde_json::from_str(json) {
+            Ok(pdu) => pdu,
+            Err(e) => return Pdu::parse_without_room_id(json, event_id).ok_or(e),
+        };
         pdu.event_id = Some(event_id);
         Ok(pdu)
+    }
+
+    /// A room version 12 create event: no `room_id`, which is its own
+    /// event id with `!` for `$` (its reference hash).
+    fn parse_without_room_id(json: &str, event_id: OwnedEventId) -> Option<Pdu> {
+        let mut value: Value = serde_json::from_str(json).ok()?;
+        let obj = value.as_object_mut()?;
+        if obj.contains_key("room_id") || obj.get("type")?.as_str()? != "m.room.create" {
+            return None;
+        }
+        obj.insert("room_id".into(), json!(room_id_of_create(&event_id)?));
+        let mut pdu: Pdu = serde_json::from_value(value).ok()?;
+        pdu.event_id = Some(event_id);
+        pdu.room_id_implied = true;
+        Some(pdu)
     }
 
     /// The event id; every stored or built PDU has one.
@@ -410,7 +433,7 @@ impl ruma::state_res::Event for Pdu {
         self.event_id.as_ref().expect("pdu id is set on parse and build")
     }
     fn room_id(&self) -> Option<&RoomId> {
-        Some(&self.room_id)
+        (!self.room_id_implied).then_some(&*self.room_id)
     }
     fn sender(&self) -> &UserId {
         &self.sender
@@ -439,6 +462,12 @@ impl ruma::state_res::Event for Pdu {
     fn rejected(&self) -> bool {
         false
     }
+}
+
+/// The id of the room whose create event is `create` (room version 12 and
+/// later): the event's reference hash with `!` for `$`.
+pub fn room_id_of_create(create: &EventId) -> Option<OwnedRoomId> {
+    OwnedRoomId::try_from(format!("!{}", create.as_str().strip_prefix('$')?)).ok()
 }
 
 /// Converts a JSON value into canonical JSON, rejecting floats and

@@ -81,7 +81,7 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-fn rules_for(version: &str) -> ApiResult<RoomVersionRules> {
+pub(crate) fn rules_for(version: &str) -> ApiResult<RoomVersionRules> {
     RoomVersionId::try_from(version)
         .ok()
         .and_then(|v| v.rules())
@@ -206,9 +206,14 @@ fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply
     let mut cached = CachedRoom::new(head, rules, HashMap::new());
     let mut batch = Batch::new(shard.pos());
     let create = Draft { sender: new.creator.clone(), kind: "m.room.create".into(), state_key: Some(String::new()), content: new.create_content, txn: None, redacts: None };
-    append(shard, room, &mut cached, create, &mut batch)?;
+    // The create event of a room version 12 room names it: built at the
+    // time the handler derived the room id with, it hashes the same.
+    let create_id = append(shard, room, &mut cached, create, &mut batch, new.ts)?;
+    if cached.rules.authorization.room_create_event_id_as_room_id && crate::pdu::room_id_of_create(&create_id).as_deref() != Some(room) {
+        return Err(Error::EventBuild(format!("create event {create_id} does not hash to room id {room}")).into());
+    }
     for draft in new.events {
-        append(shard, room, &mut cached, draft, &mut batch)?;
+        append(shard, room, &mut cached, draft, &mut batch, now_ms())?;
     }
     commit(shard, room, cached, batch)?;
     Ok(RoomReply::Done)
@@ -304,7 +309,7 @@ fn send_group(shard: &Rc<Shard>, room: &RoomId, group: Vec<QueuedSend>) {
         }
         let txn_key = draft.txn.as_ref().map(|(device, txn_id)| (draft.sender.clone(), device.clone(), txn_id.clone()));
         // `append` fails only before it touches the cache.
-        let appended = append(shard, room, &mut cached_rc.borrow_mut(), draft, &mut batch);
+        let appended = append(shard, room, &mut cached_rc.borrow_mut(), draft, &mut batch, now_ms());
         match appended {
             Ok(id) => {
                 if let Some(key) = txn_key {
@@ -409,7 +414,12 @@ fn commit_batch(shard: &Rc<Shard>, room: &RoomId, head: &RoomHead, mut batch: Ba
     Ok(())
 }
 
-fn power_level(state: &HashMap<(String, String), (Arc<Pdu>, u64)>, user: &UserId, creator: &str) -> (i64, Value) {
+fn power_level(state: &HashMap<(String, String), (Arc<Pdu>, u64)>, rules: &RoomVersionRules, user: &UserId, creator: &str) -> (i64, Value) {
+    if let Some((create, _)) = state.get(&("m.room.create".to_owned(), String::new()))
+        && creators(create, rules).iter().any(|c| c == user)
+    {
+        return (i64::MAX, Value::Null);
+    }
     match state.get(&("m.room.power_levels".to_owned(), String::new())) {
         Some((pl, _)) => {
             let content = pl.content_value();
@@ -445,7 +455,10 @@ pub fn build_pdu(f: &PduFields<'_>, server_name: &str, key: &Ed25519KeyPair, rul
     obj.insert("depth".into(), CanonicalJsonValue::Integer(f.depth.try_into().map_err(|_| Error::EventBuild("depth overflow".into()))?));
     obj.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(f.ts.try_into().map_err(|_| Error::EventBuild("clock overflow".into()))?));
     obj.insert("prev_events".into(), ids(f.prev_events));
-    obj.insert("room_id".into(), CanonicalJsonValue::String(f.room.to_string()));
+    // A room version 12 create event has no room id: it is the room id.
+    if !(f.kind == "m.room.create" && rules.authorization.room_create_event_id_as_room_id) {
+        obj.insert("room_id".into(), CanonicalJsonValue::String(f.room.to_string()));
+    }
     obj.insert("sender".into(), CanonicalJsonValue::String(f.sender.to_string()));
     obj.insert("type".into(), CanonicalJsonValue::String(f.kind.to_owned()));
     if let Some(sk) = f.state_key {
@@ -464,8 +477,39 @@ pub fn build_pdu(f: &PduFields<'_>, server_name: &str, key: &Ed25519KeyPair, rul
     Ok((event_id, CanonicalJsonValue::Object(obj).to_string()))
 }
 
-/// Builds, authorises and stages one event; returns its id.
-fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, batch: &mut Batch) -> ApiResult<OwnedEventId> {
+/// The id of a new room: random with the server name, or in room version
+/// 12 and later the reference hash of its create event, built here as the
+/// owner shard will build it (same sender, content and time; no previous
+/// or auth events).
+pub fn new_room_id(shard: &Shard, creator: &UserId, version: &str, create_content: &Value, ts: u64) -> ApiResult<OwnedRoomId> {
+    let rules = rules_for(version)?;
+    let random = || OwnedRoomId::try_from(format!("!{}:{}", crate::api::account::random_string(18), shard.server_name)).map_err(|e| ApiError::from(Error::EventBuild(e.to_string())));
+    if !rules.authorization.room_create_event_id_as_room_id {
+        return random();
+    }
+    let placeholder = random()?;
+    let content = to_canonical(create_content.clone()).map_err(ApiError::bad_json)?;
+    let fields = PduFields { room: &placeholder, sender: creator, kind: "m.room.create", state_key: Some(""), content, prev_events: &[], auth_events: &[], depth: 1, ts, redacts: None };
+    let (event_id, _) = build_pdu(&fields, shard.server_name.as_str(), &shard.key, &rules)?;
+    crate::pdu::room_id_of_create(&event_id).ok_or_else(|| Error::EventBuild(format!("no room id from {event_id}")).into())
+}
+
+/// The room creators whom a room version with privileged creators (12 and
+/// later) gives infinite power: the create event's sender and its
+/// `additional_creators`. Empty in earlier versions.
+pub fn creators(create: &Pdu, rules: &RoomVersionRules) -> Vec<OwnedUserId> {
+    if !rules.authorization.explicitly_privilege_room_creators {
+        return Vec::new();
+    }
+    let mut out = vec![create.sender.clone()];
+    if let Some(extra) = create.content_value()["additional_creators"].as_array() {
+        out.extend(extra.iter().filter_map(|u| u.as_str().and_then(|u| OwnedUserId::try_from(u).ok())));
+    }
+    out
+}
+
+/// Builds, authorises and stages one event sent at `ts`; returns its id.
+fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, batch: &mut Batch, ts: u64) -> ApiResult<OwnedEventId> {
     let kind = TimelineEventType::from(draft.kind.as_str());
     let content_raw = serde_json::value::to_raw_value(&draft.content).map_err(|e| ApiError::bad_json(e.to_string()))?;
     let auth_types = ruma::state_res::auth_types_for_event(&kind, &draft.sender, draft.state_key.as_deref(), &content_raw, &cached.rules.authorization)
@@ -480,12 +524,13 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
             }
         }
     }
-    // Room version 11 takes the create event from auth_events too.
+    // Room versions up to 11 take the create event from auth_events too;
+    // later ones find it by the room id, so the checks look it up apart.
     if kind != TimelineEventType::RoomCreate
         && let Some((create, _)) = cached.state.get(&("m.room.create".to_owned(), String::new()))
     {
         let id = create.id().to_owned();
-        if auth_map.insert(id.clone(), create.clone()).is_none() {
+        if auth_map.insert(id.clone(), create.clone()).is_none() && !cached.rules.authorization.room_create_event_id_as_room_id {
             auth_events.push(id);
         }
     }
@@ -498,7 +543,7 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
             && ev.pdu.room_id == room
             && ev.pdu.sender != draft.sender
         {
-            let (level, pl) = power_level(&cached.state, &draft.sender, &cached.head.creator);
+            let (level, pl) = power_level(&cached.state, &cached.rules, &draft.sender, &cached.head.creator);
             let needed = pl["redact"].as_i64().unwrap_or(50);
             if level < needed {
                 return Err(ApiError::forbidden("You don't have permission to redact this event"));
@@ -506,7 +551,6 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         }
     }
 
-    let ts = now_ms();
     let depth = cached.head.depth + 1;
     let content = to_canonical(draft.content.clone()).map_err(ApiError::bad_json)?;
     let (event_id, json) = build_pdu(
@@ -887,6 +931,32 @@ mod tests {
             assert_eq!(id, same);
             assert_ne!(id, other);
         }
+    }
+
+    /// A room version 12 create event has no room id: it names the room,
+    /// and reads back with the room id derived from its event id.
+    #[test]
+    fn version_12_create_events_name_their_room() {
+        use ruma::state_res::Event as _;
+        let key = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), "a_test".into()).expect("key");
+        let placeholder = RoomId::parse("!unused:example.org").expect("room");
+        let sender = UserId::parse("@alice:example.org").expect("user");
+        let content = to_canonical(serde_json::json!({ "room_version": "12" })).expect("canonical");
+        let fields = PduFields { room: &placeholder, sender: &sender, kind: "m.room.create", state_key: Some(""), content, prev_events: &[], auth_events: &[], depth: 1, ts: 1, redacts: None };
+        let (id, json) = build_pdu(&fields, "example.org", &key, &RoomVersionId::V12.rules().expect("rules")).expect("build");
+        assert!(!json.contains("room_id"), "{json}");
+        let pdu = Pdu::parse(&json, id.clone()).expect("parse");
+        assert_eq!(pdu.room_id.as_str(), format!("!{}", &id.as_str()[1..]));
+        assert_eq!(ruma::state_res::Event::room_id(&pdu), None, "the auth rules see no room_id field");
+        // Earlier versions keep the room id in the event.
+        let content = to_canonical(serde_json::json!({ "room_version": "11" })).expect("canonical");
+        let fields = PduFields { content, ..fields };
+        let (id, json) = build_pdu(&fields, "example.org", &key, &RoomVersionId::V11.rules().expect("rules")).expect("build");
+        let pdu = Pdu::parse(&json, id).expect("parse");
+        assert_eq!(pdu.room_id(), Some(&*placeholder));
+        // Only a create event may lack its room id.
+        let bad = json.replace("m.room.create", "m.room.message").replace(&format!("\"room_id\":\"{placeholder}\","), "");
+        assert!(Pdu::parse(&bad, OwnedEventId::try_from("$x").expect("id")).is_err(), "{bad}");
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct NewRoom {
     /// alias, presets, initial state, name, topic, invites.
     pub events: Vec<Draft>,
     pub create_content: Value,
+    /// When the create event is sent (room version 12 derives the room id
+    /// from it, before the owner shard builds it).
+    pub ts: u64,
 }
 
 /// Work that must run on a room's owner shard.

@@ -370,6 +370,24 @@ def test_create_room_200(api, check, user, spec):
             spec.validate_event_content(etype, event["content"])
 
 
+def test_create_room_version_12_200(api, check, spec, new_user):
+    owner, other = new_user(), new_user()
+    resp = api.request(
+        "POST", f"{V3}/createRoom", owner.access_token,
+        json={"room_version": "12", "preset": "trusted_private_chat", "invite": [other.user_id], "name": "Twelve"},
+    )
+    room_id = check(resp, "POST", f"{V3}/createRoom", 200)["room_id"]
+    assert ":" not in room_id, f"a room version 12 id has no server name: {room_id}"
+    state = {(e["type"], e["state_key"]): e for e in room_state(api, owner, room_id)}
+    create = state[("m.room.create", "")]
+    assert create["event_id"] == "$" + room_id[1:], create
+    assert create["content"]["additional_creators"] == [other.user_id], create
+    assert owner.user_id not in state[("m.room.power_levels", "")]["content"].get("users", {})
+    for (etype, _), event in state.items():
+        if spec.event_schema(etype) is not None:
+            spec.validate_event_content(etype, event["content"])
+
+
 def test_create_room_400_unsupported_version(api, check, user):
     resp = api.request("POST", f"{V3}/createRoom", user.access_token, json={"room_version": "no-such-version"})
     assert check(resp, "POST", f"{V3}/createRoom", 400)["errcode"] == "M_UNSUPPORTED_ROOM_VERSION"

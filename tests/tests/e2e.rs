@@ -944,6 +944,95 @@ fn knocks_reach_the_room_and_end_in_an_invite_or_a_denial() {
     assert_eq!((s, b["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{b}");
 }
 
+/// Room version 12: the room id is the create event's reference hash, the
+/// creators (the sender and `additional_creators`) have infinite power and
+/// are not listed in the power levels, and upgrades can name additional
+/// creators.
+#[test]
+fn room_version_12_rooms_are_named_by_their_create_event_and_privilege_creators() {
+    let mut node = Node::start("v12", "[runtime]\nshards = 2\n");
+    let (alice, bob) = two_users(&node);
+    let mut carol = node.client();
+    carol.register("carol");
+    let (_, caps) = alice.get("/_matrix/client/v3/capabilities");
+    assert_eq!(caps["capabilities"]["m.room_versions"]["available"]["12"], "stable", "{caps}");
+    let room = alice.create_room(json!({ "room_version": "12", "preset": "public_chat", "name": "Twelve" }));
+    let hashed = |id: &str| id.len() == 44 && id.starts_with('!') && id[1..].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    assert!(hashed(&room), "a room version 12 id is a hash, without a server name: {room}");
+    let state = |c: &Client, room: &str, kind: &str, key: &str| c.get(&format!("/_matrix/client/v3/rooms/{room}/state/{kind}/{key}")).1;
+    let (s, all) = alice.get(&format!("/_matrix/client/v3/rooms/{room}/state"));
+    assert_eq!(s, 200, "{all}");
+    let create = all.as_array().expect("state").iter().find(|e| e["type"] == "m.room.create").expect("create event").clone();
+    assert_eq!(create["event_id"].as_str().map(|id| id.replacen('$', "!", 1)), Some(room.clone()), "{create}");
+    assert_eq!(create["room_id"], room.as_str(), "clients see the room id on the create event too: {create}");
+    assert_eq!(create["content"], json!({ "room_version": "12" }), "no creator field: {create}");
+    let pl = state(&alice, &room, "m.room.power_levels", "");
+    assert_eq!(pl["users"], json!({}), "the creator is not listed: {pl}");
+    assert!(pl["events"]["m.room.tombstone"].as_i64() > pl["state_default"].as_i64(), "{pl}");
+
+    // Messages flow as in any room.
+    let (s, b) = bob.post(&format!("/_matrix/client/v3/join/{room}"), json!({}));
+    assert_eq!(s, 200, "{b}");
+    let (_, a0) = alice.get("/_matrix/client/v3/sync");
+    let since = a0["next_batch"].as_str().expect("next_batch").to_owned();
+    let hello = bob.send_text(&room, "h1", "hello twelve");
+    let seen = alice.sync_until(&since, |v| bodies(v, &room) == ["hello twelve"]);
+    assert_eq!(seen["rooms"]["join"][&room]["timeline"]["events"][0]["event_id"], hello.as_str());
+
+    // A member at the highest listed level still cannot act against the
+    // creator, nor list them in the power levels; the creator can act on
+    // anyone.
+    let mut raised = pl.clone();
+    raised["users"] = json!({ "@bob:localhost": 100 });
+    let (s, b) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), raised.clone());
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/kick"), json!({ "user_id": "@alice:localhost" }));
+    assert_eq!(s, 403, "a creator cannot be kicked: {b}");
+    let mut listing = raised.clone();
+    listing["users"]["@alice:localhost"] = json!(0);
+    let (s, b) = bob.put(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), listing);
+    assert_eq!(s, 403, "a creator cannot be listed: {b}");
+    let (s, b) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{hello}/r1"), json!({}));
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = alice.post(&format!("/_matrix/client/v3/rooms/{room}/kick"), json!({ "user_id": "@bob:localhost" }));
+    assert_eq!(s, 200, "the creator outranks 100: {b}");
+
+    // trusted_private_chat makes the invitees additional creators.
+    let trusted = alice.create_room(json!({ "room_version": "12", "preset": "trusted_private_chat", "invite": ["@bob:localhost"], "creation_content": { "additional_creators": ["@carol:localhost", "@bob:localhost"] } }));
+    assert_eq!(state(&alice, &trusted, "m.room.create", "")["additional_creators"], json!(["@carol:localhost", "@bob:localhost"]));
+    assert_eq!(state(&alice, &trusted, "m.room.power_levels", "")["users"], json!({}));
+    // Creators cannot be given a level, and additional creators must be users.
+    let (s, b) = alice.post("/_matrix/client/v3/createRoom", json!({ "room_version": "12", "power_level_content_override": { "users": { "@alice:localhost": 100 } } }));
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{b}");
+    let (s, b) = alice.post("/_matrix/client/v3/createRoom", json!({ "room_version": "12", "creation_content": { "additional_creators": "@bob:localhost" } }));
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_BAD_JSON")), "{b}");
+
+    // An upgrade to 12 names additional creators, and drops creators from
+    // the copied power levels.
+    let old = alice.create_room(json!({ "preset": "public_chat", "power_level_content_override": { "users": { "@carol:localhost": 50 } } }));
+    let (s, b) = alice.post(&format!("/_matrix/client/v3/rooms/{old}/upgrade"), json!({ "new_version": "12", "additional_creators": ["@carol:localhost"] }));
+    assert_eq!(s, 200, "{b}");
+    let new = b["replacement_room"].as_str().expect("replacement_room").to_owned();
+    assert!(hashed(&new), "{new}");
+    let create = state(&alice, &new, "m.room.create", "");
+    assert_eq!((create["room_version"].as_str(), create["predecessor"]["room_id"].as_str(), create["additional_creators"].clone()), (Some("12"), Some(old.as_str()), json!(["@carol:localhost"])), "{create}");
+    assert_eq!(state(&alice, &new, "m.room.power_levels", "")["users"], json!({}));
+    assert_eq!(state(&alice, &old, "m.room.tombstone", "")["replacement_room"], new.as_str());
+    // Older versions ignore `additional_creators`.
+    let (s, b) = alice.post(&format!("/_matrix/client/v3/rooms/{trusted}/upgrade"), json!({ "new_version": "11", "additional_creators": ["@carol:localhost"] }));
+    assert_eq!(s, 200, "{b}");
+    let eleven = b["replacement_room"].as_str().expect("replacement_room").to_owned();
+    assert!(eleven.ends_with(":localhost"), "{eleven}");
+    assert_eq!(state(&alice, &eleven, "m.room.create", "").get("additional_creators"), None);
+
+    // After a restart the room loads from storage and takes new events.
+    assert_eq!(node.stop(), Some(0), "{}", node.log());
+    node.spawn();
+    alice.send_text(&room, "after", "after the restart");
+    let (s, b) = carol.post(&format!("/_matrix/client/v3/join/{room}"), json!({}));
+    assert_eq!(s, 200, "{b}");
+}
+
 #[test]
 fn upgrades_replace_the_room_and_carry_its_state_aliases_and_members_settings() {
     let node = Node::start("upgrade", "[runtime]\nshards = 2\n");

@@ -70,7 +70,7 @@ pub fn capabilities(shard: &Shard) -> Value {
             "m.change_password": { "enabled": true },
             "m.room_versions": {
                 "default": shard.config.rooms.default_version,
-                "available": { "10": "stable", "11": "stable" }
+                "available": { "10": "stable", "11": "stable", "12": "stable" }
             },
             "m.set_displayname": { "enabled": true },
             "m.set_avatar_url": { "enabled": true },

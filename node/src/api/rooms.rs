@@ -90,7 +90,7 @@ pub(crate) fn visible_upto(shard: &Shard, room: &RoomId, user: &UserId) -> ApiRe
 /// A 400 for room versions this server cannot create.
 pub(crate) fn supported_version(version: &str) -> ApiResult<()> {
     match version {
-        "10" | "11" => Ok(()),
+        "10" | "11" | "12" => Ok(()),
         _ => Err(ApiError::new(StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION", format!("Room version {version} is not supported"))),
     }
 }
@@ -101,6 +101,24 @@ pub(crate) fn power_content(shard: &Shard, room: &RoomId) -> ApiResult<Value> {
 
 pub(crate) fn user_power(pl: &Value, user: &UserId) -> i64 {
     pl["users"][user.as_str()].as_i64().or_else(|| pl["users_default"].as_i64()).unwrap_or(0)
+}
+
+/// The room's creators who have infinite power (room version 12 and
+/// later; none before).
+pub(crate) fn privileged_creators(shard: &Shard, room: &RoomId) -> ApiResult<Vec<OwnedUserId>> {
+    let Some(head) = shard.db.room_head(room)? else { return Ok(Vec::new()) };
+    let Some(create) = shard.db.state_event(room, "m.room.create", "")? else { return Ok(Vec::new()) };
+    Ok(crate::room::creators(&create.pdu, &crate::room::rules_for(&head.version)?))
+}
+
+/// A user's power level in a room (the highest there is for its
+/// privileged creators), with the room's power levels content.
+pub(crate) fn room_power(shard: &Shard, room: &RoomId, user: &UserId) -> ApiResult<(i64, Value)> {
+    let pl = power_content(shard, room)?;
+    if privileged_creators(shard, room)?.iter().any(|c| c == user) {
+        return Ok((i64::MAX, pl));
+    }
+    Ok((user_power(&pl, user), pl))
 }
 
 #[derive(Deserialize, Default)]
@@ -144,6 +162,25 @@ fn merge(base: &mut Value, over: &Value) {
     }
 }
 
+/// The `additional_creators` of a new room's create content (room version
+/// 12 and later), with `also` appended, without duplicates or the creator;
+/// 400 when they are not a list of user ids.
+pub(crate) fn additional_creators(create_content: &Value, creator: &UserId, also: &[OwnedUserId]) -> ApiResult<Vec<String>> {
+    let bad = || ApiError::bad_json("additional_creators must be a list of user ids");
+    let listed = match create_content.get("additional_creators") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a.iter().map(|u| u.as_str().and_then(|u| UserId::parse(u).ok()).ok_or_else(bad)).collect::<ApiResult<Vec<_>>>()?,
+        Some(_) => return Err(bad()),
+    };
+    let mut out: Vec<String> = Vec::new();
+    for u in listed.iter().chain(also) {
+        if u != creator && !out.iter().any(|o| o == u.as_str()) {
+            out.push(u.to_string());
+        }
+    }
+    Ok(out)
+}
+
 /// POST /_matrix/client/v3/createRoom
 pub async fn create_room(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Value> {
     let body: CreateRoomBody = req.json(shard)?;
@@ -155,7 +192,9 @@ pub async fn create_room(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResu
         return Err(ApiError::bad_json(format!("Unknown preset {preset}")));
     }
     let invites: Vec<OwnedUserId> = body.invite.iter().map(|u| parse_user(u)).collect::<ApiResult<_>>()?;
-    let room_id = parse_room(&format!("!{}:{}", crate::api::account::random_string(18), shard.server_name))?;
+    // Room version 12 and later: creators have infinite power and are not
+    // listed in the power levels.
+    let privileged = crate::room::rules_for(&version)?.authorization.explicitly_privilege_room_creators;
 
     let alias = match &body.room_alias_name {
         Some(name) => {
@@ -176,6 +215,23 @@ pub async fn create_room(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResu
         merge(&mut create_content, extra);
         create_content["room_version"] = json!(version);
     }
+    let creators = if privileged {
+        let extra = additional_creators(&create_content, &auth.user, if preset == "trusted_private_chat" { &invites[..] } else { &[] })?;
+        match create_content.as_object_mut() {
+            Some(c) if extra.is_empty() => {
+                c.remove("additional_creators");
+            }
+            Some(c) => {
+                c.insert("additional_creators".into(), json!(extra));
+            }
+            None => {}
+        }
+        std::iter::once(auth.user.to_string()).chain(extra).collect()
+    } else {
+        Vec::new()
+    };
+    let ts = crate::room::now_ms();
+    let room_id = crate::room::new_room_id(shard, &auth.user, &version, &create_content, ts)?;
     let draft = |kind: &str, state_key: &str, content: Value| Draft { sender: auth.user.clone(), kind: kind.into(), state_key: Some(state_key.into()), content, txn: None, redacts: None };
     let mut events = Vec::new();
     let mut join = member_content(&shard.db, &auth.user, "join", None)?;
@@ -184,8 +240,8 @@ pub async fn create_room(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResu
     }
     events.push(draft("m.room.member", auth.user.as_str(), join));
 
-    let mut users = json!({ auth.user.as_str(): 100 });
-    if preset == "trusted_private_chat" {
+    let mut users = if privileged { json!({}) } else { json!({ auth.user.as_str(): 100 }) };
+    if preset == "trusted_private_chat" && !privileged {
         for u in &invites {
             users[u.as_str()] = json!(100);
         }
@@ -200,11 +256,18 @@ pub async fn create_room(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResu
         },
         "notifications": { "room": 50 }
     });
+    if privileged {
+        // Above `state_default`, as room version 12 requires.
+        pl["events"]["m.room.tombstone"] = json!(150);
+    }
     if let Some(over) = &body.power_level_content_override {
         if !over.is_object() {
             return Err(ApiError::bad_json("power_level_content_override must be an object"));
         }
         merge(&mut pl, over);
+    }
+    if let Some(listed) = creators.iter().find(|c| pl["users"].get(c.as_str()).is_some()) {
+        return Err(ApiError::invalid_param(format!("{listed} is a creator of the room and cannot be given a power level")));
     }
     events.push(draft("m.room.power_levels", "", pl));
     if let Some(a) = &alias {
@@ -240,7 +303,7 @@ pub async fn create_room(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResu
     {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", "Room alias already taken"));
     }
-    let new = NewRoom { creator: auth.user.clone(), version, events, create_content };
+    let new = NewRoom { creator: auth.user.clone(), version, events, create_content, ts };
     if let Err(e) = shard.room_op(&room_id, RoomOp::Create(new)).await {
         if let Some(a) = &alias {
             shard.db.delete_alias(a.as_str(), &room_id)?;
@@ -1087,8 +1150,8 @@ pub fn delete_alias(shard: &Shard, auth: &Authed, alias: &str) -> ApiResult<Valu
     let room = shard.db.alias(alias.as_str())?.ok_or_else(|| ApiError::not_found("Room alias not found"))?;
     let room = parse_room(&room)?;
     let creator = shard.db.alias_creator(&room, alias.as_str())?;
-    let pl = power_content(shard, &room)?;
-    if creator.as_deref() != Some(auth.user.as_str()) && user_power(&pl, &auth.user) < pl["state_default"].as_i64().unwrap_or(50) {
+    let (level, pl) = room_power(shard, &room, &auth.user)?;
+    if creator.as_deref() != Some(auth.user.as_str()) && level < pl["state_default"].as_i64().unwrap_or(50) {
         return Err(ApiError::forbidden("You may not delete this alias"));
     }
     shard.db.delete_alias(alias.as_str(), &room)?;
@@ -1121,8 +1184,8 @@ pub fn set_visibility(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> Ap
         return Err(ApiError::not_found("Unknown room"));
     }
     ensure_joined(shard, &room, &auth.user)?;
-    let pl = power_content(shard, &room)?;
-    if user_power(&pl, &auth.user) < pl["state_default"].as_i64().unwrap_or(50) {
+    let (level, pl) = room_power(shard, &room, &auth.user)?;
+    if level < pl["state_default"].as_i64().unwrap_or(50) {
         return Err(ApiError::forbidden("You may not change the room's visibility"));
     }
     shard.db.set_published(&room, public)?;

@@ -20,7 +20,7 @@ use ruma::{OwnedRoomId, RoomId, UserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::rooms::{ensure_joined, parse_room, power_content, supported_version, user_power};
+use crate::api::rooms::{additional_creators, ensure_joined, parse_room, room_power, supported_version};
 use crate::api::userdata::{room_tags, save_rules, write_account_data};
 use crate::error::{ApiError, ApiResult};
 use crate::http::{Authed, Req};
@@ -58,13 +58,20 @@ pub async fn upgrade(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str) ->
     let body: Body = req.json(shard)?;
     let old = parse_room(room)?;
     supported_version(&body.new_version)?;
-    if !body.additional_creators.is_empty() {
-        return Err(ApiError::invalid_param(format!("Room version {} has no additional creators", body.new_version)));
-    }
+    // Room version 12 and later: creators have infinite power and are not
+    // listed in the power levels. Earlier versions ignore
+    // `additional_creators`.
+    let privileged = crate::room::rules_for(&body.new_version)?.authorization.explicitly_privilege_room_creators;
+    let creators = if privileged {
+        let listed = body.additional_creators.iter().map(|u| crate::api::rooms::parse_user(u)).collect::<ApiResult<Vec<_>>>()?;
+        additional_creators(&json!({}), &auth.user, &listed)?
+    } else {
+        Vec::new()
+    };
     let Some(head) = shard.db.room_head(&old)? else { return Err(ApiError::not_found("Unknown room")) };
     ensure_joined(shard, &old, &auth.user)?;
-    let pl = power_content(shard, &old)?;
-    if !may_tombstone(&pl, &head.creator, &auth.user) {
+    let (level, pl) = room_power(shard, &old, &auth.user)?;
+    if !may_tombstone(&pl, level, &head.creator, &auth.user) {
         return Err(ApiError::forbidden("You may not upgrade this room"));
     }
     let content = |kind: &str, state_key: &str| -> ApiResult<Option<Value>> { Ok(shard.db.state_event(&old, kind, state_key)?.map(|e| e.pdu.content_value())) };
@@ -76,6 +83,9 @@ pub async fn upgrade(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str) ->
     }
     if body.new_version == "10" {
         create_content["creator"] = json!(auth.user);
+    }
+    if !creators.is_empty() {
+        create_content["additional_creators"] = json!(creators);
     }
     for key in ["type", "m.federate"] {
         if let Some(v) = old_create.get(key) {
@@ -109,12 +119,24 @@ pub async fn upgrade(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str) ->
         }
     }
     if pl.is_object() {
-        events.push(draft("m.room.power_levels", "", pl.clone()));
+        let mut new_pl = pl.clone();
+        if privileged {
+            // The creators hold infinite power, and may not be listed.
+            if let Some(users) = new_pl["users"].as_object_mut() {
+                users.retain(|u, _| u != auth.user.as_str() && !creators.iter().any(|c| c == u));
+            }
+            let state_default = new_pl["state_default"].as_i64().unwrap_or(50);
+            if new_pl["events"]["m.room.tombstone"].as_i64().unwrap_or(state_default) <= state_default {
+                new_pl["events"]["m.room.tombstone"] = json!(state_default.saturating_add(1).max(150));
+            }
+        }
+        events.push(draft("m.room.power_levels", "", new_pl));
     }
 
-    let new = parse_room(&format!("!{}:{}", crate::api::account::random_string(18), shard.server_name))?;
     let version = body.new_version.clone();
-    shard.room_op(&new, RoomOp::Create(NewRoom { creator: auth.user.clone(), version, events, create_content })).await?;
+    let ts = crate::room::now_ms();
+    let new = crate::room::new_room_id(shard, &auth.user, &version, &create_content, ts)?;
+    shard.room_op(&new, RoomOp::Create(NewRoom { creator: auth.user.clone(), version, events, create_content, ts })).await?;
 
     // From here the replacement exists; the old room is pointed at it.
     let tombstone = json!({ "body": "This room has been replaced", "replacement_room": new });
@@ -139,14 +161,15 @@ pub async fn upgrade(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str) ->
     Ok(json!({ "replacement_room": new }))
 }
 
-/// Whether `user` may send `m.room.tombstone` under these power levels.
-fn may_tombstone(pl: &Value, creator: &str, user: &UserId) -> bool {
+/// Whether `user`, of power `level`, may send `m.room.tombstone` under
+/// these power levels.
+fn may_tombstone(pl: &Value, level: i64, creator: &str, user: &UserId) -> bool {
     if !pl.is_object() {
         // Without power levels only the creator has any power.
-        return creator == user.as_str();
+        return creator == user.as_str() || level == i64::MAX;
     }
     let needed = pl["events"]["m.room.tombstone"].as_i64().or_else(|| pl["state_default"].as_i64()).unwrap_or(50);
-    user_power(pl, user) >= needed
+    level >= needed
 }
 
 /// The replaced room's power levels with sending and inviting raised out
@@ -270,12 +293,15 @@ mod tests {
     #[test]
     fn tombstone_needs_its_level_or_state_default() {
         let user: &UserId = "@u:x".try_into().expect("user");
-        assert!(may_tombstone(&json!({ "users": { "@u:x": 100 } }), "@c:x", user));
-        assert!(!may_tombstone(&json!({ "users": { "@u:x": 50 }, "events": { "m.room.tombstone": 100 } }), "@c:x", user));
-        assert!(may_tombstone(&json!({ "users": { "@u:x": 50 }, "state_default": 50 }), "@c:x", user));
-        assert!(!may_tombstone(&json!({ "users_default": 10, "state_default": 50 }), "@c:x", user));
-        assert!(may_tombstone(&Value::Null, "@u:x", user));
-        assert!(!may_tombstone(&Value::Null, "@c:x", user));
+        let check = |pl: Value, creator: &str| may_tombstone(&pl, crate::api::rooms::user_power(&pl, user), creator, user);
+        assert!(check(json!({ "users": { "@u:x": 100 } }), "@c:x"));
+        assert!(!check(json!({ "users": { "@u:x": 50 }, "events": { "m.room.tombstone": 100 } }), "@c:x"));
+        assert!(check(json!({ "users": { "@u:x": 50 }, "state_default": 50 }), "@c:x"));
+        assert!(!check(json!({ "users_default": 10, "state_default": 50 }), "@c:x"));
+        assert!(check(Value::Null, "@u:x"));
+        assert!(!check(Value::Null, "@c:x"));
+        // A privileged creator (room version 12) outranks any level.
+        assert!(may_tombstone(&json!({ "events": { "m.room.tombstone": 150 } }), i64::MAX, "@c:x", user));
     }
 
     #[test]
