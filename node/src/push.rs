@@ -2,12 +2,15 @@
 //! rules, stored as `m.push_rules` account data), evaluated on every new
 //! event to maintain unread notification and highlight counts.
 
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use ruma::push::{Action, PushConditionRoomCtx, Ruleset};
+use ruma::power_levels::NotificationPowerLevels;
+use ruma::push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset};
+use ruma::room_version_rules::RoomPowerLevelsRules;
 use ruma::serde::Raw;
-use ruma::{OwnedUserId, RoomId, UInt, UserId};
+use ruma::{Int, OwnedUserId, RoomId, UInt, UserId};
 use serde_json::{Value, json};
 
 use crate::db::{Db, Unread};
@@ -60,8 +63,12 @@ pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc
     let Ok(raw) = serde_json::value::to_raw_value(&client) else { return Ok((Vec::new(), None)) };
     let haystack = raw.get().to_lowercase();
     let raw: Raw<Value> = Raw::from_json(raw);
+    let power = match &cached.push_power {
+        Some(p) => p.clone(),
+        None => cached.push_power.insert(Rc::new(power_levels(cached))).clone(),
+    };
     let outcome = |rules: &Ruleset, user: &UserId, name: &str| -> (bool, bool) {
-        let ctx = PushConditionRoomCtx::new(room.to_owned(), member_count, user.to_owned(), name.to_owned());
+        let ctx = PushConditionRoomCtx::new(room.to_owned(), member_count, user.to_owned(), name.to_owned()).with_power_levels((*power).clone());
         let actions = futures_lite::future::block_on(rules.get_actions(&raw, &ctx));
         (actions.iter().any(Action::should_notify), actions.iter().any(Action::is_highlight))
     };
@@ -102,6 +109,33 @@ pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc
         out.push((user.clone(), counts, highlight));
     }
     Ok((out, thread.flatten()))
+}
+
+/// The room's power levels as push conditions read them: each user's
+/// level, the default, the level that may notify the whole room, and the
+/// creators who outrank everyone (room version 12 and later). Without a
+/// power levels event, the creator alone has 100 (earlier versions).
+fn power_levels(cached: &CachedRoom) -> PushConditionPowerLevelsCtx {
+    let create = cached.state.get(&("m.room.create".to_owned(), String::new())).map(|(p, _)| p.clone());
+    let creators = create.as_deref().map(|c| crate::room::creators(c, &cached.rules)).unwrap_or_default();
+    let rules = RoomPowerLevelsRules::new(&cached.rules.authorization, creators);
+    let mut notifications = NotificationPowerLevels::new();
+    let int = |v: &Value| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).and_then(|n| Int::try_from(n).ok());
+    let Some((pl, _)) = cached.state.get(&("m.room.power_levels".to_owned(), String::new())) else {
+        let mut users = BTreeMap::new();
+        if let Some(c) = &create
+            && rules.privileged_creators.is_none()
+        {
+            users.insert(c.sender.clone(), Int::from(100u8));
+        }
+        return PushConditionPowerLevelsCtx::new(users, Int::default(), notifications, rules);
+    };
+    let content = pl.content_value();
+    let users = content["users"].as_object().map(|m| m.iter().filter_map(|(u, l)| Some((OwnedUserId::try_from(u.as_str()).ok()?, int(l)?))).collect()).unwrap_or_default();
+    if let Some(room) = int(&content["notifications"]["room"]) {
+        notifications.room = room;
+    }
+    PushConditionPowerLevelsCtx::new(users, int(&content["users_default"]).unwrap_or_default(), notifications, rules)
 }
 
 /// A member an event notified: their new unread counts, and whether it

@@ -51,11 +51,15 @@ pub struct CachedRoom {
     /// Joined members for push rule evaluation, built on first use and
     /// dropped whenever a membership event is appended.
     pub members: Option<Rc<Vec<crate::push::Member>>>,
+    /// Power levels as push rules see them (who may notify the whole
+    /// room), built on first use and dropped whenever the power levels
+    /// change.
+    pub push_power: Option<Rc<ruma::push::PushConditionPowerLevelsCtx>>,
 }
 
 impl CachedRoom {
     fn new(head: RoomHead, rules: RoomVersionRules, state: HashMap<(String, String), (Arc<Pdu>, u64)>) -> CachedRoom {
-        CachedRoom { head, rules, state, unread: HashMap::new(), notify_index: HashMap::new(), notify_users: None, members: None }
+        CachedRoom { head, rules, state, unread: HashMap::new(), notify_index: HashMap::new(), notify_users: None, members: None, push_power: None }
     }
 }
 
@@ -699,6 +703,9 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
         }
         if draft.kind == "m.room.member" {
             cached.members = None;
+        }
+        if draft.kind == "m.room.power_levels" {
+            cached.push_power = None;
         }
         cached.state.insert((draft.kind.clone(), sk.clone()), (pdu.clone(), pos));
     }

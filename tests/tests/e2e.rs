@@ -1586,6 +1586,44 @@ fn unread_counts_follow_push_rules_and_receipts() {
     assert!(mine.contains(&three), "the receipt still points at the later event: {mine}");
 }
 
+/// `@room` mentions highlight only when the sender's power level reaches
+/// the room's `notifications.room` level; in room version 12 the creator
+/// always may.
+#[test]
+fn room_mentions_highlight_by_the_senders_power() {
+    let node = Node::start("roommention", "");
+    let (alice, bob) = two_users(&node);
+    for version in ["11", "12"] {
+        let room = alice.create_room(json!({ "room_version": version, "preset": "public_chat", "name": "Mentions" }));
+        let (s, b) = bob.post(&format!("/_matrix/client/v3/join/{room}"), json!({}));
+        assert_eq!(s, 200, "{b}");
+        let everyone = json!({ "msgtype": "m.text", "body": "@room look", "m.mentions": { "room": true } });
+        let settled = |c: &Client, want: Value| {
+            let (_, full) = c.get("/_matrix/client/v3/sync");
+            let got = full["rooms"]["join"][&room]["unread_notifications"].clone();
+            if got != want {
+                let seen = c.sync_until(full["next_batch"].as_str().expect("next_batch"), |v| v["rooms"]["join"][&room]["unread_notifications"] == want);
+                assert_eq!(seen["rooms"]["join"][&room]["unread_notifications"], want, "room {version}: {seen}");
+            }
+        };
+        // Alice (the creator, 100 or infinite) may; Bob (0 < 50) may not.
+        let (s, b) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/a{version}"), everyone.clone());
+        assert_eq!(s, 200, "{b}");
+        settled(&bob, json!({ "notification_count": 1, "highlight_count": 1 }));
+        let (s, b) = bob.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/b{version}"), everyone.clone());
+        assert_eq!(s, 200, "{b}");
+        settled(&alice, json!({ "notification_count": 1, "highlight_count": 0 }));
+        // Once the room lets everyone notify it, Bob's mention highlights.
+        let mut pl = alice.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/")).1;
+        pl["notifications"] = json!({ "room": 0 });
+        let (s, b) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), pl);
+        assert_eq!(s, 200, "{b}");
+        let (s, b) = bob.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/c{version}"), everyone.clone());
+        assert_eq!(s, 200, "{b}");
+        settled(&alice, json!({ "notification_count": 2, "highlight_count": 1 }));
+    }
+}
+
 /// Threaded read receipts clear their own thread, or the main timeline,
 /// and nothing else; an unthreaded one reads everything before it. With
 /// `unread_thread_notifications` a sync gives the counts per thread, the
