@@ -1254,7 +1254,7 @@ mod tests {
         let id = OwnedEventId::try_from(format!("$e{pos}:x")).expect("id");
         let content = membership.map_or(json!({ "v": pos }), |m| json!({ "membership": m }));
         let pdu = json!({ "room_id": room, "sender": "@a:x", "origin_server_ts": 1, "type": kind, "state_key": key, "content": content, "prev_events": [], "auth_events": [], "depth": pos });
-        let stored = StoredEvent { json: serde_json::value::to_raw_value(&pdu).expect("raw"), pos, txn: None, redacted_by: None, prev_content: None, prev_sender: None, replaces_state: None };
+        let stored = StoredEvent { json: serde_json::value::to_raw_value(&pdu).expect("raw"), pos, txn: None, redacted_by: None, redacted_because: None, prev_content: None, prev_sender: None, replaces_state: None };
         let entry = StateEntry { event_id: id.clone(), pos, membership: if legacy { None } else { membership.map(str::to_owned) } };
         vec![Write::put(Table::Events, id.as_bytes(), b"".to_vec(), encode(&stored)), Write::put(Table::RoomState, room.as_bytes(), state_ck(kind, key), encode(&entry))]
     }

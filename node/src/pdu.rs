@@ -52,6 +52,12 @@ pub struct StoredEvent {
     /// The redaction event that redacted this one, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redacted_by: Option<String>,
+    /// That redaction in the client format, without `unsigned` (see
+    /// [`redaction_summary`]): clients read who redacted and why from
+    /// `unsigned.redacted_because`. Rows redacted before it was kept have
+    /// only the id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redacted_because: Option<Box<RawJsonValue>>,
     /// Content of the state this event replaced (`unsigned.prev_content`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev_content: Option<Box<RawJsonValue>>,
@@ -139,7 +145,8 @@ impl Event {
         let mut unsigned = serde_json::Map::new();
         if let Some(by) = &self.stored.redacted_by {
             content = redacted_content(pdu.kind.to_string().as_str(), content);
-            unsigned.insert("redacted_because".into(), json!({ "event_id": by }));
+            let because = self.stored.redacted_because.as_ref().and_then(|b| serde_json::from_str(b.get()).ok()).unwrap_or_else(|| json!({ "event_id": by }));
+            unsigned.insert("redacted_because".into(), because);
         }
         let ts: u64 = pdu.origin_server_ts.get().into();
         unsigned.insert("age".into(), json!(now_ms.saturating_sub(ts)));
@@ -254,9 +261,14 @@ impl Rendered {
         }
         if let Some(by) = &stored.redacted_by {
             member(&mut head, "redacted_because");
-            head.push_str("{\"event_id\":");
-            push_json_str(&mut head, by);
-            head.push('}');
+            match &stored.redacted_because {
+                Some(because) => head.push_str(because.get()),
+                None => {
+                    head.push_str("{\"event_id\":");
+                    push_json_str(&mut head, by);
+                    head.push('}');
+                }
+            }
         }
         if stored.prev_content.is_some()
             && let Some(r) = &stored.replaces_state
@@ -464,6 +476,23 @@ impl ruma::state_res::Event for Pdu {
     }
 }
 
+/// A redaction event in the client format without `unsigned`, as the
+/// events it redacts carry it in `unsigned.redacted_because`.
+pub fn redaction_summary(pdu: &Pdu) -> Option<Box<RawJsonValue>> {
+    let mut ev = json!({
+        "content": serde_json::from_str::<Value>(pdu.content.get()).ok()?,
+        "event_id": pdu.id(),
+        "origin_server_ts": pdu.origin_server_ts,
+        "room_id": pdu.room_id,
+        "sender": pdu.sender,
+        "type": pdu.kind.to_string(),
+    });
+    if let Some(r) = &pdu.redacts {
+        ev["redacts"] = json!(r);
+    }
+    serde_json::value::to_raw_value(&ev).ok()
+}
+
 /// The id of the room whose create event is `create` (room version 12 and
 /// later): the event's reference hash with `!` for `$`.
 pub fn room_id_of_create(create: &EventId) -> Option<OwnedRoomId> {
@@ -487,7 +516,7 @@ mod tests {
     fn event(pdu: Value, stored: impl FnOnce(&mut StoredEvent)) -> Event {
         let json = serde_json::value::to_raw_value(&pdu).expect("raw");
         let pdu = Pdu::parse(json.get(), OwnedEventId::try_from("$abc:example.org").expect("id")).expect("pdu");
-        let mut s = StoredEvent { json, pos: 7, txn: None, redacted_by: None, prev_content: None, prev_sender: None, replaces_state: None };
+        let mut s = StoredEvent { json, pos: 7, txn: None, redacted_by: None, redacted_because: None, prev_content: None, prev_sender: None, replaces_state: None };
         stored(&mut s);
         Event { pdu: Arc::new(pdu), stored: Arc::new(s) }
     }
@@ -518,6 +547,10 @@ mod tests {
             }),
             event(base("m.room.message", None, json!({"body": "secret", "msgtype": "m.text"})), |s| {
                 s.redacted_by = Some("$red:example.org".into());
+            }),
+            event(base("m.room.message", None, json!({"body": "secret", "msgtype": "m.text"})), |s| {
+                s.redacted_by = Some("$red3:example.org".into());
+                s.redacted_because = Some(RawJsonValue::from_string(r#"{"content":{"reason":"r"},"event_id":"$red3:example.org","sender":"@a:example.org","type":"m.room.redaction"}"#.into()).expect("raw"));
             }),
             event(base("m.room.member", Some("@c:example.org"), json!({"membership": "leave", "reason": "x"})), |s| {
                 s.redacted_by = Some("$red2:example.org".into());
@@ -562,7 +595,7 @@ mod tests {
         let pdu = json!({ "room_id": "!r:x", "sender": "@a:x", "origin_server_ts": 1, "type": "m.room.message", "content": { "body": "x".repeat(100) }, "prev_events": [], "auth_events": [], "depth": 1 });
         let json = serde_json::value::to_raw_value(&pdu).expect("raw");
         let parsed = Pdu::parse(json.get(), id.clone()).expect("pdu");
-        let stored = StoredEvent { json, pos: u64::from(i), txn: None, redacted_by: None, prev_content: None, prev_sender: None, replaces_state: None };
+        let stored = StoredEvent { json, pos: u64::from(i), txn: None, redacted_by: None, redacted_because: None, prev_content: None, prev_sender: None, replaces_state: None };
         (id, Rc::new(Rendered::new(Event { pdu: Arc::new(parsed), stored: Arc::new(stored) })))
     }
 

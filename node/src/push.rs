@@ -58,7 +58,7 @@ pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc
         return Ok((Vec::new(), None));
     }
     let member_count = UInt::try_from(members.len()).unwrap_or(UInt::MAX);
-    let event = Event { pdu: pdu.clone(), stored: Arc::new(StoredEvent { json: Box::default(), pos: 0, txn: None, redacted_by: None, prev_content: None, prev_sender: None, replaces_state: None }) };
+    let event = Event { pdu: pdu.clone(), stored: Arc::new(StoredEvent { json: Box::default(), pos: 0, txn: None, redacted_by: None, redacted_because: None, prev_content: None, prev_sender: None, replaces_state: None }) };
     let client = event.to_client(0, None);
     let Ok(raw) = serde_json::value::to_raw_value(&client) else { return Ok((Vec::new(), None)) };
     let haystack = raw.get().to_lowercase();

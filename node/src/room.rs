@@ -630,7 +630,7 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
     batch.pos += 1;
     let pos = batch.pos;
     let json = serde_json::value::RawValue::from_string(json).map_err(|e| Error::EventBuild(e.to_string()))?;
-    let mut stored = StoredEvent { json, pos, txn: draft.txn.clone(), redacted_by: None, prev_content: None, prev_sender: None, replaces_state: None };
+    let mut stored = StoredEvent { json, pos, txn: draft.txn.clone(), redacted_by: None, redacted_because: None, prev_content: None, prev_sender: None, replaces_state: None };
     if let Some(sk) = &draft.state_key
         && let Some((prev, _)) = cached.state.get(&(draft.kind.clone(), sk.clone()))
     {
@@ -683,6 +683,7 @@ fn append(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, draft: Draft, b
     if let Some(ev) = redacted_target {
         let mut redacted = (*ev.stored).clone();
         redacted.redacted_by = Some(event_id.to_string());
+        redacted.redacted_because = crate::pdu::redaction_summary(&pdu);
         batch.writes.push(Write::put(Table::Events, ev.pdu.id().as_bytes(), b"".to_vec(), encode(&redacted)));
         // Redaction strips `m.relates_to`: the event is no longer a child.
         if let Some((parent, _)) = Relation::of(&ev.pdu.content_value()) {

@@ -1877,11 +1877,17 @@ fn redaction_removes_content_everywhere() {
     assert_eq!(s, 403, "bob may not redact alice's message");
     let (s, v) = alice.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{id}/x"), json!({ "reason": "oops" }));
     assert_eq!(s, 200, "{v}");
+    let redaction = v["event_id"].as_str().expect("event_id").to_owned();
     for _ in 0..4 {
         let (_, sync) = bob.get("/_matrix/client/v3/sync");
         assert!(!sync.to_string().contains("secret"), "{sync}");
         let (_, ev) = bob.get(&format!("/_matrix/client/v3/rooms/{room}/event/{id}"));
         assert!(ev["content"].as_object().is_some_and(|c| c.is_empty()), "{ev}");
+        // The redaction itself comes with it: who redacted, and why.
+        let because = &ev["unsigned"]["redacted_because"];
+        assert_eq!((because["event_id"].as_str(), because["sender"].as_str(), because["type"].as_str(), because["content"]["reason"].as_str()), (Some(redaction.as_str()), Some("@alice:localhost"), Some("m.room.redaction"), Some("oops")), "{ev}");
+        let synced = sync["rooms"]["join"][&room]["timeline"]["events"].as_array().and_then(|a| a.iter().find(|e| e["event_id"] == id.as_str()).cloned()).unwrap_or_default();
+        assert_eq!(synced["unsigned"]["redacted_because"], *because, "{sync}");
     }
 }
 
