@@ -409,8 +409,17 @@ impl Unread {
     }
 
     /// Sets the counts of the main timeline or of one thread, keeping the
-    /// others (`All` sets the whole room's and drops the threads').
+    /// others (`All` sets the whole room's and drops the threads'). A
+    /// thread past [`UNREAD_THREADS_MAX`] is counted in the main timeline
+    /// and cannot be set apart: its counts stay until the main timeline's
+    /// are set.
     pub fn set(&mut self, part: ReadPart<'_>, counts: Counts) {
+        if let ReadPart::Thread(root) = part
+            && self.threads.len() >= UNREAD_THREADS_MAX
+            && !self.threads.contains_key(root)
+        {
+            return;
+        }
         let old = match part {
             ReadPart::All => {
                 self.threads.clear();
@@ -1368,6 +1377,12 @@ mod tests {
             many.add(Some(&format!("$t{i}")), false);
         }
         assert_eq!((many.threads.len(), many.main().notifications), (UNREAD_THREADS_MAX, 5));
+        // Reading one of those leaves the counts: they are the main timeline's.
+        let before = many.clone();
+        many.set(ReadPart::Thread(&format!("$t{}", UNREAD_THREADS_MAX + 1)), Counts { notifications: 1, highlights: 0 });
+        assert_eq!(many, before);
+        many.set(ReadPart::Thread("$t0"), Counts::default());
+        assert_eq!((many.notifications, many.threads.len()), (UNREAD_THREADS_MAX as u64 + 4, UNREAD_THREADS_MAX - 1));
         // A stored row keeps the threads; rows without them still read.
         let row: UnreadRow = serde_json::from_slice(&encode(&UnreadRow::new(&v, 3))).expect("row");
         assert_eq!((row.threads, row.at), (v.threads.clone(), Some(3)));
