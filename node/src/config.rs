@@ -258,11 +258,15 @@ pub struct Presence {
     /// offline, in milliseconds. Longer than the longest long-poll
     /// (`limits.sync_timeout_ms_max`) plus some slack.
     pub offline_after_ms: u64,
+    /// An online user who did nothing (sent no event, receipt or read
+    /// marker, did not set themselves online) for this long becomes
+    /// `unavailable`, in milliseconds; 0 never.
+    pub idle_after_ms: u64,
 }
 
 impl Default for Presence {
     fn default() -> Self {
-        Presence { enabled: true, offline_after_ms: 90_000 }
+        Presence { enabled: true, offline_after_ms: 90_000, idle_after_ms: 300_000 }
     }
 }
 
@@ -456,6 +460,9 @@ impl Config {
         }
         if self.presence.offline_after_ms < 1_000 {
             return invalid("presence.offline_after_ms", "must be at least 1000");
+        }
+        if self.presence.idle_after_ms != 0 && self.presence.idle_after_ms < 1_000 {
+            return invalid("presence.idle_after_ms", "must be 0 (never) or at least 1000");
         }
         for c in &self.support.contacts {
             if c.role.is_empty() {

@@ -1092,6 +1092,26 @@ impl Db {
         self.get_json(Table::Presence, user.as_bytes(), b"")
     }
 
+    /// The one partition of [`Table::PresenceLive`] (CQL refuses empty
+    /// partition keys).
+    const PRESENCE_LIVE_PK: &[u8] = b"users";
+
+    /// Users whose stored presence is not offline, in user id order after
+    /// `after`, at most `limit`.
+    pub fn presence_live(&self, after: Option<&UserId>, limit: usize) -> DbResult<Vec<OwnedUserId>> {
+        let from = match after {
+            Some(u) => Bound::Excluded(u.as_bytes()),
+            None => Bound::Unbounded,
+        };
+        let rows = self.store.scan(Scan { table: Table::PresenceLive, pk: Self::PRESENCE_LIVE_PK, from, to: Bound::Unbounded, reverse: false, limit })?;
+        Ok(rows.into_iter().filter_map(|(ck, _)| std::str::from_utf8(&ck).ok().and_then(|u| UserId::parse(u).ok())).collect())
+    }
+
+    /// The write that lists (or unlists) `user` as not offline.
+    pub fn presence_live_write(user: &UserId, live: bool) -> Write {
+        if live { Write::put(Table::PresenceLive, Self::PRESENCE_LIVE_PK.to_vec(), user.as_bytes(), b"".to_vec()) } else { Write::delete(Table::PresenceLive, Self::PRESENCE_LIVE_PK.to_vec(), user.as_bytes()) }
+    }
+
     pub fn put_presence(&self, user: &UserId, value: &Value) -> DbResult<()> {
         Ok(self.store.write(vec![Write::put(Table::Presence, user.as_bytes(), b"".to_vec(), encode(value))])?)
     }

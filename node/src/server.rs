@@ -223,6 +223,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     ignored: Default::default(),
                     ignorers: Default::default(),
                     presence_sent: Default::default(),
+                    presence_active_sent: Default::default(),
                     presence_seen: Default::default(),
                     user_writes,
                     presence_writes,
@@ -281,6 +282,11 @@ async fn shard_main(shard: Rc<Shard>, receivers: Option<glommio::channels::chann
             })
             .detach();
         }
+    }
+    match crate::presence::restore(&shard) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(shard = shard.id, users = n, "presence: tracking users left online by the last run"),
+        Err(e) => tracing::warn!(shard = shard.id, error = %e.message, "presence: users left online by the last run not read"),
     }
     let sweeper = glommio::spawn_local(crate::presence::sweeper(shard.clone()));
     let listener = TcpListener::bind(shard.config.listen.address).map_err(|e| anyhow::anyhow!("binding {}: {e}", shard.config.listen.address))?;

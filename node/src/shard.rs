@@ -80,6 +80,8 @@ pub enum ShardMsg {
     Typing { room: OwnedRoomId, users: Vec<OwnedUserId>, pos: u64, shard: u16 },
     /// A user is syncing (to the shard that owns the user's presence).
     Presence { user: OwnedUserId, state: crate::presence::SyncPresence },
+    /// A user did something (to the shard that owns the user's presence).
+    Active { user: OwnedUserId },
 }
 
 /// Members' new unread counts in a room, announced with the write that
@@ -249,9 +251,11 @@ pub struct Shard {
     /// Users syncing here: when this shard last told their presence owner
     /// (see `presence`).
     pub presence_sent: RefCell<HashMap<OwnedUserId, (std::time::Instant, crate::presence::SyncPresence)>>,
-    /// Users whose presence this shard owns: when a sync of theirs was last
-    /// heard of, anywhere on the node.
-    pub presence_seen: RefCell<HashMap<OwnedUserId, (std::time::Instant, crate::presence::SyncPresence)>>,
+    /// Users acting here: when this shard last told their presence owner.
+    pub presence_active_sent: RefCell<HashMap<OwnedUserId, std::time::Instant>>,
+    /// Users whose presence this shard owns: when a sync or an act of
+    /// theirs was last heard of, anywhere on the node.
+    pub presence_seen: RefCell<HashMap<OwnedUserId, crate::presence::Tracked>>,
     /// Users' ignored-user lists (`m.ignored_user_list`), read for every
     /// sync, page of history and search of theirs.
     pub ignored: RefCell<HashMap<OwnedUserId, Rc<HashSet<OwnedUserId>>>>,
@@ -881,6 +885,7 @@ impl Shard {
                 self.notifier.notify(&[room], &[]);
             }
             ShardMsg::Presence { user, state } => crate::presence::heard(self, user, state),
+            ShardMsg::Active { user } => crate::presence::heard_active(self, user),
         }
     }
 

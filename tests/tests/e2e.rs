@@ -304,6 +304,87 @@ fn syncing_sets_presence_until_it_stops() {
     assert_eq!(alice.get("/_matrix/client/v3/presence/@alice:localhost/status").1["presence"], "offline", "Alice's own syncs asked for no change");
 }
 
+/// A syncing user who does nothing becomes unavailable after the idle
+/// delay, and is online again at their next message, receipt or
+/// `PUT /presence`; `last_active_ago` keeps the time of the last act.
+#[test]
+fn idle_users_become_unavailable_until_they_act() {
+    let node = Node::start("presence-idle", "[runtime]\nshards = 2\n[presence]\noffline_after_ms = 60000\nidle_after_ms = 1000\n");
+    let (alice, bob) = two_users(&node);
+    let room = shared_room(&alice, &bob);
+    let bobs = |sync: &Value| sync["presence"]["events"].as_array().and_then(|evs| evs.iter().rev().find(|e| e["sender"] == "@bob:localhost")).map(|e| e["content"].clone());
+    let state = |sync: &Value| bobs(sync).map(|c| c["presence"].clone());
+    let (_, a0) = alice.get("/_matrix/client/v3/sync?set_presence=offline");
+    let mut since = a0["next_batch"].as_str().expect("next_batch").to_owned();
+    let mut wait_for = |want: &str| {
+        let got = alice.sync_until(&format!("{since}&set_presence=offline"), |v| state(v) == Some(json!(want)));
+        since = got["next_batch"].as_str().expect("next_batch").to_owned();
+        bobs(&got).expect("Bob's presence")
+    };
+
+    // A first sync makes Bob online; doing nothing, he goes idle.
+    assert_eq!(bob.get("/_matrix/client/v3/sync?timeout=0").0, 200);
+    wait_for("online");
+    let idle = wait_for("unavailable");
+    assert!(idle["last_active_ago"].as_u64().is_some_and(|ago| ago >= 1000), "{idle}");
+    assert_eq!(idle["currently_active"], false, "{idle}");
+    // Syncing is not activity: his next sync leaves him unavailable.
+    assert_eq!(bob.get("/_matrix/client/v3/sync?timeout=0").0, 200);
+    assert_eq!(alice.get("/_matrix/client/v3/presence/@bob:localhost/status").1["presence"], "unavailable");
+
+    // A message is activity.
+    bob.send_text(&room, "idle-1", "back");
+    let back = wait_for("online");
+    assert!(back["last_active_ago"].as_u64().is_some_and(|ago| ago < 1000), "{back}");
+    assert_eq!(back["currently_active"], true, "{back}");
+    wait_for("unavailable");
+    // So is a receipt.
+    let id = alice.send_text(&room, "idle-2", "read this");
+    let (s, v) = bob.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{id}"), json!({}));
+    assert_eq!(s, 200, "{v}");
+    wait_for("online");
+    wait_for("unavailable");
+    // And setting himself online, which keeps his status message.
+    let (s, v) = bob.put("/_matrix/client/v3/presence/@bob:localhost/status", json!({ "presence": "online", "status_msg": "here" }));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(wait_for("online")["status_msg"], "here");
+    assert_eq!(wait_for("unavailable")["status_msg"], "here");
+    // Unavailable by his own choice, a message does not change it.
+    let (s, v) = bob.put("/_matrix/client/v3/presence/@bob:localhost/status", json!({ "presence": "unavailable" }));
+    assert_eq!(s, 200, "{v}");
+    bob.send_text(&room, "idle-3", "busy");
+    let marker = alice.send_text(&room, "idle-4", "marker");
+    let got = alice.sync_until(&format!("{since}&set_presence=offline"), |v| v["rooms"]["join"][&room]["timeline"]["events"].as_array().is_some_and(|evs| evs.iter().any(|e| e["event_id"] == marker.as_str())));
+    assert!(state(&got).is_none_or(|s| s == "unavailable"), "{got}");
+    assert_eq!(alice.get("/_matrix/client/v3/presence/@bob:localhost/status").1["presence"], "unavailable");
+}
+
+/// A node killed while users were online takes them over at its next
+/// start: without a sync of theirs they go offline after the usual delay.
+#[test]
+fn users_left_online_by_a_crash_go_offline() {
+    let mut node = Node::start("presence-crash", "[runtime]\nshards = 2\n[presence]\noffline_after_ms = 600000\n");
+    let (alice, bob) = two_users(&node);
+    shared_room(&alice, &bob);
+    let presence_of_bob = |c: &Client| c.get("/_matrix/client/v3/presence/@bob:localhost/status").1["presence"].clone();
+    let (_, a0) = alice.get("/_matrix/client/v3/sync?set_presence=offline");
+    let since = a0["next_batch"].as_str().expect("next_batch").to_owned();
+    assert_eq!(bob.get("/_matrix/client/v3/sync?timeout=0").0, 200);
+    let bobs = |sync: &Value| sync["presence"]["events"].as_array().and_then(|evs| evs.iter().rev().find(|e| e["sender"] == "@bob:localhost")).map(|e| e["content"]["presence"].clone());
+    alice.sync_until(&format!("{since}&set_presence=offline"), |v| bobs(v) == Some(json!("online")));
+    node.kill();
+
+    // Restarted with a short delay; Bob never syncs again.
+    let config = std::fs::read_to_string(&node.config_path).expect("config").replace("offline_after_ms = 600000", "offline_after_ms = 1500");
+    std::fs::write(&node.config_path, config).expect("config");
+    node.spawn();
+    assert_eq!(presence_of_bob(&alice), "online", "the crash left Bob online");
+    let (_, a1) = alice.get("/_matrix/client/v3/sync?set_presence=offline");
+    let since = a1["next_batch"].as_str().expect("next_batch").to_owned();
+    alice.sync_until(&format!("{since}&set_presence=offline"), |v| bobs(v) == Some(json!("offline")));
+    assert_eq!(presence_of_bob(&alice), "offline");
+}
+
 /// Incremental syncs of a user in several rooms (owned by both shards)
 /// carry exactly the rooms with something new: messages, typing and
 /// receipts in one room reach the next sync, and quiet rooms stay out.

@@ -598,6 +598,9 @@ pub async fn put_state(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str, 
     }
     let draft = Draft { sender: auth.user.clone(), kind: kind.into(), state_key: Some(state_key.into()), content, txn: None, redacts: None };
     let id = event_id_of(shard.room_op(&room, RoomOp::Send(draft)).await?)?;
+    if kind != "m.room.member" {
+        crate::presence::active(shard, &auth.user, false);
+    }
     Ok(json!({ "event_id": id }))
 }
 
@@ -615,6 +618,7 @@ pub async fn send(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str, kind:
     crate::api::threads::check_relation(shard, &room, &auth.user, kind, &content)?;
     let draft = Draft { sender: auth.user.clone(), kind: kind.into(), state_key: None, content, txn: txn.map(|t| (auth.device.clone(), t.to_owned())), redacts: None };
     let id = event_id_of(shard.room_op(&room, RoomOp::Send(draft)).await?)?;
+    crate::presence::active(shard, &auth.user, false);
     Ok(json!({ "event_id": id }))
 }
 
@@ -637,6 +641,7 @@ pub async fn redact(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str, eve
     }
     let draft = Draft { sender: auth.user.clone(), kind: "m.room.redaction".into(), state_key: None, content, txn: Some((auth.device.clone(), txn.to_owned())), redacts: Some(target) };
     let id = event_id_of(shard.room_op(&room, RoomOp::Send(draft)).await?)?;
+    crate::presence::active(shard, &auth.user, false);
     Ok(json!({ "event_id": id }))
 }
 
@@ -1078,6 +1083,7 @@ pub async fn receipt(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str, ki
         "m.fully_read" => set_fully_read(shard, &auth.user, &room, &event_id)?,
         _ => return Err(ApiError::invalid_param("Unknown receipt type")),
     }
+    crate::presence::active(shard, &auth.user, false);
     Ok(json!({}))
 }
 
@@ -1105,6 +1111,7 @@ pub async fn read_markers(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &st
             shard.room_op(&room, RoomOp::Receipt { user: auth.user.clone(), kind: kind.into(), thread: String::new(), event_id: e, ts: now_ms() }).await?;
         }
     }
+    crate::presence::active(shard, &auth.user, false);
     Ok(json!({}))
 }
 

@@ -23,6 +23,7 @@
 //! position and publishing it.
 
 use std::collections::HashSet;
+use std::rc::Rc;
 
 use http::StatusCode;
 use ruma::push::{Action, AnyPushRuleRef, InsertPushRuleError, NewConditionalPushRule, NewPatternedPushRule, NewPushRule, NewSimplePushRule, PushCondition, RemovePushRuleError, RuleKind, Ruleset};
@@ -613,29 +614,46 @@ struct PresenceBody {
 }
 
 /// PUT /_matrix/client/v3/presence/{userId}/status
-pub fn put_presence(shard: &Shard, req: &Req, auth: &Authed, user: &str) -> ApiResult<Value> {
+///
+/// Setting oneself online counts as activity (the idle timer restarts);
+/// the other states keep the time of the last activity.
+pub fn put_presence(shard: &Rc<Shard>, req: &Req, auth: &Authed, user: &str) -> ApiResult<Value> {
     let user = own_user(auth, user, "set presence")?;
     let body: PresenceBody = req.json(shard)?;
     if !PRESENCE_STATES.contains(&body.presence.as_str()) {
         return Err(ApiError::invalid_param(format!("Unknown presence state: {}", body.presence)));
     }
-    store_presence(shard, &user, &body.presence, body.status_msg.as_deref())?;
+    let last_active = if body.presence == "online" {
+        now_ms()
+    } else {
+        shard.db.presence(&user)?.and_then(|r| r["last_active_ts"].as_u64()).unwrap_or_else(now_ms)
+    };
+    store_presence(shard, &user, &body.presence, body.status_msg.as_deref(), last_active, false)?;
+    if body.presence == "online" {
+        crate::presence::active(shard, &user, true);
+    }
     Ok(json!({}))
 }
 
 /// Writes a user's presence and announces it to everyone sharing a room
-/// with them (they see it in `/sync`).
-pub(crate) fn store_presence(shard: &Shard, user: &UserId, presence: &str, status_msg: Option<&str>) -> ApiResult<()> {
+/// with them (they see it in `/sync`). `idle`: set by the idle timer (the
+/// user's next act makes them online again).
+pub(crate) fn store_presence(shard: &Shard, user: &UserId, presence: &str, status_msg: Option<&str>, last_active_ts: u64, idle: bool) -> ApiResult<()> {
     let pos = shard.next_pos();
     let record = json!({
         "presence": presence,
         "status_msg": status_msg,
-        "last_active_ts": now_ms(),
+        "last_active_ts": last_active_ts,
+        "idle": idle,
         "pos": pos,
         "shard": shard.id,
     });
     let watchers = crate::api::keys::presence_watchers(shard, user)?;
-    shard.db.store.write(vec![Write::put(Table::Presence, user.as_bytes(), b"".to_vec(), encode(&record)), Db::stream_head_write(shard.id as u16, pos)])?;
+    shard.db.store.write(vec![
+        Write::put(Table::Presence, user.as_bytes(), b"".to_vec(), encode(&record)),
+        Db::presence_live_write(user, presence != "offline"),
+        Db::stream_head_write(shard.id as u16, pos),
+    ])?;
     shard.presence_writes[shard.id].fetch_max(pos, std::sync::atomic::Ordering::Release);
     shard.publish(pos, vec![], watchers);
     Ok(())

@@ -118,11 +118,15 @@ pub enum Table {
     /// user's read receipts for that part of the room reached (u64 BE); the
     /// part is empty for unthreaded receipts, `main`, or a thread root id.
     ReadFloors,
+    /// pk = "users"; ck = user id -> "" (users whose stored presence is not
+    /// offline; read at start to take over those a crash left online).
+    /// One partition: it changes only when a user's presence does.
+    PresenceLive,
 }
 
 impl Table {
     /// All tables, for backends that create them up front.
-    pub const ALL: [Table; 41] = [
+    pub const ALL: [Table; 42] = [
         Table::Meta,
         Table::Users,
         Table::AccessTokens,
@@ -164,6 +168,7 @@ impl Table {
         Table::Threads,
         Table::IgnoredBy,
         Table::ReadFloors,
+        Table::PresenceLive,
     ];
 
     /// The table's name in every backend.
@@ -210,6 +215,7 @@ impl Table {
             Table::Threads => "threads",
             Table::IgnoredBy => "ignored_by",
             Table::ReadFloors => "read_floors",
+            Table::PresenceLive => "presence_live",
         }
     }
 }
