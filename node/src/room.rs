@@ -498,6 +498,38 @@ pub fn new_room_id(shard: &Shard, creator: &UserId, version: &str, create_conten
     crate::pdu::room_id_of_create(&event_id).ok_or_else(|| Error::EventBuild(format!("no room id from {event_id}")).into())
 }
 
+/// Most tries at creating a room whose id turns out to be taken. In room
+/// version 12 the id is the hash of the create event, so two identical
+/// requests of one user within a millisecond would name the same room.
+/// Each shard gives its create events distinct times, so only requests on
+/// different shards can collide; each retry moves the create event on by
+/// a few milliseconds.
+const CREATE_TRIES: u64 = 8;
+
+/// Creates a room on its owner shard and returns its id. `claim` runs
+/// before each try with the id it will have (an alias to reserve) and
+/// `release` after a failed one.
+pub async fn create_room(shard: &Rc<Shard>, mut new: NewRoom, claim: &dyn Fn(&RoomId) -> ApiResult<()>, release: &dyn Fn(&RoomId) -> ApiResult<()>) -> ApiResult<OwnedRoomId> {
+    let mut tries = 1;
+    loop {
+        new.ts = new.ts.max(shard.last_create_ts.get() + 1);
+        shard.last_create_ts.set(new.ts);
+        let room = new_room_id(shard, &new.creator, &new.version, &new.create_content, new.ts)?;
+        claim(&room)?;
+        match shard.room_op(&room, RoomOp::Create(new.clone())).await {
+            Ok(_) => return Ok(room),
+            Err(e) => {
+                release(&room)?;
+                if e.errcode != "M_ROOM_IN_USE" || tries >= CREATE_TRIES {
+                    return Err(e);
+                }
+                tries += 1;
+                new.ts += 1 + rand::random_range(0..shard.count as u64);
+            }
+        }
+    }
+}
+
 /// The room creators whom a room version with privileged creators (12 and
 /// later) gives infinite power: the create event's sender and its
 /// `additional_creators`. Empty in earlier versions.

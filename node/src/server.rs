@@ -224,6 +224,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     ignorers: Default::default(),
                     presence_sent: Default::default(),
                     presence_active_sent: Default::default(),
+                    last_create_ts: Default::default(),
                     presence_seen: Default::default(),
                     user_writes,
                     presence_writes,

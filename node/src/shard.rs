@@ -29,7 +29,7 @@ use crate::ratelimit::RateLimiter;
 use crate::room::RoomCache;
 
 /// An event to append to a room, prepared by a handler on any shard.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Draft {
     pub sender: OwnedUserId,
     pub kind: String,
@@ -41,7 +41,7 @@ pub struct Draft {
 }
 
 /// Everything a new room starts with (`createRoom`), resolved by the handler.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct NewRoom {
     pub creator: OwnedUserId,
     pub version: String,
@@ -251,6 +251,9 @@ pub struct Shard {
     /// Users syncing here: when this shard last told their presence owner
     /// (see `presence`).
     pub presence_sent: RefCell<HashMap<OwnedUserId, (std::time::Instant, crate::presence::SyncPresence)>>,
+    /// The time of the last room create event built here (room version 12
+    /// ids hash it: each new one gets a later millisecond).
+    pub last_create_ts: Cell<u64>,
     /// Users acting here: when this shard last told their presence owner.
     pub presence_active_sent: RefCell<HashMap<OwnedUserId, std::time::Instant>>,
     /// Users whose presence this shard owns: when a sync or an act of

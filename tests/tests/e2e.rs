@@ -1025,6 +1025,33 @@ fn knocks_reach_the_room_and_end_in_an_invite_or_a_denial() {
     assert_eq!((s, b["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{b}");
 }
 
+/// Identical `createRoom` requests for version 12 rooms at once (many in
+/// the same millisecond, whose create events would hash alike) each get a
+/// room of their own.
+#[test]
+fn identical_version_12_rooms_created_at_once_are_distinct() {
+    let node = Node::start("v12-burst", "[runtime]\nshards = 2\n");
+    let mut alice = node.client();
+    alice.register("alice");
+    let alice = std::sync::Arc::new(alice);
+    let threads: Vec<_> = (0..24)
+        .map(|_| {
+            let alice = alice.clone();
+            std::thread::spawn(move || alice.post("/_matrix/client/v3/createRoom", json!({ "room_version": "12", "preset": "private_chat" })))
+        })
+        .collect();
+    let mut rooms = std::collections::BTreeSet::new();
+    for t in threads {
+        let (s, b) = t.join().expect("request thread");
+        assert_eq!(s, 200, "{b}");
+        rooms.insert(b["room_id"].as_str().expect("room_id").to_owned());
+    }
+    assert_eq!(rooms.len(), 24, "{rooms:?}");
+    let (_, joined) = alice.get("/_matrix/client/v3/joined_rooms");
+    let joined: std::collections::BTreeSet<String> = joined["joined_rooms"].as_array().expect("joined_rooms").iter().filter_map(|r| r.as_str().map(str::to_owned)).collect();
+    assert_eq!(joined, rooms);
+}
+
 /// Room version 12: the room id is the create event's reference hash, the
 /// creators (the sender and `additional_creators`) have infinite power and
 /// are not listed in the power levels, and upgrades can name additional

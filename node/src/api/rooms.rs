@@ -230,8 +230,6 @@ pub async fn create_room(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResu
     } else {
         Vec::new()
     };
-    let ts = crate::room::now_ms();
-    let room_id = crate::room::new_room_id(shard, &auth.user, &version, &create_content, ts)?;
     let draft = |kind: &str, state_key: &str, content: Value| Draft { sender: auth.user.clone(), kind: kind.into(), state_key: Some(state_key.into()), content, txn: None, redacts: None };
     let mut events = Vec::new();
     let mut join = member_content(&shard.db, &auth.user, "join", None)?;
@@ -298,18 +296,16 @@ pub async fn create_room(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResu
         }
         events.push(draft("m.room.member", u.as_str(), content));
     }
-    if let Some(a) = &alias
-        && !shard.db.create_alias(a.as_str(), &room_id, &auth.user)?
-    {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", "Room alias already taken"));
-    }
-    let new = NewRoom { creator: auth.user.clone(), version, events, create_content, ts };
-    if let Err(e) = shard.room_op(&room_id, RoomOp::Create(new)).await {
-        if let Some(a) = &alias {
-            shard.db.delete_alias(a.as_str(), &room_id)?;
-        }
-        return Err(e);
-    }
+    let claim = |room: &RoomId| match &alias {
+        Some(a) if !shard.db.create_alias(a.as_str(), room, &auth.user)? => Err(ApiError::new(StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", "Room alias already taken")),
+        _ => Ok(()),
+    };
+    let release = |room: &RoomId| match &alias {
+        Some(a) => Ok(shard.db.delete_alias(a.as_str(), room)?),
+        None => Ok(()),
+    };
+    let new = NewRoom { creator: auth.user.clone(), version, events, create_content, ts: crate::room::now_ms() };
+    let room_id = crate::room::create_room(shard, new, &claim, &release).await?;
     if public {
         shard.db.set_published(&room_id, true)?;
     }
