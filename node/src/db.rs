@@ -1043,6 +1043,13 @@ impl Db {
             .collect())
     }
 
+    /// The write that deletes all of a user's account data, global and per
+    /// room (every clustering key is a room id or empty, then NUL, then
+    /// the type: all below 0xff).
+    pub fn all_account_data_delete(user: &UserId) -> Write {
+        Write::DeleteRange { table: Table::AccountData, pk: user.as_bytes().to_vec(), from: Vec::new(), to: vec![0xff; 4] }
+    }
+
     pub fn put_account_data(&self, user: &UserId, room: Option<&RoomId>, kind: &str, entry: &AccountDataEntry, extra: Vec<Write>) -> DbResult<()> {
         let mut writes = vec![Write::put(Table::AccountData, user.as_bytes(), account_data_ck(room, kind), encode(entry))];
         writes.extend(extra);
@@ -1445,6 +1452,44 @@ mod tests {
         assert_eq!(n(db.reports("event", 20_001, 10).expect("reports")), [3]);
         assert_eq!(n(db.reports("user", 20_000, 10).expect("reports")), [4]);
         assert!(db.reports("room", 20_000, 10).expect("reports").is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn deleting_all_account_data_spares_other_users() {
+        let (db, dir) = db("account-data");
+        let (a, b) = (UserId::parse("@a:x").expect("user"), UserId::parse("@b:x").expect("user"));
+        let room = RoomId::parse("!r:x").expect("room");
+        let entry = AccountDataEntry { content: json!({ "k": 1 }), shard: 0, pos: 1 };
+        for user in [&a, &b] {
+            db.put_account_data(user, None, "m.push_rules", &entry, vec![]).expect("put");
+            db.put_account_data(user, None, "\u{10ffff}odd.type", &entry, vec![]).expect("put");
+            db.put_account_data(user, Some(&room), "m.tag", &entry, vec![]).expect("put");
+        }
+        db.store.write(vec![Db::all_account_data_delete(&a)]).expect("delete");
+        assert!(db.all_account_data(&a, 100).expect("read").is_empty());
+        assert_eq!(db.all_account_data(&b, 100).expect("read").len(), 3);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_live_presence_list_pages_in_user_order() {
+        let (db, dir) = db("presence-live");
+        let users: Vec<OwnedUserId> = (0..7).map(|i| OwnedUserId::try_from(format!("@u{i}:x")).expect("user")).collect();
+        db.store.write(users.iter().map(|u| Db::presence_live_write(u, true)).collect()).expect("list");
+        db.store.write(vec![Db::presence_live_write(&users[3], false)]).expect("unlist");
+        let mut seen = Vec::new();
+        let mut after: Option<OwnedUserId> = None;
+        loop {
+            let page = db.presence_live(after.as_deref(), 2).expect("page");
+            seen.extend(page.iter().cloned());
+            match page.last() {
+                Some(last) if page.len() == 2 => after = Some(last.clone()),
+                _ => break,
+            }
+        }
+        let expected: Vec<OwnedUserId> = users.iter().filter(|u| *u != &users[3]).cloned().collect();
+        assert_eq!(seen, expected);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

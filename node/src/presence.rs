@@ -354,6 +354,11 @@ pub fn restore(shard: &Shard) -> crate::error::ApiResult<usize> {
     }
 }
 
+/// A deactivated account: offline now, whatever its clients do.
+pub fn gone(shard: &Shard, user: &UserId) -> crate::error::ApiResult<()> {
+    set_if_changed(shard, user, None)
+}
+
 /// At shutdown: marks offline the users this shard tracked as syncing, so
 /// that no one stays online across a restart.
 pub fn all_offline(shard: &Shard) {

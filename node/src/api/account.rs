@@ -402,10 +402,16 @@ pub async fn change_password(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> Api
 }
 
 /// POST /_matrix/client/v3/account/deactivate: logs out every device, leaves
-/// every room, clears the profile and marks the account deactivated.
+/// every room, clears the profile, deletes account data and key backups,
+/// and marks the account deactivated. `erase` (serving later joiners
+/// redacted copies of the user's events) is not implemented: the
+/// non-event data goes either way.
 pub async fn deactivate(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Value> {
     require_password(shard, req, auth).await?;
     let mut account = shard.db.account(&auth.user)?.ok_or_else(|| ApiError::unknown_token(false))?;
+    // Offline: stored presence no longer says online, and the user leaves
+    // the list of those a restart takes over.
+    crate::presence::gone(shard, &auth.user)?;
     for (room, ur) in shard.db.user_rooms(&auth.user, shard.config.limits.rooms_per_user_max)? {
         if matches!(ur.membership.as_str(), "join" | "invite" | "knock") {
             let Ok(room) = ruma::RoomId::parse(room.as_str()) else { continue };
@@ -431,6 +437,15 @@ pub async fn deactivate(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResul
         }
     }
     shard.db.put_directory_user(&auth.user, &json!({}))?;
+    // Account data goes too (push rules, ignored users, direct chats, tags,
+    // read markers), and so do the server-side key backups, as Synapse
+    // does; `erase` asks for this non-event data to go.
+    let ignored = shard.db.account_data(&auth.user, None, "m.ignored_user_list")?.map(|e| crate::api::userdata::ignored_list(&e.content)).unwrap_or_default();
+    let mut writes = crate::db::Db::ignore_writes(&auth.user, &ignored, &std::collections::HashSet::new());
+    writes.push(crate::db::Db::all_account_data_delete(&auth.user));
+    shard.db.store.write(writes)?;
+    shard.user_settings_changed();
+    crate::api::backup::delete_everything(shard, &auth.user)?;
     Ok(json!({ "id_server_unbind_result": "no-support" }))
 }
 

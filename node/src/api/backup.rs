@@ -135,6 +135,21 @@ pub fn delete_version(shard: &Shard, auth: &Authed, version: &str) -> ApiResult<
     Ok(json!({}))
 }
 
+/// Deletes every backup version of `user` and their keys (account
+/// deactivation).
+pub(crate) fn delete_everything(shard: &Shard, user: &UserId) -> ApiResult<()> {
+    let _guard = BACKUP_WRITES.lock().unwrap_or_else(|p| p.into_inner());
+    for (n, mut record) in shard.db.backup_versions(user, VERSIONS_SCAN)? {
+        if !record.deleted {
+            record.deleted = true;
+            record.count = 0;
+            shard.db.store.write(vec![Db::backup_version_write(user, n, &record)])?;
+        }
+        delete_all(shard, user, n, None)?;
+    }
+    Ok(())
+}
+
 /// The `version` query parameter.
 fn version_param(req: &Req) -> ApiResult<&str> {
     req.query("version").ok_or_else(|| ApiError::missing_param("Missing version"))
