@@ -100,6 +100,9 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
+/// Most erased senders recorded in one room head (see `RoomHead::erased`).
+pub const ERASED_PER_ROOM_MAX: usize = 10_000;
+
 /// A user account.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct Account {
@@ -202,6 +205,12 @@ pub struct RoomHead {
     /// their leave.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub restricted_history: bool,
+    /// Senders whose accounts were erased (deactivated with `erase`), with
+    /// the room's last event position at the time: readers who first
+    /// joined after it get their events with the content redacted. At most
+    /// [`ERASED_PER_ROOM_MAX`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub erased: Vec<(OwnedUserId, u64)>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -1346,7 +1355,7 @@ mod tests {
             Db::notifications_write(&room, pos, pos, &EventNotifications::new(format!("$n{pos}:x"), 1, &by_index, None))
         };
         let head = |round: Option<UnreadRound>| {
-            let head = RoomHead { version: "11".into(), creator: "@a:x".into(), extremities: vec![], depth: 1, shard: 0, last_event_pos: 6, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 7, unread_round: round, notify_members: 0, threads: 0, edits: 0, references: 0, restricted_history: false };
+            let head = RoomHead { version: "11".into(), creator: "@a:x".into(), extremities: vec![], depth: 1, shard: 0, last_event_pos: 6, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 7, unread_round: round, notify_members: 0, threads: 0, edits: 0, references: 0, restricted_history: false, erased: vec![] };
             Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(&head))
         };
         let get = |user: &UserId| db.unread(user, &room).map(|c| (c.notifications, c.highlights)).expect("unread");

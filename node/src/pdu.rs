@@ -183,6 +183,21 @@ impl Event {
         ev
     }
 
+    /// The copy served to readers who must not see what an erased account
+    /// wrote: the content redacted, and no `prev_content` (nothing says
+    /// why: no redaction event exists).
+    pub fn erased_copy(&self) -> Event {
+        let mut pdu = (*self.pdu).clone();
+        let content = redacted_content(&pdu.kind.to_string(), pdu.content_value());
+        if let Ok(raw) = serde_json::value::to_raw_value(&content) {
+            pdu.content = raw;
+        }
+        let mut stored = (*self.stored).clone();
+        stored.prev_content = None;
+        stored.prev_sender = None;
+        Event { pdu: Arc::new(pdu), stored: Arc::new(stored) }
+    }
+
     /// The stripped state format used for invites.
     pub fn to_stripped(&self) -> Value {
         json!({

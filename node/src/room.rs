@@ -130,7 +130,26 @@ pub async fn execute(shard: &Rc<Shard>, room: &RoomId, op: RoomOp) -> ApiResult<
         RoomOp::Send(draft) => send(shard, room, draft).await,
         RoomOp::Typing { user, typing, timeout_ms } => set_typing(shard, room, user, typing, timeout_ms),
         RoomOp::Receipt { user, kind, thread, event_id, ts } => receipt(shard, room, user, kind, thread, event_id, ts),
+        RoomOp::Erase { user } => erase(shard, room, user),
     }
+}
+
+/// Records that `user`'s account was erased: from now on, readers who
+/// first joined after this point get that user's events redacted.
+fn erase(shard: &Rc<Shard>, room: &RoomId, user: OwnedUserId) -> ApiResult<RoomReply> {
+    let cached_rc = shard.rooms.load(&shard.db, room)?;
+    let mut head = cached_rc.borrow().head.clone();
+    if head.erased.iter().any(|(u, _)| *u == user) {
+        return Ok(RoomReply::Done);
+    }
+    if head.erased.len() >= crate::db::ERASED_PER_ROOM_MAX {
+        tracing::warn!(room = %room, user = %user, "room has too many erased senders; this one is not recorded");
+        return Ok(RoomReply::Done);
+    }
+    head.erased.push((user, head.last_event_pos));
+    shard.db.store.write(vec![Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(&head))])?;
+    cached_rc.borrow_mut().head = head;
+    Ok(RoomReply::Done)
 }
 
 /// A batch of events being appended, committed at the end.
@@ -206,7 +225,7 @@ fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply
     if shard.db.room_head(room)?.is_some() {
         return Err(ApiError::new(http::StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", "Room id already exists"));
     }
-    let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 0, unread_round: Some(UnreadRound::default()), notify_members: 0, threads: 0, edits: 0, references: 0, restricted_history: false };
+    let head = RoomHead { version: new.version.clone(), creator: new.creator.to_string(), extremities: vec![], depth: 0, shard: shard.id as u16, last_event_pos: 0, last_receipt_pos: 0, last_typing_pos: 0, timeline_len: 0, unread_round: Some(UnreadRound::default()), notify_members: 0, threads: 0, edits: 0, references: 0, restricted_history: false, erased: vec![] };
     let mut cached = CachedRoom::new(head, rules, HashMap::new());
     let mut batch = Batch::new(shard.pos());
     let create = Draft { sender: new.creator.clone(), kind: "m.room.create".into(), state_key: Some(String::new()), content: new.create_content, txn: None, redacts: None };

@@ -61,6 +61,8 @@ pub enum RoomOp {
     Send(Draft),
     Typing { user: OwnedUserId, typing: bool, timeout_ms: u64 },
     Receipt { user: OwnedUserId, kind: String, thread: String, event_id: OwnedEventId, ts: u64 },
+    /// The user's account was erased (see `RoomHead::erased`).
+    Erase { user: OwnedUserId },
 }
 
 /// The owner shard's answer to a [`RoomOp`].

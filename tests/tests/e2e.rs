@@ -1479,6 +1479,67 @@ fn deactivation_leaves_rooms_and_removes_access_pushers_and_profile() {
     assert_eq!(found["results"], json!([]), "{found}");
 }
 
+/// Deactivation with `erase`: users who join later get the erased user's
+/// events redacted everywhere they read them (and cannot search them);
+/// users who could see them before still see them whole.
+#[test]
+fn erased_accounts_events_are_redacted_for_later_joiners() {
+    let node = Node::start("erase", "[runtime]\nshards = 2\n");
+    let (alice, mut bob) = two_users(&node);
+    let mut carol = node.client();
+    carol.register("carol");
+    let mut dave = node.client();
+    dave.register("dave");
+    let room = alice.create_room(json!({ "preset": "public_chat", "name": "Erasure" }));
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{room}"), json!({})).0, 200);
+    let secret = bob.send_text(&room, "b1", "bob's secret words");
+    let plain = alice.send_text(&room, "a1", "alice's words");
+    // Carol joins after Bob wrote, before the erasure: she could read it.
+    assert_eq!(carol.post(&format!("/_matrix/client/v3/join/{room}"), json!({})).0, 200);
+
+    let auth = json!({ "auth": { "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "bob" }, "password": "secret-pass" }, "erase": true });
+    let (s, b) = bob.post("/_matrix/client/v3/account/deactivate", auth);
+    assert_eq!(s, 200, "{b}");
+    bob.token = None;
+    assert_eq!(dave.post(&format!("/_matrix/client/v3/join/{room}"), json!({})).0, 200);
+
+    let body_of = |c: &Client, id: &str| c.get(&format!("/_matrix/client/v3/rooms/{room}/event/{id}")).1["content"].clone();
+    let messages = |c: &Client| {
+        let (s, v) = c.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"));
+        assert_eq!(s, 200, "{v}");
+        v["chunk"].as_array().expect("chunk").iter().filter(|e| e["type"] == "m.room.message").map(|e| (e["event_id"].as_str().unwrap_or_default().to_owned(), e["content"].clone())).collect::<Vec<_>>()
+    };
+    let search = |c: &Client| {
+        let (s, v) = c.post("/_matrix/client/v3/search", json!({ "search_categories": { "room_events": { "search_term": "secret" } } }));
+        assert_eq!(s, 200, "{v}");
+        v["search_categories"]["room_events"]["results"].as_array().map_or(0, Vec::len)
+    };
+    // Those who could read it before keep reading it.
+    for c in [&alice, &carol] {
+        assert_eq!(body_of(c, &secret)["body"], "bob's secret words");
+        assert!(messages(c).iter().any(|(id, content)| *id == secret && content["body"] == "bob's secret words"));
+        assert_eq!(search(c), 1);
+    }
+    // Dave, who joined after, gets it redacted in every view.
+    assert_eq!(body_of(&dave, &secret), json!({}));
+    assert_eq!(body_of(&dave, &plain)["body"], "alice's words");
+    let seen = messages(&dave);
+    assert!(seen.iter().any(|(id, content)| *id == secret && *content == json!({})), "{seen:?}");
+    assert!(seen.iter().any(|(id, content)| *id == plain && content["body"] == "alice's words"), "{seen:?}");
+    let (_, context) = dave.get(&format!("/_matrix/client/v3/rooms/{room}/context/{plain}?limit=10"));
+    let around: Vec<Value> = context["events_before"].as_array().expect("events_before").iter().filter(|e| e["event_id"] == secret.as_str()).cloned().collect();
+    assert_eq!(around.len(), 1, "{context}");
+    assert_eq!(around[0]["content"], json!({}), "{context}");
+    let (_, context) = dave.get(&format!("/_matrix/client/v3/rooms/{room}/context/{secret}"));
+    assert_eq!(context["event"]["content"], json!({}), "{context}");
+    let (_, sync) = dave.get("/_matrix/client/v3/sync");
+    let timeline = sync["rooms"]["join"][&room]["timeline"]["events"].as_array().expect("timeline").clone();
+    let bobs: Vec<&Value> = timeline.iter().filter(|e| e["event_id"] == secret.as_str()).collect();
+    assert!(bobs.len() == 1 && bobs[0]["content"] == json!({}), "{timeline:?}");
+    assert_eq!(bodies(&sync, &room), vec!["alice's words".to_owned()]);
+    assert_eq!(search(&dave), 0);
+}
+
 #[test]
 fn use_state_after_reports_state_at_the_end_of_the_timeline() {
     let node = Node::start("stateafter", "[runtime]\nshards = 2\n");

@@ -403,16 +403,30 @@ pub async fn change_password(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> Api
 
 /// POST /_matrix/client/v3/account/deactivate: logs out every device, leaves
 /// every room, clears the profile, deletes account data and key backups,
-/// and marks the account deactivated. `erase` (serving later joiners
-/// redacted copies of the user's events) is not implemented: the
-/// non-event data goes either way.
+/// and marks the account deactivated. With `erase`, users who join the
+/// user's rooms later get the user's events redacted (see
+/// `RoomHead::erased`); the non-event data goes either way.
 pub async fn deactivate(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResult<Value> {
     require_password(shard, req, auth).await?;
     let mut account = shard.db.account(&auth.user)?.ok_or_else(|| ApiError::unknown_token(false))?;
+    #[derive(Deserialize)]
+    struct Body {
+        #[serde(default)]
+        erase: bool,
+    }
+    let erase = req.json::<Body>(shard)?.erase;
     // Offline: stored presence no longer says online, and the user leaves
     // the list of those a restart takes over.
     crate::presence::gone(shard, &auth.user)?;
-    for (room, ur) in shard.db.user_rooms(&auth.user, shard.config.limits.rooms_per_user_max)? {
+    let rooms = shard.db.user_rooms(&auth.user, shard.config.limits.rooms_per_user_max)?;
+    if erase {
+        // Every room the user's events may be in, left ones included.
+        for (room, _) in &rooms {
+            let Ok(room) = ruma::RoomId::parse(room.as_str()) else { continue };
+            shard.room_op(&room, RoomOp::Erase { user: auth.user.clone() }).await?;
+        }
+    }
+    for (room, ur) in rooms {
         if matches!(ur.membership.as_str(), "join" | "invite" | "knock") {
             let Ok(room) = ruma::RoomId::parse(room.as_str()) else { continue };
             let draft = Draft { sender: auth.user.clone(), kind: "m.room.member".into(), state_key: Some(auth.user.to_string()), content: json!({ "membership": "leave" }), txn: None, redacts: None };

@@ -165,7 +165,8 @@ pub fn search(shard: &Shard, req: &Req, auth: &Authed) -> ApiResult<Value> {
         let reader = crate::api::visibility::Reader::new(shard, &room_id, &auth.user)?;
         for (_, id) in shard.db.timeline(&room_id, Bound::Unbounded, Bound::Unbounded, true, SEARCH_SCAN_PER_ROOM)? {
             let Some(ev) = shard.db.event(&id)? else { continue };
-            if ev.stored.redacted_by.is_some() || !filter.allows(&ev.pdu) || crate::api::rooms::hidden(&ignored, &ev.pdu) || !reader.allows(&ev) {
+            // What an erased sender wrote is not searched for those who get it redacted.
+            if ev.stored.redacted_by.is_some() || !filter.allows(&ev.pdu) || crate::api::rooms::hidden(&ignored, &ev.pdu) || !reader.allows(&ev) || reader.redacts(&ev) {
                 continue;
             }
             let content = ev.pdu.content_value();

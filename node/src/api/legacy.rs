@@ -87,7 +87,7 @@ pub fn event(shard: &Shard, auth: &Authed, event: &str) -> ApiResult<Value> {
     if !reader.allows(&ev) {
         return Err(not_found());
     }
-    Ok(ev.to_client(now_ms(), Some((&auth.user, &auth.device))))
+    Ok(reader.shown(ev).to_client(now_ms(), Some((&auth.user, &auth.device))))
 }
 
 /// GET /_matrix/client/v3/events
@@ -151,7 +151,7 @@ fn room_info(shard: &Shard, user: &UserId, room: &RoomId, membership: &str, upto
             && !crate::api::rooms::hidden(&ignored, &ev.pdu)
             && reader.allows(&ev)
         {
-            chunk.push(ev.to_client(now, None));
+            chunk.push(reader.shown(ev).to_client(now, None));
         }
     }
     let end = match ids.first() {

@@ -723,7 +723,7 @@ pub fn messages(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResul
                 && !hidden(&ignored, &ev.pdu)
                 && reader.allows(&ev)
             {
-                chunk.push(ev);
+                chunk.push(reader.shown(ev));
                 if chunk.len() >= limit {
                     break 'scan;
                 }
@@ -770,7 +770,7 @@ pub fn context(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &str)
     let reader = crate::api::visibility::Reader::new(shard, &room, &auth.user)?;
     let upto = reader.upto;
     let id = OwnedEventId::try_from(event).map_err(|_| ApiError::invalid_param("Invalid event id"))?;
-    let ev = shard.db.event(&id)?.filter(|e| e.pdu.room_id == room && reader.allows(e)).ok_or_else(|| ApiError::not_found("Event not found"))?;
+    let ev = reader.shown(shard.db.event(&id)?.filter(|e| e.pdu.room_id == room && reader.allows(e)).ok_or_else(|| ApiError::not_found("Event not found"))?);
     let head = shard.db.room_head(&room)?;
     let limit = (req.query_u64("limit")?.unwrap_or(10) as usize).min(shard.config.limits.events_per_page_max);
     let filter = filter_param(shard, req, auth)?;
@@ -787,7 +787,7 @@ pub fn context(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &str)
                 && !hidden(&ignored, &e.pdu)
                 && reader.allows(&e)
             {
-                v.push(e);
+                v.push(reader.shown(e));
             }
         }
         Ok(v)
@@ -824,7 +824,7 @@ pub fn event(shard: &Shard, auth: &Authed, room: &str, event: &str) -> ApiResult
     let room = parse_room(room)?;
     let reader = crate::api::visibility::Reader::new(shard, &room, &auth.user).map_err(|_| ApiError::not_found("Event not found"))?;
     let id = OwnedEventId::try_from(event).map_err(|_| ApiError::not_found("Event not found"))?;
-    let ev = shard.db.event(&id)?.filter(|e| e.pdu.room_id == room && reader.allows(e)).ok_or_else(|| ApiError::not_found("Event not found"))?;
+    let ev = reader.shown(shard.db.event(&id)?.filter(|e| e.pdu.room_id == room && reader.allows(e)).ok_or_else(|| ApiError::not_found("Event not found"))?);
     let head = shard.db.room_head(&room)?;
     client_event(shard, &room, head.as_ref(), &ev, now_ms(), Some((&auth.user, &auth.device)))
 }
@@ -933,7 +933,7 @@ pub fn relations(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &st
             && !hidden(&ignored, &ev.pdu)
             && reader.allows(&ev)
         {
-            chunk.push(client_event(shard, &room, Some(&head), &ev, now, Some((&auth.user, &auth.device)))?);
+            chunk.push(client_event(shard, &room, Some(&head), &reader.shown(ev), now, Some((&auth.user, &auth.device)))?);
         }
     }
     let mut body = json!({ "chunk": chunk });

@@ -470,12 +470,13 @@ fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, head: Option<&RoomHead>
     // filter applies before the limit. Scanning is bounded by SCAN_PAGES.
     const SCAN_PAGES: usize = 8;
     let ignored = shard.ignored_users(&auth.user)?;
-    // Rooms whose history was ever not `shared` check every event.
-    let restricted = match head {
-        Some(h) => h.restricted_history,
-        None => shard.db.room_head(room)?.is_some_and(|h| h.restricted_history),
+    // Rooms whose history was ever not `shared`, or with erased senders,
+    // check every event.
+    let needed = match head {
+        Some(h) => crate::api::visibility::Reader::needed(h),
+        None => shard.db.room_head(room)?.is_some_and(|h| crate::api::visibility::Reader::needed(&h)),
     };
-    let reader = if restricted { Some(crate::api::visibility::Reader::new(shard, room, &auth.user)?) } else { None };
+    let reader = if needed { Some(crate::api::visibility::Reader::new(shard, room, &auth.user)?) } else { None };
     let mut events = Vec::new();
     let mut hi = upto;
     let mut first = upto + 1;
@@ -493,7 +494,10 @@ fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, head: Option<&RoomHead>
                 && !crate::api::rooms::hidden(&ignored, &ev.event.pdu)
                 && reader.as_ref().is_none_or(|r| r.allows(&ev.event))
             {
-                events.push(ev);
+                match &reader {
+                    Some(r) if r.redacts(&ev.event) => events.push(Rc::new(Rendered::new(ev.event.erased_copy()))),
+                    _ => events.push(ev),
+                }
             }
         }
         if page.len() <= limit || first == 0 {

@@ -165,11 +165,14 @@ pub fn threads(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult
                 more = true;
                 break 'scan;
             }
-            let Some(rendered) = shard.rendered(&root)? else { continue };
-            let ev = &rendered.event;
-            if ev.stored.pos > upto || crate::api::rooms::hidden(&ignored, &ev.pdu) || !reader.allows(ev) {
+            let Some(mut rendered) = shard.rendered(&root)? else { continue };
+            if rendered.event.stored.pos > upto || crate::api::rooms::hidden(&ignored, &rendered.event.pdu) || !reader.allows(&rendered.event) {
                 continue;
             }
+            if reader.redacts(&rendered.event) {
+                rendered = std::rc::Rc::new(crate::pdu::Rendered::new(rendered.event.erased_copy()));
+            }
+            let ev = &rendered.event;
             if participated_only {
                 let summary = shard.db.thread_summary(&room, &root)?;
                 if !summary.is_some_and(|s| s.participated(&auth.user, &ev.pdu.sender)) {

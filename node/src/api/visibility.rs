@@ -32,6 +32,18 @@ pub struct Reader {
     pub upto: u64,
     /// Present in rooms whose history was ever not `shared`.
     view: Option<View>,
+    /// Present in rooms with erased senders.
+    erasure: Option<Erasure>,
+}
+
+/// Erased senders of a room, and when the reader first joined it: the
+/// spec serves redacted copies of an erased account's events to those
+/// who join after the erasure; whoever could see them before still can.
+struct Erasure {
+    /// Sender -> the room's last event position when they were erased.
+    senders: std::collections::HashMap<ruma::OwnedUserId, u64>,
+    /// The position of the reader's first join, if any.
+    first_join: Option<u64>,
 }
 
 struct View {
@@ -53,16 +65,20 @@ impl Reader {
             Some((m, pos)) if m == "leave" || m == "ban" => Some(*pos),
             _ => None,
         };
-        let restricted = shard.db.room_head(room)?.is_some_and(|h| h.restricted_history);
+        let head = shard.db.room_head(room)?;
+        let restricted = head.as_ref().is_some_and(|h| h.restricted_history);
+        let erased = head.map(|h| h.erased).unwrap_or_default();
+        let memberships = if restricted || !erased.is_empty() { history(shard, room, "m.room.member", user.as_str(), |p| p.membership())? } else { Vec::new() };
+        let erasure = (!erased.is_empty()).then(|| Erasure { senders: erased.into_iter().collect(), first_join: memberships.iter().find(|(_, m)| m == "join").map(|(p, _)| *p) });
         if !restricted {
             return match upto {
-                Some(upto) => Ok(Reader { upto, view: None }),
+                Some(upto) => Ok(Reader { upto, view: None, erasure }),
                 None => Err(ApiError::forbidden("You are not a member of this room")),
             };
         }
         let view = View {
             user: user.to_owned(),
-            memberships: history(shard, room, "m.room.member", user.as_str(), |p| p.membership())?,
+            memberships,
             visibility: history(shard, room, "m.room.history_visibility", "", |p| p.content_value()["history_visibility"].as_str().map(str::to_owned))?,
             joined_now: membership.as_ref().is_some_and(|(m, _)| m == "join"),
         };
@@ -73,7 +89,27 @@ impl Reader {
             None if view.visibility.last().is_some_and(|(_, v)| v == "world_readable") => u64::MAX,
             None => return Err(ApiError::forbidden("You are not a member of this room")),
         };
-        Ok(Reader { upto, view: Some(view) })
+        Ok(Reader { upto, view: Some(view), erasure })
+    }
+
+    /// Whether readers of `head`'s room need a [`Reader`] for each event,
+    /// not just its `upto`: the history was ever not `shared`, or some
+    /// sender was erased.
+    pub fn needed(head: &crate::db::RoomHead) -> bool {
+        head.restricted_history || !head.erased.is_empty()
+    }
+
+    /// Whether the user must get `ev` redacted: its sender was erased, and
+    /// the user first joined after that (or never did).
+    pub fn redacts(&self, ev: &Event) -> bool {
+        let Some(erasure) = &self.erasure else { return false };
+        let Some(at) = erasure.senders.get(&ev.pdu.sender) else { return false };
+        erasure.first_join.is_none_or(|joined| joined > *at)
+    }
+
+    /// `ev` as the user may read it (see [`Reader::redacts`]).
+    pub fn shown(&self, ev: Event) -> Event {
+        if self.redacts(&ev) { ev.erased_copy() } else { ev }
     }
 
     /// Whether the user may read `ev` (an event of this room).
