@@ -1494,6 +1494,11 @@ fn erased_accounts_events_are_redacted_for_later_joiners() {
     assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{room}"), json!({})).0, 200);
     let secret = bob.send_text(&room, "b1", "bob's secret words");
     let plain = alice.send_text(&room, "a1", "alice's words");
+    // Bob edits his message and replies in a thread to Alice's.
+    let edit = json!({ "msgtype": "m.text", "body": "* bob's edited words", "m.new_content": { "msgtype": "m.text", "body": "bob's edited words" }, "m.relates_to": { "rel_type": "m.replace", "event_id": secret } });
+    assert_eq!(bob.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/b2"), edit).0, 200);
+    let reply = json!({ "msgtype": "m.text", "body": "bob's reply", "m.relates_to": { "rel_type": "m.thread", "event_id": plain } });
+    assert_eq!(bob.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/b3"), reply).0, 200);
     // Carol joins after Bob wrote, before the erasure: she could read it.
     assert_eq!(carol.post(&format!("/_matrix/client/v3/join/{room}"), json!({})).0, 200);
 
@@ -1503,7 +1508,8 @@ fn erased_accounts_events_are_redacted_for_later_joiners() {
     bob.token = None;
     assert_eq!(dave.post(&format!("/_matrix/client/v3/join/{room}"), json!({})).0, 200);
 
-    let body_of = |c: &Client, id: &str| c.get(&format!("/_matrix/client/v3/rooms/{room}/event/{id}")).1["content"].clone();
+    let event_of = |c: &Client, id: &str| c.get(&format!("/_matrix/client/v3/rooms/{room}/event/{id}")).1;
+    let body_of = |c: &Client, id: &str| event_of(c, id)["content"].clone();
     let messages = |c: &Client| {
         let (s, v) = c.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"));
         assert_eq!(s, 200, "{v}");
@@ -1519,10 +1525,20 @@ fn erased_accounts_events_are_redacted_for_later_joiners() {
         assert_eq!(body_of(c, &secret)["body"], "bob's secret words");
         assert!(messages(c).iter().any(|(id, content)| *id == secret && content["body"] == "bob's secret words"));
         assert_eq!(search(c), 1);
+        let relations = event_of(c, &secret)["unsigned"]["m.relations"].clone();
+        assert_eq!(relations["m.replace"]["content"]["m.new_content"]["body"], "bob's edited words", "{relations}");
+        let thread = event_of(c, &plain)["unsigned"]["m.relations"]["m.thread"].clone();
+        assert_eq!(thread["latest_event"]["content"]["body"], "bob's reply", "{thread}");
     }
     // Dave, who joined after, gets it redacted in every view.
     assert_eq!(body_of(&dave, &secret), json!({}));
     assert_eq!(body_of(&dave, &plain)["body"], "alice's words");
+    // Nor do the bundles give it away: no edit, and the thread's latest
+    // reply redacted.
+    let relations = event_of(&dave, &secret)["unsigned"]["m.relations"].clone();
+    assert!(relations.get("m.replace").is_none(), "{relations}");
+    let thread = event_of(&dave, &plain)["unsigned"]["m.relations"]["m.thread"].clone();
+    assert_eq!((thread["count"].as_u64(), thread["latest_event"]["content"].clone()), (Some(1), json!({})), "{thread}");
     let seen = messages(&dave);
     assert!(seen.iter().any(|(id, content)| *id == secret && *content == json!({})), "{seen:?}");
     assert!(seen.iter().any(|(id, content)| *id == plain && content["body"] == "alice's words"), "{seen:?}");

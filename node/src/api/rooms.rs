@@ -741,7 +741,7 @@ pub fn messages(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResul
     }
     let start = format!("t{from}");
     let viewer = Some((&*auth.user, auth.device.as_str()));
-    let rendered = chunk.iter().map(|e| client_event(shard, &room, Some(&head), e, now, viewer)).collect::<ApiResult<Vec<_>>>()?;
+    let rendered = chunk.iter().map(|e| client_event(shard, &room, Some(&head), e, now, viewer, &reader)).collect::<ApiResult<Vec<_>>>()?;
     let mut body = json!({ "start": start, "chunk": rendered });
     if let Some(p) = last_pos
         && (chunk.len() >= limit)
@@ -758,9 +758,14 @@ pub fn messages(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResul
 ///
 /// `head`, read once per request, lets rooms without threads, edits or
 /// references skip the lookups.
-fn client_event(shard: &Shard, room: &RoomId, head: Option<&crate::db::RoomHead>, ev: &Event, now: u64, viewer: Option<(&UserId, &str)>) -> ApiResult<Value> {
+fn client_event(shard: &Shard, room: &RoomId, head: Option<&crate::db::RoomHead>, ev: &Event, now: u64, viewer: Option<(&UserId, &str)>, reader: &crate::api::visibility::Reader) -> ApiResult<Value> {
     let mut value = ev.to_client(now, viewer);
-    crate::api::threads::bundle_into(shard, room, head, ev, &mut value, viewer, now)?;
+    if let Some(fragment) = crate::api::threads::bundle(shard, room, head, ev, viewer, now, Some(reader))? {
+        let parsed: Value = serde_json::from_str(&format!("{{{fragment}}}")).map_err(|e| ApiError::unknown(e.to_string()))?;
+        if let (Some(unsigned), Some(relations)) = (value.get_mut("unsigned").and_then(Value::as_object_mut), parsed.get("m.relations")) {
+            unsigned.insert("m.relations".into(), relations.clone());
+        }
+    }
     Ok(value)
 }
 
@@ -810,9 +815,9 @@ pub fn context(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &str)
         state.extend(lazy_members(shard, &room, &all, now)?);
     }
     Ok(json!({
-        "event": client_event(shard, &room, head.as_ref(), &ev, now, viewer)?,
-        "events_before": before.iter().map(|e| client_event(shard, &room, head.as_ref(), e, now, viewer)).collect::<ApiResult<Vec<_>>>()?,
-        "events_after": after.iter().map(|e| client_event(shard, &room, head.as_ref(), e, now, viewer)).collect::<ApiResult<Vec<_>>>()?,
+        "event": client_event(shard, &room, head.as_ref(), &ev, now, viewer, &reader)?,
+        "events_before": before.iter().map(|e| client_event(shard, &room, head.as_ref(), e, now, viewer, &reader)).collect::<ApiResult<Vec<_>>>()?,
+        "events_after": after.iter().map(|e| client_event(shard, &room, head.as_ref(), e, now, viewer, &reader)).collect::<ApiResult<Vec<_>>>()?,
         "start": format!("t{start}"),
         "end": format!("t{end}"),
         "state": state,
@@ -826,7 +831,7 @@ pub fn event(shard: &Shard, auth: &Authed, room: &str, event: &str) -> ApiResult
     let id = OwnedEventId::try_from(event).map_err(|_| ApiError::not_found("Event not found"))?;
     let ev = reader.shown(shard.db.event(&id)?.filter(|e| e.pdu.room_id == room && reader.allows(e)).ok_or_else(|| ApiError::not_found("Event not found"))?);
     let head = shard.db.room_head(&room)?;
-    client_event(shard, &room, head.as_ref(), &ev, now_ms(), Some((&auth.user, &auth.device)))
+    client_event(shard, &room, head.as_ref(), &ev, now_ms(), Some((&auth.user, &auth.device)), &reader)
 }
 
 /// Children per `/relations` page when the client names no limit.
@@ -933,7 +938,7 @@ pub fn relations(shard: &Shard, req: &Req, auth: &Authed, room: &str, event: &st
             && !hidden(&ignored, &ev.pdu)
             && reader.allows(&ev)
         {
-            chunk.push(client_event(shard, &room, Some(&head), &reader.shown(ev), now, Some((&auth.user, &auth.device)))?);
+            chunk.push(client_event(shard, &room, Some(&head), &reader.shown(ev), now, Some((&auth.user, &auth.device)), &reader)?);
         }
     }
     let mut body = json!({ "chunk": chunk });

@@ -512,7 +512,7 @@ fn timeline(shard: &Shard, auth: &Authed, room: &RoomId, head: Option<&RoomHead>
     let rendered = events
         .iter()
         .map(|e| {
-            let bundle = crate::api::threads::bundle(shard, room, head, &e.event, viewer, now)?;
+            let bundle = crate::api::threads::bundle(shard, room, head, &e.event, viewer, now, reader.as_ref())?;
             Ok(e.render_with(now, viewer, bundle.as_deref()))
         })
         .collect::<ApiResult<Vec<_>>>()?;

@@ -15,6 +15,7 @@ use ruma::{EventId, RoomId, UserId};
 use serde_json::{Value, json};
 
 use crate::api::rooms::{parse_position, parse_room};
+use crate::api::visibility::Reader;
 use crate::db::RoomHead;
 use crate::error::{ApiError, ApiResult};
 use crate::http::{Authed, Req};
@@ -79,7 +80,11 @@ pub fn check_relation(shard: &Shard, room: &RoomId, sender: &UserId, kind: &str,
 /// that reference it (`m.reference`). State events get none. `head`, when
 /// the caller has it, skips the lookups its counts rule out
 /// (`RoomHead::threads`, `RoomHead::edits`, `RoomHead::references`).
-pub fn bundle(shard: &Shard, room: &RoomId, head: Option<&RoomHead>, event: &Event, viewer: Option<(&UserId, &str)>, now: u64) -> ApiResult<Option<String>> {
+///
+/// `reader` (where erased senders need one): the latest thread reply is
+/// shown as the reader may read it, and an edit the reader must get
+/// redacted is not bundled.
+pub fn bundle(shard: &Shard, room: &RoomId, head: Option<&RoomHead>, event: &Event, viewer: Option<(&UserId, &str)>, now: u64, reader: Option<&Reader>) -> ApiResult<Option<String>> {
     if event.pdu.state_key.is_some() {
         return Ok(None);
     }
@@ -87,8 +92,11 @@ pub fn bundle(shard: &Shard, room: &RoomId, head: Option<&RoomHead>, event: &Eve
     if head.is_none_or(|h| h.threads > 0)
         && let Some(summary) = shard.db.thread_summary(room, event.pdu.id())?
         && let Ok(latest) = EventId::parse(summary.latest.as_str())
-        && let Some(latest) = shard.rendered(&latest)?
+        && let Some(mut latest) = shard.rendered(&latest)?
     {
+        if reader.is_some_and(|r| r.redacts(&latest.event)) {
+            latest = std::rc::Rc::new(crate::pdu::Rendered::new(latest.event.erased_copy()));
+        }
         let participated = viewer.is_some_and(|(user, _)| summary.participated(user, &event.pdu.sender));
         members.push(format!("\"m.thread\":{{\"latest_event\":{},\"count\":{},\"current_user_participated\":{participated}}}", latest.render(now, viewer).get(), summary.count));
     }
@@ -100,6 +108,7 @@ pub fn bundle(shard: &Shard, room: &RoomId, head: Option<&RoomHead>, event: &Eve
         let latest = children.iter().find(|(_, r)| edits && r.rel_type == "m.replace" && r.sender == event.pdu.sender.as_str() && r.kind == kind);
         if let Some((_, edit)) = latest
             && let Some(edit) = shard.rendered(&edit.event_id)?
+            && !reader.is_some_and(|r| r.redacts(&edit.event))
         {
             members.push(format!("\"m.replace\":{}", edit.render(now, viewer).get()));
         }
@@ -113,17 +122,6 @@ pub fn bundle(shard: &Shard, room: &RoomId, head: Option<&RoomHead>, event: &Eve
         return Ok(None);
     }
     Ok(Some(format!("\"m.relations\":{{{}}}", members.join(","))))
-}
-
-/// Adds the bundle of `event` to its client JSON `value`.
-pub fn bundle_into(shard: &Shard, room: &RoomId, head: Option<&RoomHead>, event: &Event, value: &mut Value, viewer: Option<(&UserId, &str)>, now: u64) -> ApiResult<()> {
-    if let Some(fragment) = bundle(shard, room, head, event, viewer, now)? {
-        let parsed: Value = serde_json::from_str(&format!("{{{fragment}}}")).map_err(|e| ApiError::unknown(e.to_string()))?;
-        if let (Some(unsigned), Some(relations)) = (value.get_mut("unsigned").and_then(Value::as_object_mut), parsed.get("m.relations")) {
-            unsigned.insert("m.relations".into(), relations.clone());
-        }
-    }
-    Ok(())
 }
 
 /// GET /_matrix/client/v1/rooms/{roomId}/threads
@@ -179,7 +177,7 @@ pub fn threads(shard: &Shard, req: &Req, auth: &Authed, room: &str) -> ApiResult
                     continue;
                 }
             }
-            let fragment = bundle(shard, &room, Some(&head), ev, viewer, now)?;
+            let fragment = bundle(shard, &room, Some(&head), ev, viewer, now, Some(&reader))?;
             chunk.push(rendered.render_with(now, viewer, fragment.as_deref()));
             last = Some(latest_pos);
         }
