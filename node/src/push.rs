@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use ruma::power_levels::NotificationPowerLevels;
-use ruma::push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset};
+use ruma::push::{Action, FlattenedJson, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset};
 use ruma::room_version_rules::RoomPowerLevelsRules;
 use ruma::serde::Raw;
 use ruma::{Int, OwnedUserId, RoomId, UInt, UserId};
@@ -59,23 +59,36 @@ pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc
     }
     let member_count = UInt::try_from(members.len()).unwrap_or(UInt::MAX);
     let event = Event { pdu: pdu.clone(), stored: Arc::new(StoredEvent { json: Box::default(), pos: 0, txn: None, redacted_by: None, redacted_because: None, prev_content: None, prev_sender: None, replaces_state: None }) };
-    let client = event.to_client(0, None);
-    let Ok(raw) = serde_json::value::to_raw_value(&client) else { return Ok((Vec::new(), None)) };
+    // The client format, written straight from the fields.
+    let raw = crate::pdu::Rendered::new(event).render(0, None);
     let haystack = raw.get().to_lowercase();
     let raw: Raw<Value> = Raw::from_json(raw);
+    // Flattened once for every evaluation of this event.
+    let flat = FlattenedJson::from_raw(&raw);
     let power = match &cached.push_power {
         Some(p) => p.clone(),
         None => cached.push_power.insert(Rc::new(power_levels(cached))).clone(),
     };
     let outcome = |rules: &Ruleset, user: &UserId, name: &str| -> (bool, bool) {
         let ctx = PushConditionRoomCtx::new(room.to_owned(), member_count, user.to_owned(), name.to_owned()).with_power_levels((*power).clone());
-        let actions = futures_lite::future::block_on(rules.get_actions(&raw, &ctx));
+        // The first rule that applies decides (as `Ruleset::get_actions`).
+        let actions = futures_lite::future::block_on(async {
+            for rule in rules {
+                if rule.applies(&flat, &ctx).await {
+                    return rule.actions();
+                }
+            }
+            &[]
+        });
         (actions.iter().any(Action::should_notify), actions.iter().any(Action::is_highlight))
     };
     // Members who ignore the sender are not notified of their events.
     let ignorers = shard.ignorers_of(&pdu.sender)?;
-    let neutral_user = ruma::OwnedUserId::try_from(format!("@{NEUTRAL}:{}", shard.server_name)).ok();
-    let neutral_usable = neutral_user.is_some() && !haystack.contains(NEUTRAL);
+    let neutral = shard.neutral_rules.get_or_init(|| ruma::OwnedUserId::try_from(format!("@{NEUTRAL}:{}", shard.server_name)).ok().map(|n| {
+        let rules = Rc::new(Ruleset::server_default(&n));
+        (n, rules)
+    }));
+    let neutral_usable = neutral.is_some() && !haystack.contains(NEUTRAL);
     let mut shared: Option<(bool, bool)> = None;
     let mut out = Vec::new();
     let mut thread: Option<Option<String>> = None;
@@ -89,8 +102,8 @@ pub fn evaluate(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, pdu: &Arc
         let (notify, highlight) = match shard.custom_ruleset(user)? {
             Some(rules) => outcome(&rules, user, &member.name),
             None if named || !neutral_usable => outcome(&Ruleset::server_default(user), user, &member.name),
-            None => *shared.get_or_insert_with(|| match &neutral_user {
-                Some(n) => outcome(&Ruleset::server_default(n), n, NEUTRAL),
+            None => *shared.get_or_insert_with(|| match neutral {
+                Some((n, rules)) => outcome(rules, n, NEUTRAL),
                 None => (false, false),
             }),
         };

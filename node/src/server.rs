@@ -219,6 +219,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     push_rule_changes,
                     push_rule_changes_seen: Default::default(),
                     push_rules: Default::default(),
+                    neutral_rules: Default::default(),
                     ignored_seen: Default::default(),
                     ignored: Default::default(),
                     ignorers: Default::default(),

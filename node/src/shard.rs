@@ -245,6 +245,10 @@ pub struct Shard {
     /// Users' own push rule sets (`None`: the user has none), for the
     /// evaluation of every new event in the rooms this shard owns.
     pub push_rules: RefCell<HashMap<OwnedUserId, Option<Rc<Ruleset>>>>,
+    /// The default push rules of a neutral local user, which members
+    /// without rules of their own share (see `push::evaluate`); built at
+    /// the first use.
+    pub neutral_rules: std::cell::OnceCell<Option<(OwnedUserId, Rc<Ruleset>)>>,
     /// The count of `push_rule_changes` the `ignored` and `ignorers`
     /// caches reflect.
     pub ignored_seen: Cell<u64>,
