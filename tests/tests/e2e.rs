@@ -1492,6 +1492,7 @@ fn erased_accounts_events_are_redacted_for_later_joiners() {
     dave.register("dave");
     let room = alice.create_room(json!({ "preset": "public_chat", "name": "Erasure" }));
     assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{room}"), json!({})).0, 200);
+    assert_eq!(bob.put("/_matrix/client/v3/profile/@bob:localhost/displayname", json!({ "displayname": "Bobby" })).0, 200);
     let secret = bob.send_text(&room, "b1", "bob's secret words");
     let plain = alice.send_text(&room, "a1", "alice's words");
     // Bob edits his message and replies in a thread to Alice's.
@@ -1554,6 +1555,14 @@ fn erased_accounts_events_are_redacted_for_later_joiners() {
     assert!(bobs.len() == 1 && bobs[0]["content"] == json!({}), "{timeline:?}");
     assert_eq!(bodies(&sync, &room), vec!["alice's words".to_owned()]);
     assert_eq!(search(&dave), 0);
+    // Bob's profile is gone from the room's state too: his leave follows a
+    // membership without his name.
+    let (_, state) = dave.get(&format!("/_matrix/client/v3/rooms/{room}/state"));
+    let leave = state.as_array().expect("state").iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == "@bob:localhost").cloned().expect("Bob's member event");
+    assert_eq!(leave["content"], json!({ "membership": "leave" }), "{leave}");
+    assert_eq!(leave["unsigned"]["prev_content"], json!({ "membership": "join" }), "{leave}");
+    let (_, members) = alice.get(&format!("/_matrix/client/v3/rooms/{room}/members"));
+    assert!(!members.to_string().contains("Bobby"), "{members}");
 }
 
 #[test]

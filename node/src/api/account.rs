@@ -426,11 +426,20 @@ pub async fn deactivate(shard: &Rc<Shard>, req: &Req, auth: &Authed) -> ApiResul
             shard.room_op(&room, RoomOp::Erase { user: auth.user.clone() }).await?;
         }
     }
+    let member = |content: Value| Draft { sender: auth.user.clone(), kind: "m.room.member".into(), state_key: Some(auth.user.to_string()), content, txn: None, redacts: None };
     for (room, ur) in rooms {
         if matches!(ur.membership.as_str(), "join" | "invite" | "knock") {
             let Ok(room) = ruma::RoomId::parse(room.as_str()) else { continue };
-            let draft = Draft { sender: auth.user.clone(), kind: "m.room.member".into(), state_key: Some(auth.user.to_string()), content: json!({ "membership": "leave" }), txn: None, redacts: None };
-            if let Err(e) = shard.room_op(&room, RoomOp::Send(draft)).await {
+            // Erasing clears the profile in the room first (as Synapse
+            // does), so that the leave's `prev_content`, which everyone
+            // reading the room's state sees, holds no name or avatar.
+            if erase
+                && ur.membership == "join"
+                && let Err(e) = shard.room_op(&room, RoomOp::Send(member(json!({ "membership": "join" })))).await
+            {
+                tracing::warn!(room = %room, error = %e.message, "clearing the profile in a room on erasure failed");
+            }
+            if let Err(e) = shard.room_op(&room, RoomOp::Send(member(json!({ "membership": "leave" })))).await {
                 tracing::warn!(room = %room, error = %e.message, "leaving room on deactivation failed");
             }
         }
