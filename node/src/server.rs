@@ -149,8 +149,28 @@ fn stream_heads(db: &Db, count: u16) -> anyhow::Result<Vec<u64>> {
     Ok(heads)
 }
 
+/// Fails when another process already listens on `address`.
+///
+/// The shards bind with SO_REUSEPORT, which the kernel grants to any process
+/// of the same user: a second node started on a taken port would bind too
+/// and silently receive part of the connections (requests with tokens and
+/// rooms it has never heard of). A plain bind, refused by any existing
+/// listener, catches that before anything else starts. Two nodes starting
+/// in the same instant can still both pass; this guards against the usual
+/// case, an old process still running.
+fn ensure_unclaimed(address: std::net::SocketAddr) -> anyhow::Result<()> {
+    match std::net::TcpListener::bind(address) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            anyhow::bail!("listen.address {address} is already in use by another process (is another node running?)")
+        }
+        Err(e) => anyhow::bail!("binding listen.address {address}: {e}"),
+    }
+}
+
 /// Runs the node until SIGTERM or SIGINT.
 pub fn run(config: Config) -> anyhow::Result<()> {
+    ensure_unclaimed(config.listen.address)?;
     let config = Arc::new(config);
     let store = open_store(&config)?;
     let key = Arc::new(crate::keys::load_or_create(&config.data_dir)?);

@@ -93,6 +93,31 @@ fn serve_metrics(addr: std::net::SocketAddr, shards: Vec<Arc<Metrics>>) -> anyho
 
 use std::io::Read as _;
 
+/// Fails when another process already holds one of the listening addresses.
+///
+/// Every thread binds its listeners with SO_REUSEPORT, which the kernel
+/// grants to any process of the same user: a second relay started on a
+/// taken port would bind too and get a share of the clients, whose
+/// allocations live in the other process. A plain bind, refused by any
+/// existing socket on the address, catches that before anything starts.
+fn ensure_unclaimed(config: &Config) -> anyhow::Result<()> {
+    let taken = |what: &str, addr: &std::net::SocketAddr, e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!("{what} {addr} is already in use by another process (is another relay running?)")
+        } else {
+            anyhow::anyhow!("binding {what} {addr}: {e}")
+        }
+    };
+    for addr in &config.listen {
+        std::net::UdpSocket::bind(addr).map_err(|e| taken("listen (UDP)", addr, e))?;
+        std::net::TcpListener::bind(addr).map_err(|e| taken("listen (TCP)", addr, e))?;
+    }
+    for addr in &config.tls_listen {
+        std::net::TcpListener::bind(addr).map_err(|e| taken("tls_listen", addr, e))?;
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
@@ -107,6 +132,7 @@ fn main() -> anyhow::Result<()> {
         Some(p) => Config::from_toml(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?,
         None => anyhow::bail!("--config is required"),
     };
+    ensure_unclaimed(&config)?;
     let server_config = Arc::new(config.server_config()?);
     let tls = load_tls(&config)?;
     let threads = if config.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { config.threads };

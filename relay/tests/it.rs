@@ -179,3 +179,42 @@ fn relays_bursts_of_many_batches_complete_and_in_order() {
     assert_eq!(metric(&m, "tessera_relay_packets_total{direction=\"to_peer\"}"), u64::from(2 * BURST), "{m}");
     assert_eq!(metric(&m, "tessera_relay_dropped_packets_total{reason=\"io\"}"), 0, "{m}");
 }
+
+#[test]
+fn a_second_relay_on_a_taken_port_refuses_to_start() {
+    if !in_netns("a_second_relay_on_a_taken_port_refuses_to_start") {
+        return;
+    }
+    let relay = Relay::start(&base_config(""));
+    let dir = TempDir(std::env::temp_dir().join(format!("tessera-relay-taken-{}-{}", std::process::id(), relay.udp.port())));
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let path = dir.0.join("second.toml");
+    let config = base_config("").replace("{UDP}", &relay.udp.port().to_string()).replace("{METRICS}", &free_port().to_string());
+    std::fs::write(&path, config).expect("write config");
+    let log = dir.0.join("second.log");
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_tessera-relay"))
+        .arg("--config")
+        .arg(&path)
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start tessera-relay");
+    // Bounded: a relay that wrongly starts is killed and the test fails.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.is_some_and(|s| !s.success()), "{stderr}");
+    assert!(stderr.contains("already in use"), "{stderr}");
+    // The first relay still serves.
+    let mut c = TurnClient::new(relay.udp, "alice", "wonderland");
+    assert_eq!(c.allocate(), Ok(()));
+}

@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -73,10 +74,36 @@ def kind_from_env() -> str:
     return kind
 
 
+# Ports handed out recently, one empty file each, shared by every process
+# that runs this module (test suites start servers side by side).
+PORT_CLAIMS = Path(tempfile.gettempdir()) / "tessera-test-ports"
+# A claim older than this is taken to belong to a finished run.
+PORT_CLAIM_STALE_S = 3600
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port no other caller of this function got within the hour.
+
+    The kernel may offer a released port again at once. Two servers started
+    side by side on one port would both bind it (tessera-node listens with
+    SO_REUSEPORT) and each get part of the other's requests, so every port
+    handed out is claimed with a file that only one process can create.
+    """
+    PORT_CLAIMS.mkdir(parents=True, exist_ok=True)
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        claim = PORT_CLAIMS / str(port)
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return port
+        except FileExistsError:
+            try:
+                if time.time() - claim.stat().st_mtime > PORT_CLAIM_STALE_S:
+                    claim.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
 
 
 def tessera_bin() -> Path:

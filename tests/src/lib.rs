@@ -4,9 +4,11 @@
 //! Waits are bounded polls on a condition (the server answering), never
 //! fixed sleeps.
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -22,9 +24,20 @@ pub fn node_bin() -> PathBuf {
     target.join("debug").join("tessera-node")
 }
 
-/// A free loopback port (bound then released).
+/// A free loopback port (bound then released), never the same twice in
+/// one test process.
+///
+/// Between the release and the node's bind, the kernel may hand the same
+/// port to a test running beside this one; two nodes on one port would each
+/// get part of the other's requests. Ports already handed out are skipped.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port");
+        if HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A running node.

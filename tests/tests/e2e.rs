@@ -1,6 +1,7 @@
 //! End-to-end tests of the real `tessera-node` binary over HTTP on loopback.
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tessera_tests::{Client, Node, node_bin};
@@ -2010,6 +2011,39 @@ fn invalid_config_fails_fast_naming_the_key() {
     let out = Command::new(node_bin()).arg("--config").arg(&path).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("adress"), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_second_node_on_a_taken_port_refuses_to_start() {
+    let node = Node::start("taken-port", "[runtime]\nshards = 2\n");
+    let dir = std::env::temp_dir().join(format!("tessera-taken-port-{}-{}", std::process::id(), node.port));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("second.toml");
+    let config = format!("data_dir = \"{}\"\n[listen]\naddress = \"127.0.0.1:{}\"\n", dir.join("data").display(), node.port);
+    std::fs::write(&path, config).expect("write");
+    let log = dir.join("second.log");
+    let mut second = Command::new(node_bin()).arg("--config").arg(&path).stderr(std::fs::File::create(&log).expect("log")).spawn().expect("run");
+    // Bounded: a node that wrongly starts is killed and the test fails.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
+    assert!(stderr.contains("already in use"), "{stderr}");
+    // The first node still answers, alone.
+    let mut c = node.client();
+    c.register("still");
+    assert_eq!(c.get("/_matrix/client/v3/account/whoami").0, 200);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -56,12 +56,15 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn free_port() -> u16 {
-    // Ask the kernel for a port free for both UDP and TCP.
+pub fn free_port() -> u16 {
+    // Ask the kernel for a port free for both UDP and TCP, never handing
+    // out the same one twice: tests run side by side, and the kernel may
+    // offer a port again before the relay it was meant for has bound it.
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
     loop {
         let u = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let port = u.local_addr().expect("addr").port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() && HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
             return port;
         }
     }

@@ -60,11 +60,14 @@ impl Server {
             cmd.env(k, v.as_str().expect("env value"));
         }
         let child = cmd.spawn().expect("start the homeserver");
-        let server = Server { child, base_url: launch["base_url"].as_str().expect("base_url").to_owned(), dir };
+        let mut server = Server { child, base_url: launch["base_url"].as_str().expect("base_url").to_owned(), dir };
         // A bounded readiness wait: the process needs a moment to listen.
         let deadline = Instant::now() + Duration::from_secs(launch["profile"]["ready_timeout_s"].as_u64().unwrap_or(30));
         loop {
             let probe = Client::builder().homeserver_url(&server.base_url).build().await.expect("client");
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("homeserver exited with {status}; log in {}", server.dir.display());
+            }
             if probe.server_versions().await.is_ok() {
                 return server;
             }
