@@ -154,17 +154,22 @@ fn stream_heads(db: &Db, count: u16) -> anyhow::Result<Vec<u64>> {
 /// The shards bind with SO_REUSEPORT, which the kernel grants to any process
 /// of the same user: a second node started on a taken port would bind too
 /// and silently receive part of the connections (requests with tokens and
-/// rooms it has never heard of). A plain bind, refused by any existing
-/// listener, catches that before anything else starts. Two nodes starting
-/// in the same instant can still both pass; this guards against the usual
+/// rooms it has never heard of). The kernel's table of listening sockets
+/// tells before anything starts. (A plain test bind would also fail on the
+/// TIME_WAIT remains of the last run's connections.) Two nodes starting in
+/// the same instant can still both pass; this guards against the usual
 /// case, an old process still running.
 fn ensure_unclaimed(address: std::net::SocketAddr) -> anyhow::Result<()> {
-    match std::net::TcpListener::bind(address) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+    let table = if address.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
+    match std::fs::read_to_string(table) {
+        Ok(text) if tessera_shared::listeners::holds(&text, tessera_shared::listeners::Kind::TcpListener, address) => {
             anyhow::bail!("listen.address {address} is already in use by another process (is another node running?)")
         }
-        Err(e) => anyhow::bail!("binding listen.address {address}: {e}"),
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::warn!(table, error = %e, "cannot check for another process on the listen address");
+            Ok(())
+        }
     }
 }
 

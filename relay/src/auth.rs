@@ -6,8 +6,8 @@
 //! an operator can rotate them: a username is accepted if its password
 //! matches under any of them.
 //!
-//! Nonces carry their own expiry and an HMAC over it and the client's
-//! transport address, keyed by a per-process random key handed in by the
+//! Nonces carry their own expiry and an HMAC over it and the client's IP
+//! address, keyed by a per-process random key handed in by the
 //! caller, so the relay keeps no nonce table and a nonce issued to one
 //! client is useless to another.
 
@@ -93,7 +93,9 @@ impl NonceKey {
             Err(_) => unreachable!("HMAC accepts keys of any length"),
         };
         m.update(&expiry.to_be_bytes());
-        m.update(client.to_string().as_bytes());
+        // The address only, not the port: a ConnectionBind (RFC 6062) comes
+        // on a new connection, with the nonce of the control connection.
+        m.update(client.ip().to_string().as_bytes());
         let tag = m.finalize().into_bytes();
         tag[..NONCE_MAC_HEX / 2].iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -133,7 +135,9 @@ mod tests {
         assert_eq!(k.check(&n, 1000, c), NonceCheck::Valid);
         assert_eq!(k.check(&n, 1059, c), NonceCheck::Valid);
         assert_eq!(k.check(&n, 1060, c), NonceCheck::Stale);
-        assert_eq!(k.check(&n, 1000, addr("192.0.2.1:5001")), NonceCheck::Stale);
+        // Bound to the address, not the port.
+        assert_eq!(k.check(&n, 1000, addr("192.0.2.1:5001")), NonceCheck::Valid);
+        assert_eq!(k.check(&n, 1000, addr("192.0.2.2:5000")), NonceCheck::Stale);
         assert_eq!(NonceKey::new([4; 32], 60).check(&n, 1000, c), NonceCheck::Stale);
         assert_eq!(k.check("garbage", 1000, c), NonceCheck::Stale);
         let mut forged = n.clone();

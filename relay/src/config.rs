@@ -73,6 +73,9 @@ pub struct Config {
     pub max_permissions: usize,
     /// Channels per allocation (~64 bytes each).
     pub max_channels: usize,
+    /// TCP peer connections per TCP allocation (RFC 6062), pending or
+    /// relaying.
+    pub max_tcp_connections: usize,
     /// Peer ranges allowed although special-purpose (e.g. "127.0.0.0/8" for
     /// tests on one host). Empty by default: never needed in production.
     pub allowed_peer_ranges: Vec<String>,
@@ -111,6 +114,7 @@ impl Default for Config {
             nonce_lifetime_secs: 600,
             max_permissions: 64,
             max_channels: 64,
+            max_tcp_connections: 64,
             allowed_peer_ranges: Vec::new(),
             denied_peer_ranges: Vec::new(),
             metrics_listen: None,
@@ -185,6 +189,7 @@ impl Config {
         sc.default_lifetime_secs = sc.default_lifetime_secs.min(sc.max_lifetime_secs);
         sc.max_permissions = self.max_permissions;
         sc.max_channels = self.max_channels;
+        sc.max_tcp_connections = self.max_tcp_connections;
         sc.bandwidth_bytes_per_sec = (self.bandwidth_bytes_per_sec > 0).then_some(self.bandwidth_bytes_per_sec);
         sc.policy = self.policy()?;
         Ok(sc)

@@ -131,6 +131,25 @@ impl RelayBinder for FuzzBinder {
     }
 
     fn release(&mut self, _relay: SocketAddr) {}
+
+    fn bind_tcp(&mut self, family: Family) -> Result<SocketAddr, BindError> {
+        self.bind(family, false)
+    }
+
+    fn release_tcp(&mut self, _relay: SocketAddr) {}
+
+    fn tcp_connect(&mut self, _relay: SocketAddr, _peer: SocketAddr) -> Option<u32> {
+        self.next_port = self.next_port.wrapping_add(1);
+        Some(u32::from(self.next_port))
+    }
+
+    fn tcp_expire(&mut self, _id: u32) {}
+
+    fn tcp_close(&mut self, _id: u32) {}
+
+    fn tcp_open(&self, _id: u32) -> bool {
+        true
+    }
 }
 
 fn tuple(port: u16) -> FiveTuple {
@@ -182,6 +201,13 @@ fn check_client(out: &ClientOutput<'_>, input: &[u8]) {
             }
         }
         ClientOutput::ToPeer { payload, .. } => assert!(payload.len() <= input.len()),
+        ClientOutput::ConnectionBind { accept, reject, .. } => {
+            for r in [accept, reject] {
+                if let Err(e) = Message::parse(r) {
+                    panic!("the server built a malformed ConnectionBind answer: {e}");
+                }
+            }
+        }
     }
 }
 

@@ -98,22 +98,35 @@ use std::io::Read as _;
 /// Every thread binds its listeners with SO_REUSEPORT, which the kernel
 /// grants to any process of the same user: a second relay started on a
 /// taken port would bind too and get a share of the clients, whose
-/// allocations live in the other process. A plain bind, refused by any
-/// existing socket on the address, catches that before anything starts.
+/// allocations live in the other process. The kernel's socket tables tell
+/// before anything starts. (A plain test bind would also fail on the
+/// TIME_WAIT remains of the last run's TCP connections.)
 fn ensure_unclaimed(config: &Config) -> anyhow::Result<()> {
-    let taken = |what: &str, addr: &std::net::SocketAddr, e: std::io::Error| {
-        if e.kind() == std::io::ErrorKind::AddrInUse {
-            anyhow::anyhow!("{what} {addr} is already in use by another process (is another relay running?)")
-        } else {
-            anyhow::anyhow!("binding {what} {addr}: {e}")
+    use tessera_shared::listeners::{Kind, holds};
+    let check = |what: &str, addr: &std::net::SocketAddr, kind: Kind| -> anyhow::Result<()> {
+        let table = match (kind, addr.is_ipv4()) {
+            (Kind::TcpListener, true) => "/proc/net/tcp",
+            (Kind::TcpListener, false) => "/proc/net/tcp6",
+            (Kind::Udp, true) => "/proc/net/udp",
+            (Kind::Udp, false) => "/proc/net/udp6",
+        };
+        match std::fs::read_to_string(table) {
+            Ok(text) if holds(&text, kind, *addr) => {
+                anyhow::bail!("{what} {addr} is already in use by another process (is another relay running?)")
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(table, error = %e, "cannot check for another process on a listening address");
+                Ok(())
+            }
         }
     };
     for addr in &config.listen {
-        std::net::UdpSocket::bind(addr).map_err(|e| taken("listen (UDP)", addr, e))?;
-        std::net::TcpListener::bind(addr).map_err(|e| taken("listen (TCP)", addr, e))?;
+        check("listen (UDP)", addr, Kind::Udp)?;
+        check("listen (TCP)", addr, Kind::TcpListener)?;
     }
     for addr in &config.tls_listen {
-        std::net::TcpListener::bind(addr).map_err(|e| taken("tls_listen", addr, e))?;
+        check("tls_listen", addr, Kind::TcpListener)?;
     }
     Ok(())
 }
@@ -143,6 +156,7 @@ fn main() -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let config = Arc::new(config);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let parking = Arc::new(tessera_relay::driver::tcp_relay::Parking::default());
 
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
     {
@@ -167,6 +181,7 @@ fn main() -> anyhow::Result<()> {
             tls: tls.clone(),
             stop: stop.clone(),
             ready: ready_tx.clone(),
+            parking: parking.clone(),
         };
         let h = LocalExecutorBuilder::new(Placement::Fixed(index % cpus))
             .name(&format!("relay-{index}"))

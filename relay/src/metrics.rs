@@ -79,6 +79,8 @@ pub struct Metrics {
     pub peer_refusals: AtomicU64,
     /// STUN requests handled.
     pub requests: AtomicU64,
+    /// TCP peer data connections bound to a client data connection (RFC 6062).
+    pub tcp_connections_total: AtomicU64,
     drops: [AtomicU64; 7],
 }
 
@@ -113,6 +115,12 @@ pub fn render(shards: &[&Metrics]) -> String {
     line("tessera_relay_quota_rejections_total", "counter", "Allocations refused by quota.", sum(&|m| m.quota_rejections.load(Relaxed)));
     line("tessera_relay_peer_refusals_total", "counter", "Permissions refused by peer policy.", sum(&|m| m.peer_refusals.load(Relaxed)));
     line("tessera_relay_requests_total", "counter", "STUN requests handled.", sum(&|m| m.requests.load(Relaxed)));
+    line(
+        "tessera_relay_tcp_connections_total",
+        "counter",
+        "TCP peer connections relayed (RFC 6062).",
+        sum(&|m| m.tcp_connections_total.load(Relaxed)),
+    );
     let _ = writeln!(out, "# HELP tessera_relay_packets_total Packets relayed.\n# TYPE tessera_relay_packets_total counter");
     let _ = writeln!(out, "tessera_relay_packets_total{{direction=\"to_peer\"}} {}", sum(&|m| m.packets_to_peer.load(Relaxed)));
     let _ = writeln!(out, "tessera_relay_packets_total{{direction=\"to_client\"}} {}", sum(&|m| m.packets_to_client.load(Relaxed)));

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Relay test suite: unit and netns integration tests (cargo test), then
 # coturn's turnutils_uclient against tessera-relay on loopback (UDP with
-# channels, Send indications, client-to-client, TURN REST secret, TCP, TLS).
+# channels, Send indications, client-to-client, TURN REST secret, TCP, TLS,
+# TCP relay allocations of RFC 6062).
 # Prints "N passed, M failed" last and exits non-zero on any failure.
 set -u
 cd "$(dirname "$0")/../.."
@@ -110,6 +111,13 @@ uclient udp-1200-bytes "${U[@]}" -m 20 -n 100 -l 1200 -p "$PORT"
 uclient tcp "${U[@]}" -t -m 10 -n 50 -l 160 -p "$PORT"
 uclient tcp-client-to-client "${U[@]}" -t -y -m 10 -n 50 -l 160 -p "$PORT"
 uclient tls "${U[@]}" -t -S -m 5 -n 50 -l 160 -p "$TLS_PORT"
+# TCP relay allocations (RFC 6062): -T makes every client Connect to every
+# other client's TCP relay address (each pair answers a ConnectionAttempt),
+# then relays over the bound data connections; over TCP, then TLS.
+R=(-u ninefingers -w youhavetoberealistic)
+uclient tcp-relay "${R[@]}" -T -m 10 -n 50 -l 160 -p "$PORT"
+uclient tcp-relay-1200-bytes "${R[@]}" -T -m 4 -n 50 -l 1200 -p "$PORT"
+uclient tls-tcp-relay "${R[@]}" -T -S -m 4 -n 50 -l 160 -p "$TLS_PORT"
 
 # Metrics endpoint answers and counted relayed packets.
 if curl -sf "http://127.0.0.1:$METRICS_PORT/metrics" -o "$WORK/metrics.txt" 2>/dev/null \
@@ -117,6 +125,10 @@ if curl -sf "http://127.0.0.1:$METRICS_PORT/metrics" -o "$WORK/metrics.txt" 2>/d
   if grep -q 'tessera_relay_packets_total{direction="to_peer"} [1-9]' "$WORK/metrics.txt"; then
     ok "metrics count relayed packets"
   else bad "metrics count relayed packets"; fi
+  # 10 * 9 + 4 * 3 + 4 * 3 data connections from the -T runs above.
+  if grep -q '^tessera_relay_tcp_connections_total 114$' "$WORK/metrics.txt"; then
+    ok "metrics count TCP relay connections"
+  else bad "metrics count TCP relay connections: $(grep '^tessera_relay_tcp_connections_total' "$WORK/metrics.txt")"; fi
 else bad "metrics endpoint"; fi
 
 # --- credentials minted by a running tessera-node ---------------------------

@@ -4,5 +4,6 @@
 //! callers pass time and randomness in, so every function is deterministic
 //! and tested in isolation.
 
+pub mod listeners;
 pub mod ring;
 pub mod turn_rest;

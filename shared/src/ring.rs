@@ -96,8 +96,8 @@ mod tests {
 
     #[test]
     fn empty_configs_are_rejected() {
-        assert_eq!(Ring::new(&[], 8).unwrap_err(), RingError::NoShards);
-        assert_eq!(Ring::single_node(2, 0).unwrap_err(), RingError::NoVnodes);
+        assert_eq!(Ring::new(&[], 8).expect_err("no shards"), RingError::NoShards);
+        assert_eq!(Ring::single_node(2, 0).expect_err("no vnodes"), RingError::NoVnodes);
     }
 
     #[test]

@@ -21,6 +21,7 @@
 
 mod batch;
 mod stream;
+pub mod tcp_relay;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -61,6 +62,8 @@ pub struct ShardSetup {
     pub stop: Arc<AtomicBool>,
     /// Told once the shard's listeners are bound (or failed).
     pub ready: std::sync::mpsc::Sender<Result<(), String>>,
+    /// TCP peer connections waiting for their ConnectionBind (shared).
+    pub parking: Arc<tcp_relay::Parking>,
 }
 
 /// The current time as the core wants it.
@@ -128,6 +131,8 @@ impl Shard {
             let queued = match out {
                 ClientOutput::Nothing => continue,
                 ClientOutput::Reply(r) => (sock.clone(), from, Payload::Owned(r)),
+                // The core refuses ConnectionBind over UDP itself.
+                ClientOutput::ConnectionBind { reject, .. } => (sock.clone(), from, Payload::Owned(reject)),
                 ClientOutput::ToPeer { relay, peer, payload } => {
                     // The queue keeps the socket open until the flush even if
                     // a later datagram of this pass releases the allocation.
@@ -207,17 +212,25 @@ impl Shard {
         }
     }
 
-    /// Runs one client message through the core and performs the outcome.
-    /// Returns the reply for the caller to send on its own transport.
-    pub(crate) async fn client_message(&self, tuple: FiveTuple, buf: &[u8]) -> Option<Vec<u8>> {
+    /// Runs one stream client's message through the core and performs the
+    /// outcome. Returns the reply for the caller to send on its own
+    /// transport, or the peer connection a ConnectionBind claimed.
+    pub(crate) async fn client_message(&self, tuple: FiveTuple, buf: &[u8]) -> Handled {
         let out = {
             let mut server = self.server.borrow_mut();
             let mut binder = self.binder.borrow_mut();
             server.handle_client(now(), tuple, buf, &mut *binder)
         };
-        match out {
+        Handled::Reply(match out {
             ClientOutput::Nothing => None,
             ClientOutput::Reply(r) => Some(r),
+            ClientOutput::ConnectionBind { id, username, accept, reject } => {
+                let claimed = self.binder.borrow().tcp.parking().claim(id, &username);
+                return match claimed {
+                    Some(parked) => Handled::Relay(accept, parked),
+                    None => Handled::Reply(Some(reject)),
+                };
+            }
             ClientOutput::ToPeer { relay, peer, payload } => {
                 let sock = self.binder.borrow().socket(relay);
                 match sock {
@@ -230,7 +243,7 @@ impl Shard {
                 }
                 None
             }
-        }
+        })
     }
 
     /// A stream client went away: remove its allocation.
@@ -240,6 +253,15 @@ impl Shard {
         let mut binder = self.binder.borrow_mut();
         server.client_closed(tuple, &mut *binder);
     }
+}
+
+/// What became of a stream client's message.
+pub(crate) enum Handled {
+    /// Send this reply, if any.
+    Reply(Option<Vec<u8>>),
+    /// Send this success and relay the connection's bytes to and from the
+    /// claimed peer connection from now on.
+    Relay(Vec<u8>, tcp_relay::Parked),
 }
 
 /// Sends what a pass left because a socket buffer was full, awaiting
@@ -280,6 +302,8 @@ pub(crate) struct UdpBinder {
     max_port: u16,
     cursor: usize,
     sockets: HashMap<SocketAddr, RelaySocket>,
+    /// TCP relay addresses and peer connections (RFC 6062).
+    pub(crate) tcp: tcp_relay::TcpRelays,
 }
 
 impl UdpBinder {
@@ -298,11 +322,12 @@ impl UdpBinder {
             max_port: c.max_port,
             cursor: 0,
             sockets: HashMap::new(),
+            tcp: tcp_relay::TcpRelays::new(setup.parking.clone(), setup.server_config.bandwidth_bytes_per_sec),
         }
     }
 
     fn open(&mut self, addr: SocketAddr) -> Result<SocketAddr, BindError> {
-        if self.sockets.contains_key(&addr) {
+        if self.sockets.contains_key(&addr) || self.tcp.has_listener(addr) {
             return Err(BindError::Exhausted);
         }
         let std_sock = std::net::UdpSocket::bind(addr).map_err(|_| BindError::Exhausted)?;
@@ -369,6 +394,47 @@ impl RelayBinder for UdpBinder {
 
     fn release(&mut self, relay: SocketAddr) {
         self.sockets.remove(&relay);
+    }
+
+    fn bind_tcp(&mut self, family: Family) -> Result<SocketAddr, BindError> {
+        let ip = match family {
+            Family::V4 => self.ipv4,
+            Family::V6 => self.ipv6,
+        }
+        .ok_or(BindError::FamilyUnsupported)?;
+        for _ in 0..self.ports.len() {
+            let addr = SocketAddr::new(ip, self.ports[self.cursor % self.ports.len()]);
+            self.cursor = self.cursor.wrapping_add(1);
+            // One relay address per port, whichever the protocol: the core
+            // finds allocations by address.
+            if self.sockets.contains_key(&addr) || self.tcp.has_listener(addr) {
+                continue;
+            }
+            if self.tcp.listen(addr).is_ok() {
+                return Ok(addr);
+            }
+        }
+        Err(BindError::Exhausted)
+    }
+
+    fn release_tcp(&mut self, relay: SocketAddr) {
+        self.tcp.release(relay);
+    }
+
+    fn tcp_connect(&mut self, relay: SocketAddr, peer: SocketAddr) -> Option<u32> {
+        self.tcp.connect(relay, peer)
+    }
+
+    fn tcp_expire(&mut self, id: u32) {
+        self.tcp.expire(id);
+    }
+
+    fn tcp_close(&mut self, id: u32) {
+        self.tcp.close(id);
+    }
+
+    fn tcp_open(&self, id: u32) -> bool {
+        self.tcp.is_open(id)
     }
 }
 
@@ -485,6 +551,7 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
         }),
     });
     shard.binder.borrow_mut().shard = Rc::downgrade(&shard);
+    shard.binder.borrow_mut().tcp.set_shard(Rc::downgrade(&shard));
     for (addr, sock) in udp {
         glommio::spawn_local(udp_client_loop(shard.clone(), sock, addr)).detach();
     }

@@ -7,6 +7,10 @@
 //! drain it loses frames rather than growing memory. For TLS both tasks share
 //! the rustls connection state. Messages are framed by their own headers:
 //! STUN by its length field, ChannelData by its length padded to four.
+//!
+//! A ConnectionBind (RFC 6062) that claims a peer connection turns the
+//! connection into a data connection: from then on its bytes, unframed,
+//! go to the peer and back through a [`Pipe`].
 
 use std::cell::RefCell;
 use std::io::{Read as _, Write as _};
@@ -18,7 +22,8 @@ use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _};
 use glommio::channels::local_channel::{self, LocalReceiver};
 use glommio::net::{TcpListener, TcpStream};
 
-use super::Shard;
+use super::tcp_relay::Pipe;
+use super::{Handled, Shard};
 use crate::stun::{HEADER_LEN, channel_data, framed_len};
 use crate::turn::{FiveTuple, Transport};
 
@@ -77,7 +82,11 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, tuple: FiveTuple, tls: 
     let tx = Rc::new(tx);
     shard.streams.borrow_mut().insert(tuple, tx.clone());
     let writer = glommio::spawn_local(write_loop(writer_stream, rx, tls.clone()));
-    read_loop(&shard, stream, tuple, tls, &tx).await;
+    let mut pipe = None;
+    read_loop(&shard, stream, tuple, tls, &tx, &mut pipe).await;
+    if let Some(p) = pipe {
+        p.close();
+    }
     shard.stream_closed(tuple);
     drop(tx);
     writer.await;
@@ -88,7 +97,8 @@ async fn read_loop(
     mut stream: TcpStream,
     tuple: FiveTuple,
     tls: Option<Rc<RefCell<rustls::ServerConnection>>>,
-    tx: &glommio::channels::local_channel::LocalSender<Vec<u8>>,
+    tx: &Rc<glommio::channels::local_channel::LocalSender<Vec<u8>>>,
+    pipe: &mut Option<Pipe>,
 ) {
     let mut raw = vec![0u8; 16384];
     let mut buf: Vec<u8> = Vec::with_capacity(16384);
@@ -129,6 +139,13 @@ async fn read_loop(
                 }
             }
         }
+        if let Some(p) = pipe.as_mut() {
+            if p.send_to_peer(&buf).await.is_err() {
+                return;
+            }
+            buf.clear();
+            continue;
+        }
         let mut start = 0;
         loop {
             match next_frame(&buf[start..]) {
@@ -141,7 +158,23 @@ async fn read_loop(
                     let frame = &buf[start..start + len];
                     // ChannelData frames carry padding the core must not see
                     // as payload; STUN frames are exact.
-                    if let Some(reply) = shard.client_message(tuple, frame).await
+                    let reply = match shard.client_message(tuple, frame).await {
+                        Handled::Reply(reply) => reply,
+                        Handled::Relay(accept, parked) => {
+                            if tx.try_send(accept).is_err() {
+                                return;
+                            }
+                            let Some(p) = Pipe::start(shard, parked, stream.as_raw_fd(), tx.clone()) else { return };
+                            // Bytes after the ConnectionBind are already data.
+                            let p = pipe.insert(p);
+                            if p.send_to_peer(&buf[start + len..]).await.is_err() {
+                                return;
+                            }
+                            start = buf.len();
+                            break;
+                        }
+                    };
+                    if let Some(reply) = reply
                         && tx.try_send(reply).is_err()
                     {
                         shard.metrics.drop_packet(crate::metrics::DropReason::Io);

@@ -136,6 +136,10 @@ pub mod code {
     pub const UNSUPPORTED_TRANSPORT: u16 = 442;
     /// 443 Peer Address Family Mismatch.
     pub const PEER_ADDRESS_FAMILY_MISMATCH: u16 = 443;
+    /// 446 Connection Already Exists (RFC 6062).
+    pub const CONNECTION_ALREADY_EXISTS: u16 = 446;
+    /// 447 Connection Timeout or Failure (RFC 6062).
+    pub const CONNECTION_TIMEOUT_OR_FAILURE: u16 = 447;
     /// 486 Allocation Quota Reached.
     pub const ALLOCATION_QUOTA_REACHED: u16 = 486;
     /// 500 Server Error.
@@ -156,6 +160,8 @@ pub mod code {
             WRONG_CREDENTIALS => "Wrong Credentials",
             UNSUPPORTED_TRANSPORT => "Unsupported Transport Protocol",
             PEER_ADDRESS_FAMILY_MISMATCH => "Peer Address Family Mismatch",
+            CONNECTION_ALREADY_EXISTS => "Connection Already Exists",
+            CONNECTION_TIMEOUT_OR_FAILURE => "Connection Timeout or Failure",
             ALLOCATION_QUOTA_REACHED => "Allocation Quota Reached",
             SERVER_ERROR => "Server Error",
             INSUFFICIENT_CAPACITY => "Insufficient Capacity",

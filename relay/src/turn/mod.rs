@@ -1,4 +1,4 @@
-//! TURN server state machine (RFC 8656, RFC 6156), sans-IO.
+//! TURN server state machine (RFC 8656, RFC 6156, RFC 6062), sans-IO.
 //!
 //! One [`Server`] runs per shard and owns every allocation whose client
 //! 5-tuple lands on that shard. Input comes in through
@@ -16,8 +16,17 @@
 //! - Every allocation holds one quota slot from [`Quotas`] and one relay
 //!   address from the binder; both are returned exactly once, when the
 //!   allocation is removed (refresh to 0, expiry, or connection close).
-//! - Tables are bounded: allocations by [`Quotas`], permissions and channels
-//!   per allocation by [`ServerConfig`].
+//! - Tables are bounded: allocations by [`Quotas`], permissions, channels and
+//!   TCP connections per allocation by [`ServerConfig`].
+//!
+//! TCP allocations (RFC 6062): the relay address is a listening TCP socket.
+//! Connect asks the binder for an outgoing connection and answers when
+//! [`Server::tcp_connected`] reports the outcome; a peer connecting in is
+//! reported by [`Server::tcp_peer_accepted`], which sends a
+//! ConnectionAttempt. The ConnectionBind that claims a connection arrives on
+//! a new client connection, possibly on another shard: the core only
+//! authenticates it ([`ClientOutput::ConnectionBind`]) and the driver pairs
+//! the two connections.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -87,8 +96,9 @@ pub enum BindError {
     Exhausted,
 }
 
-/// Opens and closes relay transport addresses; implemented by the I/O
-/// driver (one UDP socket per allocation) and by tests.
+/// Opens and closes relay transport addresses and TCP peer connections;
+/// implemented by the I/O driver (one UDP socket or TCP listener per
+/// allocation) and by tests.
 pub trait RelayBinder {
     /// Opens a relay address of a family.
     fn bind(&mut self, family: Family, even_port: bool) -> Result<SocketAddr, BindError>;
@@ -97,6 +107,21 @@ pub trait RelayBinder {
     fn bind_exact(&mut self, addr: SocketAddr) -> Result<SocketAddr, BindError>;
     /// Closes a relay address opened by `bind`.
     fn release(&mut self, relay: SocketAddr);
+    /// Opens a listening TCP relay address of a family (RFC 6062).
+    fn bind_tcp(&mut self, family: Family) -> Result<SocketAddr, BindError>;
+    /// Closes a TCP relay address opened by `bind_tcp`.
+    fn release_tcp(&mut self, relay: SocketAddr);
+    /// Starts a TCP connection from `relay` to `peer` and names it; `None`
+    /// if it cannot start. The outcome comes back through
+    /// [`Server::tcp_connected`].
+    fn tcp_connect(&mut self, relay: SocketAddr, peer: SocketAddr) -> Option<u32>;
+    /// Drops connection `id` unless a ConnectionBind has claimed it.
+    fn tcp_expire(&mut self, id: u32);
+    /// Closes connection `id`, claimed or not.
+    fn tcp_close(&mut self, id: u32);
+    /// True while connection `id` is connecting, waiting for its
+    /// ConnectionBind, or relaying.
+    fn tcp_open(&self, id: u32) -> bool;
 }
 
 /// Protocol limits and policy of one relay.
@@ -118,6 +143,9 @@ pub struct ServerConfig {
     pub max_permissions: usize,
     /// Channels per allocation; each costs ~64 bytes.
     pub max_channels: usize,
+    /// TCP peer connections per TCP allocation (RFC 6062), pending or
+    /// relaying; each holds two sockets and two 16 KiB buffers.
+    pub max_tcp_connections: usize,
     /// Per-allocation bandwidth cap in bytes per second, both directions
     /// together; `None` for no cap. Bursts of one second are allowed.
     pub bandwidth_bytes_per_sec: Option<u64>,
@@ -139,6 +167,7 @@ impl ServerConfig {
             channel_lifetime_secs: 600,
             max_permissions: 64,
             max_channels: 64,
+            max_tcp_connections: 64,
             bandwidth_bytes_per_sec: None,
             policy: PeerPolicy::default(),
             credentials,
@@ -251,8 +280,23 @@ impl Quotas {
 /// What to do with a packet from a client.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientOutput<'a> {
-    /// Nothing to send (dropped, or an indication that needs no answer).
+    /// Nothing to send (dropped, an indication that needs no answer, or a
+    /// Connect whose answer waits for the connection).
     Nothing,
+    /// An authenticated ConnectionBind (RFC 6062 §5.4) on a stream client
+    /// without an allocation. If TCP connection `id` is waiting for a
+    /// ConnectionBind by `username`, send `accept` and from then on relay
+    /// the stream's bytes as they are; otherwise send `reject` (400).
+    ConnectionBind {
+        /// The CONNECTION-ID asked for.
+        id: u32,
+        /// The authenticated username.
+        username: String,
+        /// Success response.
+        accept: Vec<u8>,
+        /// 400 response.
+        reject: Vec<u8>,
+    },
     /// A STUN response to send back on the same 5-tuple.
     Reply(Vec<u8>),
     /// Payload to send from relay address `relay` to `peer`.
@@ -318,10 +362,36 @@ impl TokenBucket {
     }
 }
 
+/// A Connect waiting for its outgoing connection, with what its answer
+/// needs.
+#[derive(Debug)]
+struct PendingConnect {
+    tid: [u8; 12],
+    key: Vec<u8>,
+    kind: IntegrityKind,
+    fingerprint: bool,
+}
+
+/// A TCP peer connection of a TCP allocation (RFC 6062).
+#[derive(Debug)]
+struct TcpConn {
+    peer: SocketAddr,
+    /// Set while an outgoing connection is being made.
+    connecting: Option<PendingConnect>,
+    /// When an unclaimed connection is dropped; `None` once that check ran.
+    bind_by: Option<Instant>,
+}
+
+/// How long a peer connection waits for its ConnectionBind (RFC 6062 §5.3:
+/// 30 seconds).
+const CONNECTION_BIND_SECS: u64 = 30;
+
 #[derive(Debug)]
 struct Allocation {
     username: String,
     relay: SocketAddr,
+    /// Peer connections by id; `Some` for TCP allocations (RFC 6062).
+    tcp: Option<HashMap<u32, TcpConn>>,
     expires: Instant,
     allocate_tid: [u8; 12],
     allocate_lifetime: u32,
@@ -364,6 +434,7 @@ const KNOWN_ATTRS: &[u16] = &[
     attr::RESERVATION_TOKEN,
     attr::XOR_MAPPED_ADDRESS,
     attr::MAPPED_ADDRESS,
+    attr::CONNECTION_ID,
     // ICE attributes clients put in Binding requests (RFC 8445).
     0x0024,
     0x0025,
@@ -378,6 +449,8 @@ pub struct Server {
     metrics: Arc<Metrics>,
     allocations: HashMap<FiveTuple, Allocation>,
     by_relay: HashMap<SocketAddr, FiveTuple>,
+    /// TCP peer connections (RFC 6062) by id, with their allocation.
+    tcp_conns: HashMap<u32, FiveTuple>,
     draining: bool,
     tid_counter: u64,
     tid_salt: u32,
@@ -400,6 +473,7 @@ impl Server {
             metrics,
             allocations: HashMap::new(),
             by_relay: HashMap::new(),
+            tcp_conns: HashMap::new(),
             draining: false,
             tid_counter: 0,
             tid_salt,
@@ -440,7 +514,13 @@ impl Server {
         match msg.class() {
             Class::Request => {
                 self.metrics.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                ClientOutput::Reply(self.request(now, tuple, &msg, binder))
+                if msg.method() == method::CONNECTION_BIND {
+                    return self.connection_bind(now, tuple, &msg);
+                }
+                match self.request(now, tuple, &msg, binder) {
+                    Some(reply) => ClientOutput::Reply(reply),
+                    None => ClientOutput::Nothing,
+                }
             }
             Class::Indication if msg.method() == method::SEND => self.send_indication(now, tuple, &msg),
             _ => ClientOutput::Nothing,
@@ -497,6 +577,25 @@ impl Server {
         }
         self.quotas.expire_reservations(now.mono);
         for a in self.allocations.values_mut() {
+            if let Some(conns) = a.tcp.as_mut() {
+                for (id, c) in conns.iter_mut() {
+                    if c.bind_by.is_some_and(|t| t <= now.mono) {
+                        binder.tcp_expire(*id);
+                        c.bind_by = None;
+                    }
+                }
+                // Connections that ended (either side closed) are forgotten,
+                // and the binder lets go of them.
+                let tcp_conns = &mut self.tcp_conns;
+                conns.retain(|id, c| {
+                    let keep = c.connecting.is_some() || binder.tcp_open(*id);
+                    if !keep {
+                        tcp_conns.remove(id);
+                        binder.tcp_close(*id);
+                    }
+                    keep
+                });
+            }
             a.permissions.retain(|_, e| *e > now.mono);
             let gone: Vec<u16> = a.channels.iter().filter(|(_, c)| c.expires <= now.mono).map(|(n, _)| *n).collect();
             for n in gone {
@@ -524,7 +623,16 @@ impl Server {
     fn remove(&mut self, tuple: FiveTuple, binder: &mut dyn RelayBinder) {
         if let Some(a) = self.allocations.remove(&tuple) {
             self.by_relay.remove(&a.relay);
-            binder.release(a.relay);
+            match &a.tcp {
+                None => binder.release(a.relay),
+                Some(conns) => {
+                    for id in conns.keys() {
+                        binder.tcp_close(*id);
+                        self.tcp_conns.remove(id);
+                    }
+                    binder.release_tcp(a.relay);
+                }
+            }
             self.quotas.release(&a.username);
             self.metrics.allocations.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -539,7 +647,8 @@ impl Server {
             self.metrics.drop_packet(DropReason::NoAllocation);
             return ClientOutput::Nothing;
         };
-        if Family::of(peer.ip()) != Family::of(alloc.relay.ip()) || !alloc.permitted(peer.ip(), now.mono) {
+        // A TCP allocation relays only over its data connections.
+        if alloc.tcp.is_some() || Family::of(peer.ip()) != Family::of(alloc.relay.ip()) || !alloc.permitted(peer.ip(), now.mono) {
             self.metrics.drop_packet(DropReason::NoPermission);
             return ClientOutput::Nothing;
         }
@@ -656,43 +765,184 @@ impl Server {
         Err(self.auth_failure(now, tuple, req))
     }
 
-    fn request(&mut self, now: Now, tuple: FiveTuple, req: &Message<'_>, binder: &mut dyn RelayBinder) -> Vec<u8> {
+    /// A 420 answer naming the comprehension-required attributes this
+    /// server does not know, if there are any.
+    fn unknown_attributes(&self, req: &Message<'_>) -> Option<Vec<u8>> {
+        let unknown = req.unknown_required(KNOWN_ATTRS);
+        if unknown.is_empty() {
+            return None;
+        }
+        let mut b = self.response(req, Class::Error);
+        b.error_code(code::UNKNOWN_ATTRIBUTE);
+        let v: Vec<u8> = unknown.iter().take(16).flat_map(|t| t.to_be_bytes()).collect();
+        b.attr(attr::UNKNOWN_ATTRIBUTES, &v);
+        Some(self.finish(req, b, None))
+    }
+
+    /// Answers a request; `None` when the answer comes later (Connect).
+    fn request(&mut self, now: Now, tuple: FiveTuple, req: &Message<'_>, binder: &mut dyn RelayBinder) -> Option<Vec<u8>> {
         let m = req.method();
         if m == method::BINDING {
             let mut b = self.response(req, Class::Success);
             b.xor_addr(attr::XOR_MAPPED_ADDRESS, tuple.client);
-            return self.finish(req, b, None);
+            return Some(self.finish(req, b, None));
         }
-        if !matches!(m, method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND) {
-            return self.error(req, code::BAD_REQUEST, None);
+        if !matches!(m, method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND | method::CONNECT) {
+            return Some(self.error(req, code::BAD_REQUEST, None));
         }
-        let unknown = req.unknown_required(KNOWN_ATTRS);
-        if !unknown.is_empty() {
-            let mut b = self.response(req, Class::Error);
-            b.error_code(code::UNKNOWN_ATTRIBUTE);
-            let v: Vec<u8> = unknown.iter().take(16).flat_map(|t| t.to_be_bytes()).collect();
-            b.attr(attr::UNKNOWN_ATTRIBUTES, &v);
-            return self.finish(req, b, None);
+        if let Some(reply) = self.unknown_attributes(req) {
+            return Some(reply);
         }
         let auth = match self.authenticate(now, tuple, req) {
             Ok(a) => a,
-            Err(resp) => return resp,
+            Err(resp) => return Some(resp),
         };
         if m != method::ALLOCATE {
             match self.allocations.get(&tuple) {
-                None => return self.error(req, code::ALLOCATION_MISMATCH, Some(&auth)),
+                None => return Some(self.error(req, code::ALLOCATION_MISMATCH, Some(&auth))),
                 Some(a) if a.username != auth.username => {
-                    return self.error(req, code::WRONG_CREDENTIALS, Some(&auth));
+                    return Some(self.error(req, code::WRONG_CREDENTIALS, Some(&auth)));
                 }
                 Some(_) => {}
             }
         }
-        match m {
+        Some(match m {
             method::ALLOCATE => self.allocate(now, tuple, req, &auth, binder),
             method::REFRESH => self.refresh(now, tuple, req, &auth, binder),
             method::CREATE_PERMISSION => self.create_permission(now, tuple, req, &auth),
+            method::CONNECT => return self.connect(tuple, req, &auth, binder),
             _ => self.channel_bind(now, tuple, req, &auth),
+        })
+    }
+
+    /// Connect (RFC 6062 §5.2): checks the request and starts the outgoing
+    /// connection; the answer goes out from [`Server::tcp_connected`].
+    fn connect(&mut self, tuple: FiveTuple, req: &Message<'_>, auth: &Authed, binder: &mut dyn RelayBinder) -> Option<Vec<u8>> {
+        let Some(a) = self.allocations.get(&tuple) else {
+            return Some(self.error(req, code::ALLOCATION_MISMATCH, Some(auth)));
+        };
+        let Some(conns) = a.tcp.as_ref() else {
+            return Some(self.error(req, code::BAD_REQUEST, Some(auth)));
+        };
+        let peer = match req.get_xor_addr(attr::XOR_PEER_ADDRESS) {
+            Some(Ok(p)) => p,
+            _ => return Some(self.error(req, code::BAD_REQUEST, Some(auth))),
+        };
+        // Pending or relaying connections to the same peer (ended ones are
+        // forgotten on the next timeout tick; check them now).
+        if conns.iter().any(|(id, c)| c.peer == peer && (c.connecting.is_some() || binder.tcp_open(*id))) {
+            return Some(self.error(req, code::CONNECTION_ALREADY_EXISTS, Some(auth)));
         }
+        if let Err(c) = self.check_peer(tuple, peer) {
+            return Some(self.error(req, c, Some(auth)));
+        }
+        let relay = a.relay;
+        let live = conns.iter().filter(|(id, c)| c.connecting.is_some() || binder.tcp_open(**id)).count();
+        if live >= self.cfg.max_tcp_connections {
+            return Some(self.error(req, code::INSUFFICIENT_CAPACITY, Some(auth)));
+        }
+        let Some(id) = binder.tcp_connect(relay, peer) else {
+            return Some(self.error(req, code::CONNECTION_TIMEOUT_OR_FAILURE, Some(auth)));
+        };
+        let pending = PendingConnect { tid: req.transaction_id(), key: auth.key.clone(), kind: auth.kind, fingerprint: fingerprint_present(req.bytes()) };
+        if let Some(conns) = self.allocations.get_mut(&tuple).and_then(|a| a.tcp.as_mut()) {
+            conns.insert(id, TcpConn { peer, connecting: Some(pending), bind_by: None });
+            self.tcp_conns.insert(id, tuple);
+        }
+        None
+    }
+
+    /// The outgoing connection `id` asked for by a Connect was made (`ok`)
+    /// or failed. Returns the control connection and the Connect's answer
+    /// (success with CONNECTION-ID, or 447) and the allocation's username;
+    /// `None` if the allocation is gone (the driver closes the connection).
+    pub fn tcp_connected(&mut self, now: Now, id: u32, ok: bool) -> Option<(FiveTuple, String, Vec<u8>)> {
+        let tuple = *self.tcp_conns.get(&id)?;
+        let software = self.cfg.software.clone();
+        let a = self.allocations.get_mut(&tuple)?;
+        let conns = a.tcp.as_mut()?;
+        let conn = conns.get_mut(&id)?;
+        let p = conn.connecting.take()?;
+        let mut b = MessageBuilder::new(method::CONNECT, if ok { Class::Success } else { Class::Error }, p.tid);
+        if ok {
+            b.attr_u32(attr::CONNECTION_ID, id);
+            conn.bind_by = Some(now.mono + Duration::from_secs(CONNECTION_BIND_SECS));
+        } else {
+            b.error_code(code::CONNECTION_TIMEOUT_OR_FAILURE);
+            conns.remove(&id);
+            self.tcp_conns.remove(&id);
+        }
+        if let Some(s) = software {
+            b.attr(attr::SOFTWARE, s.as_bytes());
+        }
+        b.integrity_of(p.kind, &p.key);
+        if p.fingerprint {
+            b.fingerprint();
+        }
+        Some((tuple, a.username.clone(), b.finish()))
+    }
+
+    /// A peer connected to TCP relay address `relay` (RFC 6062 §5.3); the
+    /// driver named the connection `id`. If the allocation permits the
+    /// peer, returns the control connection, the allocation's username and
+    /// the ConnectionAttempt indication to send on it; `None` means close
+    /// the connection.
+    pub fn tcp_peer_accepted(&mut self, now: Now, relay: SocketAddr, peer: SocketAddr, id: u32) -> Option<(FiveTuple, String, Vec<u8>)> {
+        let Some(tuple) = self.by_relay.get(&relay).copied() else {
+            self.metrics.drop_packet(DropReason::NoAllocation);
+            return None;
+        };
+        if self.cfg.policy.check(peer.ip()).is_err() {
+            self.metrics.drop_packet(DropReason::PeerDenied);
+            return None;
+        }
+        let max = self.cfg.max_tcp_connections;
+        let a = self.allocations.get_mut(&tuple)?;
+        if !a.permitted(peer.ip(), now.mono) {
+            self.metrics.drop_packet(DropReason::NoPermission);
+            return None;
+        }
+        let conns = a.tcp.as_mut()?;
+        if conns.len() >= max {
+            self.metrics.drop_packet(DropReason::Io);
+            return None;
+        }
+        conns.insert(id, TcpConn { peer, connecting: None, bind_by: Some(now.mono + Duration::from_secs(CONNECTION_BIND_SECS)) });
+        let username = a.username.clone();
+        self.tcp_conns.insert(id, tuple);
+        self.tid_counter = self.tid_counter.wrapping_add(1);
+        let mut tid = [0u8; 12];
+        tid[..4].copy_from_slice(&self.tid_salt.to_be_bytes());
+        tid[4..].copy_from_slice(&self.tid_counter.to_be_bytes());
+        let mut b = MessageBuilder::new(method::CONNECTION_ATTEMPT, Class::Indication, tid);
+        b.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr_u32(attr::CONNECTION_ID, id);
+        Some((tuple, username, b.finish()))
+    }
+
+    /// ConnectionBind (RFC 6062 §5.4): authenticated here, paired with its
+    /// peer connection by the driver.
+    fn connection_bind<'a>(&mut self, now: Now, tuple: FiveTuple, req: &Message<'_>) -> ClientOutput<'a> {
+        if tuple.transport == Transport::Udp {
+            return ClientOutput::Reply(self.error(req, code::BAD_REQUEST, None));
+        }
+        if let Some(reply) = self.unknown_attributes(req) {
+            return ClientOutput::Reply(reply);
+        }
+        let auth = match self.authenticate(now, tuple, req) {
+            Ok(a) => a,
+            Err(resp) => return ClientOutput::Reply(resp),
+        };
+        // A control connection cannot become a data connection.
+        let Some(id) = req.get_u32(attr::CONNECTION_ID).filter(|_| !self.allocations.contains_key(&tuple)) else {
+            return ClientOutput::Reply(self.error(req, code::BAD_REQUEST, Some(&auth)));
+        };
+        let accept = self.finish(req, self.response(req, Class::Success), Some(&auth));
+        // Built here, used only if the driver finds no such connection
+        // (so not through `error`, which logs every error it answers).
+        let mut b = self.response(req, Class::Error);
+        b.error_code(code::BAD_REQUEST);
+        let reject = self.finish(req, b, Some(&auth));
+        ClientOutput::ConnectionBind { id, username: auth.username, accept, reject }
     }
 
     fn allocate_success(
@@ -727,11 +977,22 @@ impl Server {
             }
             return self.error(req, code::ALLOCATION_MISMATCH, Some(auth));
         }
-        match req.get(attr::REQUESTED_TRANSPORT) {
+        let tcp = match req.get(attr::REQUESTED_TRANSPORT) {
             None => return self.error(req, code::BAD_REQUEST, Some(auth)),
             Some(v) if v.len() != 4 => return self.error(req, code::BAD_REQUEST, Some(auth)),
-            Some(v) if v[0] != 17 => return self.error(req, code::UNSUPPORTED_TRANSPORT, Some(auth)),
-            Some(_) => {}
+            Some([17, ..]) => false,
+            Some([6, ..]) => true,
+            Some(_) => return self.error(req, code::UNSUPPORTED_TRANSPORT, Some(auth)),
+        };
+        // RFC 6062 §5.1: TCP relaying for stream clients only, and none of
+        // the UDP-only options.
+        if tcp
+            && (tuple.transport == Transport::Udp
+                || req.has(attr::DONT_FRAGMENT)
+                || req.has(attr::EVEN_PORT)
+                || req.has(attr::RESERVATION_TOKEN))
+        {
+            return self.error(req, code::BAD_REQUEST, Some(auth));
         }
         let family_attr = req.get(attr::REQUESTED_ADDRESS_FAMILY);
         if req.has(attr::RESERVATION_TOKEN) && (req.has(attr::EVEN_PORT) || family_attr.is_some()) {
@@ -774,7 +1035,8 @@ impl Server {
                 }
             },
         };
-        let relay = match reserved.map_or_else(|| self.bind_unreserved(binder, family, even), Ok) {
+        let bound = if tcp { binder.bind_tcp(family) } else { reserved.map_or_else(|| self.bind_unreserved(binder, family, even), Ok) };
+        let relay = match bound {
             Ok(r) => r,
             Err(e) => {
                 self.quotas.release(&auth.username);
@@ -806,6 +1068,7 @@ impl Server {
             Allocation {
                 username: auth.username.clone(),
                 relay,
+                tcp: tcp.then(HashMap::new),
                 expires: now.mono + Duration::from_secs(u64::from(lifetime)),
                 allocate_tid: req.transaction_id(),
                 allocate_lifetime: lifetime,
@@ -935,6 +1198,10 @@ impl Server {
         let Some(a) = self.allocations.get_mut(&tuple) else {
             return self.error(req, code::ALLOCATION_MISMATCH, Some(auth));
         };
+        // TCP allocations have no channels (RFC 6062 §5.1).
+        if a.tcp.is_some() {
+            return self.error(req, code::BAD_REQUEST, Some(auth));
+        }
         if a.channels.get(&number).is_some_and(|c| c.peer != peer) {
             return self.error(req, code::BAD_REQUEST, Some(auth));
         }

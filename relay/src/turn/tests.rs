@@ -16,6 +16,15 @@ struct FakeBinder {
     released: Vec<SocketAddr>,
     v6: bool,
     exhausted: bool,
+    /// TCP relay addresses open.
+    tcp_open: Vec<SocketAddr>,
+    /// Outgoing connections asked for: (id, relay, peer).
+    connects: Vec<(u32, SocketAddr, SocketAddr)>,
+    /// Connections the binder holds (connecting, parked or relaying).
+    conns: Vec<u32>,
+    expired: Vec<u32>,
+    closed: Vec<u32>,
+    next_id: u32,
 }
 
 impl RelayBinder for FakeBinder {
@@ -42,6 +51,32 @@ impl RelayBinder for FakeBinder {
     fn release(&mut self, relay: SocketAddr) {
         self.open.retain(|a| *a != relay);
         self.released.push(relay);
+    }
+    fn bind_tcp(&mut self, family: Family) -> Result<SocketAddr, BindError> {
+        let a = self.bind(family, false)?;
+        self.open.retain(|o| *o != a);
+        self.tcp_open.push(a);
+        Ok(a)
+    }
+    fn release_tcp(&mut self, relay: SocketAddr) {
+        self.tcp_open.retain(|a| *a != relay);
+        self.released.push(relay);
+    }
+    fn tcp_connect(&mut self, relay: SocketAddr, peer: SocketAddr) -> Option<u32> {
+        self.next_id += 1;
+        self.connects.push((self.next_id, relay, peer));
+        self.conns.push(self.next_id);
+        Some(self.next_id)
+    }
+    fn tcp_expire(&mut self, id: u32) {
+        self.expired.push(id);
+    }
+    fn tcp_close(&mut self, id: u32) {
+        self.conns.retain(|c| *c != id);
+        self.closed.push(id);
+    }
+    fn tcp_open(&self, id: u32) -> bool {
+        self.conns.contains(&id)
     }
 }
 
@@ -289,7 +324,7 @@ fn wrong_password_unknown_user_and_stale_nonce() {
     let m = Message::parse(&r).expect("parses");
     assert!(m.get_str(attr::NONCE).is_some() && m.get_str(attr::REALM) == Some(REALM));
     // A nonce issued to another client address is stale too.
-    c.nonce = Some(h.server.nonces.issue(T0, tuple(2).client));
+    c.nonce = Some(h.server.nonces.issue(T0, "192.0.2.11:1".parse().expect("literal")));
     let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
     assert_eq!(error_code(&r), Some(438));
 }
@@ -331,8 +366,12 @@ fn allocation_mismatch_wrong_credentials_and_retransmit() {
     let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
     assert_eq!(error_code(&r), Some(437));
     // Refresh without allocation.
+    let elsewhere = FiveTuple { client: "192.0.2.11:1".parse().expect("literal"), ..tuple(2) };
+    let r = h.send(0, elsewhere, &c.request(method::REFRESH, |_| {})).expect("reply");
+    assert_eq!(error_code(&r), Some(438), "nonce is bound to the first client's address");
+    // The same address from another port may use it (RFC 6062 data connections do).
     let r = h.send(0, tuple(2), &c.request(method::REFRESH, |_| {})).expect("reply");
-    assert_eq!(error_code(&r), Some(438), "nonce is bound to the first client address");
+    assert_eq!(error_code(&r), Some(437));
     let mut c2 = Client::new("alice", "wonderland");
     let r = h.send(0, tuple(2), &c2.request(method::REFRESH, |_| {})).expect("reply");
     c2.learn(&r);
@@ -353,9 +392,14 @@ fn unsupported_transport_and_family() {
     let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
     c.learn(&r);
     let r = h.send(0, t, &c.request(method::ALLOCATE, |b| {
-        b.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+        b.attr(attr::REQUESTED_TRANSPORT, &[1, 0, 0, 0]);
     }));
     assert_eq!(error_code(&r.expect("reply")), Some(442));
+    // TCP relaying is for stream clients only (RFC 6062 §5.1).
+    let r = h.send(0, t, &c.request(method::ALLOCATE, |b| {
+        b.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+    }));
+    assert_eq!(error_code(&r.expect("reply")), Some(400));
     let r = h.send(0, t, &c.request(method::ALLOCATE, |_| {}));
     assert_eq!(error_code(&r.expect("reply")), Some(400));
     let r = h.send(0, t, &c.request(method::ALLOCATE, |b| {
@@ -619,4 +663,170 @@ fn unused_reservation_is_released_after_30_seconds() {
     let now = h.now(30);
     h.server.handle_timeout(now, &mut h.binder);
     assert_eq!(h.quotas.reservations(), 0);
+}
+
+fn tcp_tuple(port: u16) -> FiveTuple {
+    FiveTuple { transport: Transport::Tcp, ..tuple(port) }
+}
+
+fn tcp_allocate_req(b: &mut MessageBuilder) {
+    b.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+}
+
+/// A TCP allocation (RFC 6062) on control connection `t`.
+fn tcp_allocate(h: &mut Harness, c: &mut Client, t: FiveTuple) -> SocketAddr {
+    let r = h.send(0, t, &c.request(method::ALLOCATE, tcp_allocate_req)).expect("reply");
+    c.learn(&r);
+    let r = h.send(0, t, &c.request(method::ALLOCATE, tcp_allocate_req)).expect("reply");
+    assert_eq!(error_code(&r), None, "TCP allocate failed");
+    let relay = Message::parse(&r).expect("parses").get_xor_addr(attr::XOR_RELAYED_ADDRESS).expect("relayed").expect("valid");
+    assert!(h.binder.tcp_open.contains(&relay), "the relay address is a TCP listener");
+    relay
+}
+
+fn connect_req(peer: SocketAddr) -> impl FnOnce(&mut MessageBuilder) {
+    move |b: &mut MessageBuilder| {
+        b.xor_addr(attr::XOR_PEER_ADDRESS, peer);
+    }
+}
+
+#[test]
+fn tcp_allocation_connect_then_connection_bind() {
+    let mut h = Harness::new();
+    let mut c = Client::new("alice", "wonderland");
+    let t = tcp_tuple(1);
+    let relay = tcp_allocate(&mut h, &mut c, t);
+
+    // UDP-only options are refused for TCP allocations.
+    let mut other = Client::new("bob", "builder");
+    let r = h.send(0, tcp_tuple(2), &other.request(method::ALLOCATE, tcp_allocate_req)).expect("reply");
+    other.learn(&r);
+    for extra in [attr::EVEN_PORT, attr::DONT_FRAGMENT, attr::RESERVATION_TOKEN] {
+        let r = h.send(0, tcp_tuple(2), &other.request(method::ALLOCATE, |b| {
+            tcp_allocate_req(b);
+            let value: &[u8] = match extra {
+                attr::EVEN_PORT => &[0],
+                attr::RESERVATION_TOKEN => &[0; 8],
+                _ => &[],
+            };
+            b.attr(extra, value);
+        }));
+        assert_eq!(error_code(&r.expect("reply")), Some(400), "attribute {extra:#x}");
+    }
+    // No channels, no Send indications.
+    assert_eq!(bind(&mut h, &mut c, t, 0x4000, peer()), Some(400));
+    assert_eq!(permit(&mut h, &mut c, t, peer()), None);
+    assert_eq!(h.send(0, t, &send_indication(peer(), b"x")), None);
+    assert_eq!(h.server.metrics().drops(DropReason::NoPermission), 1);
+
+    // Connect: bad requests, refused peers, then a good one.
+    let r = h.send(0, t, &c.request(method::CONNECT, |_| {})).expect("reply");
+    assert_eq!(error_code(&r), Some(400));
+    let loopback: SocketAddr = "127.0.0.1:80".parse().expect("literal");
+    let r = h.send(0, t, &c.request(method::CONNECT, connect_req(loopback))).expect("reply");
+    assert_eq!(error_code(&r), Some(403));
+    assert_eq!(h.send(0, t, &c.request(method::CONNECT, connect_req(peer()))), None, "answered once connected");
+    let (id, from, to) = *h.binder.connects.last().expect("a connection started");
+    assert_eq!((from, to), (relay, peer()));
+    // A second Connect to the same peer while the first is pending.
+    let r = h.send(0, t, &c.request(method::CONNECT, connect_req(peer()))).expect("reply");
+    assert_eq!(error_code(&r), Some(446));
+
+    let (to, user, r) = h.server.tcp_connected(h.now(1), id, true).expect("answer");
+    assert_eq!((to, user.as_str()), (t, "alice"));
+    assert_eq!(error_code(&r), None);
+    assert!(c.verify(&r));
+    let m = Message::parse(&r).expect("parses");
+    assert_eq!((m.method(), m.class()), (method::CONNECT, Class::Success));
+    assert_eq!(m.get_u32(attr::CONNECTION_ID), Some(id));
+    // Still one connection to that peer while it is open.
+    let r = h.send(1, t, &c.request(method::CONNECT, connect_req(peer()))).expect("reply");
+    assert_eq!(error_code(&r), Some(446));
+
+    // ConnectionBind on a new connection: authenticated, then paired by
+    // the driver.
+    // The control connection's nonce is good there (same address).
+    let data = tcp_tuple(7);
+    let bind_req = |d: &mut Client| {
+        d.request(method::CONNECTION_BIND, |b| {
+            b.attr_u32(attr::CONNECTION_ID, id);
+        })
+    };
+    let r = h.send(1, data, &bind_req(&mut Client::new("alice", "wonderland"))).expect("a 401 without credentials");
+    assert_eq!(error_code(&r), Some(401));
+    let mut d = Client { nonce: c.nonce.clone(), ..Client::new("alice", "wonderland") };
+    let now = h.now(1);
+    match h.server.handle_client(now, data, &bind_req(&mut d), &mut h.binder) {
+        ClientOutput::ConnectionBind { id: got, username, accept, reject } => {
+            assert_eq!((got, username.as_str()), (id, "alice"));
+            assert!(d.verify(&accept) && error_code(&accept).is_none());
+            assert_eq!(error_code(&reject), Some(400));
+        }
+        other => panic!("expected ConnectionBind, got {other:?}"),
+    }
+    // Not on the control connection, not without an id, not over UDP.
+    assert_eq!(h.send(1, t, &bind_req(&mut c)).as_deref().and_then(error_code), Some(400));
+    let r = h.send(1, data, &d.request(method::CONNECTION_BIND, |_| {})).expect("reply");
+    assert_eq!(error_code(&r), Some(400));
+    let r = h.send(1, tuple(9), &bind_req(&mut d)).expect("reply");
+    assert_eq!(error_code(&r), Some(400));
+
+    // Unclaimed after 30 s: the binder is told to drop it if still parked;
+    // once it is gone the core forgets it and the peer may be reached again.
+    h.server.handle_timeout(h.now(40), &mut h.binder);
+    assert_eq!(h.binder.expired, vec![id]);
+    h.binder.conns.clear();
+    h.server.handle_timeout(h.now(41), &mut h.binder);
+    assert_eq!(h.send(41, t, &c.request(method::CONNECT, connect_req(peer()))), None);
+    let (second, _, _) = *h.binder.connects.last().expect("a second connection");
+    assert_ne!(second, id);
+
+    // A failed connection answers 447.
+    let (_, _, r) = h.server.tcp_connected(h.now(42), second, false).expect("answer");
+    assert_eq!(error_code(&r), Some(447));
+    assert!(c.verify(&r));
+
+    // Removing the allocation closes its connections and the listener.
+    assert_eq!(h.send(42, t, &c.request(method::CONNECT, connect_req(peer()))), None);
+    let (third, _, _) = *h.binder.connects.last().expect("a third connection");
+    h.server.client_closed(t, &mut h.binder);
+    assert!(h.binder.closed.contains(&third), "{:?}", h.binder.closed);
+    assert!(!h.binder.tcp_open.contains(&relay));
+    assert_eq!(h.server.tcp_connected(h.now(43), third, true), None, "no allocation: the driver closes it");
+    assert_eq!(h.quotas.total(), 0);
+}
+
+#[test]
+fn tcp_peer_connections_need_a_permission() {
+    let mut h = Harness::new();
+    let mut c = Client::new("alice", "wonderland");
+    let t = tcp_tuple(1);
+    let relay = tcp_allocate(&mut h, &mut c, t);
+    // No permission yet: refused (the driver closes the connection).
+    assert_eq!(h.server.tcp_peer_accepted(h.now(0), relay, peer(), 77), None);
+    assert_eq!(permit(&mut h, &mut c, t, peer()), None);
+    let (to, user, ind) = h.server.tcp_peer_accepted(h.now(0), relay, peer(), 77).expect("accepted");
+    assert_eq!((to, user.as_str()), (t, "alice"));
+    let m = Message::parse(&ind).expect("parses");
+    assert_eq!((m.method(), m.class()), (method::CONNECTION_ATTEMPT, Class::Indication));
+    assert_eq!(m.get_u32(attr::CONNECTION_ID), Some(77));
+    assert_eq!(m.get_xor_addr(attr::XOR_PEER_ADDRESS), Some(Ok(peer())));
+    // A peer the policy refuses never gets in, permission or not.
+    let loopback: SocketAddr = "127.0.0.1:5000".parse().expect("literal");
+    assert_eq!(h.server.tcp_peer_accepted(h.now(0), relay, loopback, 78), None);
+    assert_eq!(h.server.metrics().drops(DropReason::PeerDenied), 1);
+    // Unknown relay address.
+    assert_eq!(h.server.tcp_peer_accepted(h.now(0), "198.51.100.9:1".parse().expect("literal"), peer(), 79), None);
+    // The per-allocation cap.
+    let mut cfg = cfg();
+    cfg.max_tcp_connections = 1;
+    let mut h = Harness::with(cfg, Quotas::new(4, 100));
+    let mut c = Client::new("alice", "wonderland");
+    let relay = tcp_allocate(&mut h, &mut c, t);
+    assert_eq!(permit(&mut h, &mut c, t, peer()), None);
+    assert_eq!(h.send(0, t, &c.request(method::CONNECT, connect_req(peer()))), None);
+    let other: SocketAddr = "203.0.113.6:9000".parse().expect("literal");
+    let r = h.send(0, t, &c.request(method::CONNECT, connect_req(other))).expect("reply");
+    assert_eq!(error_code(&r), Some(508));
+    assert!(h.server.tcp_peer_accepted(h.now(0), relay, peer(), 90).is_none());
 }
