@@ -218,3 +218,116 @@ fn a_second_relay_on_a_taken_port_refuses_to_start() {
     let mut c = TurnClient::new(relay.udp, "alice", "wonderland");
     assert_eq!(c.allocate(), Ok(()));
 }
+
+/// Reads until `want` bytes arrived (or the stream ends or times out).
+fn read_n(s: &mut std::net::TcpStream, want: usize) -> Vec<u8> {
+    use std::io::Read as _;
+    let mut got = vec![0u8; want];
+    s.read_exact(&mut got).expect("relayed bytes within the timeout");
+    got
+}
+
+/// True once the other side closed `s` (a read returns end of stream or a
+/// reset) within the read timeout.
+fn closed(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read as _;
+    let mut b = [0u8; 64];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn tcp_relay_connects_accepts_relays_and_closes_with_the_allocation() {
+    use std::io::Write as _;
+    if !in_netns("tcp_relay_connects_accepts_relays_and_closes_with_the_allocation") {
+        return;
+    }
+    // Peers on loopback, allowed explicitly (as uclient's runs do).
+    let relay = Relay::start(&base_config("allowed_peer_ranges = [\"127.0.0.0/8\"]\n"));
+    let peer_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("peer listener");
+    let peer_addr = peer_listener.local_addr().expect("addr");
+    let mut control = support::tcp::TcpTurn::connect(relay.udp, "alice", "wonderland");
+    let relay_addr = control.allocate_tcp().expect("TCP allocation");
+
+    // Outgoing: Connect, the peer sees the relay address, ConnectionBind on
+    // a new connection, bytes both ways.
+    let id = control.connect_peer(peer_addr).expect("connected");
+    let (mut peer, from) = peer_listener.accept().expect("the relay connects");
+    assert_eq!(from, relay_addr, "the connection comes from the relay address");
+    peer.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+    assert_eq!(control.connect_peer(peer_addr), Err(446), "one connection per peer");
+    let mut data = support::tcp::TcpTurn::beside(&control, relay.udp);
+    assert_eq!(data.bind_connection(id), None);
+    data.stream.write_all(b"ping").expect("write");
+    assert_eq!(read_n(&mut peer, 4), b"ping");
+    peer.write_all(b"pong!").expect("write");
+    assert_eq!(read_n(&mut data.stream, 5), b"pong!");
+    // The id is used up.
+    assert_eq!(support::tcp::TcpTurn::beside(&control, relay.udp).bind_connection(id), Some(400));
+
+    // Incoming: refused without a permission, announced with one.
+    let mut stranger = std::net::TcpStream::connect(relay_addr).expect("connect to the relay address");
+    stranger.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+    assert!(closed(&mut stranger), "no permission: the relay closes the connection");
+    assert_eq!(control.create_permission(peer_addr), None);
+    let mut incoming = std::net::TcpStream::connect(relay_addr).expect("connect to the relay address");
+    incoming.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+    let attempt = control.indication();
+    let m = tessera_relay::stun::Message::parse(&attempt).expect("parses");
+    assert_eq!(m.method(), method::CONNECTION_ATTEMPT);
+    assert_eq!(m.get_xor_addr(attr::XOR_PEER_ADDRESS), Some(Ok(incoming.local_addr().expect("addr"))));
+    let second = m.get_u32(attr::CONNECTION_ID).expect("CONNECTION-ID");
+    let mut data2 = support::tcp::TcpTurn::beside(&control, relay.udp);
+    assert_eq!(data2.bind_connection(second), None);
+    incoming.write_all(b"hello").expect("write");
+    assert_eq!(read_n(&mut data2.stream, 5), b"hello");
+    data2.stream.write_all(b"there").expect("write");
+    assert_eq!(read_n(&mut incoming, 5), b"there");
+
+    // The peer hanging up ends its data connection.
+    drop(incoming);
+    assert!(closed(&mut data2.stream), "peer gone: the data connection closes");
+    // Removing the allocation closes the rest, both sides.
+    assert_eq!(control.refresh(0), None);
+    assert!(closed(&mut data.stream), "allocation gone: the client's data connection closes");
+    assert!(closed(&mut peer), "allocation gone: the peer's connection closes");
+    let m = relay.metrics();
+    assert_eq!(metric(&m, "tessera_relay_tcp_connections_total"), 2, "{m}");
+    assert_eq!(metric(&m, "tessera_relay_bytes_total{direction=\"to_peer\"}"), 9, "{m}");
+    assert_eq!(metric(&m, "tessera_relay_bytes_total{direction=\"to_client\"}"), 10, "{m}");
+}
+
+#[test]
+fn security_tcp_relay_refuses_special_peers() {
+    if !in_netns("security_tcp_relay_refuses_special_peers") {
+        return;
+    }
+    let relay = Relay::start(&base_config(""));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let mut control = support::tcp::TcpTurn::connect(relay.udp, "alice", "wonderland");
+    control.allocate_tcp().expect("TCP allocation");
+    for p in REFUSED_PEERS {
+        let mut peer: SocketAddr = p.parse().expect("literal");
+        if peer.ip().is_loopback() {
+            peer.set_port(port);
+        }
+        assert_eq!(control.connect_peer(peer), Err(403), "Connect to {peer}");
+    }
+    // Nothing reached the loopback listener.
+    assert!(matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+    // Over UDP a TCP allocation is refused outright.
+    let mut udp = TurnClient::new(relay.udp, "bob", "builder");
+    let r = udp.request(method::ALLOCATE, &|b| {
+        b.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+    });
+    let code = tessera_relay::stun::Message::parse(&r).ok().and_then(|m| m.get(attr::ERROR_CODE).and_then(tessera_relay::stun::decode_error_code).map(|(c, _)| c));
+    assert_eq!(code, Some(400));
+}

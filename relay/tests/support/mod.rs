@@ -1,5 +1,8 @@
 //! Test support: network-namespace isolation, a relay process wrapper and a
-//! minimal blocking TURN client built on the crate's own codec.
+//! minimal blocking TURN client built on the crate's own codec (UDP here,
+//! TCP in `tcp.rs`).
+
+pub mod tcp;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, UdpSocket};
@@ -15,7 +18,7 @@ pub const OLD_SECRET: &str = "previous-secret";
 pub const REALM: &str = "tessera.test";
 /// Bound on every blocking receive: a lost reply fails the test instead of
 /// hanging it.
-const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+pub const RECV_TIMEOUT: Duration = Duration::from_secs(5);
 const ENV_INSIDE: &str = "TESSERA_RELAY_TEST_NETNS";
 
 fn only_loopback() -> bool {

@@ -1,0 +1,149 @@
+//! A minimal blocking TURN client over one TCP connection, for TCP relay
+//! allocations (RFC 6062): a control connection, or a data connection that
+//! turns into a plain byte pipe after its ConnectionBind.
+
+use std::collections::VecDeque;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+
+use tessera_relay::stun::{Class, HEADER_LEN, Message, MessageBuilder, PasswordAlgorithm, attr, decode_error_code, method};
+
+use super::{RECV_TIMEOUT, REALM};
+
+pub struct TcpTurn {
+    pub stream: TcpStream,
+    user: String,
+    pass: String,
+    nonce: Option<String>,
+    tid: u8,
+    /// Indications that arrived while a response was awaited.
+    indications: VecDeque<Vec<u8>>,
+}
+
+impl TcpTurn {
+    pub fn connect(server: SocketAddr, user: &str, pass: &str) -> Self {
+        let stream = TcpStream::connect(server).expect("connect to the relay");
+        stream.set_read_timeout(Some(RECV_TIMEOUT)).expect("timeout");
+        TcpTurn { stream, user: user.into(), pass: pass.into(), nonce: None, tid: 0, indications: VecDeque::new() }
+    }
+
+    /// A new connection from the same client, using `other`'s nonce (as a
+    /// data connection does).
+    pub fn beside(other: &TcpTurn, server: SocketAddr) -> Self {
+        let mut c = TcpTurn::connect(server, &other.user, &other.pass);
+        c.nonce = other.nonce.clone();
+        c
+    }
+
+    fn key(&self) -> Vec<u8> {
+        PasswordAlgorithm::Md5.key(&self.user, REALM, &self.pass)
+    }
+
+    /// Reads one STUN message off the stream.
+    fn read_message(&mut self) -> Vec<u8> {
+        let mut m = vec![0u8; HEADER_LEN];
+        self.stream.read_exact(&mut m).expect("a STUN message within the timeout");
+        let len = usize::from(u16::from_be_bytes([m[2], m[3]]));
+        m.resize(HEADER_LEN + len, 0);
+        self.stream.read_exact(&mut m[HEADER_LEN..]).expect("the message body");
+        m
+    }
+
+    /// Sends a request (again after a 401/438 challenge); the response.
+    pub fn request(&mut self, m: u16, add: &dyn Fn(&mut MessageBuilder)) -> Vec<u8> {
+        for _ in 0..2 {
+            self.tid = self.tid.wrapping_add(1);
+            let tid = [self.tid; 12];
+            let mut b = MessageBuilder::new(m, Class::Request, tid);
+            add(&mut b);
+            if let Some(n) = &self.nonce {
+                b.attr(attr::USERNAME, self.user.as_bytes()).attr(attr::REALM, REALM.as_bytes()).attr(attr::NONCE, n.as_bytes());
+                b.integrity(&self.key());
+            }
+            b.fingerprint();
+            self.stream.write_all(&b.finish()).expect("send");
+            let resp = loop {
+                let msg = self.read_message();
+                let parsed = Message::parse(&msg).expect("the relay's message parses");
+                if parsed.class() == Class::Indication {
+                    self.indications.push_back(msg);
+                } else if parsed.transaction_id() == tid {
+                    break msg;
+                }
+            };
+            let parsed = Message::parse(&resp).expect("parses");
+            let code = code(&resp);
+            if matches!(code, Some(401 | 438))
+                && let Some(n) = parsed.get_str(attr::NONCE)
+            {
+                let retry = self.nonce.is_none() || code == Some(438);
+                self.nonce = Some(n.to_owned());
+                if retry {
+                    continue;
+                }
+            }
+            if code.is_none() {
+                assert!(parsed.verify_integrity(&self.key()), "success response integrity");
+            }
+            return resp;
+        }
+        panic!("no final response");
+    }
+
+    /// The next indication (ConnectionAttempt) on this connection.
+    pub fn indication(&mut self) -> Vec<u8> {
+        match self.indications.pop_front() {
+            Some(m) => m,
+            None => self.read_message(),
+        }
+    }
+
+    /// A TCP allocation; its relay address.
+    pub fn allocate_tcp(&mut self) -> Result<SocketAddr, u16> {
+        let r = self.request(method::ALLOCATE, &|b| {
+            b.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+        });
+        match code(&r) {
+            Some(c) => Err(c),
+            None => Message::parse(&r).ok().and_then(|m| m.get_xor_addr(attr::XOR_RELAYED_ADDRESS)).and_then(|a| a.ok()).ok_or(0),
+        }
+    }
+
+    /// Connect; the CONNECTION-ID or the error code.
+    pub fn connect_peer(&mut self, peer: SocketAddr) -> Result<u32, u16> {
+        let r = self.request(method::CONNECT, &|b| {
+            b.xor_addr(attr::XOR_PEER_ADDRESS, peer);
+        });
+        match code(&r) {
+            Some(c) => Err(c),
+            None => Message::parse(&r).ok().and_then(|m| m.get_u32(attr::CONNECTION_ID)).ok_or(0),
+        }
+    }
+
+    /// ConnectionBind on this connection: `None` on success, after which
+    /// the stream carries the peer's bytes.
+    pub fn bind_connection(&mut self, id: u32) -> Option<u16> {
+        let r = self.request(method::CONNECTION_BIND, &|b| {
+            b.attr_u32(attr::CONNECTION_ID, id);
+        });
+        code(&r)
+    }
+
+    pub fn create_permission(&mut self, peer: SocketAddr) -> Option<u16> {
+        let r = self.request(method::CREATE_PERMISSION, &|b| {
+            b.xor_addr(attr::XOR_PEER_ADDRESS, peer);
+        });
+        code(&r)
+    }
+
+    pub fn refresh(&mut self, lifetime: u32) -> Option<u16> {
+        let r = self.request(method::REFRESH, &|b| {
+            b.attr_u32(attr::LIFETIME, lifetime);
+        });
+        code(&r)
+    }
+}
+
+fn code(resp: &[u8]) -> Option<u16> {
+    Message::parse(resp).ok()?.get(attr::ERROR_CODE).and_then(decode_error_code).map(|(c, _)| c)
+}
