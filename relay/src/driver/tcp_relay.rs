@@ -40,11 +40,20 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes read from either side of a data connection at a time.
 const CHUNK: usize = 16384;
 
-/// A peer connection waiting for its ConnectionBind.
+/// A peer connection waiting for its ConnectionBind. Dropped before a
+/// [`Pipe`] took its socket, it counts as ended.
 pub(crate) struct Parked {
-    stream: std::net::TcpStream,
+    stream: Option<std::net::TcpStream>,
     username: String,
     ended: Arc<AtomicBool>,
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        if self.stream.is_some() {
+            self.ended.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Peer connections waiting for their ConnectionBind, shared by all shards.
@@ -172,7 +181,7 @@ impl TcpRelays {
     fn adopt(&mut self, id: u32, stream: std::net::TcpStream, username: String) {
         let Some(owned) = self.conns.get_mut(&id) else { return };
         owned.socket = stream.try_clone().ok();
-        self.parking.lock().insert(id, Parked { stream, username, ended: owned.ended.clone() });
+        self.parking.lock().insert(id, Parked { stream: Some(stream), username, ended: owned.ended.clone() });
     }
 
     /// Drops connection `id` if it is still parked.
@@ -324,20 +333,23 @@ pub(crate) struct Pipe {
 }
 
 impl Pipe {
-    pub(crate) fn start(shard: &Rc<Shard>, parked: Parked, client_fd: RawFd, to_client: Rc<LocalSender<Vec<u8>>>) -> Option<Pipe> {
-        parked.stream.set_nonblocking(true).ok()?;
-        let _ = parked.stream.set_nodelay(true);
+    pub(crate) fn start(shard: &Rc<Shard>, mut parked: Parked, client_fd: RawFd, to_client: Rc<LocalSender<Vec<u8>>>) -> Option<Pipe> {
+        let stream = parked.stream.as_ref()?;
+        stream.set_nonblocking(true).ok()?;
+        let _ = stream.set_nodelay(true);
         let client = dup_owned(client_fd)?;
+        let peer_write_fd = dup_owned(stream.as_raw_fd())?;
+        // Nothing fails past this point: the pipe owns the socket now.
+        let stream = parked.stream.take()?;
         // SAFETY: `into_raw_fd` hands over an open TCP socket owned by
         // nothing else.
-        let peer_read = unsafe { TcpStream::from_raw_fd(parked.stream.into_raw_fd()) };
-        let peer_write_fd = dup_owned(peer_read.as_raw_fd())?;
+        let peer_read = unsafe { TcpStream::from_raw_fd(stream.into_raw_fd()) };
         // SAFETY: a fresh duplicate, owned by this stream only.
         let peer = unsafe { TcpStream::from_raw_fd(peer_write_fd.into_raw_fd()) };
         let pacer = shard.binder.borrow().tcp.rate().map(|rate| Rc::new(RefCell::new(Pacer { rate, tokens: rate as f64, last: Instant::now() })));
         shard.metrics.tcp_connections_total.fetch_add(1, Ordering::Relaxed);
         glommio::spawn_local(peer_to_client(shard.clone(), peer_read, client, to_client, pacer.clone())).detach();
-        Some(Pipe { shard: shard.clone(), peer, ended: parked.ended, pacer })
+        Some(Pipe { shard: shard.clone(), peer, ended: parked.ended.clone(), pacer })
     }
 
     /// Writes client bytes to the peer (waiting for the bandwidth cap).
