@@ -243,21 +243,10 @@ impl TurnClient {
             self.last_request = req.clone();
             self.sock.send_to(&req, self.server).expect("send");
             let resp = self.recv_response(tid);
-            let msg = Message::parse(&resp).expect("response parses");
-            let code = msg.get(attr::ERROR_CODE).and_then(decode_error_code).map(|(c, _)| c);
-            if matches!(code, Some(401) | Some(438))
-                && let Some(n) = msg.get_str(attr::NONCE)
-            {
-                let retry = self.nonce.is_none() || code == Some(438);
-                self.nonce = Some(n.to_owned());
-                if retry {
-                    continue;
-                }
+            let key = self.key();
+            if !settle(&resp, &mut self.nonce, &key) {
+                return resp;
             }
-            if code.is_none() {
-                assert!(msg.verify_integrity(&self.key()), "success response integrity");
-            }
-            return resp;
         }
         panic!("no final response");
     }
@@ -356,6 +345,25 @@ impl TurnClient {
             }
         }
     }
+}
+
+/// Looks at a response to a request sent with `nonce`: true if it is a
+/// 401 or 438 challenge to answer by sending the request again (the nonce
+/// is learned); otherwise checks a success's integrity and returns false.
+pub fn settle(resp: &[u8], nonce: &mut Option<String>, key: &[u8]) -> bool {
+    let msg = Message::parse(resp).expect("response parses");
+    let code = msg.get(attr::ERROR_CODE).and_then(decode_error_code).map(|(c, _)| c);
+    if matches!(code, Some(401 | 438))
+        && let Some(n) = msg.get_str(attr::NONCE)
+    {
+        let retry = nonce.is_none() || code == Some(438);
+        *nonce = Some(n.to_owned());
+        return retry;
+    }
+    if code.is_none() {
+        assert!(msg.verify_integrity(key), "success response integrity");
+    }
+    false
 }
 
 /// Malformed and hostile packets: truncations and bit flips of a valid

@@ -71,21 +71,10 @@ impl TcpTurn {
                     break msg;
                 }
             };
-            let parsed = Message::parse(&resp).expect("parses");
-            let code = code(&resp);
-            if matches!(code, Some(401 | 438))
-                && let Some(n) = parsed.get_str(attr::NONCE)
-            {
-                let retry = self.nonce.is_none() || code == Some(438);
-                self.nonce = Some(n.to_owned());
-                if retry {
-                    continue;
-                }
+            let key = self.key();
+            if !super::settle(&resp, &mut self.nonce, &key) {
+                return resp;
             }
-            if code.is_none() {
-                assert!(parsed.verify_integrity(&self.key()), "success response integrity");
-            }
-            return resp;
         }
         panic!("no final response");
     }
