@@ -149,7 +149,14 @@ fn stream_heads(db: &Db, count: u16) -> anyhow::Result<Vec<u64>> {
     Ok(heads)
 }
 
-/// Fails when another process already listens on `address`.
+/// How long a listener found on the address may take to go away before
+/// the node gives up: a process killed with SIGKILL leaves its io_uring
+/// requests holding the listening socket until the kernel tears the ring
+/// down, moments after the process is gone.
+const ADDRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Fails when another process listens on `address` (and goes on doing so
+/// for [`ADDRESS_WAIT`]).
 ///
 /// The shards bind with SO_REUSEPORT, which the kernel grants to any process
 /// of the same user: a second node started on a taken port would bind too
@@ -161,14 +168,20 @@ fn stream_heads(db: &Db, count: u16) -> anyhow::Result<Vec<u64>> {
 /// case, an old process still running.
 fn ensure_unclaimed(address: std::net::SocketAddr) -> anyhow::Result<()> {
     let table = if address.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
-    match std::fs::read_to_string(table) {
-        Ok(text) if tessera_shared::listeners::holds(&text, tessera_shared::listeners::Kind::TcpListener, address) => {
-            anyhow::bail!("listen.address {address} is already in use by another process (is another node running?)")
-        }
-        Ok(_) => Ok(()),
-        Err(e) => {
-            tracing::warn!(table, error = %e, "cannot check for another process on the listen address");
-            Ok(())
+    let deadline = std::time::Instant::now() + ADDRESS_WAIT;
+    loop {
+        match std::fs::read_to_string(table) {
+            Ok(text) if tessera_shared::listeners::holds(&text, tessera_shared::listeners::Kind::TcpListener, address) => {
+                if std::time::Instant::now() >= deadline {
+                    anyhow::bail!("listen.address {address} is already in use by another process (is another node running?)");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(table, error = %e, "cannot check for another process on the listen address");
+                return Ok(());
+            }
         }
     }
 }

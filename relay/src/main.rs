@@ -93,7 +93,14 @@ fn serve_metrics(addr: std::net::SocketAddr, shards: Vec<Arc<Metrics>>) -> anyho
 
 use std::io::Read as _;
 
-/// Fails when another process already holds one of the listening addresses.
+/// How long a socket found on a listening address may take to go away
+/// before the relay gives up: a process killed with SIGKILL leaves its
+/// io_uring requests holding its sockets until the kernel tears the ring
+/// down, moments after the process is gone.
+const ADDRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Fails when another process holds one of the listening addresses (and
+/// goes on doing so for [`ADDRESS_WAIT`]).
 ///
 /// Every thread binds its listeners with SO_REUSEPORT, which the kernel
 /// grants to any process of the same user: a second relay started on a
@@ -110,14 +117,20 @@ fn ensure_unclaimed(config: &Config) -> anyhow::Result<()> {
             (Kind::Udp, true) => "/proc/net/udp",
             (Kind::Udp, false) => "/proc/net/udp6",
         };
-        match std::fs::read_to_string(table) {
-            Ok(text) if holds(&text, kind, *addr) => {
-                anyhow::bail!("{what} {addr} is already in use by another process (is another relay running?)")
-            }
-            Ok(_) => Ok(()),
-            Err(e) => {
-                tracing::warn!(table, error = %e, "cannot check for another process on a listening address");
-                Ok(())
+        let deadline = std::time::Instant::now() + ADDRESS_WAIT;
+        loop {
+            match std::fs::read_to_string(table) {
+                Ok(text) if holds(&text, kind, *addr) => {
+                    if std::time::Instant::now() >= deadline {
+                        anyhow::bail!("{what} {addr} is already in use by another process (is another relay running?)");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(table, error = %e, "cannot check for another process on a listening address");
+                    return Ok(());
+                }
             }
         }
     };
