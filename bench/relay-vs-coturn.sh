@@ -9,6 +9,10 @@
 #   THREADS=2 N=500 Z=1 bench/relay-vs-coturn.sh
 #   RELAY_BIN=/tmp/tessera-relay-old SERVERS=tessera bench/relay-vs-coturn.sh
 #                                       # a given binary, e.g. for before/after
+#   MODE=tcp-relay LOADS="10:160" bench/relay-vs-coturn.sh
+#                                       # TCP relay allocations (RFC 6062):
+#                                       # uclient -T, every client connected to
+#                                       # every other client's relay address
 #
 # Only loopback addresses are used; loopback peers are allowed explicitly on
 # both servers (uclient's peer runs on 127.0.0.1).
@@ -18,6 +22,12 @@ THREADS=${THREADS:-1}
 N=${N:-200}          # messages per client
 Z=${Z:-5}            # ms between messages per client
 LOADS=${LOADS:-"50:160 200:160 50:1200 200:1200"}
+MODE=${MODE:-channels}
+case "$MODE" in
+  channels) UFLAGS=() ;;
+  tcp-relay) UFLAGS=(-T) ;;
+  *) echo "MODE must be channels or tcp-relay" >&2; exit 2 ;;
+esac
 PORT=${PORT:-36478}
 PEER_PORT=$((PORT + 2))
 USER=bench
@@ -80,11 +90,13 @@ for server in ${SERVERS:-coturn tessera}; do
     wait_udp || { echo "$server did not start"; exit 1; }
     # Allocation rate: m clients allocate (RTP+RTCP), bind and send one message.
     t0=$(date +%s.%N)
-    timeout 120 turnutils_uclient -u "$USER" -w "$PASS" -e 127.0.0.1 -r "$PEER_PORT" -m "$m" -n 1 -l 100 -p "$PORT" 127.0.0.1 >"$WORK/a.log" 2>&1 || { echo "$server alloc run failed:" >&2; tail -n 5 "$WORK/a.log" >&2; }
+    timeout 120 turnutils_uclient "${UFLAGS[@]}" -u "$USER" -w "$PASS" -e 127.0.0.1 -r "$PEER_PORT" -m "$m" -n 1 -l 100 -p "$PORT" 127.0.0.1 >"$WORK/a.log" 2>&1 || { echo "$server alloc run failed:" >&2; tail -n 5 "$WORK/a.log" >&2; }
     t1=$(date +%s.%N)
-    allocs=$(awk -v m="$m" -v a="$t0" -v b="$t1" 'BEGIN{printf "%.0f", 2*m/(b-a)}')
+    # Two allocations per client (RTP and RTCP), one with -T (it implies -c).
+    per=2; [ "$MODE" = tcp-relay ] && per=1
+    allocs=$(awk -v m="$m" -v per="$per" -v a="$t0" -v b="$t1" 'BEGIN{printf "%.0f", per*m/(b-a)}')
     c0=$(cpu_ticks "$SERVER"); t0=$(date +%s.%N)
-    timeout 300 turnutils_uclient -u "$USER" -w "$PASS" -e 127.0.0.1 -r "$PEER_PORT" -m "$m" -n "$N" -l "$len" -z "$Z" -p "$PORT" 127.0.0.1 >"$WORK/u.log" 2>&1
+    timeout 300 turnutils_uclient "${UFLAGS[@]}" -u "$USER" -w "$PASS" -e 127.0.0.1 -r "$PEER_PORT" -m "$m" -n "$N" -l "$len" -z "$Z" -p "$PORT" 127.0.0.1 >"$WORK/u.log" 2>&1
     t1=$(date +%s.%N); c1=$(cpu_ticks "$SERVER")
     sent=$(grep -o 'start_mclient: tot_send_msgs=[0-9]*' "$WORK/u.log" | tail -1 | cut -d= -f2)
     recv=$(grep -o 'tot_send_msgs=[0-9]*, tot_recv_msgs=[0-9]*' "$WORK/u.log" | tail -1 | sed 's/.*tot_recv_msgs=//')
@@ -101,4 +113,4 @@ for server in ${SERVERS:-coturn tessera}; do
   done
 done
 echo
-echo "threads=$THREADS N=$N Z=$Z $(nproc) CPUs; relayed packets = client->peer + peer->client messages."
+echo "mode=$MODE threads=$THREADS N=$N Z=$Z $(nproc) CPUs; relayed packets = client->peer + peer->client messages."

@@ -36,7 +36,15 @@ pub(super) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, tls: Op
     let transport = if tls.is_some() { Transport::Tls } else { Transport::Tcp };
     let Ok(local) = listener.local_addr() else { return };
     loop {
-        let Ok(stream) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors, say: do not spin on it.
+                tracing::warn!(%local, error = %e, "accept failed");
+                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
         let Ok(client) = stream.peer_addr() else { continue };
         let _ = stream.set_nodelay(true);
         let tuple = FiveTuple { client, server: local, transport };

@@ -258,7 +258,9 @@ async fn accept_peers(shard: Weak<Shard>, listener: TcpListener, relay: SocketAd
             None => return,
             Some(Ok(stream)) => stream,
             Some(Err(e)) => {
+                // Out of descriptors, say: do not spin on it.
                 tracing::debug!(%relay, error = %e, "accepting a peer connection failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
