@@ -1035,7 +1035,9 @@ impl Server {
                 }
             },
         };
-        let bound = if tcp { binder.bind_tcp(family) } else { reserved.map_or_else(|| self.bind_unreserved(binder, family, even), Ok) };
+        // A port an EVEN-PORT reservation holds stays free for it, whichever
+        // the protocol: relay addresses are looked up by address alone.
+        let bound = reserved.map_or_else(|| self.bind_unreserved(binder, family, even, tcp), Ok);
         let relay = match bound {
             Ok(r) => r,
             Err(e) => {
@@ -1086,13 +1088,17 @@ impl Server {
     }
 
     /// Binds a relay address that no reservation holds.
-    fn bind_unreserved(&self, binder: &mut dyn RelayBinder, family: Family, even: bool) -> Result<SocketAddr, BindError> {
+    fn bind_unreserved(&self, binder: &mut dyn RelayBinder, family: Family, even: bool, tcp: bool) -> Result<SocketAddr, BindError> {
         for _ in 0..8 {
-            let addr = binder.bind(family, even)?;
+            let addr = if tcp { binder.bind_tcp(family)? } else { binder.bind(family, even)? };
             if !self.quotas.is_reserved(addr) {
                 return Ok(addr);
             }
-            binder.release(addr);
+            if tcp {
+                binder.release_tcp(addr);
+            } else {
+                binder.release(addr);
+            }
         }
         Err(BindError::Exhausted)
     }

@@ -830,3 +830,15 @@ fn tcp_peer_connections_need_a_permission() {
     assert_eq!(error_code(&r), Some(508));
     assert!(h.server.tcp_peer_accepted(h.now(0), relay, peer(), 90).is_none());
 }
+
+#[test]
+fn tcp_allocations_skip_reserved_ports() {
+    let mut h = Harness::new();
+    // The port the binder hands out next is held by an EVEN-PORT reservation.
+    let next: SocketAddr = format!("198.51.100.1:{}", 50000 + h.binder.next_port + 2).parse().expect("literal");
+    assert!(h.quotas.reserve([7; 8], next, h.start + Duration::from_secs(30)));
+    let mut c = Client::new("alice", "wonderland");
+    let relay = tcp_allocate(&mut h, &mut c, tcp_tuple(1));
+    assert_ne!(relay, next);
+    assert!(h.binder.released.contains(&next) && !h.binder.tcp_open.contains(&next));
+}
