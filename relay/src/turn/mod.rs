@@ -559,13 +559,19 @@ impl Server {
         {
             return PeerOutput::ChannelData { to: tuple, header: channel_data::header(*ch, len) };
         }
+        let mut b = MessageBuilder::new(method::DATA, Class::Indication, self.indication_tid());
+        b.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, payload);
+        PeerOutput::DataIndication { to: tuple, message: b.finish() }
+    }
+
+    /// A transaction id for an indication the server sends: this shard's
+    /// salt and a counter.
+    fn indication_tid(&mut self) -> [u8; 12] {
         self.tid_counter = self.tid_counter.wrapping_add(1);
         let mut tid = [0u8; 12];
         tid[..4].copy_from_slice(&self.tid_salt.to_be_bytes());
         tid[4..].copy_from_slice(&self.tid_counter.to_be_bytes());
-        let mut b = MessageBuilder::new(method::DATA, Class::Indication, tid);
-        b.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, payload);
-        PeerOutput::DataIndication { to: tuple, message: b.finish() }
+        tid
     }
 
     /// Removes expired allocations, permissions and channels.
@@ -910,11 +916,7 @@ impl Server {
         conns.insert(id, TcpConn { peer, connecting: None, bind_by: Some(now.mono + Duration::from_secs(CONNECTION_BIND_SECS)) });
         let username = a.username.clone();
         self.tcp_conns.insert(id, tuple);
-        self.tid_counter = self.tid_counter.wrapping_add(1);
-        let mut tid = [0u8; 12];
-        tid[..4].copy_from_slice(&self.tid_salt.to_be_bytes());
-        tid[4..].copy_from_slice(&self.tid_counter.to_be_bytes());
-        let mut b = MessageBuilder::new(method::CONNECTION_ATTEMPT, Class::Indication, tid);
+        let mut b = MessageBuilder::new(method::CONNECTION_ATTEMPT, Class::Indication, self.indication_tid());
         b.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr_u32(attr::CONNECTION_ID, id);
         Some((tuple, username, b.finish()))
     }
