@@ -13,7 +13,9 @@
 //! pass the budget, the table holding the most is rotated (its memtable
 //! sealed and flushed to disk in the background). Busy tables get the room,
 //! idle ones cost nothing, and the total stays near the budget however many
-//! tables there are.
+//! tables there are. Rotating touches every table's version history and the
+//! journal's files (milliseconds), so it runs on a thread of its own: the
+//! writer that passes the budget only queues the request and goes on.
 //!
 //! Conditional inserts take one of a fixed set of striped mutexes keyed by the
 //! row key's hash; they serialise only writers of the same stripe, and only on
@@ -25,6 +27,8 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -32,6 +36,10 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use super::{Durability, Row, Scan, StorageError, StorageResult, Store, Table, Write};
 
 const LOCK_STRIPES: usize = 64;
+/// Rotation requests waiting for the rotation thread; beyond them a writer
+/// rotates itself (a backstop: requests take microseconds to queue and the
+/// thread drains them in milliseconds).
+const ROTATIONS_QUEUED_MAX: usize = 64;
 
 /// The embedded backend; see the module docs.
 pub struct Embedded {
@@ -46,6 +54,29 @@ pub struct Embedded {
     durability: Durability,
     stripes: Vec<Mutex<()>>,
     hasher: RandomState,
+    /// Work for the rotation thread; None once dropping.
+    rotations: Option<SyncSender<Rotation>>,
+    rotator: Option<JoinHandle<()>>,
+}
+
+/// A job of the rotation thread.
+enum Rotation {
+    /// Seal this table's active memtable.
+    Seal(Keyspace),
+    /// Answer once every earlier job is done (tests wait with it).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Barrier(SyncSender<()>),
+}
+
+impl Drop for Embedded {
+    /// Closes the rotation queue and waits for the thread to finish what
+    /// was queued, so no table handle outlives the store.
+    fn drop(&mut self) {
+        self.rotations = None;
+        if let Some(t) = self.rotator.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn engine(e: impl std::fmt::Display) -> StorageError {
@@ -94,7 +125,36 @@ impl Embedded {
             buffered.insert(table, AtomicU64::new(0));
         }
         let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
-        Ok(Embedded { db, tables, buffered, buffered_total: AtomicU64::new(0), memtable_budget: memtable_bytes.max(1), durability, stripes, hasher: RandomState::new() })
+        let (rotations, queue) = sync_channel::<Rotation>(ROTATIONS_QUEUED_MAX);
+        let rotator = std::thread::Builder::new()
+            .name("store-rotate".into())
+            .spawn(move || {
+                for job in queue {
+                    match job {
+                        Rotation::Seal(ks) => {
+                            if let Err(e) = ks.rotate_memtable() {
+                                tracing::warn!(table = %ks.name(), error = %e, "sealing a memtable failed");
+                            }
+                        }
+                        Rotation::Barrier(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })
+            .map_err(engine)?;
+        Ok(Embedded {
+            db,
+            tables,
+            buffered,
+            buffered_total: AtomicU64::new(0),
+            memtable_budget: memtable_bytes.max(1),
+            durability,
+            stripes,
+            hasher: RandomState::new(),
+            rotations: Some(rotations),
+            rotator: Some(rotator),
+        })
     }
 
     /// Counts `bytes` written to `table` and, when all memtables together
@@ -110,11 +170,28 @@ impl Embedded {
         let taken = self.buffered[largest].swap(0, Ordering::Relaxed);
         let _ = self.buffered_total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_sub(taken)));
         if taken > 0 {
-            // Seals the active memtable and queues its flush; false when
-            // another writer rotated it first.
-            self.ks(*largest)?.rotate_memtable().map_err(engine)?;
+            // Sealing the active memtable queues its flush; it is a no-op
+            // when another rotation got there first.
+            let ks = self.ks(*largest)?.clone();
+            // A full queue (or a gone thread): seal here instead.
+            if let Some(Err(TrySendError::Full(Rotation::Seal(ks)) | TrySendError::Disconnected(Rotation::Seal(ks)))) =
+                self.rotations.as_ref().map(|q| q.try_send(Rotation::Seal(ks)))
+            {
+                ks.rotate_memtable().map_err(engine)?;
+            }
         }
         Ok(())
+    }
+
+    /// Waits until the rotation thread has done every rotation queued so far.
+    #[cfg(test)]
+    fn rotations_done(&self) {
+        let (tx, rx) = sync_channel(1);
+        if let Some(q) = &self.rotations
+            && q.send(Rotation::Barrier(tx)).is_ok()
+        {
+            let _ = rx.recv();
+        }
     }
 
     fn ks(&self, table: Table) -> StorageResult<&Keyspace> {

@@ -47,6 +47,7 @@ fn memtables_share_one_budget() {
         let counted = store.buffered_total.load(std::sync::atomic::Ordering::Relaxed);
         assert!(counted <= budget + row.len() as u64 + 64, "{counted} bytes buffered after write {i}");
     }
+    store.rotations_done();
     let events = store.ks(Table::Events).expect("events");
     assert!(events.sealed_memtable_count() + events.table_count() > 0, "the busy table was rotated");
     for i in 0..100u32 {
