@@ -99,13 +99,8 @@ node_part() {
       --threads "$gen_threads" --max-run $((NODE_DURATION + 60)) \
       -o "$dir/report" >"$dir/report.txt" 2>"$dir/err.txt"
     stop_node
-    awk -v head="node CPUs $cpus, $shards shards, $rate sends/s${memtable:+, memtable_mib $memtable}:" '
-      $1 == "send" { sends = $3; sp99 = $8 }
-      $1 == "delivery" && $2 ~ /^[0-9]+$/ { dels = $3; dp50 = $6; dp99 = $8 }
-      $1 == "sync" { syncs = $3 }
-      /peak RSS/ { rss = $4 " " $5 }
-      END { printf "%s sends/s %s  send p99 %s  deliveries/s %s  delivery p50/p99 %s / %s  syncs/s %s  RSS %s\n", head, sends, sp99, dels ? dels : "-", dp50 ? dp50 : "-", dp99 ? dp99 : "-", syncs ? syncs : "-", rss }
-    ' "$dir/report.txt" | tee -a "$OUT/node.txt"
+    awk -v head="node CPUs $cpus, $shards shards, $rate sends/s${memtable:+, memtable_mib $memtable}:" \
+      -f bench/node-summary.awk "$dir/report.txt" | tee -a "$OUT/node.txt"
   done
   rm -rf "$OUT"/node-*/data
 }

@@ -47,13 +47,7 @@ run_one() {
   "$LT" run -q -c "$PLAN" -t "http://127.0.0.1:$port" --server-pid "$pid" --max-run "$MAX_RUN" $FLAGS -o "$dir/report" >"$dir/report.txt" 2>"$dir/err.txt"
   kill "$pid" 2>/dev/null
   wait "$pid" 2>/dev/null
-  awk -v name="$name" '
-    $1 == "send" { sends = $3; sp99 = $8 }
-    $1 == "delivery" && $2 ~ /^[0-9]+$/ { dels = $3; dp50 = $6; dp99 = $8 }
-    $1 == "sync" { syncs = $3 }
-    /peak RSS/ { rss = $4 " " $5 }
-    END { printf "%-2s sends/s %8s  send p99 %8s  deliveries/s %9s  delivery p50/p99 %s / %s  syncs/s %8s  RSS %s\n", name, sends, sp99, dels ? dels : "-", dp50 ? dp50 : "-", dp99 ? dp99 : "-", syncs ? syncs : "-", rss }
-  ' "$dir/report.txt"
+  awk -v head="$(printf '%-2s' "$name")" -f "$(dirname "$0")/node-summary.awk" "$dir/report.txt"
 }
 
 {
