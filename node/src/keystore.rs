@@ -24,6 +24,8 @@ pub const DEVICES_PER_USER_MAX: usize = 10_000;
 const SIGNATURES_PER_USER_MAX: usize = 100_000;
 /// One-time keys examined per claim before giving up on a contended device.
 const CLAIM_SCAN: usize = 64;
+/// Claimed-key rows read per page when an upload checks its key ids.
+const CLAIMED_PAGE: usize = 1024;
 /// Kinds of device-list change rows.
 const CHANGED: &[u8] = b"changed";
 const LEFT: &[u8] = b"left";
@@ -158,12 +160,27 @@ impl Db {
         Ok(counts)
     }
 
-    pub fn one_time_key(&self, user: &UserId, device: &str, id: &str) -> DbResult<Option<Value>> {
-        self.get_json(Table::OneTimeKeys, &device_pk(user, device), id.as_bytes())
+    /// Which of `ids` were claimed (within the claimed-key expiry): one
+    /// range scan from the first id to the last, in pages, instead of one
+    /// read per key.
+    pub fn claimed_among(&self, user: &UserId, device: &str, ids: &BTreeSet<&str>) -> DbResult<BTreeSet<String>> {
+        self.claimed_among_paged(user, device, ids, CLAIMED_PAGE)
     }
 
-    pub fn was_claimed(&self, user: &UserId, device: &str, id: &str) -> DbResult<bool> {
-        Ok(self.store.get(Table::ClaimedKeys, &device_pk(user, device), id.as_bytes())?.is_some())
+    pub(crate) fn claimed_among_paged(&self, user: &UserId, device: &str, ids: &BTreeSet<&str>, page: usize) -> DbResult<BTreeSet<String>> {
+        let (Some(first), Some(last)) = (ids.first(), ids.last()) else { return Ok(BTreeSet::new()) };
+        let pk = device_pk(user, device);
+        let mut claimed = BTreeSet::new();
+        let mut from = first.as_bytes().to_vec();
+        loop {
+            let scan = Scan { table: Table::ClaimedKeys, pk: &pk, from: Bound::Included(&from), to: Bound::Included(last.as_bytes()), reverse: false, limit: page };
+            let rows = self.store.scan(scan)?;
+            claimed.extend(rows.iter().map(|(ck, _)| text(ck)).filter(|id| ids.contains(id.as_str())));
+            match rows.last() {
+                Some((ck, _)) if rows.len() == page => from = [ck.as_ref(), b"\0"].concat(),
+                _ => return Ok(claimed),
+            }
+        }
     }
 
     /// Tells every shard's cache of key counts that some count changed.

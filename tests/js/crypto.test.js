@@ -73,7 +73,7 @@ function encryptedFrom(client, roomId, sender) {
  * Waits until every `expected` body from `sender` is decrypted in the
  * client's view of the room, and checks no encrypted event failed.
  */
-async function expectDecrypted(client, roomId, sender, expected, what, { sinceTs = 0 } = {}) {
+async function expectDecrypted(client, roomId, sender, expected, what, { sinceTs = 0, senderTap = null } = {}) {
     const want = new Set(expected);
     const events = () => encryptedFrom(client, roomId, sender).filter((ev) => ev.getTs() >= sinceTs);
     await waitFor(
@@ -85,7 +85,10 @@ async function expectDecrypted(client, roomId, sender, expected, what, { sinceTs
     ).catch((err) => {
         const evs = events();
         const failed = evs.filter((ev) => ev.isDecryptionFailure());
-        throw new Error(`${err.message}: ${evs.length} encrypted events, ${failed.length} undecryptable (${failed[0]?.decryptionFailureReason ?? "-"})`);
+        // A request of the sender's that failed (a key claim, a to-device
+        // send) is the usual reason a room key never arrived.
+        const senderFailures = senderTap ? ` ; sender's failed requests: ${JSON.stringify(senderTap.failures)}` : "";
+        throw new Error(`${err.message}: ${evs.length} encrypted events, ${failed.length} undecryptable (${failed[0]?.decryptionFailureReason ?? "-"})${senderFailures}`);
     });
     const failures = events().filter((ev) => ev.isDecryptionFailure());
     assert.deepEqual(failures.map((ev) => ev.getId()), [], `${what}: undecryptable events`);
@@ -131,6 +134,14 @@ describe(`js-crypto against ${hs.kind}`, () => {
         // state; his crypto machine learns the room is encrypted from there.
         await waitFor(() => bob.client.getRoom(roomId)?.getMyMembership() === "join", { what: "bob's sync to bring his join" });
         await waitFor(() => bob.crypto.isEncryptionEnabledInRoom(roomId), { what: "bob's crypto to know the room is encrypted" });
+        // Each crypto machine uploads its device keys in the background; a
+        // room key can only reach a device the sender already knows.
+        for (const [me, them] of [[alice, bob], [bob, alice]]) {
+            await waitFor(
+                async () => (await me.crypto.getUserDeviceInfo([them.userId], true)).get(them.userId)?.has(them.deviceId),
+                { what: `${me.userId} to track ${them.userId}'s device` },
+            );
+        }
         s.roomId = roomId;
     });
 
@@ -146,8 +157,8 @@ describe(`js-crypto against ${hs.kind}`, () => {
         assert.equal(status, 200);
         const plain = page.chunk.filter((ev) => ev.type === "m.room.message");
         assert.deepEqual(plain, [], "no plaintext message reached the server");
-        await expectDecrypted(bob.client, roomId, alice.userId, fromAlice, "bob to decrypt alice's messages");
-        await expectDecrypted(alice.client, roomId, bob.userId, fromBob, "alice to decrypt bob's messages");
+        await expectDecrypted(bob.client, roomId, alice.userId, fromAlice, "bob to decrypt alice's messages", { senderTap: alice.tap });
+        await expectDecrypted(alice.client, roomId, bob.userId, fromBob, "alice to decrypt bob's messages", { senderTap: bob.tap });
         s.history = [...fromAlice];
     });
 

@@ -212,17 +212,21 @@ pub(crate) fn store_keys(shard: &Shard, user: &UserId, device: &str, body: Uploa
         }
     }
     let max = shard.config.limits.one_time_keys_per_device_max;
-    let mut count = shard.db.one_time_keys(user, device, max + 1)?.len();
+    // A device holds at most `max` keys, so this read sees all of them.
+    let existing: BTreeMap<String, Value> = shard.db.one_time_keys(user, device, max + 1)?.into_iter().collect();
+    let mut count = existing.len();
+    let fresh: BTreeSet<&str> = body.one_time_keys.keys().filter(|id| !existing.contains_key(*id)).map(String::as_str).collect();
+    let claimed = shard.db.claimed_among(user, device, &fresh)?;
     for (id, key) in &body.one_time_keys {
         algorithm_of(id)?;
         check_key_value(id, key)?;
-        if let Some(existing) = shard.db.one_time_key(user, device, id)? {
-            if existing != *key {
+        if let Some(existing) = existing.get(id) {
+            if existing != key {
                 return Err(ApiError::invalid_param(format!("One-time key {id} already exists with other content")));
             }
             continue;
         }
-        if shard.db.was_claimed(user, device, id)? {
+        if claimed.contains(id) {
             // A repeated upload of a key already handed out: never again.
             continue;
         }

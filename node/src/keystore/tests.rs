@@ -49,7 +49,12 @@ fn concurrent_claims_hand_out_each_key_once() {
     assert_eq!(distinct.len(), 100, "no key twice");
     assert_eq!(claimed.iter().filter(|c| c.is_none()).count(), 60, "then nothing");
     assert_eq!(db.one_time_key_counts(&user, "DEV", 1000).expect("count")["signed_curve25519"], 0);
-    assert!(db.was_claimed(&user, "DEV", "signed_curve25519:K000").expect("claimed"));
+    // Checked in pages: every one of 100 claimed ids, and none outside them.
+    let ids: Vec<String> = (0..101).map(|i| format!("signed_curve25519:K{i:03}")).collect();
+    let asked: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+    let found = db.claimed_among_paged(&user, "DEV", &asked, 7).expect("claimed");
+    assert_eq!(found.len(), 100);
+    assert!(found.contains("signed_curve25519:K000") && found.contains("signed_curve25519:K099") && !found.contains("signed_curve25519:K100"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -89,7 +94,7 @@ fn deleting_a_device_removes_all_its_keys() {
     db.store.write(db.device_keys_deletes(&user, "DEV").expect("deletes")).expect("delete");
     assert_eq!(db.device_keys(&user, "DEV").expect("read"), None);
     assert!(db.one_time_keys(&user, "DEV", 10).expect("read").is_empty());
-    assert!(!db.was_claimed(&user, "DEV", "signed_curve25519:K000").expect("read"));
+    assert!(db.claimed_among(&user, "DEV", &BTreeSet::from(["signed_curve25519:K000"])).expect("read").is_empty());
     let sigs = db.key_signatures(&user).expect("read");
     assert_eq!(sigs.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(), ["DEV2"], "only the deleted device's signatures go");
     let _ = std::fs::remove_dir_all(&dir);

@@ -68,9 +68,13 @@ fn one_time_keys_are_claimed_exactly_once_then_fallback() {
     let (_, sync) = alice.get("/_matrix/client/v3/sync");
     assert_eq!(sync["device_one_time_keys_count"]["signed_curve25519"], 0);
     assert_eq!(sync["device_unused_fallback_key_types"], json!([]));
-    let (s, v) = alice.post("/_matrix/client/v3/keys/upload", json!({ "one_time_keys": { "signed_curve25519:K0": { "key": "key-0", "signatures": {} } } }));
+    let again = |id: &str, key: &str| (format!("signed_curve25519:{id}"), json!({ "key": key, "signatures": {} }));
+    let upload: serde_json::Map<String, Value> = [again("K0", "key-0"), again("K5", "key-5"), again("K55", "new"), again("K9", "key-9")].into_iter().collect();
+    let (s, v) = alice.post("/_matrix/client/v3/keys/upload", json!({ "one_time_keys": upload }));
     assert_eq!(s, 200);
-    assert_eq!(v["one_time_key_counts"]["signed_curve25519"], 0, "a claimed key is never stored again");
+    assert_eq!(v["one_time_key_counts"]["signed_curve25519"], 1, "a claimed key is never stored again; a new one among them is");
+    let (_, v) = bob.post("/_matrix/client/v3/keys/claim", json!({ "one_time_keys": { "@alice:localhost": { device.clone(): "signed_curve25519" } } }));
+    assert_eq!(v["one_time_keys"]["@alice:localhost"][&device].as_object().and_then(|k| k.keys().next().cloned()).as_deref(), Some("signed_curve25519:K55"), "{v}");
 }
 
 #[test]
