@@ -57,6 +57,14 @@ pub struct Runtime {
     /// Lets the kernel back the heap with transparent huge pages (fewer TLB
     /// misses, more resident memory: a 2 MiB page counts whole).
     pub transparent_huge_pages: bool,
+    /// Microseconds a shard keeps polling for I/O after it runs out of
+    /// work before it sleeps (0: it sleeps at once). Saves the wake-up
+    /// cost of bursts that come closer together than this, at the price of
+    /// a busy core while it polls.
+    pub spin_before_park_us: u64,
+    /// Binds shard i to the i-th CPU the process may run on (so a shard
+    /// keeps its core's caches; needed for `spin_before_park_us`).
+    pub pin_shards: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -326,7 +334,7 @@ impl Default for Listen {
 
 impl Default for Runtime {
     fn default() -> Self {
-        Runtime { shards: 0, io_memory_kib: 2048, mesh_channel_depth: 1024, shutdown_grace_secs: 5, event_cache_kib: 4096, transparent_huge_pages: false }
+        Runtime { shards: 0, io_memory_kib: 2048, mesh_channel_depth: 1024, shutdown_grace_secs: 5, event_cache_kib: 4096, transparent_huge_pages: false, spin_before_park_us: 0, pin_shards: false }
     }
 }
 
@@ -429,6 +437,8 @@ pub enum ConfigError {
 
 /// Prefix of environment overrides: `TESSERA__LISTEN__ADDRESS=0.0.0.0:8008`.
 pub const ENV_PREFIX: &str = "TESSERA__";
+/// Upper bound of `runtime.spin_before_park_us`.
+pub const SPIN_BEFORE_PARK_US_MAX: u64 = 1_000_000;
 
 impl Config {
     /// Loads the file (if any), applies environment overrides and validates.
@@ -503,6 +513,12 @@ impl Config {
         }
         if self.runtime.io_memory_kib < 512 {
             return invalid("runtime.io_memory_kib", "glommio needs at least 512 KiB");
+        }
+        if self.runtime.spin_before_park_us > SPIN_BEFORE_PARK_US_MAX {
+            return invalid("runtime.spin_before_park_us", &format!("at most {SPIN_BEFORE_PARK_US_MAX} (a second)"));
+        }
+        if self.runtime.spin_before_park_us > 0 && !self.runtime.pin_shards {
+            return invalid("runtime.spin_before_park_us", "needs runtime.pin_shards = true (an unpinned shard never polls)");
         }
         if self.auth.argon2_m_cost_kib < 8 || self.auth.argon2_t_cost == 0 {
             return invalid("auth.argon2_m_cost_kib", "argon2 needs m_cost >= 8 KiB and t_cost >= 1");
@@ -661,6 +677,17 @@ mod tests {
         assert_eq!(c.storage.scylla.request_timeout_ms, 750);
         let c = Config::load(None, env(&[("TESSERA__STORAGE__SCYLLA__CONTACT_POINTS", "[\"a:1\", \"b:2\"]")])).expect("list form");
         assert_eq!(c.storage.scylla.contact_points, ["a:1", "b:2"]);
+    }
+
+    #[test]
+    fn spinning_needs_pinned_shards_and_a_bound() {
+        let spin = ("TESSERA__RUNTIME__SPIN_BEFORE_PARK_US", "200");
+        let err = Config::load(None, env(&[spin])).expect_err("unpinned").to_string();
+        assert!(err.contains("runtime.spin_before_park_us") && err.contains("pin_shards"), "{err}");
+        let c = Config::load(None, env(&[spin, ("TESSERA__RUNTIME__PIN_SHARDS", "true")])).expect("pinned");
+        assert_eq!((c.runtime.spin_before_park_us, c.runtime.pin_shards), (200, true));
+        let err = Config::load(None, env(&[("TESSERA__RUNTIME__SPIN_BEFORE_PARK_US", "1000001"), ("TESSERA__RUNTIME__PIN_SHARDS", "true")])).expect_err("too long").to_string();
+        assert!(err.contains("runtime.spin_before_park_us"), "{err}");
     }
 
     #[test]

@@ -187,6 +187,21 @@ fn ensure_unclaimed(address: std::net::SocketAddr) -> anyhow::Result<()> {
 }
 
 /// Runs the node until SIGTERM or SIGINT.
+/// The CPUs this process may run on (its affinity mask), in order.
+fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+    // SAFETY: `set` is a plain bit mask the call fills in; its size is
+    // passed with it.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("reading the CPU affinity of the node");
+        }
+        set
+    };
+    // SAFETY: CPU_ISSET reads one bit of the mask, for indexes below its size.
+    Ok((0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect())
+}
+
 pub fn run(config: Config) -> anyhow::Result<()> {
     ensure_unclaimed(config.listen.address)?;
     let config = Arc::new(config);
@@ -204,6 +219,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let hints = || -> Arc<Vec<std::sync::atomic::AtomicU64>> { Arc::new(heads.iter().map(|h| std::sync::atomic::AtomicU64::new(*h)).collect()) };
     let (user_writes, presence_writes) = (hints(), hints());
     let mesh = MeshBuilder::<ShardMsg, _>::full(count, config.runtime.mesh_channel_depth);
+    let cpus = if config.runtime.pin_shards {
+        let cpus = allowed_cpus()?;
+        anyhow::ensure!(count <= cpus.len(), "runtime.pin_shards: {count} shards, but the node may run on {} CPUs only", cpus.len());
+        Some(cpus)
+    } else {
+        None
+    };
 
     let mut shutdown_txs = Vec::new();
     let mut handles = Vec::new();
@@ -224,9 +246,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             user_writes.clone(),
             presence_writes.clone(),
         );
-        let handle = LocalExecutorBuilder::new(Placement::Unbound)
+        let placement = match cpus.as_deref() {
+            Some(cpus) => Placement::Fixed(cpus[id]),
+            None => Placement::Unbound,
+        };
+        let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
             .io_memory(config.runtime.io_memory_kib << 10)
+            .spin_before_park(std::time::Duration::from_micros(config.runtime.spin_before_park_us))
             .spawn(move || async move {
                 let senders_receivers = if count > 1 { Some(mesh.join().await) } else { None };
                 let (mesh_senders, receivers) = match senders_receivers {

@@ -2015,6 +2015,37 @@ fn invalid_config_fails_fast_naming_the_key() {
 }
 
 #[test]
+fn pinned_shards_serve_and_more_shards_than_cpus_refuse_to_start() {
+    let node = Node::start("pinned", "[runtime]\nshards = 1\npin_shards = true\nspin_before_park_us = 100\n");
+    let mut c = node.client();
+    c.register("pinned");
+    let (s, v) = c.get("/_matrix/client/v3/account/whoami");
+    assert_eq!(s, 200, "{v}");
+    // The shard thread may run on one CPU only: the first the node may use.
+    let pid = node.child.as_ref().expect("running").id();
+    let allowed = |task: &std::path::Path| -> Option<String> {
+        let status = std::fs::read_to_string(task.join("status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).map(|v| v.trim().to_owned())
+    };
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks").flatten().map(|e| e.path()).collect();
+    let shard = tasks.iter().find(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.starts_with("shard-0"))).expect("a shard-0 thread");
+    let first_cpu = allowed(std::path::Path::new(&format!("/proc/{pid}"))).and_then(|l| l.split([',', '-']).next().map(str::to_owned)).expect("process CPUs");
+    assert_eq!(allowed(shard).as_deref(), Some(first_cpu.as_str()));
+
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).expect("cpu count");
+    let dir = std::env::temp_dir().join(format!("tessera-pin-{}-{}", std::process::id(), node.port));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("pinned.toml");
+    let config = format!("data_dir = \"{}\"\n[listen]\naddress = \"127.0.0.1:{}\"\n[runtime]\nshards = {}\npin_shards = true\n", dir.join("data").display(), tessera_tests::free_port(), cpus + 1);
+    std::fs::write(&path, config).expect("write");
+    let out = Command::new(node_bin()).arg("--config").arg(&path).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("runtime.pin_shards"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_second_node_on_a_taken_port_refuses_to_start() {
     let node = Node::start("taken-port", "[runtime]\nshards = 2\n");
     let dir = std::env::temp_dir().join(format!("tessera-taken-port-{}-{}", std::process::id(), node.port));
