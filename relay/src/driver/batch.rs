@@ -2,10 +2,11 @@
 //! socket costs one receive and one send syscall per batch of datagrams
 //! instead of one of each per datagram.
 //!
-//! glommio 0.9 has no readiness API for datagram sockets, so the driver
-//! drains a socket with non-blocking `recvmmsg` (`MSG_DONTWAIT`) and, only
-//! when the queue is empty, waits with glommio's io_uring `peek` of one byte,
-//! which leaves the datagram queued for the next `recvmmsg`.
+//! The driver drains a socket with non-blocking `recvmmsg` (`MSG_DONTWAIT`)
+//! and waits only when its queue is empty: a listener with glommio's
+//! io_uring `peek` of one byte (which leaves the datagram queued for the
+//! next `recvmmsg`), the relay sockets of a shard all together through its
+//! [`super::doorbell`].
 //!
 //! [`RecvBatch`] holds the receive side: `capacity` slots of [`SLOT_BYTES`],
 //! each with [`HEADROOM`] bytes before the datagram so a ChannelData header
@@ -20,9 +21,13 @@
 //! out as [`Blocked`] datagrams for the caller to send with glommio's
 //! awaiting path once the pass has released the batch.
 //!
-//! Invariant: a datagram received and relayed in one pass is never copied;
-//! payloads in the queue point into the receive slots, which stay untouched
-//! until the queue is flushed at the end of the pass.
+//! Passes append to the batch ([`RecvBatch::recv_more`]) until it is
+//! flushed and cleared: at the end of a listener's pass, at the end of a
+//! round of relay sockets, or before a pass that finds no free slot.
+//!
+//! Invariant: a datagram received and relayed is never copied; payloads in
+//! the queue point into the receive slots, which are not reused until the
+//! queue has been flushed.
 
 use std::io;
 use std::mem::size_of;
@@ -78,36 +83,60 @@ impl RecvBatch {
         self.len
     }
 
-    /// Receives up to `capacity` datagrams from `fd` without blocking. An
-    /// empty queue is `Err` of kind `WouldBlock`; on `Ok(n)`, `n >= 1`.
+    /// Receives up to `capacity` datagrams from `fd` without blocking, into
+    /// an emptied batch (tests; the driver appends with `recv_more`). An empty queue is `Err` of kind `WouldBlock`; on
+    /// `Ok(n)`, `n >= 1` and the datagrams are `0..n`.
+    #[cfg(test)]
     pub(crate) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.clear();
+        self.recv_more(fd).map(|r| r.len())
+    }
+
+    /// Slots not holding a datagram since the last [`Self::clear`].
+    pub(crate) fn free(&self) -> usize {
+        self.capacity() - self.len
+    }
+
+    /// Forgets every datagram held: call it only once nothing queued refers
+    /// to the slots (after a flush).
+    pub(crate) fn clear(&mut self) {
         self.len = 0;
-        let capacity = self.capacity();
+    }
+
+    /// Receives up to [`Self::free`] datagrams from `fd` without blocking,
+    /// after those already held, and returns their indexes. An empty queue,
+    /// or no free slot, is `Err` of kind `WouldBlock`.
+    pub(crate) fn recv_more(&mut self, fd: RawFd) -> io::Result<std::ops::Range<usize>> {
+        let first = self.len;
+        let free = self.free();
+        if free == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         self.iovs.clear();
-        for slot in self.buf.chunks_exact_mut(SLOT_BYTES) {
+        for slot in self.buf.chunks_exact_mut(SLOT_BYTES).skip(first) {
             let data = &mut slot[HEADROOM..];
             self.iovs.push(libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() });
         }
         self.hdrs.clear();
-        for (iov, name) in self.iovs.iter_mut().zip(self.names.iter_mut()) {
+        for (iov, name) in self.iovs.iter_mut().zip(self.names.iter_mut().skip(first)) {
             self.hdrs.push(mmsghdr_for(name, size_of::<libc::sockaddr_storage>(), iov));
         }
-        // Capacity is at most BATCH_MAX, so it fits.
-        let vlen = capacity as libc::c_uint;
+        // At most BATCH_MAX, so it fits.
+        let vlen = free as libc::c_uint;
         // SAFETY: every header points at its own `sockaddr_storage` and at
-        // one iovec over a distinct, live slot of `buf`; none of them moves
-        // or is touched during the call.
+        // one iovec over a distinct, live, free slot of `buf`; none of them
+        // moves or is touched during the call.
         let rc = unsafe { libc::recvmmsg(fd, self.hdrs.as_mut_ptr(), vlen, libc::MSG_DONTWAIT, std::ptr::null_mut()) };
         let n = usize::try_from(rc).map_err(|_| io::Error::last_os_error())?;
         if n == 0 {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let n = n.min(capacity);
-        for (meta, hdr) in self.meta.iter_mut().zip(&self.hdrs).take(n) {
+        let n = n.min(free);
+        for (meta, hdr) in self.meta.iter_mut().skip(first).zip(&self.hdrs).take(n) {
             *meta = (hdr.msg_len as usize, hdr.msg_hdr.msg_flags, hdr.msg_hdr.msg_namelen);
         }
-        self.len = n;
-        Ok(n)
+        self.len = first + n;
+        Ok(first..first + n)
     }
 
     /// The `i`-th received datagram and its sender; `None` if it was

@@ -3,16 +3,21 @@
 //! Each shard binds its own SO_REUSEPORT UDP and TCP listeners on the
 //! configured addresses, so the kernel hashes a client's 5-tuple to one
 //! shard for its whole life; that shard owns the client's allocation, opens
-//! its relay socket from its own slice of the port range and runs the relay
-//! socket's receive task. Invariant: the data path never crosses cores; the
+//! its relay socket from its own slice of the port range and receives on
+//! it. Invariant: the data path never crosses cores; the
 //! only state shared between shards is the quota table (touched on
 //! Allocate and on removal) and the config.
 //!
+//! A shard's relay sockets share one receive task: the [`doorbell`] lists
+//! every socket with datagrams queued, after one wait for all of them.
+//!
 //! UDP goes through [`batch`]: each pass drains up to `udp_batch`
-//! datagrams from one socket with one `recvmmsg`, runs them through the core
-//! and sends what they produce with one `sendmmsg` per destination socket,
-//! without awaiting in between; the shard's one receive batch is shared by
-//! all its UDP sockets for that reason. TCP and TLS clients keep one
+//! datagrams from one socket with one `recvmmsg` and runs them through the
+//! core without awaiting; what they produce leaves with one `sendmmsg` per
+//! destination socket at the end of a listener's pass, or at the end of a
+//! round over the ready relay sockets (whose datagrams to clients all leave
+//! through the listener, so one call carries the whole round). The shard's
+//! one receive batch is shared by all its UDP sockets. TCP and TLS clients keep one
 //! message per call (`stream.rs`).
 //!
 //! Shutdown: on SIGTERM the main thread raises `stop`; each shard stops
@@ -20,6 +25,7 @@
 //! or `drain_secs` pass, then returns, which drops its tasks and sockets.
 
 mod batch;
+mod doorbell;
 mod stream;
 pub mod tcp_relay;
 
@@ -32,7 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use glommio::channels::local_channel::LocalSender;
 use glommio::net::UdpSocket;
 
 use self::batch::{Blocked, Payload, RecvBatch, SendQueue};
@@ -114,10 +120,12 @@ impl Shard {
     fn udp_client_pass(&self, sock: &Rc<UdpSocket>, local: SocketAddr, blocked: &mut BlockedSends) -> std::io::Result<usize> {
         let mut io = self.udp_io.borrow_mut();
         let UdpIo { recv, send } = &mut *io;
-        let n = recv.recv(sock.as_raw_fd())?;
+        self.make_room(recv, send, blocked);
+        let received = recv.recv_more(sock.as_raw_fd())?;
+        let n = received.len();
         // The batch arrived at one instant: one clock read for all of it.
         let now = now();
-        for i in 0..n {
+        for i in received {
             let Some((from, data)) = recv.datagram(i) else {
                 self.metrics.drop_packet(DropReason::Malformed);
                 continue;
@@ -145,19 +153,23 @@ impl Shard {
             };
             self.queue(recv, send, queued, blocked);
         }
-        self.flush(recv, send, blocked);
+        self.send_all(recv, send, blocked);
         Ok(n)
     }
 
-    /// One receive pass on a relay socket: up to a batch of peer datagrams
-    /// through the core, ChannelData headers written in front of the payload
-    /// in place, the result flushed to the clients at the end. Never awaits.
+    /// One receive pass on a relay socket: up to the batch's free slots of
+    /// peer datagrams through the core, ChannelData headers written in front
+    /// of the payload in place. What it produces stays queued for the end
+    /// of the round ([`Self::end_round`]), so the passes of one round leave
+    /// through the client listener in one `sendmmsg`. Never awaits.
     fn udp_relay_pass(&self, sock: &Rc<UdpSocket>, relay: SocketAddr, blocked: &mut BlockedSends) -> std::io::Result<usize> {
         let mut io = self.udp_io.borrow_mut();
         let UdpIo { recv, send } = &mut *io;
-        let n = recv.recv(sock.as_raw_fd())?;
+        self.make_room(recv, send, blocked);
+        let received = recv.recv_more(sock.as_raw_fd())?;
+        let n = received.len();
         let now = now();
-        for i in 0..n {
+        for i in received {
             let Some((peer, data)) = recv.datagram(i) else {
                 self.metrics.drop_packet(DropReason::Malformed);
                 continue;
@@ -181,8 +193,28 @@ impl Shard {
             };
             self.queue(recv, send, (client_sock, to.client, payload), blocked);
         }
-        self.flush(recv, send, blocked);
         Ok(n)
+    }
+
+    /// Sends what the passes of a round of relay sockets queued.
+    fn end_round(&self, blocked: &mut BlockedSends) {
+        let mut io = self.udp_io.borrow_mut();
+        let UdpIo { recv, send } = &mut *io;
+        self.send_all(recv, send, blocked);
+    }
+
+    /// Frees the batch for the next pass when no slot is left: what is
+    /// queued refers to the slots, so it is sent first.
+    fn make_room(&self, recv: &mut RecvBatch, send: &mut SendQueue<Rc<UdpSocket>>, blocked: &mut BlockedSends) {
+        if recv.free() == 0 {
+            self.send_all(recv, send, blocked);
+        }
+    }
+
+    /// Sends everything queued, then empties the batch.
+    fn send_all(&self, recv: &mut RecvBatch, send: &mut SendQueue<Rc<UdpSocket>>, blocked: &mut BlockedSends) {
+        self.flush(recv, send, blocked);
+        recv.clear();
     }
 
     fn queue(
@@ -192,8 +224,8 @@ impl Shard {
         (sock, to, payload): (Rc<UdpSocket>, SocketAddr, Payload),
         blocked: &mut BlockedSends,
     ) {
-        // A pass yields at most one datagram per datagram received, so the
-        // queue (as large as the batch) only fills if that ever changes.
+        // Each datagram held in the batch yields at most one queued one, and
+        // the queue is as large as the batch: it only fills if that changes.
         if send.is_full() {
             self.flush(recv, send, blocked);
         }
@@ -288,8 +320,8 @@ async fn readable(sock: &UdpSocket) {
 
 struct RelaySocket {
     sock: Rc<UdpSocket>,
-    /// Dropping it ends the socket's receive task.
-    _close: LocalSender<()>,
+    /// The socket's token in the shard's doorbell.
+    token: u64,
 }
 
 /// Opens relay sockets from this shard's slice of the port range.
@@ -302,6 +334,12 @@ pub(crate) struct UdpBinder {
     max_port: u16,
     cursor: usize,
     sockets: HashMap<SocketAddr, RelaySocket>,
+    /// Relay addresses by doorbell token.
+    tokens: HashMap<u64, SocketAddr>,
+    next_token: u64,
+    /// The readiness wait of all the shard's relay sockets (set once the
+    /// shard's executor runs).
+    doorbell: Option<Rc<doorbell::Doorbell>>,
     /// TCP relay addresses and peer connections (RFC 6062).
     pub(crate) tcp: tcp_relay::TcpRelays,
 }
@@ -322,6 +360,9 @@ impl UdpBinder {
             max_port: c.max_port,
             cursor: 0,
             sockets: HashMap::new(),
+            tokens: HashMap::new(),
+            next_token: 0,
+            doorbell: None,
             tcp: tcp_relay::TcpRelays::new(setup.parking.clone(), setup.server_config.bandwidth_bytes_per_sec),
         }
     }
@@ -335,19 +376,26 @@ impl UdpBinder {
         // SAFETY: the descriptor comes from `into_raw_fd`, so it is an open
         // UDP socket that nothing else owns.
         let sock = Rc::new(unsafe { UdpSocket::from_raw_fd(std_sock.into_raw_fd()) });
-        let (close_tx, close_rx) = local_channel::new_bounded(1);
-        glommio::spawn_local(relay_recv_loop(self.shard.clone(), sock.clone(), addr, close_rx)).detach();
-        self.sockets.insert(addr, RelaySocket { sock, _close: close_tx });
+        let doorbell = self.doorbell.as_ref().ok_or(BindError::Exhausted)?;
+        let token = self.next_token;
+        self.next_token += 1;
+        if let Err(e) = doorbell.add(sock.as_raw_fd(), token) {
+            tracing::warn!(%addr, error = %e, "could not watch a relay socket");
+            return Err(BindError::Exhausted);
+        }
+        self.sockets.insert(addr, RelaySocket { sock, token });
+        self.tokens.insert(token, addr);
         Ok(addr)
+    }
+
+    /// The open relay socket of a doorbell token.
+    fn by_token(&self, token: u64) -> Option<(Rc<UdpSocket>, SocketAddr)> {
+        let addr = *self.tokens.get(&token)?;
+        self.sockets.get(&addr).map(|s| (s.sock.clone(), addr))
     }
 
     fn ip_of(&self, addr: SocketAddr) -> Option<IpAddr> {
         if addr.is_ipv4() { self.ipv4 } else { self.ipv6 }
-    }
-
-    /// True while `sock` is the open relay socket for `relay`.
-    fn is_current(&self, relay: SocketAddr, sock: &Rc<UdpSocket>) -> bool {
-        self.sockets.get(&relay).is_some_and(|s| Rc::ptr_eq(&s.sock, sock))
     }
 
     fn socket(&self, relay: SocketAddr) -> Option<Rc<UdpSocket>> {
@@ -393,7 +441,12 @@ impl RelayBinder for UdpBinder {
     }
 
     fn release(&mut self, relay: SocketAddr) {
-        self.sockets.remove(&relay);
+        if let Some(s) = self.sockets.remove(&relay) {
+            self.tokens.remove(&s.token);
+            if let Some(d) = &self.doorbell {
+                d.remove(s.sock.as_raw_fd());
+            }
+        }
     }
 
     fn bind_tcp(&mut self, family: Family) -> Result<SocketAddr, BindError> {
@@ -438,46 +491,35 @@ impl RelayBinder for UdpBinder {
     }
 }
 
-/// Receives peer datagrams on one relay socket until it is released.
-async fn relay_recv_loop(shard: Weak<Shard>, sock: Rc<UdpSocket>, relay: SocketAddr, close: LocalReceiver<()>) {
-    // glommio runs a spawned task at once, inside `UdpBinder::open`, while
-    // the core and the binder (and, from a UDP pass, the batch) are
-    // borrowed: give control back before touching any of them.
-    futures_lite::future::yield_now().await;
+/// Receives peer datagrams on all of the shard's relay sockets: one pass
+/// per ready socket, then the next round; the shard sleeps in the doorbell
+/// when none has anything.
+async fn relay_loop(shard: Rc<Shard>, doorbell: Rc<doorbell::Doorbell>) {
     let mut blocked = Vec::new();
+    let mut ready = Vec::with_capacity(doorbell::READY_MAX);
     loop {
-        let Some(s) = shard.upgrade() else { return };
-        // Released while busy: stop now rather than hold the port open.
-        if !s.binder.borrow().is_current(relay, &sock) {
-            return;
+        if let Err(e) = doorbell.ready(&mut ready) {
+            tracing::warn!(error = %e, "epoll_wait on the relay sockets failed");
         }
-        let pass = s.udp_relay_pass(&sock, relay, &mut blocked);
-        send_blocked(&s.metrics, &mut blocked).await;
-        let batch = s.udp_io.borrow().recv.capacity();
-        drop(s);
-        match pass {
-            // A full batch: more may be queued; let other tasks run first.
-            Ok(n) if n == batch => glommio::yield_if_needed().await,
-            // The queue is empty (or it held an error, which ends nothing:
-            // ICMP errors from earlier sends surface here): wait for more
-            // or for the release of the socket.
-            _ => {
-                let released = futures_lite::future::or(
-                    async {
-                        readable(&sock).await;
-                        false
-                    },
-                    async {
-                        close.recv().await;
-                        true
-                    },
-                )
-                .await;
-                if released {
-                    return;
-                }
+        if ready.is_empty() {
+            if let Err(e) = doorbell.wait().await {
+                // Not expected; back off rather than spin.
+                tracing::warn!(error = %e, "waiting for relay sockets failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
             }
+            continue;
         }
+        for token in ready.drain(..) {
+            // Released since the list was taken: skip it.
+            let Some((sock, relay)) = shard.binder.borrow().by_token(token) else { continue };
+            // An error is a pending ICMP report of an earlier send (read and
+            // so cleared) or an empty queue: the next round tells.
+            let _ = shard.udp_relay_pass(&sock, relay, &mut blocked);
+            send_blocked(&shard.metrics, &mut blocked).await;
+        }
+        shard.end_round(&mut blocked);
+        send_blocked(&shard.metrics, &mut blocked).await;
+        glommio::yield_if_needed().await;
     }
 }
 
@@ -551,6 +593,9 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
         }),
     });
     shard.binder.borrow_mut().shard = Rc::downgrade(&shard);
+    let doorbell = Rc::new(doorbell::Doorbell::new().map_err(|e| anyhow::anyhow!("relay socket doorbell: {e}"))?);
+    shard.binder.borrow_mut().doorbell = Some(doorbell.clone());
+    glommio::spawn_local(relay_loop(shard.clone(), doorbell)).detach();
     shard.binder.borrow_mut().tcp.set_shard(Rc::downgrade(&shard));
     for (addr, sock) in udp {
         glommio::spawn_local(udp_client_loop(shard.clone(), sock, addr)).detach();

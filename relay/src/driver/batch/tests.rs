@@ -47,6 +47,35 @@ fn drain(batch: &mut RecvBatch, rx: &UdpSocket) -> (Vec<(SocketAddr, Vec<u8>)>, 
     }
 }
 
+/// A round of passes over several sockets appends to one batch: each
+/// socket's datagrams land after the last, at their own indexes, until no
+/// slot is free; `clear` starts over.
+#[test]
+fn recv_more_appends_the_datagrams_of_several_sockets() {
+    let (a, tx) = pair();
+    let b = UdpSocket::bind("127.0.0.1:0").expect("bind b");
+    for seq in 0..2 {
+        tx.send_to(&datagram(seq), a.local_addr().expect("addr")).expect("send");
+    }
+    for seq in 10..14 {
+        tx.send_to(&datagram(seq), b.local_addr().expect("addr")).expect("send");
+    }
+    let mut batch = RecvBatch::new(5);
+    assert_eq!(batch.recv_more(a.as_raw_fd()).expect("two queued"), 0..2);
+    assert_eq!(batch.free(), 3);
+    // Only three slots are left for b's four datagrams.
+    assert_eq!(batch.recv_more(b.as_raw_fd()).expect("four queued"), 2..5);
+    assert_eq!(batch.free(), 0);
+    assert_eq!(batch.recv_more(b.as_raw_fd()).map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock), "no free slot");
+    let seqs: Vec<Vec<u8>> = (0..5).map(|i| batch.datagram(i).expect("held").1.to_vec()).collect();
+    assert_eq!(seqs, [0, 1, 10, 11, 12].map(datagram));
+    assert_eq!(batch.datagram(5), None);
+    batch.clear();
+    assert_eq!(batch.datagram(0), None, "cleared");
+    assert_eq!(batch.recv_more(b.as_raw_fd()).expect("the fourth is still queued"), 0..1);
+    assert_eq!(batch.datagram(0).expect("held").1, datagram(13));
+}
+
 #[test]
 fn recv_drains_more_than_one_batch_in_order() {
     let (rx, tx) = pair();
