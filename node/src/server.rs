@@ -186,7 +186,6 @@ fn ensure_unclaimed(address: std::net::SocketAddr) -> anyhow::Result<()> {
     }
 }
 
-/// Runs the node until SIGTERM or SIGINT.
 /// The CPUs this process may run on (its affinity mask), in order.
 fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
     // SAFETY: `set` is a plain bit mask the call fills in; its size is
@@ -202,6 +201,7 @@ fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
     Ok((0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect())
 }
 
+/// Runs the node until SIGTERM or SIGINT.
 pub fn run(config: Config) -> anyhow::Result<()> {
     ensure_unclaimed(config.listen.address)?;
     let config = Arc::new(config);
