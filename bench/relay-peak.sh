@@ -48,6 +48,9 @@
 #   DURATION    measured seconds per run [10]
 #   ALLOCS      kept allocations carrying the packets, in all [50]
 #   BYTES       payload bytes per packet [160]
+#   BURST       packets sent back to back on one allocation per arrival (the
+#               packets of a video frame) [1]; the relay may send such runs
+#               to one destination as one UDP GSO message
 #   LOSS_MAX    loss % a run may have to count for the peak [1]
 #   SERVERS     which servers, in order [coturn tessera]
 #   SERVER_CPUS, GEN_CPUS   taskset CPU lists of the server and the
@@ -74,6 +77,7 @@ RATES=${RATES:-"20000 40000 60000 80000 100000 140000"}
 DURATION=${DURATION:-10}
 ALLOCS=${ALLOCS:-50}
 BYTES=${BYTES:-160}
+BURST=${BURST:-1}
 LOSS_MAX=${LOSS_MAX:-1}
 SERVERS=${SERVERS:-"coturn tessera"}
 GENS=${GENS:-1}
@@ -82,7 +86,7 @@ SECRET=relay-peak-secret
 REALM=bench.test
 CORES=$(nproc)
 
-for v in THREADS ROUNDS DURATION ALLOCS BYTES GENS PORT; do
+for v in THREADS ROUNDS DURATION ALLOCS BYTES BURST GENS PORT; do
   if ! [ "${!v}" -ge 1 ] 2>/dev/null; then echo "$v=${!v}: expected a positive integer" >&2; exit 2; fi
 done
 if [ "${PIN:-1}" != 0 ] && [ "$CORES" -gt "$THREADS" ]; then
@@ -177,6 +181,7 @@ allocate_rate_per_s = 0.0
 relay_allocations = $(( (ALLOCS + GENS - 1) / GENS ))
 packet_rate_per_s = $(awk -v r="$rate" -v n="$GENS" 'BEGIN{print r / 2 / n}')
 packet_bytes = $BYTES
+packet_burst = $BURST
 [limits]
 max_run_s = $((DURATION + 60))
 TOML
@@ -267,5 +272,5 @@ awk -v d="$DURATION" -v lmax="$LOSS_MAX" -v order="$SERVERS" -v gc="$GEN_CORES" 
       printf "tessera / coturn peak: %.2fx (target >= 1.5x)\n", peak["tessera"] / peak["coturn"]
   }' "$RESULTS"
 echo
-echo "threads=$THREADS allocations=$ALLOCS bytes=$BYTES duration=${DURATION}s rounds=$ROUNDS generators=$GENS; $CORES CPUs" \
+echo "threads=$THREADS allocations=$ALLOCS bytes=$BYTES burst=$BURST duration=${DURATION}s rounds=$ROUNDS generators=$GENS; $CORES CPUs" \
   "(server on ${SERVER_CPUS:-any}, generator on ${GEN_CPUS:-any})$KEEP"

@@ -339,7 +339,14 @@ pub struct TurnPlan {
     pub packet_rate_per_s: f64,
     /// Payload bytes per relayed packet.
     pub packet_bytes: u32,
+    /// Packets sent back to back on one allocation per arrival (as the
+    /// packets of one video frame), 1..=[`TURN_BURST_MAX`]; arrivals come at
+    /// `packet_rate_per_s / packet_burst`.
+    pub packet_burst: u32,
 }
+
+/// Largest `turn.packet_burst`.
+pub const TURN_BURST_MAX: u32 = 64;
 
 impl Default for TurnPlan {
     fn default() -> Self {
@@ -351,6 +358,7 @@ impl Default for TurnPlan {
             relay_allocations: 10,
             packet_rate_per_s: 1000.0,
             packet_bytes: 160,
+            packet_burst: 1,
         }
     }
 }
@@ -475,6 +483,9 @@ impl Plan {
                 return Err(format!("{name} must be a finite number >= 0"));
             }
         }
+        if !(1..=TURN_BURST_MAX).contains(&self.turn.packet_burst) {
+            return Err(format!("turn.packet_burst must be between 1 and {TURN_BURST_MAX}"));
+        }
         if self.has(Scenario::Turn) && self.turn.secret.is_none() && !self.turn.from_homeserver {
             return Err("turn needs turn.secret or turn.from_homeserver".into());
         }
@@ -548,6 +559,12 @@ mod tests {
         plan.turn.secret = Some("s".into());
         plan.users.count = 0;
         plan.validate().expect("turn alone needs no users");
+        for burst in [0, TURN_BURST_MAX + 1] {
+            plan.turn.packet_burst = burst;
+            assert!(plan.validate().is_err(), "packet_burst = {burst}");
+        }
+        plan.turn.packet_burst = TURN_BURST_MAX;
+        plan.validate().expect("the largest burst");
     }
 
     #[test]

@@ -8,10 +8,11 @@
 //!   challenge, then the signed request), and releases it (Refresh, lifetime
 //!   0). Latency: arrival to the allocation's success response.
 //! - packets: `relay_allocations` allocations kept open, each with a
-//!   permission and a channel to a local echo peer; each arrival sends one
-//!   ChannelData packet carrying its intended send time, the peer echoes it
-//!   back through the relay, and the round trip is recorded. Packets not back
-//!   within two seconds of the end are counted lost.
+//!   permission and a channel to a local echo peer; each arrival sends
+//!   `packet_burst` ChannelData packets (1 by default) back to back on one
+//!   allocation, each carrying its intended send time, the peer echoes them
+//!   back through the relay, and each round trip is recorded. Packets not
+//!   back within two seconds of the end are counted lost.
 //!
 //! The server must allow loopback peers (the echo peer is on 127.0.0.1).
 //!
@@ -388,9 +389,10 @@ pub async fn run(plan: &Plan, t: Rc<TurnCtx>) -> anyhow::Result<()> {
         }));
     }
     if !kept.is_empty() && plan.turn.packet_rate_per_s > 0.0 {
+        let burst = plan.turn.packet_burst.max(1);
         let (t, schedule, kept) = (
             t.clone(),
-            Schedule::fixed(plan.turn.packet_rate_per_s, duration),
+            Schedule::fixed(plan.turn.packet_rate_per_s / f64::from(burst), duration),
             kept.clone(),
         );
         let bytes = plan.turn.packet_bytes as usize;
@@ -411,14 +413,13 @@ pub async fn run(plan: &Plan, t: Rc<TurnCtx>) -> anyhow::Result<()> {
                     .as_nanos()
                     .div_ceil(1000) as u64;
                 let measured = t.rec.borrow().is_measured(intended);
-                match a
-                    .sock
-                    .send(&stun::channel_data(CHANNEL, &packet(t_us, measured, bytes)))
-                    .await
-                {
-                    Ok(_) if measured => t.sent.set(t.sent.get() + 1),
-                    Ok(_) => {}
-                    Err(e) => t.rec.borrow_mut().err(Op::TurnRelay, intended, &io_err(e)),
+                let datagram = stun::channel_data(CHANNEL, &packet(t_us, measured, bytes));
+                for _ in 0..burst {
+                    match a.sock.send(&datagram).await {
+                        Ok(_) if measured => t.sent.set(t.sent.get() + 1),
+                        Ok(_) => {}
+                        Err(e) => t.rec.borrow_mut().err(Op::TurnRelay, intended, &io_err(e)),
+                    }
                 }
             }
         }));

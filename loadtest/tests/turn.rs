@@ -162,4 +162,14 @@ fn turn_scenario_counts_allocations_and_relayed_packets() {
         r.users.requested == 0 && !r.ops.contains_key("register"),
         "turn alone needs no homeserver"
     );
+
+    // Bursts of 4 back to back on one allocation (what the relay may send
+    // on as one GSO message each way): the same packet count, every one
+    // back, at a quarter of the arrivals.
+    p.turn.allocate_rate_per_s = 0.0;
+    p.turn.packet_burst = 4;
+    let r = run_blocking(&p, &RunOptions::default()).expect("turn run with bursts");
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let relay = r.op("turn_relay");
+    assert_eq!((relay.ok, relay.errors), (400, 0), "{relay:?}");
 }

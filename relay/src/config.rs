@@ -49,6 +49,10 @@ pub struct Config {
     /// `sendmmsg` (1..=1024). Each shard keeps one 64 KiB receive slot per
     /// datagram, shared by all its UDP sockets: 2 MiB per shard at 32.
     pub udp_batch: usize,
+    /// Send runs of datagrams to one destination (a burst of one media
+    /// stream) as one UDP GSO message (`UDP_SEGMENT`). Turned off at run
+    /// time, with a warning, if the kernel refuses it.
+    pub udp_gso: bool,
     /// Receive buffer asked for on each UDP listener socket, in KiB (the
     /// kernel caps it at `net.core.rmem_max`); 0 keeps the kernel default.
     /// Clients' datagrams wait here while a shard is busy.
@@ -104,6 +108,7 @@ impl Default for Config {
             threads: 0,
             io_memory_kib: 2048,
             udp_batch: 32,
+            udp_gso: true,
             udp_receive_buffer_kib: 4096,
             rest_secrets: Vec::new(),
             static_users: HashMap::new(),
@@ -236,6 +241,9 @@ mod tests {
         assert_eq!(Config::from_toml("rest_secrets = [\"x\"]\nudp_batch = 1024").map(|c| c.udp_batch).ok(), Some(1024));
         assert_eq!(Config::from_toml("rest_secrets = [\"x\"]").map(|c| c.udp_batch).ok(), Some(32));
         assert_eq!(Config::from_toml("rest_secrets = [\"x\"]").map(|c| c.udp_receive_buffer_kib).ok(), Some(4096));
+        assert_eq!(Config::from_toml("rest_secrets = [\"x\"]").map(|c| c.udp_gso).ok(), Some(true));
+        assert_eq!(Config::from_toml("rest_secrets = [\"x\"]\nudp_gso = false").map(|c| c.udp_gso).ok(), Some(false));
+        assert!(Config::from_toml("rest_secrets = [\"x\"]\nudp_gso = 1").is_err());
         assert!(Config::from_toml("rest_secrets = [\"x\"]\nudp_receive_buffer_kib = 1048577").is_err());
         assert_eq!(Config::from_toml("rest_secrets = [\"x\"]\nudp_receive_buffer_kib = 0").map(|c| c.udp_receive_buffer_kib).ok(), Some(0));
     }

@@ -81,6 +81,8 @@ pub struct Metrics {
     pub requests: AtomicU64,
     /// TCP peer data connections bound to a client data connection (RFC 6062).
     pub tcp_connections_total: AtomicU64,
+    /// UDP datagrams sent as segments of GSO messages.
+    pub udp_gso_datagrams: AtomicU64,
     drops: [AtomicU64; 7],
 }
 
@@ -120,6 +122,12 @@ pub fn render(shards: &[&Metrics]) -> String {
         "counter",
         "TCP peer connections relayed (RFC 6062).",
         sum(&|m| m.tcp_connections_total.load(Relaxed)),
+    );
+    line(
+        "tessera_relay_udp_gso_datagrams_total",
+        "counter",
+        "UDP datagrams sent as segments of GSO messages (runs to one destination).",
+        sum(&|m| m.udp_gso_datagrams.load(Relaxed)),
     );
     let _ = writeln!(out, "# HELP tessera_relay_packets_total Packets relayed.\n# TYPE tessera_relay_packets_total counter");
     let _ = writeln!(out, "tessera_relay_packets_total{{direction=\"to_peer\"}} {}", sum(&|m| m.packets_to_peer.load(Relaxed)));

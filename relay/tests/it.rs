@@ -140,6 +140,35 @@ fn relays_between_two_clients_over_channels() {
     let _ = (attr::DATA, method::SEND);
 }
 
+/// Two clients of `relay` with allocations and channels to each other's
+/// relay address: a sends on 0x4001, b on 0x4002.
+fn channel_pair(relay: &Relay) -> (TurnClient, TurnClient) {
+    let mut a = TurnClient::new(relay.udp, "alice", "wonderland");
+    let mut b = TurnClient::new(relay.udp, "bob", "builder");
+    let ra = a.allocate_relay().expect("a allocates");
+    let rb = b.allocate_relay().expect("b allocates");
+    assert_eq!(a.channel_bind(0x4001, rb), None);
+    assert_eq!(b.channel_bind(0x4002, ra), None);
+    (a, b)
+}
+
+/// Sends `n` datagrams `payload(b'a', seq)` from a to b back to back, checks
+/// that b receives each whole and in order, then the same from b to a.
+fn burst_both_ways(a: &mut TurnClient, b: &mut TurnClient, n: u32, payload: impl Fn(u8, u32) -> Vec<u8>) {
+    for seq in 0..n {
+        a.send_channel_data(0x4001, &payload(b'a', seq));
+    }
+    for seq in 0..n {
+        assert_eq!(b.recv_data(), (DataFrom::Channel(0x4002), payload(b'a', seq)), "a -> b datagram {seq}");
+    }
+    for seq in 0..n {
+        b.send_channel_data(0x4002, &payload(b'b', seq));
+    }
+    for seq in 0..n {
+        assert_eq!(a.recv_data(), (DataFrom::Channel(0x4001), payload(b'b', seq)), "b -> a datagram {seq}");
+    }
+}
+
 #[test]
 fn relays_bursts_of_many_batches_complete_and_in_order() {
     if !in_netns("relays_bursts_of_many_batches_complete_and_in_order") {
@@ -148,36 +177,59 @@ fn relays_bursts_of_many_batches_complete_and_in_order() {
     // A batch of 4 makes each burst span many recvmmsg/sendmmsg calls on the
     // listener and on both relay sockets.
     let relay = Relay::start(&base_config("allowed_peer_ranges = [\"127.0.0.0/8\"]\nudp_batch = 4\n"));
-    let mut a = TurnClient::new(relay.udp, "alice", "wonderland");
-    let mut b = TurnClient::new(relay.udp, "bob", "builder");
-    let ra = a.allocate_relay().expect("a allocates");
-    let rb = b.allocate_relay().expect("b allocates");
-    assert_eq!(a.channel_bind(0x4001, rb), None);
-    assert_eq!(b.channel_bind(0x4002, ra), None);
+    let (mut a, mut b) = channel_pair(&relay);
     const BURST: u32 = 64;
-    let payload = |dir: u8, seq: u32| {
+    burst_both_ways(&mut a, &mut b, BURST, |dir, seq| {
         let mut v = vec![dir];
         v.extend_from_slice(&seq.to_be_bytes());
         // Lengths differ, so a payload taken from the wrong slot or with the
         // wrong length shows.
         v.extend(std::iter::repeat_n(dir, (seq % 13) as usize));
         v
-    };
-    for seq in 0..BURST {
-        a.send_channel_data(0x4001, &payload(b'a', seq));
-    }
-    for seq in 0..BURST {
-        assert_eq!(b.recv_data(), (DataFrom::Channel(0x4002), payload(b'a', seq)), "a -> b datagram {seq}");
-    }
-    for seq in 0..BURST {
-        b.send_channel_data(0x4002, &payload(b'b', seq));
-    }
-    for seq in 0..BURST {
-        assert_eq!(a.recv_data(), (DataFrom::Channel(0x4001), payload(b'b', seq)), "b -> a datagram {seq}");
-    }
+    });
     let m = relay.metrics();
     assert_eq!(metric(&m, "tessera_relay_packets_total{direction=\"to_peer\"}"), u64::from(2 * BURST), "{m}");
     assert_eq!(metric(&m, "tessera_relay_dropped_packets_total{reason=\"io\"}"), 0, "{m}");
+}
+
+/// Bursts of equal datagrams to one destination (the packets of a video
+/// frame) leave the relay as UDP GSO messages, both ways, and still arrive
+/// one by one, whole and in order; with `udp_gso = false` none does.
+#[test]
+fn bursts_to_one_destination_leave_as_gso_messages_and_arrive_whole() {
+    if !in_netns("bursts_to_one_destination_leave_as_gso_messages_and_arrive_whole") {
+        return;
+    }
+    const BURST: u32 = 32;
+    let payload = |dir: u8, seq: u32| {
+        let mut v = vec![dir; 200];
+        v[1..5].copy_from_slice(&seq.to_be_bytes());
+        v
+    };
+    for gso in [true, false] {
+        let relay = Relay::start(&base_config(&format!("allowed_peer_ranges = [\"127.0.0.0/8\"]\nudp_gso = {gso}\n")));
+        let (mut a, mut b) = channel_pair(&relay);
+        // Whether a burst forms runs depends on how many datagrams the
+        // relay finds queued when it wakes; with GSO on, send bursts until
+        // some did (each burst is checked whole), at most 20.
+        let mut bursts = 0;
+        loop {
+            bursts += 1;
+            burst_both_ways(&mut a, &mut b, BURST, payload);
+            let m = relay.metrics();
+            let segments = metric(&m, "tessera_relay_udp_gso_datagrams_total");
+            assert_eq!(metric(&m, "tessera_relay_packets_total{direction=\"to_peer\"}"), u64::from(2 * BURST * bursts), "{m}");
+            assert_eq!(metric(&m, "tessera_relay_dropped_packets_total{reason=\"io\"}"), 0, "{m}");
+            if !gso {
+                assert_eq!(segments, 0, "GSO off: {m}");
+                break;
+            }
+            if segments > 0 {
+                break;
+            }
+            assert!(bursts < 20, "no GSO message in {bursts} bursts: {m}");
+        }
+    }
 }
 
 #[test]

@@ -15,11 +15,22 @@
 //! holds it, so passes of different sockets never interleave.
 //!
 //! [`SendQueue`] collects the datagrams a pass produces. `flush` groups them
-//! by socket, keeping each socket's order, and hands each group to
-//! `sendmmsg`: it resumes after a partial send, skips (and counts) a datagram
-//! the kernel refuses, and when a socket's buffer is full it copies the rest
-//! out as [`Blocked`] datagrams for the caller to send with glommio's
-//! awaiting path once the pass has released the batch.
+//! by socket and destination, keeping each destination's order, and hands
+//! each socket's datagrams to `sendmmsg`: it resumes after a partial send,
+//! skips (and counts) a datagram the kernel refuses, and when a socket's
+//! buffer is full it copies the rest out as [`Blocked`] datagrams for the
+//! caller to send with glommio's awaiting path once the pass has released
+//! the batch.
+//!
+//! UDP GSO: consecutive datagrams to one destination, all of one size but
+//! the last (which may be shorter), leave as one message of that
+//! `sendmmsg` with a `UDP_SEGMENT` control message. The kernel builds one
+//! buffer for them and goes through routing and the device once; the
+//! datagrams on the wire are the same. Bursts of one media stream (the
+//! packets of a video frame) are such runs. If the kernel refuses a GSO
+//! message, the socket's remaining datagrams go one per message, so each is
+//! judged on its own; if it refused the form itself (an old kernel, a
+//! device without checksum offload), the queue stops using GSO for good.
 //!
 //! Passes append to the batch ([`RecvBatch::recv_more`]) until it is
 //! flushed and cleared: at the end of a listener's pass, at the end of a
@@ -44,6 +55,18 @@ pub(crate) const DATAGRAM_MAX_BYTES: usize = 65535;
 pub(crate) const SLOT_BYTES: usize = HEADROOM + DATAGRAM_MAX_BYTES;
 /// Most datagrams per syscall: the kernel's `UIO_MAXIOV` cap on `vlen`.
 pub(crate) const BATCH_MAX: usize = crate::config::UDP_BATCH_MAX;
+/// Most datagrams in one GSO message (the kernel's `UDP_MAX_SEGMENTS` is 64
+/// on the oldest kernels that have GSO, 128 on newer ones).
+pub(crate) const GSO_MAX_SEGMENTS: usize = 64;
+/// Largest datagram sent as a GSO segment: with IPv6 and UDP headers it
+/// fits the IPv6 minimum MTU of 1280 bytes. The kernel refuses segments
+/// that would need IP fragmentation; larger datagrams go one at a time.
+pub(crate) const GSO_SEGMENT_MAX_BYTES: usize = 1232;
+/// Most payload bytes in one GSO message (an IP packet holds under 64 KiB).
+pub(crate) const GSO_MAX_BYTES: usize = 60_000;
+/// Room for one control message carrying a `u16` (`CMSG_SPACE(2)` is 24
+/// bytes on 64-bit Linux, 16 on 32-bit), 8-aligned as `cmsghdr` needs.
+type SegmentCmsg = [u64; 4];
 
 /// Receive slots and the `recvmmsg` headers that point into them.
 pub(crate) struct RecvBatch {
@@ -229,6 +252,11 @@ pub(crate) struct Flushed {
     pub(crate) blocked: usize,
     /// `sendmmsg` calls made.
     pub(crate) calls: usize,
+    /// Of `sent`, datagrams that left as segments of GSO messages.
+    pub(crate) gso_sent: usize,
+    /// The kernel refused a GSO message during this flush: the queue sends
+    /// one datagram per message from now on.
+    pub(crate) gso_refused: bool,
 }
 
 /// Outgoing datagrams of one pass, flushed with `sendmmsg`.
@@ -238,13 +266,22 @@ pub(crate) struct SendQueue<S> {
     capacity: usize,
     names: Vec<libc::sockaddr_storage>,
     namelens: Vec<usize>,
+    /// One per entry, in entry order (a GSO message takes a run of them).
     iovs: Vec<libc::iovec>,
+    /// The messages of one socket's call: each covers `groups[k]`.
     hdrs: Vec<libc::mmsghdr>,
+    /// Per message: its first entry and how many entries it carries.
+    groups: Vec<(usize, usize)>,
+    /// Per message: its `UDP_SEGMENT` control message (GSO messages only).
+    cmsgs: Vec<SegmentCmsg>,
+    /// Whether runs to one destination leave as GSO messages.
+    gso: bool,
 }
 
 impl<S: AsRawFd + Clone> SendQueue<S> {
-    /// Room for `capacity` datagrams (clamped to 1..=[`BATCH_MAX`]).
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// Room for `capacity` datagrams (clamped to 1..=[`BATCH_MAX`]); `gso`
+    /// lets runs of datagrams to one destination leave as one GSO message.
+    pub(crate) fn new(capacity: usize, gso: bool) -> Self {
         let capacity = capacity.clamp(1, BATCH_MAX);
         SendQueue {
             entries: Vec::with_capacity(capacity),
@@ -253,7 +290,16 @@ impl<S: AsRawFd + Clone> SendQueue<S> {
             namelens: vec![0; capacity],
             iovs: Vec::with_capacity(capacity),
             hdrs: Vec::with_capacity(capacity),
+            groups: Vec::with_capacity(capacity),
+            cmsgs: vec![[0; 4]; capacity],
+            gso,
         }
+    }
+
+    /// Whether runs to one destination still leave as GSO messages.
+    #[cfg(test)]
+    pub(crate) fn gso(&self) -> bool {
+        self.gso
     }
 
     /// True when the next `push` needs a `flush` first.
@@ -273,9 +319,10 @@ impl<S: AsRawFd + Clone> SendQueue<S> {
 
     /// Sends every queued datagram with `sendmmsg`, one call per run of
     /// datagrams on the same socket (more after a partial send), and empties
-    /// the queue. Datagrams of one socket leave in the order they were
-    /// queued. Where the socket buffer is full (`WouldBlock`), that socket's
-    /// remaining datagrams are copied into `blocked`.
+    /// the queue. Datagrams to one destination leave in the order they were
+    /// queued; with GSO on, runs of them share a message. Where the socket
+    /// buffer is full (`WouldBlock`), that socket's remaining datagrams are
+    /// copied into `blocked`.
     ///
     /// `sendmmsg` is the syscall (see [`sendmmsg_dontwait`]); tests pass a
     /// fake to exercise partial sends and errors.
@@ -289,8 +336,10 @@ impl<S: AsRawFd + Clone> SendQueue<S> {
         if self.entries.is_empty() {
             return done;
         }
-        // Stable: each socket's datagrams keep their order.
-        self.entries.sort_by_key(|(sock, _, _)| sock.as_raw_fd());
+        // Stable: each destination's datagrams keep their order (UDP keeps
+        // none between destinations), and runs to one destination are
+        // adjacent for GSO.
+        self.entries.sort_by_key(|(sock, to, _)| (sock.as_raw_fd(), *to));
         self.iovs.clear();
         for (k, (_, to, payload)) in self.entries.iter().enumerate() {
             self.namelens[k] = to_storage(*to, &mut self.names[k]);
@@ -299,45 +348,62 @@ impl<S: AsRawFd + Clone> SendQueue<S> {
             // because struct iovec is shared with the receive side.
             self.iovs.push(libc::iovec { iov_base: bytes.as_ptr().cast_mut().cast(), iov_len: bytes.len() });
         }
-        self.hdrs.clear();
-        for ((iov, name), namelen) in self.iovs.iter_mut().zip(self.names.iter_mut()).zip(&self.namelens) {
-            self.hdrs.push(mmsghdr_for(name, *namelen, iov));
-        }
         let n = self.entries.len();
         let mut run = 0;
         while run < n {
             let fd = self.entries[run].0.as_raw_fd();
             let end = self.entries[run..].iter().position(|(s, _, _)| s.as_raw_fd() != fd).map_or(n, |k| run + k);
             let mut pos = run;
-            while pos < end {
-                done.calls += 1;
-                match sendmmsg(fd, &mut self.hdrs[pos..end]) {
-                    // A call that makes no progress would loop: count the
-                    // first datagram as refused.
-                    Ok(0) => {
-                        done.failed += 1;
-                        pos += 1;
-                    }
-                    Ok(k) => {
-                        let k = k.min(end - pos);
-                        done.sent += k;
-                        pos += k;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        for (sock, to, payload) in &self.entries[pos..end] {
-                            blocked.push(Blocked { sock: sock.clone(), to: *to, bytes: recv.bytes(payload).to_vec() });
+            let mut gso = self.gso;
+            'messages: while pos < end {
+                let built = self.build_messages(pos, end, gso);
+                let mut m = 0;
+                while m < built {
+                    done.calls += 1;
+                    match sendmmsg(fd, &mut self.hdrs[m..built]) {
+                        Ok(k) if k > 0 => {
+                            let k = k.min(built - m);
+                            for &(_, count) in &self.groups[m..m + k] {
+                                done.sent += count;
+                                if count > 1 {
+                                    done.gso_sent += count;
+                                }
+                            }
+                            m += k;
                         }
-                        done.blocked += end - pos;
-                        pos = end;
-                    }
-                    // The error belongs to the first datagram of the call
-                    // (sendmmsg reports an error only when nothing was sent).
-                    Err(_) => {
-                        done.failed += 1;
-                        pos += 1;
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            let first = self.groups[m].0;
+                            for (sock, to, payload) in &self.entries[first..end] {
+                                blocked.push(Blocked { sock: sock.clone(), to: *to, bytes: recv.bytes(payload).to_vec() });
+                            }
+                            done.blocked += end - first;
+                            break 'messages;
+                        }
+                        // The kernel refused the first message of the call
+                        // (sendmmsg reports an error only when nothing was
+                        // sent; a call that makes no progress would loop).
+                        refused => {
+                            let (first, count) = self.groups[m];
+                            if count > 1 {
+                                // Send the rest of this socket's datagrams
+                                // one at a time, so that each is judged on
+                                // its own; and give GSO up for good if it was
+                                // the message's form that was refused.
+                                if refused.is_err_and(|e| gso_refusal(&e)) {
+                                    self.gso = false;
+                                    done.gso_refused = true;
+                                }
+                                gso = false;
+                                pos = first;
+                                continue 'messages;
+                            }
+                            done.failed += 1;
+                            m += 1;
+                        }
                     }
                 }
+                break;
             }
             run = end;
         }
@@ -346,6 +412,80 @@ impl<S: AsRawFd + Clone> SendQueue<S> {
         self.entries.clear();
         done
     }
+
+    /// Builds the messages for entries `from..to` (one socket's): one per
+    /// datagram, or with `gso` one per run to a destination. Returns how
+    /// many.
+    fn build_messages(&mut self, from: usize, to: usize, gso: bool) -> usize {
+        self.groups.clear();
+        let mut i = from;
+        while i < to {
+            let count = if gso { self.gso_run(i, to) } else { 1 };
+            self.groups.push((i, count));
+            i += count;
+        }
+        self.hdrs.clear();
+        for (k, &(first, count)) in self.groups.iter().enumerate() {
+            let mut h = mmsghdr_for(&mut self.names[first], self.namelens[first], &mut self.iovs[first]);
+            // The run's iovecs are adjacent, in entry order.
+            h.msg_hdr.msg_iovlen = count as _;
+            if count > 1 {
+                // At most GSO_SEGMENT_MAX_BYTES, so it fits.
+                let segment = self.iovs[first].iov_len as u16;
+                let cmsg = &mut self.cmsgs[k];
+                h.msg_hdr.msg_control = cmsg.as_mut_ptr().cast();
+                // SAFETY: CMSG_SPACE only computes a size; the buffer is
+                // large enough for one control message with a u16, and
+                // 8-aligned. CMSG_FIRSTHDR of a header whose control buffer
+                // is that large is its start; CMSG_DATA points inside it.
+                unsafe {
+                    h.msg_hdr.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
+                    let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment);
+                }
+            }
+            self.hdrs.push(h);
+        }
+        self.groups.len()
+    }
+
+    /// How many datagrams from entry `i` (before `to`) one GSO message can
+    /// carry: they go to one destination, none is empty or larger than
+    /// [`GSO_SEGMENT_MAX_BYTES`], all have the first one's size except the
+    /// last, which may be shorter; at most [`GSO_MAX_SEGMENTS`] and
+    /// [`GSO_MAX_BYTES`].
+    fn gso_run(&self, i: usize, to: usize) -> usize {
+        let size = self.iovs[i].iov_len;
+        if size == 0 || size > GSO_SEGMENT_MAX_BYTES {
+            return 1;
+        }
+        let dest = self.entries[i].1;
+        let (mut count, mut total) = (1, size);
+        for j in i + 1..to {
+            let len = self.iovs[j].iov_len;
+            if count == GSO_MAX_SEGMENTS || self.entries[j].1 != dest || len == 0 || len > size || total + len > GSO_MAX_BYTES {
+                break;
+            }
+            count += 1;
+            total += len;
+            if len < size {
+                break;
+            }
+        }
+        count
+    }
+}
+
+/// Whether a GSO message was refused for being one: `EIO` (the device
+/// computes no checksums, which GSO needs), `EINVAL` (a kernel without
+/// `UDP_SEGMENT`, or a segment over the path MTU), `ENOPROTOOPT`,
+/// `EOPNOTSUPP`. Other errors (an unreachable destination) belong to the
+/// datagrams.
+fn gso_refusal(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP))
 }
 
 /// `sendmmsg(fd, hdrs, MSG_DONTWAIT)`: the number of datagrams sent.

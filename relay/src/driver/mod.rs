@@ -242,6 +242,10 @@ impl Shard {
         for _ in 0..done.failed {
             self.metrics.drop_packet(DropReason::Io);
         }
+        self.metrics.udp_gso_datagrams.fetch_add(done.gso_sent as u64, Ordering::Relaxed);
+        if done.gso_refused {
+            tracing::warn!("the kernel refused a UDP GSO send: this shard now sends one datagram per message");
+        }
     }
 
     /// Runs one stream client's message through the core and performs the
@@ -589,7 +593,7 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
         metrics: setup.metrics.clone(),
         udp_io: RefCell::new(UdpIo {
             recv: RecvBatch::new(setup.config.udp_batch),
-            send: SendQueue::new(setup.config.udp_batch),
+            send: SendQueue::new(setup.config.udp_batch, setup.config.udp_gso),
         }),
     });
     shard.binder.borrow_mut().shard = Rc::downgrade(&shard);

@@ -152,7 +152,7 @@ fn flush_sends_each_socket_in_order_with_one_call_each() {
         src_tx.send_to(&datagram(seq), src_rx.local_addr().expect("addr")).expect("send");
     }
     assert_eq!(recv.recv(src_rx.as_raw_fd()).expect("queued"), 8);
-    let mut q: SendQueue<Rc<UdpSocket>> = SendQueue::new(16);
+    let mut q: SendQueue<Rc<UdpSocket>> = SendQueue::new(16, false);
     let to_a = rx_a.local_addr().expect("addr");
     let to_b = rx_b.local_addr().expect("addr");
     let mut want_a = Vec::new();
@@ -173,7 +173,7 @@ fn flush_sends_each_socket_in_order_with_one_call_each() {
     let mut blocked = Vec::new();
     // SAFETY: `flush` passes only the headers it built over live buffers.
     let done = q.flush(&recv, &mut blocked, |fd, h| unsafe { sendmmsg_dontwait(fd, h) });
-    assert_eq!(done, Flushed { sent: 16, failed: 0, blocked: 0, calls: 2 });
+    assert_eq!(done, Flushed { sent: 16, failed: 0, blocked: 0, calls: 2, gso_sent: 0, gso_refused: false });
     assert!(blocked.is_empty());
     assert!(!q.is_full(), "flush empties the queue");
     for (rx, want, from) in [(&rx_a, want_a, &tx_a), (&rx_b, want_b, &tx_b)] {
@@ -216,7 +216,7 @@ fn dest(port: u16) -> SocketAddr {
 #[test]
 fn flush_resumes_after_partial_sends_and_skips_refused_datagrams() {
     let recv = RecvBatch::new(1);
-    let mut q = SendQueue::new(32);
+    let mut q = SendQueue::new(32, false);
     for seq in 0..10u8 {
         // Datagram 4 is one the kernel refuses (say, EMSGSIZE).
         let bytes = if seq == 4 { vec![0xEE] } else { vec![seq] };
@@ -251,7 +251,7 @@ fn flush_resumes_after_partial_sends_and_skips_refused_datagrams() {
     let want: Vec<(SocketAddr, Vec<u8>)> =
         (0..10u8).filter(|s| *s != 4).map(|s| (dest(1000 + u16::from(s)), vec![s])).collect();
     assert_eq!(wire, want, "all but the refused one, in order, each once");
-    assert_eq!(done, Flushed { sent: 9, failed: 1, blocked: 0, calls });
+    assert_eq!(done, Flushed { sent: 9, failed: 1, blocked: 0, calls, gso_sent: 0, gso_refused: false });
     // EINTR, [0 1 2], [3], EMSGSIZE, [5 6 7], [8 9].
     assert_eq!(calls, 6);
     assert!(blocked.is_empty());
@@ -265,7 +265,7 @@ fn flush_copies_out_the_rest_of_a_full_socket_and_carries_on() {
         tx.send_to(&datagram(seq), rx.local_addr().expect("addr")).expect("send");
     }
     assert_eq!(recv.recv(rx.as_raw_fd()).expect("queued"), 4);
-    let mut q = SendQueue::new(8);
+    let mut q = SendQueue::new(8, false);
     for i in 0..4 {
         let (_, d) = recv.datagram(i).expect("datagram");
         // Socket 9 fills up after one datagram; socket 8 has room.
@@ -297,7 +297,190 @@ fn flush_copies_out_the_rest_of_a_full_socket_and_carries_on() {
 #[test]
 fn flush_of_an_empty_queue_makes_no_call() {
     let recv = RecvBatch::new(1);
-    let mut q: SendQueue<FakeSock> = SendQueue::new(4);
+    let mut q: SendQueue<FakeSock> = SendQueue::new(4, false);
     let done = q.flush(&recv, &mut Vec::new(), |_, _| panic!("no datagrams, no syscall"));
     assert_eq!(done, Flushed::default());
+}
+
+/// What a message carries: destination, one byte string per iovec, and the
+/// `UDP_SEGMENT` size if it has one.
+fn message(h: &libc::mmsghdr) -> (SocketAddr, Vec<Vec<u8>>, Option<u16>) {
+    // SAFETY: `flush` built the header over a live sockaddr_storage,
+    // `msg_iovlen` live iovecs and (GSO) a live control buffer, valid for
+    // the duration of the call that hands it to us.
+    unsafe {
+        let name = &*(h.msg_hdr.msg_name as *const libc::sockaddr_storage);
+        let iovs = std::slice::from_raw_parts(h.msg_hdr.msg_iov, h.msg_hdr.msg_iovlen);
+        let parts = iovs.iter().map(|v| std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len).to_vec()).collect();
+        let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+        let segment = (!c.is_null()).then(|| {
+            assert_eq!(((*c).cmsg_level, (*c).cmsg_type), (libc::SOL_UDP, libc::UDP_SEGMENT));
+            std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u16>())
+        });
+        (from_storage(name, h.msg_hdr.msg_namelen).expect("address"), parts, segment)
+    }
+}
+
+/// `len` bytes that start with `seq`.
+fn sized(seq: u8, len: usize) -> Vec<u8> {
+    let mut v = vec![seq; len];
+    if let Some(b) = v.first_mut() {
+        *b = seq;
+    }
+    v
+}
+
+/// Runs to one destination leave as one GSO message each, with the kernel
+/// here: the receivers still get one datagram per queued one, in order.
+#[test]
+fn runs_to_one_destination_leave_as_one_gso_message_each() {
+    let (rx_a, tx) = pair();
+    let rx_b = UdpSocket::bind("127.0.0.1:0").expect("bind b");
+    let tx = Rc::new(tx);
+    let (to_a, to_b) = (rx_a.local_addr().expect("addr"), rx_b.local_addr().expect("addr"));
+    let recv = RecvBatch::new(1);
+    let mut q: SendQueue<Rc<UdpSocket>> = SendQueue::new(16, true);
+    // a: 8 8 8 5 | 8 8 (a shorter one ends a run), b in between: 8.
+    let queued = [(to_a, sized(1, 8)), (to_a, sized(2, 8)), (to_b, sized(3, 8)), (to_a, sized(4, 8)), (to_a, sized(5, 5)), (to_a, sized(6, 8)), (to_a, sized(7, 8))];
+    for (to, bytes) in &queued {
+        q.push(tx.clone(), *to, Payload::Owned(bytes.clone())).expect("room");
+    }
+    let mut shapes = Vec::new();
+    let mut blocked = Vec::new();
+    let done = q.flush(&recv, &mut blocked, |fd, hdrs| {
+        shapes.extend(hdrs.iter().map(|h| {
+            let (to, parts, segment) = message(h);
+            (to, parts.len(), segment)
+        }));
+        // SAFETY: `flush` passes only the headers it built over live buffers.
+        unsafe { sendmmsg_dontwait(fd, hdrs) }
+    });
+    assert_eq!(done, Flushed { sent: 7, failed: 0, blocked: 0, calls: 1, gso_sent: 6, gso_refused: false });
+    let mut want_shapes = vec![(to_a, 4, Some(8)), (to_a, 2, Some(8)), (to_b, 1, None)];
+    if to_b < to_a {
+        want_shapes.rotate_right(1);
+    }
+    assert_eq!(shapes, want_shapes);
+    assert!(q.gso());
+    for (rx, to) in [(&rx_a, to_a), (&rx_b, to_b)] {
+        rx.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut buf = [0u8; 64];
+        for (_, want) in queued.iter().filter(|(t, _)| *t == to) {
+            let (n, from) = rx.recv_from(&mut buf).expect("datagram arrives");
+            assert_eq!(&buf[..n], &want[..], "one datagram per queued one, in order");
+            assert_eq!(from, tx.local_addr().expect("addr"));
+        }
+        rx.set_nonblocking(true).expect("nonblocking");
+        assert!(rx.recv_from(&mut buf).is_err(), "nothing more");
+    }
+}
+
+/// Which datagrams share a GSO message: not empty ones, not ones above the
+/// segment cap, at most GSO_MAX_SEGMENTS and GSO_MAX_BYTES; a shorter one
+/// is a message's last, a longer one starts a new message; with GSO off,
+/// one message per datagram.
+#[test]
+fn gso_messages_keep_to_the_kernel_limits() {
+    type Shapes = Vec<(Vec<usize>, Option<u16>)>;
+    fn record(hdrs: &mut [libc::mmsghdr], shapes: &mut Shapes) -> io::Result<usize> {
+        shapes.extend(hdrs.iter().map(|h| {
+            let (_, parts, segment) = message(h);
+            (parts.iter().map(Vec::len).collect::<Vec<_>>(), segment)
+        }));
+        Ok(hdrs.len())
+    }
+    let recv = RecvBatch::new(1);
+    let mut shapes = Shapes::new();
+    let mut q = SendQueue::new(1024, true);
+    let mut sizes: Vec<usize> = vec![0, 0, GSO_SEGMENT_MAX_BYTES + 1, GSO_SEGMENT_MAX_BYTES + 1];
+    sizes.extend(std::iter::repeat_n(100, GSO_MAX_SEGMENTS + 6));
+    sizes.extend(std::iter::repeat_n(GSO_SEGMENT_MAX_BYTES, 60));
+    sizes.extend([10, 20, 20]);
+    for (k, len) in sizes.iter().enumerate() {
+        q.push(FakeSock(5), dest(1), Payload::Owned(sized(k as u8, *len))).expect("room");
+    }
+    let done = q.flush(&recv, &mut Vec::new(), |_, h| record(h, &mut shapes));
+    assert_eq!(done.sent, sizes.len());
+    assert_eq!(done.gso_sent, sizes.len() - 4, "all but the empty and the oversized ones");
+    let fit = GSO_MAX_BYTES / GSO_SEGMENT_MAX_BYTES;
+    let mut want = vec![(vec![0], None), (vec![0], None)];
+    want.extend([(vec![GSO_SEGMENT_MAX_BYTES + 1], None), (vec![GSO_SEGMENT_MAX_BYTES + 1], None)]);
+    want.push((vec![100; GSO_MAX_SEGMENTS], Some(100)));
+    want.push((vec![100; 6], Some(100)));
+    want.push((vec![GSO_SEGMENT_MAX_BYTES; fit], Some(GSO_SEGMENT_MAX_BYTES as u16)));
+    // A shorter datagram ends a message as its last segment.
+    let mut last = vec![GSO_SEGMENT_MAX_BYTES; 60 - fit];
+    last.push(10);
+    want.push((last, Some(GSO_SEGMENT_MAX_BYTES as u16)));
+    want.push((vec![20, 20], Some(20)));
+    assert_eq!(shapes, want);
+
+    shapes.clear();
+    let mut q = SendQueue::new(8, false);
+    for k in 0..3 {
+        q.push(FakeSock(5), dest(1), Payload::Owned(sized(k, 50))).expect("room");
+    }
+    q.flush(&recv, &mut Vec::new(), |_, h| record(h, &mut shapes));
+    assert_eq!(shapes, vec![(vec![50], None); 3], "GSO off");
+}
+
+/// A GSO message the kernel refuses for its form (EIO: no checksum
+/// offload) is sent again one datagram at a time, and GSO stays off; one
+/// refused for its destination (ENETUNREACH) is sent again one at a time
+/// too, but GSO stays on. A full socket buffer in the middle of a GSO
+/// message copies out the whole message and what follows.
+#[test]
+fn refused_gso_messages_are_sent_again_one_datagram_at_a_time() {
+    let recv = RecvBatch::new(1);
+    let fill = |q: &mut SendQueue<FakeSock>| {
+        for k in 0..3 {
+            q.push(FakeSock(5), dest(1), Payload::Owned(sized(k, 40))).expect("room");
+        }
+        q.push(FakeSock(5), dest(2), Payload::Owned(sized(9, 40))).expect("room");
+    };
+    let mut wire = Vec::new();
+    let mut q = SendQueue::new(8, true);
+    fill(&mut q);
+    let done = q.flush(&recv, &mut Vec::new(), |_, hdrs| {
+        let (to, parts, segment) = message(&hdrs[0]);
+        if segment.is_some() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        wire.push((to, parts));
+        Ok(1)
+    });
+    assert_eq!(done, Flushed { sent: 4, failed: 0, blocked: 0, calls: 5, gso_sent: 0, gso_refused: true });
+    let want: Vec<(SocketAddr, Vec<Vec<u8>>)> =
+        vec![(dest(1), vec![sized(0, 40)]), (dest(1), vec![sized(1, 40)]), (dest(1), vec![sized(2, 40)]), (dest(2), vec![sized(9, 40)])];
+    assert_eq!(wire, want);
+    assert!(!q.gso(), "off for good");
+    fill(&mut q);
+    let mut segments = 0;
+    q.flush(&recv, &mut Vec::new(), |_, hdrs| {
+        segments += hdrs.iter().filter(|h| message(h).2.is_some()).count();
+        Ok(hdrs.len())
+    });
+    assert_eq!(segments, 0);
+
+    let mut q = SendQueue::new(8, true);
+    fill(&mut q);
+    let done = q.flush(&recv, &mut Vec::new(), |_, hdrs| match message(&hdrs[0]) {
+        (to, _, _) if to == dest(1) => Err(io::Error::from_raw_os_error(libc::ENETUNREACH)),
+        _ => Ok(1),
+    });
+    assert_eq!(done, Flushed { sent: 1, failed: 3, blocked: 0, calls: 5, gso_sent: 0, gso_refused: false });
+    assert!(q.gso(), "the destination's fault, not GSO's");
+
+    let mut q = SendQueue::new(8, true);
+    q.push(FakeSock(5), dest(0), Payload::Owned(sized(7, 40))).expect("room");
+    fill(&mut q);
+    let mut blocked = Vec::new();
+    let mut calls = 0;
+    let done = q.flush(&recv, &mut blocked, |_, _| {
+        calls += 1;
+        if calls == 1 { Ok(1) } else { Err(io::ErrorKind::WouldBlock.into()) }
+    });
+    assert_eq!(done, Flushed { sent: 1, failed: 0, blocked: 4, calls: 2, gso_sent: 0, gso_refused: false });
+    let rest: Vec<(SocketAddr, Vec<u8>)> = blocked.iter().map(|b| (b.to, b.bytes.clone())).collect();
+    assert_eq!(rest, vec![(dest(1), sized(0, 40)), (dest(1), sized(1, 40)), (dest(1), sized(2, 40)), (dest(2), sized(9, 40))]);
 }
