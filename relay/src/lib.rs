@@ -17,3 +17,9 @@ pub mod metrics;
 pub mod policy;
 pub mod stun;
 pub mod turn;
+
+/// The hash map of the per-packet lookups (allocations, permissions,
+/// channels, relay sockets): foldhash, seeded at random per map, is several
+/// times cheaper than the standard SipHash for these small keys, and its
+/// seed keeps colliding keys hard to choose from outside.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

@@ -42,6 +42,7 @@ use glommio::channels::local_channel::LocalSender;
 use glommio::net::UdpSocket;
 
 use self::batch::{Blocked, Payload, RecvBatch, SendQueue};
+use crate::FastMap;
 use crate::metrics::{DropReason, Metrics};
 use crate::turn::{BindError, ClientOutput, Family, FiveTuple, Now, PeerOutput, RelayBinder, Server, Transport};
 
@@ -82,7 +83,7 @@ pub fn now() -> Now {
 pub(crate) struct Shard {
     pub(crate) server: RefCell<Server>,
     pub(crate) binder: RefCell<UdpBinder>,
-    udp: HashMap<SocketAddr, Rc<UdpSocket>>,
+    udp: FastMap<SocketAddr, Rc<UdpSocket>>,
     /// Writers of stream (TCP/TLS) clients, by 5-tuple.
     pub(crate) streams: RefCell<HashMap<FiveTuple, Rc<LocalSender<Vec<u8>>>>>,
     pub(crate) metrics: Arc<Metrics>,
@@ -337,9 +338,9 @@ pub(crate) struct UdpBinder {
     min_port: u16,
     max_port: u16,
     cursor: usize,
-    sockets: HashMap<SocketAddr, RelaySocket>,
+    sockets: FastMap<SocketAddr, RelaySocket>,
     /// Relay addresses by doorbell token.
-    tokens: HashMap<u64, SocketAddr>,
+    tokens: FastMap<u64, SocketAddr>,
     next_token: u64,
     /// The readiness wait of all the shard's relay sockets (set once the
     /// shard's executor runs).
@@ -363,8 +364,8 @@ impl UdpBinder {
             min_port: c.min_port,
             max_port: c.max_port,
             cursor: 0,
-            sockets: HashMap::new(),
-            tokens: HashMap::new(),
+            sockets: FastMap::default(),
+            tokens: FastMap::default(),
             next_token: 0,
             doorbell: None,
             tcp: tcp_relay::TcpRelays::new(setup.parking.clone(), setup.server_config.bandwidth_bytes_per_sec),
@@ -542,7 +543,7 @@ async fn udp_client_loop(shard: Rc<Shard>, sock: Rc<UdpSocket>, local: SocketAdd
 }
 
 /// A shard's bound UDP sockets (by address), TCP listeners and TLS listeners.
-type Listeners = (HashMap<SocketAddr, Rc<UdpSocket>>, Vec<glommio::net::TcpListener>, Vec<glommio::net::TcpListener>);
+type Listeners = (FastMap<SocketAddr, Rc<UdpSocket>>, Vec<glommio::net::TcpListener>, Vec<glommio::net::TcpListener>);
 
 /// Runs one shard until shutdown.
 pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
@@ -556,7 +557,7 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
         u32::from_be_bytes(tid_salt) ^ setup.index as u32,
     );
     let bound = (|| -> anyhow::Result<Listeners> {
-        let mut udp = HashMap::new();
+        let mut udp = FastMap::default();
         let mut tcp = Vec::new();
         let mut tls = Vec::new();
         for addr in &setup.config.listen {

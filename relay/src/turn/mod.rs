@@ -33,6 +33,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::FastMap;
 use crate::auth::{CredentialStore, LookupError, NonceCheck, NonceKey};
 use crate::metrics::{DropReason, Metrics};
 use crate::policy::PeerPolicy;
@@ -395,9 +396,9 @@ struct Allocation {
     expires: Instant,
     allocate_tid: [u8; 12],
     allocate_lifetime: u32,
-    permissions: HashMap<IpAddr, Instant>,
-    channels: HashMap<u16, Channel>,
-    peer_channels: HashMap<SocketAddr, u16>,
+    permissions: FastMap<IpAddr, Instant>,
+    channels: FastMap<u16, Channel>,
+    peer_channels: FastMap<SocketAddr, u16>,
     bucket: Option<TokenBucket>,
 }
 
@@ -447,8 +448,8 @@ pub struct Server {
     nonces: NonceKey,
     quotas: Arc<Quotas>,
     metrics: Arc<Metrics>,
-    allocations: HashMap<FiveTuple, Allocation>,
-    by_relay: HashMap<SocketAddr, FiveTuple>,
+    allocations: FastMap<FiveTuple, Allocation>,
+    by_relay: FastMap<SocketAddr, FiveTuple>,
     /// TCP peer connections (RFC 6062) by id, with their allocation.
     tcp_conns: HashMap<u32, FiveTuple>,
     draining: bool,
@@ -471,8 +472,8 @@ impl Server {
             nonces,
             quotas,
             metrics,
-            allocations: HashMap::new(),
-            by_relay: HashMap::new(),
+            allocations: FastMap::default(),
+            by_relay: FastMap::default(),
             tcp_conns: HashMap::new(),
             draining: false,
             tid_counter: 0,
@@ -1076,9 +1077,9 @@ impl Server {
                 expires: now.mono + Duration::from_secs(u64::from(lifetime)),
                 allocate_tid: req.transaction_id(),
                 allocate_lifetime: lifetime,
-                permissions: HashMap::new(),
-                channels: HashMap::new(),
-                peer_channels: HashMap::new(),
+                permissions: FastMap::default(),
+                channels: FastMap::default(),
+                peer_channels: FastMap::default(),
                 bucket,
             },
         );
