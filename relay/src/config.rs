@@ -50,8 +50,9 @@ pub struct Config {
     /// datagram, shared by all its UDP sockets: 2 MiB per shard at 32.
     pub udp_batch: usize,
     /// Send runs of datagrams to one destination (a burst of one media
-    /// stream) as one UDP GSO message (`UDP_SEGMENT`). Turned off at run
-    /// time, with a warning, if the kernel refuses it.
+    /// stream) as one UDP GSO message (`UDP_SEGMENT`). A shard turns it
+    /// off, with a warning, where the kernel keeps refusing it and it never
+    /// worked.
     pub udp_gso: bool,
     /// Receive buffer asked for on each UDP listener socket, in KiB (the
     /// kernel caps it at `net.core.rmem_max`); 0 keeps the kernel default.

@@ -29,8 +29,10 @@
 //! datagrams on the wire are the same. Bursts of one media stream (the
 //! packets of a video frame) are such runs. If the kernel refuses a GSO
 //! message, the socket's remaining datagrams go one per message, so each is
-//! judged on its own; if it refused the form itself (an old kernel, a
-//! device without checksum offload), the queue stops using GSO for good.
+//! judged on its own. Some refusals belong to one destination (port 0, a
+//! small path MTU, an IPsec route), so one refusal never turns GSO off;
+//! only [`GSO_REFUSALS_MAX`] of them before any GSO message has gone
+//! through (a device without checksum offload) do.
 //!
 //! Passes append to the batch ([`RecvBatch::recv_more`]) until it is
 //! flushed and cleared: at the end of a listener's pass, at the end of a
@@ -64,6 +66,9 @@ pub(crate) const GSO_MAX_SEGMENTS: usize = 64;
 pub(crate) const GSO_SEGMENT_MAX_BYTES: usize = 1232;
 /// Most payload bytes in one GSO message (an IP packet holds under 64 KiB).
 pub(crate) const GSO_MAX_BYTES: usize = 60_000;
+/// GSO refusals (of the kinds [`gso_refusal`] lists) after which a queue
+/// that has never had a GSO message go through stops trying.
+pub(crate) const GSO_REFUSALS_MAX: u32 = 8;
 /// Room for one control message carrying a `u16` (`CMSG_SPACE(2)` is 24
 /// bytes on 64-bit Linux, 16 on 32-bit), 8-aligned as `cmsghdr` needs.
 type SegmentCmsg = [u64; 4];
@@ -254,8 +259,8 @@ pub(crate) struct Flushed {
     pub(crate) calls: usize,
     /// Of `sent`, datagrams that left as segments of GSO messages.
     pub(crate) gso_sent: usize,
-    /// The kernel refused a GSO message during this flush: the queue sends
-    /// one datagram per message from now on.
+    /// This flush made the queue give GSO up: it sends one datagram per
+    /// message from now on.
     pub(crate) gso_refused: bool,
 }
 
@@ -276,6 +281,10 @@ pub(crate) struct SendQueue<S> {
     cmsgs: Vec<SegmentCmsg>,
     /// Whether runs to one destination leave as GSO messages.
     gso: bool,
+    /// Whether a GSO message has ever gone through.
+    gso_worked: bool,
+    /// GSO refusals so far, while none has gone through.
+    gso_refusals: u32,
 }
 
 impl<S: AsRawFd + Clone> SendQueue<S> {
@@ -293,6 +302,8 @@ impl<S: AsRawFd + Clone> SendQueue<S> {
             groups: Vec::with_capacity(capacity),
             cmsgs: vec![[0; 4]; capacity],
             gso,
+            gso_worked: false,
+            gso_refusals: 0,
         }
     }
 
@@ -367,6 +378,7 @@ impl<S: AsRawFd + Clone> SendQueue<S> {
                                 done.sent += count;
                                 if count > 1 {
                                     done.gso_sent += count;
+                                    self.gso_worked = true;
                                 }
                             }
                             m += k;
@@ -388,11 +400,15 @@ impl<S: AsRawFd + Clone> SendQueue<S> {
                             if count > 1 {
                                 // Send the rest of this socket's datagrams
                                 // one at a time, so that each is judged on
-                                // its own; and give GSO up for good if it was
-                                // the message's form that was refused.
-                                if refused.is_err_and(|e| gso_refusal(&e)) {
-                                    self.gso = false;
-                                    done.gso_refused = true;
+                                // its own; give GSO up for good only when
+                                // it has never worked and keeps being
+                                // refused.
+                                if !self.gso_worked && refused.is_err_and(|e| gso_refusal(&e)) {
+                                    self.gso_refusals += 1;
+                                    if self.gso && self.gso_refusals >= GSO_REFUSALS_MAX {
+                                        self.gso = false;
+                                        done.gso_refused = true;
+                                    }
                                 }
                                 gso = false;
                                 pos = first;
@@ -425,20 +441,37 @@ impl<S: AsRawFd + Clone> SendQueue<S> {
             i += count;
         }
         self.hdrs.clear();
+        // Raw pointers taken once: the headers keep pointers to several
+        // elements of each of these, which must all stay valid together.
+        let names = self.names.as_mut_ptr();
+        let iovs = self.iovs.as_mut_ptr();
+        let cmsgs = self.cmsgs.as_mut_ptr();
         for (k, &(first, count)) in self.groups.iter().enumerate() {
-            let mut h = mmsghdr_for(&mut self.names[first], self.namelens[first], &mut self.iovs[first]);
+            // SAFETY: mmsghdr is plain old data; null pointers and zero
+            // lengths are valid, and the fields that matter are set below.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            // SAFETY: `first + count <= entries.len()`, and `names`, `iovs`
+            // hold an element per entry; `k < groups.len() <= capacity`,
+            // the length of `cmsgs`. None of the three is resized until the
+            // headers are dropped.
+            unsafe {
+                h.msg_hdr.msg_name = names.add(first).cast();
+                h.msg_hdr.msg_iov = iovs.add(first);
+            }
+            // At most size_of::<sockaddr_storage>() (128).
+            h.msg_hdr.msg_namelen = self.namelens[first] as libc::socklen_t;
             // The run's iovecs are adjacent, in entry order.
             h.msg_hdr.msg_iovlen = count as _;
             if count > 1 {
-                // At most GSO_SEGMENT_MAX_BYTES, so it fits.
-                let segment = self.iovs[first].iov_len as u16;
-                let cmsg = &mut self.cmsgs[k];
-                h.msg_hdr.msg_control = cmsg.as_mut_ptr().cast();
-                // SAFETY: CMSG_SPACE only computes a size; the buffer is
-                // large enough for one control message with a u16, and
-                // 8-aligned. CMSG_FIRSTHDR of a header whose control buffer
-                // is that large is its start; CMSG_DATA points inside it.
+                // SAFETY: as above. The segment size is at most
+                // GSO_SEGMENT_MAX_BYTES, so it fits a u16. CMSG_SPACE only
+                // computes a size; the buffer is large enough for one
+                // control message with a u16, and 8-aligned. CMSG_FIRSTHDR
+                // of a header whose control buffer is that large is its
+                // start; CMSG_DATA points inside it.
                 unsafe {
+                    let segment = (*iovs.add(first)).iov_len as u16;
+                    h.msg_hdr.msg_control = cmsgs.add(k).cast();
                     h.msg_hdr.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
                     let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
                     (*c).cmsg_level = libc::SOL_UDP;
@@ -479,11 +512,11 @@ impl<S: AsRawFd + Clone> SendQueue<S> {
     }
 }
 
-/// Whether a GSO message was refused for being one: `EIO` (the device
-/// computes no checksums, which GSO needs), `EINVAL` (a kernel without
-/// `UDP_SEGMENT`, or a segment over the path MTU), `ENOPROTOOPT`,
-/// `EOPNOTSUPP`. Other errors (an unreachable destination) belong to the
-/// datagrams.
+/// Whether a refusal of a GSO message may be GSO's own: `EIO` (a device
+/// that computes no checksums, which GSO needs; also an IPsec route),
+/// `EINVAL` (a segment over the path MTU; also destination port 0),
+/// `ENOPROTOOPT`, `EOPNOTSUPP`. Other errors (an unreachable destination)
+/// belong to the datagrams.
 fn gso_refusal(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP))
 }

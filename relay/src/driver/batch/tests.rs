@@ -424,11 +424,13 @@ fn gso_messages_keep_to_the_kernel_limits() {
     assert_eq!(shapes, vec![(vec![50], None); 3], "GSO off");
 }
 
-/// A GSO message the kernel refuses for its form (EIO: no checksum
-/// offload) is sent again one datagram at a time, and GSO stays off; one
-/// refused for its destination (ENETUNREACH) is sent again one at a time
-/// too, but GSO stays on. A full socket buffer in the middle of a GSO
-/// message copies out the whole message and what follows.
+/// A refused GSO message is sent again one datagram at a time. Refusals
+/// that may be GSO's own (EIO: no checksum offload) turn GSO off only after
+/// GSO_REFUSALS_MAX of them with no GSO message through, never after one
+/// has gone through (they may be one destination's: EINVAL for port 0);
+/// one refused for its destination (ENETUNREACH) never counts. A full
+/// socket buffer in the middle of a GSO message copies out the whole
+/// message and what follows.
 #[test]
 fn refused_gso_messages_are_sent_again_one_datagram_at_a_time() {
     let recv = RecvBatch::new(1);
@@ -438,37 +440,57 @@ fn refused_gso_messages_are_sent_again_one_datagram_at_a_time() {
         }
         q.push(FakeSock(5), dest(2), Payload::Owned(sized(9, 40))).expect("room");
     };
-    let mut wire = Vec::new();
-    let mut q = SendQueue::new(8, true);
-    fill(&mut q);
-    let done = q.flush(&recv, &mut Vec::new(), |_, hdrs| {
+    // A kernel that refuses every GSO message with `errno`.
+    let refusing = |errno: i32, wire: &mut Vec<(SocketAddr, Vec<Vec<u8>>)>, hdrs: &mut [libc::mmsghdr]| {
         let (to, parts, segment) = message(&hdrs[0]);
         if segment.is_some() {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
+            return Err(io::Error::from_raw_os_error(errno));
         }
         wire.push((to, parts));
         Ok(1)
-    });
-    assert_eq!(done, Flushed { sent: 4, failed: 0, blocked: 0, calls: 5, gso_sent: 0, gso_refused: true });
+    };
     let want: Vec<(SocketAddr, Vec<Vec<u8>>)> =
         vec![(dest(1), vec![sized(0, 40)]), (dest(1), vec![sized(1, 40)]), (dest(1), vec![sized(2, 40)]), (dest(2), vec![sized(9, 40)])];
-    assert_eq!(wire, want);
-    assert!(!q.gso(), "off for good");
+    let mut q = SendQueue::new(8, true);
+    for round in 1..=GSO_REFUSALS_MAX {
+        let mut wire = Vec::new();
+        fill(&mut q);
+        let done = q.flush(&recv, &mut Vec::new(), |_, h| refusing(libc::EIO, &mut wire, h));
+        let last = round == GSO_REFUSALS_MAX;
+        assert_eq!(done, Flushed { sent: 4, failed: 0, blocked: 0, calls: 5, gso_sent: 0, gso_refused: last }, "round {round}");
+        assert_eq!(wire, want, "all sent again one at a time, in order");
+        assert_eq!(q.gso(), !last, "round {round}");
+    }
     fill(&mut q);
     let mut segments = 0;
     q.flush(&recv, &mut Vec::new(), |_, hdrs| {
         segments += hdrs.iter().filter(|h| message(h).2.is_some()).count();
         Ok(hdrs.len())
     });
-    assert_eq!(segments, 0);
+    assert_eq!(segments, 0, "off for good");
 
+    // Once a GSO message has gone through, refusals never turn GSO off.
     let mut q = SendQueue::new(8, true);
     fill(&mut q);
-    let done = q.flush(&recv, &mut Vec::new(), |_, hdrs| match message(&hdrs[0]) {
-        (to, _, _) if to == dest(1) => Err(io::Error::from_raw_os_error(libc::ENETUNREACH)),
-        _ => Ok(1),
-    });
-    assert_eq!(done, Flushed { sent: 1, failed: 3, blocked: 0, calls: 5, gso_sent: 0, gso_refused: false });
+    assert_eq!(q.flush(&recv, &mut Vec::new(), |_, h| Ok(h.len())).gso_sent, 3);
+    for _ in 0..2 * GSO_REFUSALS_MAX {
+        let mut wire = Vec::new();
+        fill(&mut q);
+        let done = q.flush(&recv, &mut Vec::new(), |_, h| refusing(libc::EINVAL, &mut wire, h));
+        assert!(!done.gso_refused);
+        assert_eq!(wire, want);
+    }
+    assert!(q.gso(), "GSO worked: the refusals were the destination's");
+
+    let mut q = SendQueue::new(8, true);
+    for _ in 0..2 * GSO_REFUSALS_MAX {
+        fill(&mut q);
+        let done = q.flush(&recv, &mut Vec::new(), |_, hdrs| match message(&hdrs[0]) {
+            (to, _, _) if to == dest(1) => Err(io::Error::from_raw_os_error(libc::ENETUNREACH)),
+            _ => Ok(1),
+        });
+        assert_eq!(done, Flushed { sent: 1, failed: 3, blocked: 0, calls: 5, gso_sent: 0, gso_refused: false });
+    }
     assert!(q.gso(), "the destination's fault, not GSO's");
 
     let mut q = SendQueue::new(8, true);
