@@ -51,6 +51,13 @@
 #   BURST       packets sent back to back on one allocation per arrival (the
 #               packets of a video frame) [1]; the relay may send such runs
 #               to one destination as one UDP GSO message
+#   GSO         1: each burst leaves the generator as one UDP GSO message and
+#               the echo peer takes bursts coalesced (UDP_GRO) and echoes
+#               them the same way [0]. On loopback this stands in for a
+#               network card's GRO: a server socket with UDP_GRO gets each
+#               burst as one message; one without it (coturn) gets the
+#               datagrams one by one, split by the kernel
+#   RELAY_TOML  extra lines for tessera-relay's config, e.g. "udp_gro = false" []
 #   LOSS_MAX    loss % a run may have to count for the peak [1]
 #   SERVERS     which servers, in order [coturn tessera]
 #   SERVER_CPUS, GEN_CPUS   taskset CPU lists of the server and the
@@ -78,6 +85,8 @@ DURATION=${DURATION:-10}
 ALLOCS=${ALLOCS:-50}
 BYTES=${BYTES:-160}
 BURST=${BURST:-1}
+GSO=${GSO:-0}
+RELAY_TOML=${RELAY_TOML:-}
 LOSS_MAX=${LOSS_MAX:-1}
 SERVERS=${SERVERS:-"coturn tessera"}
 GENS=${GENS:-1}
@@ -157,6 +166,7 @@ rest_secrets = ["$SECRET"]
 max_allocations_per_user = 100000
 allowed_peer_ranges = ["127.0.0.0/8"]
 drain_secs = 0
+$(printf '%b' "$RELAY_TOML")
 TOML
   ${SRV_PIN[@]+"${SRV_PIN[@]}"} "$BIN" --config "$WORK/relay.toml" 2>"$WORK/relay.log" &
   SERVER=$!
@@ -182,6 +192,7 @@ relay_allocations = $(( (ALLOCS + GENS - 1) / GENS ))
 packet_rate_per_s = $(awk -v r="$rate" -v n="$GENS" 'BEGIN{print r / 2 / n}')
 packet_bytes = $BYTES
 packet_burst = $BURST
+packet_gso = $([ "$GSO" = 1 ] && echo true || echo false)
 [limits]
 max_run_s = $((DURATION + 60))
 TOML
@@ -272,5 +283,5 @@ awk -v d="$DURATION" -v lmax="$LOSS_MAX" -v order="$SERVERS" -v gc="$GEN_CORES" 
       printf "tessera / coturn peak: %.2fx (target >= 1.5x)\n", peak["tessera"] / peak["coturn"]
   }' "$RESULTS"
 echo
-echo "threads=$THREADS allocations=$ALLOCS bytes=$BYTES burst=$BURST duration=${DURATION}s rounds=$ROUNDS generators=$GENS; $CORES CPUs" \
+echo "threads=$THREADS allocations=$ALLOCS bytes=$BYTES burst=$BURST gso=$GSO${RELAY_TOML:+ relay config: $RELAY_TOML} duration=${DURATION}s rounds=$ROUNDS generators=$GENS; $CORES CPUs" \
   "(server on ${SERVER_CPUS:-any}, generator on ${GEN_CPUS:-any})$KEEP"

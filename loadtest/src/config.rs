@@ -343,7 +343,18 @@ pub struct TurnPlan {
     /// packets of one video frame), 1..=[`TURN_BURST_MAX`]; arrivals come at
     /// `packet_rate_per_s / packet_burst`.
     pub packet_burst: u32,
+    /// Send each burst as one UDP GSO message (the kernel still sends one
+    /// datagram per packet), and have the echo peer take coalesced bursts
+    /// (`UDP_GRO`) and echo them the same way. On loopback a server socket
+    /// with `UDP_GRO` then gets each burst as one message, as a network
+    /// card's GRO hands over back-to-back datagrams of one flow; a server
+    /// without it gets the datagrams one by one. Linux only.
+    pub packet_gso: bool,
 }
+
+/// Most bytes of one GSO burst (`turn.packet_gso`): a UDP datagram's limit,
+/// with room to spare.
+pub const TURN_GSO_BURST_MAX_BYTES: u32 = 65_000;
 
 /// Largest `turn.packet_burst`.
 pub const TURN_BURST_MAX: u32 = 64;
@@ -359,6 +370,7 @@ impl Default for TurnPlan {
             packet_rate_per_s: 1000.0,
             packet_bytes: 160,
             packet_burst: 1,
+            packet_gso: false,
         }
     }
 }
@@ -486,6 +498,18 @@ impl Plan {
         if !(1..=TURN_BURST_MAX).contains(&self.turn.packet_burst) {
             return Err(format!("turn.packet_burst must be between 1 and {TURN_BURST_MAX}"));
         }
+        // ChannelData frames: a 4-byte header, no padding over UDP.
+        if self.turn.packet_gso
+            && self
+                .turn
+                .packet_burst
+                .saturating_mul(self.turn.packet_bytes.saturating_add(4))
+                > TURN_GSO_BURST_MAX_BYTES
+        {
+            return Err(format!(
+                "turn.packet_gso: packet_burst x (packet_bytes + 4) must be at most {TURN_GSO_BURST_MAX_BYTES}"
+            ));
+        }
         if self.has(Scenario::Turn) && self.turn.secret.is_none() && !self.turn.from_homeserver {
             return Err("turn needs turn.secret or turn.from_homeserver".into());
         }
@@ -565,6 +589,12 @@ mod tests {
         }
         plan.turn.packet_burst = TURN_BURST_MAX;
         plan.validate().expect("the largest burst");
+        plan.turn.packet_gso = true;
+        plan.turn.packet_bytes = 1_000;
+        plan.validate()
+            .expect("64 x 1,004 bytes fit one GSO message");
+        plan.turn.packet_bytes = 1_100;
+        assert!(plan.validate().is_err(), "64 x 1,104 bytes do not");
     }
 
     #[test]

@@ -32,3 +32,4 @@ pub mod syncloop;
 pub mod sys;
 pub mod target;
 pub mod turn;
+pub mod udp_gso;

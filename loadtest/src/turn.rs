@@ -12,7 +12,10 @@
 //!   `packet_burst` ChannelData packets (1 by default) back to back on one
 //!   allocation, each carrying its intended send time, the peer echoes them
 //!   back through the relay, and each round trip is recorded. Packets not
-//!   back within two seconds of the end are counted lost.
+//!   back within two seconds of the end are counted lost. With
+//!   `packet_gso`, a burst leaves as one UDP GSO message and the echo peer
+//!   takes coalesced bursts (`UDP_GRO`) and echoes them as one too
+//!   (`udp_gso.rs`).
 //!
 //! The server must allow loopback peers (the echo peer is on 127.0.0.1).
 //!
@@ -29,10 +32,12 @@ use crate::schedule::Schedule;
 use crate::stun::{self, Credentials, Request, kind};
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd as _;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 /// How long one STUN transaction may take, retransmissions included.
@@ -305,12 +310,51 @@ pub async fn run(plan: &Plan, t: Rc<TurnCtx>) -> anyhow::Result<()> {
     );
     grow_recv_buffer(&peer, PEER_RECV_BUFFER_BYTES)?;
     let peer_addr = peer.local_addr()?;
+    let gso = plan.turn.packet_gso;
+    if gso {
+        crate::udp_gso::set_gro(peer.as_raw_fd())?;
+    }
     let echo = tokio::task::spawn_local({
         let peer = peer.clone();
         async move {
             let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = peer.recv_from(&mut buf).await {
-                let _ = peer.send_to(&buf[..n], from).await;
+            if !gso {
+                while let Ok((n, from)) = peer.recv_from(&mut buf).await {
+                    let _ = peer.send_to(&buf[..n], from).await;
+                }
+                return;
+            }
+            // A coalesced burst goes back as one GSO message of the same
+            // datagrams.
+            let fd = peer.as_raw_fd();
+            loop {
+                let received = peer
+                    .async_io(Interest::READABLE, || {
+                        crate::udp_gso::recv_coalesced(fd, &mut buf)
+                    })
+                    .await;
+                let (n, from, segment) = match received {
+                    Ok(r) => r,
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => continue,
+                    Err(_) => break,
+                };
+                let bytes = &buf[..n];
+                if segment == 0 || segment >= n {
+                    let _ = peer.send_to(bytes, from).await;
+                    continue;
+                }
+                let sent = peer
+                    .async_io(Interest::WRITABLE, || {
+                        crate::udp_gso::send_segments(fd, Some(from), bytes, segment)
+                    })
+                    .await;
+                // Refused as one message (a path that cannot take GSO):
+                // one datagram at a time.
+                if sent.is_err() {
+                    for datagram in bytes.chunks(segment) {
+                        let _ = peer.send_to(datagram, from).await;
+                    }
+                }
             }
         }
     });
@@ -414,6 +458,31 @@ pub async fn run(plan: &Plan, t: Rc<TurnCtx>) -> anyhow::Result<()> {
                     .div_ceil(1000) as u64;
                 let measured = t.rec.borrow().is_measured(intended);
                 let datagram = stun::channel_data(CHANNEL, &packet(t_us, measured, bytes));
+                if gso {
+                    let frames = datagram.repeat(burst as usize);
+                    let fd = a.sock.as_raw_fd();
+                    match a
+                        .sock
+                        .async_io(Interest::WRITABLE, || {
+                            crate::udp_gso::send_segments(fd, None, &frames, datagram.len())
+                        })
+                        .await
+                    {
+                        Ok(_) if measured => t.sent.set(t.sent.get() + u64::from(burst)),
+                        Ok(_) => {}
+                        // Every packet of the burst failed.
+                        Err(e) => {
+                            for _ in 0..burst {
+                                let e = e.raw_os_error().map_or_else(
+                                    || std::io::Error::from(e.kind()),
+                                    std::io::Error::from_raw_os_error,
+                                );
+                                t.rec.borrow_mut().err(Op::TurnRelay, intended, &io_err(e));
+                            }
+                        }
+                    }
+                    continue;
+                }
                 for _ in 0..burst {
                     match a.sock.send(&datagram).await {
                         Ok(_) if measured => t.sent.set(t.sent.get() + 1),

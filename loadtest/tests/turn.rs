@@ -172,4 +172,12 @@ fn turn_scenario_counts_allocations_and_relayed_packets() {
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     let relay = r.op("turn_relay");
     assert_eq!((relay.ok, relay.errors), (400, 0), "{relay:?}");
+
+    // The same bursts, each sent as one GSO message and echoed coalesced by
+    // the peer: every packet still comes back one by one.
+    p.turn.packet_gso = true;
+    let r = run_blocking(&p, &RunOptions::default()).expect("turn run with GSO bursts");
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let relay = r.op("turn_relay");
+    assert_eq!((relay.ok, relay.errors), (400, 0), "{relay:?}");
 }

@@ -45,15 +45,22 @@ pub struct Config {
     pub threads: usize,
     /// glommio I/O memory per executor in KiB (locked memory).
     pub io_memory_kib: usize,
-    /// Most UDP datagrams received with one `recvmmsg` and sent with one
-    /// `sendmmsg` (1..=1024). Each shard keeps one 64 KiB receive slot per
-    /// datagram, shared by all its UDP sockets: 2 MiB per shard at 32.
+    /// Most UDP messages received with one `recvmmsg` (1..=1024; a message
+    /// is one datagram, or with `udp_gro` a coalesced burst) and datagrams
+    /// sent with one `sendmmsg` (at least 128). Each shard keeps one 64 KiB
+    /// receive slot per message, shared by all its UDP sockets: 2 MiB per
+    /// shard at 32.
     pub udp_batch: usize,
     /// Send runs of datagrams to one destination (a burst of one media
     /// stream) as one UDP GSO message (`UDP_SEGMENT`). A shard turns it
     /// off, with a warning, where the kernel keeps refusing it and it never
     /// worked.
     pub udp_gso: bool,
+    /// Let the kernel hand over back-to-back datagrams of one sender as one
+    /// coalesced message (`UDP_GRO`; a burst of one media stream), which a
+    /// shard splits again: one receive for the burst instead of one per
+    /// datagram.
+    pub udp_gro: bool,
     /// Receive buffer asked for on each UDP listener socket, in KiB (the
     /// kernel caps it at `net.core.rmem_max`); 0 keeps the kernel default.
     /// Clients' datagrams wait here while a shard is busy.
@@ -110,6 +117,7 @@ impl Default for Config {
             io_memory_kib: 2048,
             udp_batch: 32,
             udp_gso: true,
+            udp_gro: true,
             udp_receive_buffer_kib: 4096,
             rest_secrets: Vec::new(),
             static_users: HashMap::new(),
@@ -245,6 +253,8 @@ mod tests {
         assert_eq!(Config::from_toml("rest_secrets = [\"x\"]").map(|c| c.udp_gso).ok(), Some(true));
         assert_eq!(Config::from_toml("rest_secrets = [\"x\"]\nudp_gso = false").map(|c| c.udp_gso).ok(), Some(false));
         assert!(Config::from_toml("rest_secrets = [\"x\"]\nudp_gso = 1").is_err());
+        assert_eq!(Config::from_toml("rest_secrets = [\"x\"]").map(|c| c.udp_gro).ok(), Some(true));
+        assert_eq!(Config::from_toml("rest_secrets = [\"x\"]\nudp_gro = false").map(|c| c.udp_gro).ok(), Some(false));
         assert!(Config::from_toml("rest_secrets = [\"x\"]\nudp_receive_buffer_kib = 1048577").is_err());
         assert_eq!(Config::from_toml("rest_secrets = [\"x\"]\nudp_receive_buffer_kib = 0").map(|c| c.udp_receive_buffer_kib).ok(), Some(0));
     }

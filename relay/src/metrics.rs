@@ -83,6 +83,8 @@ pub struct Metrics {
     pub tcp_connections_total: AtomicU64,
     /// UDP datagrams sent as segments of GSO messages.
     pub udp_gso_datagrams: AtomicU64,
+    /// UDP datagrams received inside coalesced (GRO) messages.
+    pub udp_gro_datagrams: AtomicU64,
     drops: [AtomicU64; 7],
 }
 
@@ -128,6 +130,12 @@ pub fn render(shards: &[&Metrics]) -> String {
         "counter",
         "UDP datagrams sent as segments of GSO messages (runs to one destination).",
         sum(&|m| m.udp_gso_datagrams.load(Relaxed)),
+    );
+    line(
+        "tessera_relay_udp_gro_datagrams_total",
+        "counter",
+        "UDP datagrams received inside coalesced (GRO) messages.",
+        sum(&|m| m.udp_gro_datagrams.load(Relaxed)),
     );
     let _ = writeln!(out, "# HELP tessera_relay_packets_total Packets relayed.\n# TYPE tessera_relay_packets_total counter");
     let _ = writeln!(out, "tessera_relay_packets_total{{direction=\"to_peer\"}} {}", sum(&|m| m.packets_to_peer.load(Relaxed)));

@@ -232,6 +232,54 @@ fn bursts_to_one_destination_leave_as_gso_messages_and_arrive_whole() {
     }
 }
 
+/// A burst a client sends as one GSO message reaches a listener with
+/// `UDP_GRO` as one coalesced message, and the relay socket on the far
+/// side gets the relay's own GSO message coalesced too: both are split back
+/// into datagrams, each relayed whole and in order (the far side's
+/// ChannelData headers are written in front of each). With `udp_gro =
+/// false` the kernel splits the bursts itself and nothing counts as
+/// coalesced.
+#[test]
+fn coalesced_bursts_are_split_back_into_their_datagrams() {
+    if !in_netns("coalesced_bursts_are_split_back_into_their_datagrams") {
+        return;
+    }
+    const BURST: u32 = 24;
+    let payload = |dir: u8, seq: u32| {
+        let mut v = vec![dir; 300];
+        v[1..5].copy_from_slice(&seq.to_be_bytes());
+        v[299] = seq as u8;
+        v
+    };
+    for gro in [true, false] {
+        let relay = Relay::start(&base_config(&format!("allowed_peer_ranges = [\"127.0.0.0/8\"]\nudp_gro = {gro}\n")));
+        let (mut a, mut b) = channel_pair(&relay);
+        let rounds = 3;
+        for _ in 0..rounds {
+            a.send_channel_data_gso(0x4001, &(0..BURST).map(|seq| payload(b'a', seq)).collect::<Vec<_>>());
+            for seq in 0..BURST {
+                assert_eq!(b.recv_data(), (DataFrom::Channel(0x4002), payload(b'a', seq)), "a -> b datagram {seq}, gro {gro}");
+            }
+            b.send_channel_data_gso(0x4002, &(0..BURST).map(|seq| payload(b'b', seq)).collect::<Vec<_>>());
+            for seq in 0..BURST {
+                assert_eq!(a.recv_data(), (DataFrom::Channel(0x4001), payload(b'b', seq)), "b -> a datagram {seq}, gro {gro}");
+            }
+        }
+        let m = relay.metrics();
+        assert_eq!(metric(&m, "tessera_relay_packets_total{direction=\"to_peer\"}"), u64::from(2 * BURST * rounds), "{m}");
+        assert_eq!(metric(&m, "tessera_relay_dropped_packets_total{reason=\"malformed\"}"), 0, "{m}");
+        let coalesced = metric(&m, "tessera_relay_udp_gro_datagrams_total");
+        if gro {
+            // Each client burst reaches the listener as one message, and
+            // the relay's GSO message for it reaches the far relay socket
+            // as one: every datagram counts twice.
+            assert_eq!(coalesced, u64::from(4 * BURST * rounds), "{m}");
+        } else {
+            assert_eq!(coalesced, 0, "GRO off: {m}");
+        }
+    }
+}
+
 #[test]
 fn a_second_relay_on_a_taken_port_refuses_to_start() {
     if !in_netns("a_second_relay_on_a_taken_port_refuses_to_start") {

@@ -20,7 +20,9 @@
 //! skips (and counts) a datagram the kernel refuses, and when a socket's
 //! buffer is full it copies the rest out as [`Blocked`] datagrams for the
 //! caller to send with glommio's awaiting path once the pass has released
-//! the batch.
+//! the batch. A socket with datagrams already copied out stays blocked for
+//! later flushes of the same pass (a queue can fill and flush mid-pass),
+//! so nothing overtakes them.
 //!
 //! UDP GSO: consecutive datagrams to one destination, all of one size but
 //! the last (which may be shorter), leave as one message of that
@@ -34,13 +36,27 @@
 //! only [`GSO_REFUSALS_MAX`] of them before any GSO message has gone
 //! through (a device without checksum offload) do.
 //!
+//! UDP GRO: with `gro` on, the shard's UDP sockets have `UDP_GRO` set, so
+//! the kernel may hand over several datagrams of one sender, all of one
+//! size but the last, as one message with a `UDP_GRO` control message
+//! giving that size (a network card coalesces back-to-back datagrams of one
+//! flow, up to 64; on loopback a GSO sender's message arrives whole, up to
+//! [`GRO_MAX_SEGMENTS`]). A slot holds a whole such message (64 KiB);
+//! [`RecvBatch::segments`] splits it back into its datagrams, which the
+//! driver handles one by one as if each had arrived alone. A socket with
+//! `UDP_GRO` must only be read by a batch made [`RecvBatch::with_gro`]:
+//! without the control buffer the kernel flags the message `MSG_CTRUNC`,
+//! and it is dropped whole.
+//!
 //! Passes append to the batch ([`RecvBatch::recv_more`]) until it is
 //! flushed and cleared: at the end of a listener's pass, at the end of a
 //! round of relay sockets, or before a pass that finds no free slot.
 //!
-//! Invariant: a datagram received and relayed is never copied; payloads in
-//! the queue point into the receive slots, which are not reused until the
-//! queue has been flushed.
+//! Invariant: payloads in the queue point into the receive slots, which
+//! are not reused until the queue has been flushed. A datagram received
+//! and relayed is not copied, except a ChannelData datagram to a client
+//! that was not the first of a coalesced message (its headroom holds the
+//! previous datagram, so it is copied with its header).
 
 use std::io;
 use std::mem::size_of;
@@ -60,6 +76,10 @@ pub(crate) const BATCH_MAX: usize = crate::config::UDP_BATCH_MAX;
 /// Most datagrams in one GSO message (the kernel's `UDP_MAX_SEGMENTS` is 64
 /// on the oldest kernels that have GSO, 128 on newer ones).
 pub(crate) const GSO_MAX_SEGMENTS: usize = 64;
+/// Most datagrams in one received message: a network card's GRO coalesces
+/// at most 64, a local GSO sender's message (loopback) up to the kernel's
+/// `UDP_MAX_SEGMENTS`, 128 on newer kernels.
+pub(crate) const GRO_MAX_SEGMENTS: usize = 128;
 /// Largest datagram sent as a GSO segment: with IPv6 and UDP headers it
 /// fits the IPv6 minimum MTU of 1280 bytes. The kernel refuses segments
 /// that would need IP fragmentation; larger datagrams go one at a time.
@@ -72,6 +92,11 @@ pub(crate) const GSO_REFUSALS_MAX: u32 = 8;
 /// Room for one control message carrying a `u16` (`CMSG_SPACE(2)` is 24
 /// bytes on 64-bit Linux, 16 on 32-bit), 8-aligned as `cmsghdr` needs.
 type SegmentCmsg = [u64; 4];
+/// Room for the one control message a receive asks for: `UDP_GRO` with a
+/// `c_int` (`CMSG_SPACE(4)` is 24 bytes on 64-bit Linux), 8-aligned. A
+/// socket option that adds control messages (`IP_PKTINFO`, timestamps)
+/// needs more room, or every coalesced message arrives cut (`MSG_CTRUNC`).
+type GroCmsg = [u64; 4];
 
 /// Receive slots and the `recvmmsg` headers that point into them.
 pub(crate) struct RecvBatch {
@@ -80,9 +105,16 @@ pub(crate) struct RecvBatch {
     names: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
-    /// Per received datagram: length, `msg_flags`, sender address length.
-    meta: Vec<(usize, libc::c_int, libc::socklen_t)>,
+    /// Per received message: length, `msg_flags`, sender address length,
+    /// and the size of its datagrams when the kernel coalesced several (0
+    /// when it holds one).
+    meta: Vec<(usize, libc::c_int, libc::socklen_t, usize)>,
     len: usize,
+    /// Per slot, room for the `UDP_GRO` control message (with `gro` only).
+    cmsgs: Vec<GroCmsg>,
+    /// Whether receives ask for the `UDP_GRO` control message: the sockets
+    /// read through this batch have `UDP_GRO` set.
+    gro: bool,
 }
 
 impl RecvBatch {
@@ -95,9 +127,19 @@ impl RecvBatch {
             names: vec![zeroed_storage(); capacity],
             iovs: Vec::with_capacity(capacity),
             hdrs: Vec::with_capacity(capacity),
-            meta: vec![(0, 0, 0); capacity],
+            meta: vec![(0, 0, 0, 0); capacity],
             len: 0,
+            cmsgs: vec![[0; 4]; capacity],
+            gro: false,
         }
+    }
+
+    /// Reads coalesced messages (`UDP_GRO`) correctly: every socket read
+    /// through a batch must have `UDP_GRO` set only if the batch has this
+    /// on, or a coalesced message would be taken for one datagram.
+    pub(crate) fn with_gro(mut self, gro: bool) -> Self {
+        self.gro = gro;
+        self
     }
 
     /// Datagrams one `recv` can return.
@@ -146,14 +188,20 @@ impl RecvBatch {
             self.iovs.push(libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() });
         }
         self.hdrs.clear();
-        for (iov, name) in self.iovs.iter_mut().zip(self.names.iter_mut().skip(first)) {
-            self.hdrs.push(mmsghdr_for(name, size_of::<libc::sockaddr_storage>(), iov));
+        for ((iov, name), cmsg) in self.iovs.iter_mut().zip(self.names.iter_mut().skip(first)).zip(self.cmsgs.iter_mut().skip(first)) {
+            let mut h = mmsghdr_for(name, size_of::<libc::sockaddr_storage>(), iov);
+            if self.gro {
+                h.msg_hdr.msg_control = cmsg.as_mut_ptr().cast();
+                h.msg_hdr.msg_controllen = size_of::<GroCmsg>() as _;
+            }
+            self.hdrs.push(h);
         }
         // At most BATCH_MAX, so it fits.
         let vlen = free as libc::c_uint;
-        // SAFETY: every header points at its own `sockaddr_storage` and at
-        // one iovec over a distinct, live, free slot of `buf`; none of them
-        // moves or is touched during the call.
+        // SAFETY: every header points at its own `sockaddr_storage`, at one
+        // iovec over a distinct, live, free slot of `buf` and (with `gro`)
+        // at its slot's own 8-aligned control buffer, whose length was set
+        // afresh above; none of them moves or is touched during the call.
         let rc = unsafe { libc::recvmmsg(fd, self.hdrs.as_mut_ptr(), vlen, libc::MSG_DONTWAIT, std::ptr::null_mut()) };
         let n = usize::try_from(rc).map_err(|_| io::Error::last_os_error())?;
         if n == 0 {
@@ -161,7 +209,8 @@ impl RecvBatch {
         }
         let n = n.min(free);
         for (meta, hdr) in self.meta.iter_mut().skip(first).zip(&self.hdrs).take(n) {
-            *meta = (hdr.msg_len as usize, hdr.msg_hdr.msg_flags, hdr.msg_hdr.msg_namelen);
+            let segment = if self.gro { gro_segment(&hdr.msg_hdr) } else { 0 };
+            *meta = (hdr.msg_len as usize, hdr.msg_hdr.msg_flags, hdr.msg_hdr.msg_namelen, segment);
         }
         self.len = first + n;
         Ok(first..first + n)
@@ -173,8 +222,10 @@ impl RecvBatch {
         if i >= self.len {
             return None;
         }
-        let (n, flags, namelen) = self.meta[i];
-        if flags & libc::MSG_TRUNC != 0 || n > DATAGRAM_MAX_BYTES {
+        let (n, flags, namelen, _) = self.meta[i];
+        // A cut control message may have lost a coalesced message's
+        // datagram size.
+        if flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 || n > DATAGRAM_MAX_BYTES {
             return None;
         }
         let from = from_storage(&self.names[i], namelen)?;
@@ -182,15 +233,51 @@ impl RecvBatch {
         Some((from, &self.buf[start..start + n]))
     }
 
+    /// `len` bytes at `start` of message `i` (a datagram of
+    /// [`Self::segments`]); empty if out of range.
+    pub(crate) fn segment(&self, i: usize, start: usize, len: usize) -> &[u8] {
+        if i >= self.len || start + len > self.meta[i].0 {
+            return &[];
+        }
+        let at = i * SLOT_BYTES + HEADROOM + start;
+        &self.buf[at..at + len]
+    }
+
+    /// The datagrams of message `i`, as (offset, length) in the bytes
+    /// [`Self::datagram`] returns: one for a message the kernel did not
+    /// coalesce (an empty one included), several for one it did.
+    pub(crate) fn segments(&self, i: usize) -> Segments {
+        let (len, _, _, size) = self.meta.get(i).copied().unwrap_or_default();
+        Segments { at: 0, len, size: if size == 0 || size >= len { len.max(1) } else { size }, done: i >= self.len }
+    }
+
     /// Writes `header` in the headroom of datagram `i` and returns the
     /// header and datagram as one queued payload (ChannelData to a client).
+    #[cfg(test)]
     pub(crate) fn prepend(&mut self, i: usize, header: [u8; HEADROOM]) -> Option<Payload> {
-        if i >= self.len {
+        let len = self.meta.get(i)?.0;
+        self.prepend_segment(i, 0, len, header)
+    }
+
+    /// `header` followed by the `len` bytes at `start` of message `i` (a
+    /// datagram of [`Self::segments`]), as one queued payload (ChannelData
+    /// to a client). The first datagram of a slot gets the header written
+    /// in its headroom; a later one of a coalesced message has its previous
+    /// datagram's bytes there, so it is copied.
+    pub(crate) fn prepend_segment(&mut self, i: usize, start: usize, len: usize, header: [u8; HEADROOM]) -> Option<Payload> {
+        if i >= self.len || start + len > self.meta[i].0 {
             return None;
         }
         let slot = i * SLOT_BYTES;
-        self.buf[slot..slot + HEADROOM].copy_from_slice(&header);
-        Some(Payload::Slot { index: i, start: 0, len: HEADROOM + self.meta[i].0 })
+        if start == 0 {
+            self.buf[slot..slot + HEADROOM].copy_from_slice(&header);
+            return Some(Payload::Slot { index: i, start: 0, len: HEADROOM + len });
+        }
+        let at = slot + HEADROOM + start;
+        let mut v = Vec::with_capacity(HEADROOM + len);
+        v.extend_from_slice(&header);
+        v.extend_from_slice(&self.buf[at..at + len]);
+        Some(Payload::Owned(v))
     }
 
     /// `part`, a sub-slice of datagram `i`, as a queued payload: a reference
@@ -215,6 +302,38 @@ impl RecvBatch {
             }
             Payload::Owned(v) => v,
         }
+    }
+}
+
+/// The datagrams of one received message, as (offset, length).
+#[derive(Debug, Clone)]
+pub(crate) struct Segments {
+    at: usize,
+    len: usize,
+    /// Datagram size (at least 1).
+    size: usize,
+    done: bool,
+}
+
+impl Segments {
+    /// How many datagrams are left.
+    pub(crate) fn remaining(&self) -> usize {
+        if self.done { 0 } else { (self.len - self.at).div_ceil(self.size).max(1) }
+    }
+}
+
+impl Iterator for Segments {
+    type Item = (usize, usize);
+
+    fn next(&mut self) -> Option<(usize, usize)> {
+        if self.done {
+            return None;
+        }
+        let start = self.at;
+        let n = self.size.min(self.len - start);
+        self.at += n;
+        self.done = self.at >= self.len;
+        Some((start, n))
     }
 }
 
@@ -333,7 +452,8 @@ impl<S: AsRawFd + Clone> SendQueue<S> {
     /// the queue. Datagrams to one destination leave in the order they were
     /// queued; with GSO on, runs of them share a message. Where the socket
     /// buffer is full (`WouldBlock`), that socket's remaining datagrams are
-    /// copied into `blocked`.
+    /// copied into `blocked`; so are all of a socket that already has
+    /// datagrams there (copied out by an earlier flush of the same pass).
     ///
     /// `sendmmsg` is the syscall (see [`sendmmsg_dontwait`]); tests pass a
     /// fake to exercise partial sends and errors.
@@ -364,6 +484,16 @@ impl<S: AsRawFd + Clone> SendQueue<S> {
         while run < n {
             let fd = self.entries[run].0.as_raw_fd();
             let end = self.entries[run..].iter().position(|(s, _, _)| s.as_raw_fd() != fd).map_or(n, |k| run + k);
+            // Datagrams of this socket copied out by an earlier flush of the
+            // pass are still waiting: these go after them.
+            if blocked.iter().any(|b| b.sock.as_raw_fd() == fd) {
+                for (sock, to, payload) in &self.entries[run..end] {
+                    blocked.push(Blocked { sock: sock.clone(), to: *to, bytes: recv.bytes(payload).to_vec() });
+                }
+                done.blocked += end - run;
+                run = end;
+                continue;
+            }
             let mut pos = run;
             let mut gso = self.gso;
             'messages: while pos < end {
@@ -534,6 +664,39 @@ pub(crate) unsafe fn sendmmsg_dontwait(fd: RawFd, hdrs: &mut [libc::mmsghdr]) ->
     // exceed the slice.
     let rc = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), vlen, libc::MSG_DONTWAIT) };
     usize::try_from(rc).map_err(|_| io::Error::last_os_error())
+}
+
+/// The datagram size a received message's `UDP_GRO` control message gives
+/// (0 without one: the message is one datagram).
+fn gro_segment(hdr: &libc::msghdr) -> usize {
+    if hdr.msg_control.is_null() {
+        return 0;
+    }
+    // SAFETY: the kernel filled `msg_control` up to `msg_controllen` with
+    // whole control messages; CMSG_FIRSTHDR/NXTHDR stay inside that and
+    // return null at its end, and CMSG_DATA of a `UDP_GRO` message points
+    // at its c_int (read unaligned).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(hdr);
+        while !c.is_null() {
+            let whole = (*c).cmsg_len as usize >= libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as usize;
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO && whole {
+                let size = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                return usize::try_from(size).unwrap_or(0);
+            }
+            c = libc::CMSG_NXTHDR(hdr, c);
+        }
+    }
+    0
+}
+
+/// Asks the kernel to hand over coalesced datagrams (`UDP_GRO`).
+pub(crate) fn set_gro(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: the option value is a c_int whose size is passed with it; a
+    // bad descriptor is an error, not undefined behaviour.
+    let rc = unsafe { libc::setsockopt(fd, libc::SOL_UDP, libc::UDP_GRO, (&raw const on).cast(), size_of::<libc::c_int>() as libc::socklen_t) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 fn zeroed_storage() -> libc::sockaddr_storage {

@@ -11,14 +11,16 @@
 //! A shard's relay sockets share one receive task: the [`doorbell`] lists
 //! every socket with datagrams queued, after one wait for all of them.
 //!
-//! UDP goes through [`batch`]: each pass drains up to `udp_batch`
-//! datagrams from one socket with one `recvmmsg` and runs them through the
-//! core without awaiting; what they produce leaves with one `sendmmsg` per
-//! destination socket at the end of a listener's pass, or at the end of a
-//! round over the ready relay sockets (whose datagrams to clients all leave
-//! through the listener, so one call carries the whole round). The shard's
-//! one receive batch is shared by all its UDP sockets. TCP and TLS clients keep one
-//! message per call (`stream.rs`).
+//! UDP goes through [`batch`]: each pass drains up to `udp_batch` messages
+//! from one socket with one `recvmmsg` (a message is one datagram, or with
+//! `udp_gro` a coalesced burst of up to 128 from one sender, split again
+//! here) and runs their datagrams through the core without awaiting; what
+//! they produce leaves with one `sendmmsg` per destination socket at the
+//! end of a listener's pass, or at the end of a round over the ready relay
+//! sockets (whose datagrams to clients all leave through the listener, so
+//! one call carries the whole round), or earlier when the send queue is
+//! full. The shard's one receive batch is shared by all its UDP sockets.
+//! TCP and TLS clients keep one message per call (`stream.rs`).
 //!
 //! Shutdown: on SIGTERM the main thread raises `stop`; each shard stops
 //! granting allocations (508), keeps relaying until its allocations are gone
@@ -132,27 +134,32 @@ impl Shard {
                 continue;
             };
             let tuple = FiveTuple { client: from, server: local, transport: Transport::Udp };
-            let out = {
-                let mut server = self.server.borrow_mut();
-                let mut binder = self.binder.borrow_mut();
-                server.handle_client(now, tuple, data, &mut *binder)
-            };
-            let queued = match out {
-                ClientOutput::Nothing => continue,
-                ClientOutput::Reply(r) => (sock.clone(), from, Payload::Owned(r)),
-                // The core refuses ConnectionBind over UDP itself.
-                ClientOutput::ConnectionBind { reject, .. } => (sock.clone(), from, Payload::Owned(reject)),
-                ClientOutput::ToPeer { relay, peer, payload } => {
-                    // The queue keeps the socket open until the flush even if
-                    // a later datagram of this pass releases the allocation.
-                    let Some(relay_sock) = self.binder.borrow().socket(relay) else {
-                        self.metrics.drop_packet(DropReason::NoAllocation);
-                        continue;
-                    };
-                    (relay_sock, peer, recv.locate(i, payload))
-                }
-            };
-            self.queue(recv, send, queued, blocked);
+            let segments = recv.segments(i);
+            self.count_coalesced(&segments);
+            for (start, len) in segments {
+                let data = &data[start..start + len];
+                let out = {
+                    let mut server = self.server.borrow_mut();
+                    let mut binder = self.binder.borrow_mut();
+                    server.handle_client(now, tuple, data, &mut *binder)
+                };
+                let queued = match out {
+                    ClientOutput::Nothing => continue,
+                    ClientOutput::Reply(r) => (sock.clone(), from, Payload::Owned(r)),
+                    // The core refuses ConnectionBind over UDP itself.
+                    ClientOutput::ConnectionBind { reject, .. } => (sock.clone(), from, Payload::Owned(reject)),
+                    ClientOutput::ToPeer { relay, peer, payload } => {
+                        // The queue keeps the socket open until the flush even if
+                        // a later datagram of this pass releases the allocation.
+                        let Some(relay_sock) = self.binder.borrow().socket(relay) else {
+                            self.metrics.drop_packet(DropReason::NoAllocation);
+                            continue;
+                        };
+                        (relay_sock, peer, recv.locate(i, payload))
+                    }
+                };
+                self.queue(recv, send, queued, blocked);
+            }
         }
         self.send_all(recv, send, blocked);
         Ok(n)
@@ -171,30 +178,42 @@ impl Shard {
         let n = received.len();
         let now = now();
         for i in received {
-            let Some((peer, data)) = recv.datagram(i) else {
+            let Some((peer, _)) = recv.datagram(i) else {
                 self.metrics.drop_packet(DropReason::Malformed);
                 continue;
             };
-            let out = self.server.borrow_mut().handle_peer(now, relay, peer, data);
-            let (to, payload) = match out {
-                PeerOutput::Drop => continue,
-                PeerOutput::ChannelData { to, header } => match recv.prepend(i, header) {
-                    Some(p) => (to, p),
-                    None => continue,
-                },
-                PeerOutput::DataIndication { to, message } => (to, Payload::Owned(message)),
-            };
-            if to.transport != Transport::Udp {
-                self.send_to_stream(to, recv.bytes(&payload));
-                continue;
+            let segments = recv.segments(i);
+            self.count_coalesced(&segments);
+            for (start, len) in segments {
+                let out = self.server.borrow_mut().handle_peer(now, relay, peer, recv.segment(i, start, len));
+                let (to, payload) = match out {
+                    PeerOutput::Drop => continue,
+                    PeerOutput::ChannelData { to, header } => match recv.prepend_segment(i, start, len, header) {
+                        Some(p) => (to, p),
+                        None => continue,
+                    },
+                    PeerOutput::DataIndication { to, message } => (to, Payload::Owned(message)),
+                };
+                if to.transport != Transport::Udp {
+                    self.send_to_stream(to, recv.bytes(&payload));
+                    continue;
+                }
+                let Some(client_sock) = self.udp.get(&to.server).cloned() else {
+                    self.metrics.drop_packet(DropReason::Io);
+                    continue;
+                };
+                self.queue(recv, send, (client_sock, to.client, payload), blocked);
             }
-            let Some(client_sock) = self.udp.get(&to.server).cloned() else {
-                self.metrics.drop_packet(DropReason::Io);
-                continue;
-            };
-            self.queue(recv, send, (client_sock, to.client, payload), blocked);
         }
         Ok(n)
+    }
+
+    /// Counts the datagrams of a message the kernel coalesced (GRO).
+    fn count_coalesced(&self, segments: &batch::Segments) {
+        let count = segments.remaining();
+        if count > 1 {
+            self.metrics.udp_gro_datagrams.fetch_add(count as u64, Ordering::Relaxed);
+        }
     }
 
     /// Sends what the passes of a round of relay sockets queued.
@@ -225,8 +244,9 @@ impl Shard {
         (sock, to, payload): (Rc<UdpSocket>, SocketAddr, Payload),
         blocked: &mut BlockedSends,
     ) {
-        // Each datagram held in the batch yields at most one queued one, and
-        // the queue is as large as the batch: it only fills if that changes.
+        // Each datagram yields at most one queued one, but a coalesced
+        // message holds many: a full queue is flushed mid-pass (the slots
+        // stay as they are until the pass's `send_all`).
         if send.is_full() {
             self.flush(recv, send, blocked);
         }
@@ -347,6 +367,8 @@ pub(crate) struct UdpBinder {
     doorbell: Option<Rc<doorbell::Doorbell>>,
     /// TCP relay addresses and peer connections (RFC 6062).
     pub(crate) tcp: tcp_relay::TcpRelays,
+    /// Set `UDP_GRO` on new relay sockets (`udp_gro`).
+    gro: bool,
 }
 
 impl UdpBinder {
@@ -369,6 +391,7 @@ impl UdpBinder {
             next_token: 0,
             doorbell: None,
             tcp: tcp_relay::TcpRelays::new(setup.parking.clone(), setup.server_config.bandwidth_bytes_per_sec),
+            gro: c.udp_gro,
         }
     }
 
@@ -378,6 +401,9 @@ impl UdpBinder {
         }
         let std_sock = std::net::UdpSocket::bind(addr).map_err(|_| BindError::Exhausted)?;
         std_sock.set_nonblocking(true).map_err(|_| BindError::Exhausted)?;
+        if self.gro {
+            enable_gro(&std_sock, addr);
+        }
         // SAFETY: the descriptor comes from `into_raw_fd`, so it is an open
         // UDP socket that nothing else owns.
         let sock = Rc::new(unsafe { UdpSocket::from_raw_fd(std_sock.into_raw_fd()) });
@@ -568,6 +594,9 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
                     tracing::warn!(%addr, error = %e, "could not set the UDP receive buffer; the kernel default applies");
                 }
             }
+            if setup.config.udp_gro {
+                enable_gro(&s, *addr);
+            }
             udp.insert(*addr, Rc::new(s));
             tcp.push(glommio::net::TcpListener::bind(*addr).map_err(|e| anyhow::anyhow!("bind TCP {addr}: {e}"))?);
         }
@@ -593,8 +622,9 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
         streams: RefCell::new(HashMap::new()),
         metrics: setup.metrics.clone(),
         udp_io: RefCell::new(UdpIo {
-            recv: RecvBatch::new(setup.config.udp_batch),
-            send: SendQueue::new(setup.config.udp_batch, setup.config.udp_gso),
+            recv: RecvBatch::new(setup.config.udp_batch).with_gro(setup.config.udp_gro),
+            // Room for the datagrams of one whole coalesced message.
+            send: SendQueue::new(setup.config.udp_batch.max(batch::GRO_MAX_SEGMENTS), setup.config.udp_gso),
         }),
     });
     shard.binder.borrow_mut().shard = Rc::downgrade(&shard);
@@ -633,6 +663,15 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
     let mut binder = shard.binder.borrow_mut();
     server.remove_all(&mut *binder);
     Ok(())
+}
+
+/// Sets `UDP_GRO` on a UDP socket of the shard. Where the kernel refuses
+/// it, the socket receives one datagram per message, which the shard's
+/// batch reads correctly too.
+fn enable_gro(sock: &impl std::os::fd::AsRawFd, addr: SocketAddr) {
+    if let Err(e) = batch::set_gro(sock.as_raw_fd()) {
+        tracing::debug!(%addr, error = %e, "UDP GRO not available on this socket");
+    }
 }
 
 /// Asks for a receive buffer of `bytes` on a UDP socket (`SO_RCVBUF`; the

@@ -323,6 +323,22 @@ impl TurnClient {
         self.sock.send_to(&f, self.server).expect("send");
     }
 
+    /// Sends one ChannelData frame per payload (all of one length) as one
+    /// UDP GSO message: the frames leave as separate datagrams, and a
+    /// receiver with `UDP_GRO` on loopback gets them as one message.
+    pub fn send_channel_data_gso(&mut self, channel: u16, payloads: &[Vec<u8>]) {
+        let frames: Vec<Vec<u8>> = payloads
+            .iter()
+            .map(|p| {
+                let mut f = channel_data::header(channel, p.len() as u16).to_vec();
+                f.extend_from_slice(p);
+                f
+            })
+            .collect();
+        assert!(frames.windows(2).all(|w| w[0].len() == w[1].len()), "GSO frames of one size");
+        send_gso(&self.sock, self.server, &frames.concat(), frames[0].len());
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) {
         let _ = self.sock.send_to(bytes, self.server);
     }
@@ -427,4 +443,38 @@ pub fn malformed_corpus(valid: &[u8]) -> Vec<Vec<u8>> {
         out.push(v);
     }
     out
+}
+
+/// Sends `bytes` to `to` as one UDP GSO message of `segment`-byte datagrams
+/// (`sendmsg` with a `UDP_SEGMENT` control message).
+pub fn send_gso(sock: &UdpSocket, to: SocketAddr, bytes: &[u8], segment: usize) {
+    use std::os::fd::AsRawFd as _;
+    let SocketAddr::V4(v4) = to else { panic!("send_gso: IPv4 destinations only") };
+    let mut name = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+        sin_zero: [0; 8],
+    };
+    let mut iov = libc::iovec { iov_base: bytes.as_ptr().cast_mut().cast(), iov_len: bytes.len() };
+    let mut control = [0u64; 4];
+    // SAFETY: the header points at live locals for the call; the control
+    // buffer (32 bytes, 8-aligned) holds one cmsghdr with a u16, which
+    // CMSG_FIRSTHDR/CMSG_DATA address inside it.
+    let rc = unsafe {
+        let mut h: libc::msghdr = std::mem::zeroed();
+        h.msg_name = (&raw mut name).cast();
+        h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        h.msg_iov = &raw mut iov;
+        h.msg_iovlen = 1;
+        h.msg_control = control.as_mut_ptr().cast();
+        h.msg_controllen = libc::CMSG_SPACE(2) as _;
+        let c = libc::CMSG_FIRSTHDR(&h);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = libc::UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), u16::try_from(segment).expect("segment size"));
+        libc::sendmsg(sock.as_raw_fd(), &h, 0)
+    };
+    assert_eq!(usize::try_from(rc).ok(), Some(bytes.len()), "GSO send: {}", std::io::Error::last_os_error());
 }

@@ -128,6 +128,70 @@ fn prepend_and_locate_point_into_the_slot() {
     assert!(batch.datagram(2).is_none());
 }
 
+/// Sends `frames` (all of one length but the last, which may be shorter)
+/// from `tx` to `to` as one GSO message.
+fn send_gso(tx: &UdpSocket, to: SocketAddr, frames: &[Vec<u8>]) {
+    let mut q: SendQueue<Rc<UdpSocket>> = SendQueue::new(64, true);
+    let tx = Rc::new(tx.try_clone().expect("clone"));
+    for f in frames {
+        q.push(tx.clone(), to, Payload::Owned(f.clone())).expect("room");
+    }
+    let recv = RecvBatch::new(1);
+    let mut blocked = Vec::new();
+    // SAFETY: the queue builds its headers over its own live buffers.
+    let done = q.flush(&recv, &mut blocked, |fd, hdrs| unsafe { sendmmsg_dontwait(fd, hdrs) });
+    assert_eq!((done.sent, done.gso_sent, done.calls), (frames.len(), frames.len(), 1), "one GSO message");
+}
+
+/// With `UDP_GRO` on the socket, a sender's GSO message arrives as one
+/// message, which `segments` splits back into its datagrams (the last one
+/// shorter); a datagram sent alone stays one, an empty one included.
+/// `prepend_segment` writes a ChannelData header in front of each: in the
+/// headroom for the first, in a copy for the others (whose headroom holds
+/// the previous datagram's bytes).
+#[test]
+fn coalesced_messages_split_into_their_datagrams() {
+    let (rx, tx) = pair();
+    set_gro(rx.as_raw_fd()).expect("UDP_GRO");
+    let to = rx.local_addr().expect("addr");
+    let frames: Vec<Vec<u8>> = (0..5u8).map(|k| vec![k; if k == 4 { 40 } else { 100 }]).collect();
+    send_gso(&tx, to, &frames);
+    tx.send_to(b"alone", to).expect("send");
+    tx.send_to(b"", to).expect("send");
+    let mut batch = RecvBatch::new(8).with_gro(true);
+    assert_eq!(batch.recv(rx.as_raw_fd()).expect("queued"), 3, "the burst coalesced");
+    let (from, whole) = batch.datagram(0).expect("message");
+    assert_eq!(from, tx.local_addr().expect("addr"));
+    let whole = whole.to_vec();
+    let parts: Vec<(usize, usize)> = batch.segments(0).collect();
+    assert_eq!(parts, [(0, 100), (100, 100), (200, 100), (300, 100), (400, 40)]);
+    for (k, &(start, len)) in parts.iter().enumerate() {
+        assert_eq!(whole[start..start + len], frames[k]);
+    }
+    assert_eq!(batch.segments(1).collect::<Vec<_>>(), [(0, 5)]);
+    assert_eq!(batch.segments(2).collect::<Vec<_>>(), [(0, 0)]);
+    assert_eq!(batch.segments(3).count(), 0, "only received messages");
+    assert_eq!((batch.segments(0).remaining(), batch.segments(2).remaining(), batch.segments(3).remaining()), (5, 1, 0));
+    let header = [0x40, 0x01, 0x00, 100];
+    let framed: Vec<Payload> = parts.iter().map(|&(start, len)| batch.prepend_segment(0, start, len, header).expect("segment")).collect();
+    assert!(matches!(framed[0], Payload::Slot { index: 0, start: 0, len: 104 }));
+    assert!(framed[1..].iter().all(|p| matches!(p, Payload::Owned(_))));
+    for (k, p) in framed.iter().enumerate() {
+        assert_eq!(batch.bytes(p)[..HEADROOM], header);
+        assert_eq!(batch.bytes(p)[HEADROOM..], frames[k], "datagram {k}");
+    }
+    assert!(batch.prepend_segment(0, 400, 41, header).is_none(), "past the message");
+    assert_eq!(batch.segment(0, 400, 40), &frames[4][..]);
+    assert!(batch.segment(0, 400, 41).is_empty(), "past the message");
+    // Without the control buffer the kernel flags a coalesced message cut
+    // (MSG_CTRUNC): it is dropped, never taken for one datagram. Sockets
+    // with UDP_GRO need `with_gro`.
+    send_gso(&tx, to, &frames);
+    let mut plain = RecvBatch::new(1);
+    assert_eq!(plain.recv(rx.as_raw_fd()).expect("queued"), 1);
+    assert!(plain.datagram(0).is_none());
+}
+
 #[test]
 fn socket_addresses_round_trip() {
     let mut s = zeroed_storage();
@@ -292,6 +356,32 @@ fn flush_copies_out_the_rest_of_a_full_socket_and_carries_on() {
     assert_eq!(done.failed, 0);
     let rest: Vec<(RawFd, SocketAddr, Vec<u8>)> = blocked.iter().map(|b| (b.sock.0, b.to, b.bytes.clone())).collect();
     assert_eq!(rest, (1..4).map(|s| (9, dest(9), datagram(s))).collect::<Vec<_>>(), "copies, in order");
+}
+
+/// A queue that fills mid-pass is flushed more than once before the pass
+/// ends: a socket whose buffer was full at the first flush keeps its
+/// order, its later datagrams are copied out after the waiting ones even
+/// if the socket has room again, and other sockets still send.
+#[test]
+fn a_socket_blocked_earlier_in_the_pass_stays_blocked() {
+    let recv = RecvBatch::new(1);
+    let mut q = SendQueue::new(8, false);
+    let mut blocked = Vec::new();
+    q.push(FakeSock(9), dest(9), Payload::Owned(vec![1])).expect("room");
+    q.push(FakeSock(9), dest(9), Payload::Owned(vec![2])).expect("room");
+    let done = q.flush(&recv, &mut blocked, |_, _| Err(io::ErrorKind::WouldBlock.into()));
+    assert_eq!((done.sent, done.blocked), (0, 2));
+    q.push(FakeSock(9), dest(9), Payload::Owned(vec![3])).expect("room");
+    q.push(FakeSock(8), dest(8), Payload::Owned(vec![4])).expect("room");
+    let mut sent = Vec::new();
+    let done = q.flush(&recv, &mut blocked, |fd, hdrs| {
+        sent.extend(hdrs.iter().map(|h| (fd, described(h).1)));
+        Ok(hdrs.len())
+    });
+    assert_eq!(sent, vec![(8, vec![4])], "socket 9 has room now, but its datagrams wait");
+    assert_eq!((done.sent, done.blocked), (1, 1));
+    let rest: Vec<(RawFd, Vec<u8>)> = blocked.iter().map(|b| (b.sock.0, b.bytes.clone())).collect();
+    assert_eq!(rest, vec![(9, vec![1]), (9, vec![2]), (9, vec![3])], "in order");
 }
 
 #[test]
