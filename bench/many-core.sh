@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The measurements that need a quiet machine with many cores, in one bounded
-# run (about five minutes on 16 cores), so that the load generators never
+# run (about six minutes on 16 cores), so that the load generators never
 # share cores with the server under test:
 #
 #   1. Relay peak (bench/relay-peak.sh): coturn and tessera-relay in turn at
@@ -17,8 +17,12 @@
 # builds); coturn's turnserver, jq, ss, curl and taskset must be on PATH.
 # Environment (defaults in brackets):
 #   PARTS        which parts, in order [relay node]
-#   RELAY_SETS   relay runs as THREADS:GENS:RATES (rates comma-separated)
-#                [1:4:40000,80000,120000,160000 4:12:150000,300000,450000,600000]
+#   RELAY_SETS   relay runs as THREADS:GENS:RATES[:BURST[:GSO]] (rates
+#                comma-separated; BURST and GSO as in bench/relay-peak.sh,
+#                1 and 0 when left out), e.g. 4:12:400000,800000:8:1 for
+#                bursts of 8 sent as GSO messages and received coalesced
+#                [1:4:40000,80000,120000,160000 4:12:150000,300000,450000,600000
+#                4:12:400000,800000,1200000:8:1]
 #   RELAY_DURATION  measured seconds per relay run [5]
 #   NODE_SETS    node runs as CPUS:SHARDS:RATE[:MEMTABLE_MIB]
 #                [0-1:2:20 0-1:2:1000 0-7:8:20 0-7:8:1000]; MEMTABLE_MIB sets
@@ -36,7 +40,7 @@ BIN=${BIN:?BIN= a folder with release builds of tessera-node, tessera-relay and 
 BIN=$(cd "$BIN" && pwd)
 OUT=${OUT:-/tmp/many-core}
 PARTS=${PARTS:-relay node}
-RELAY_SETS=${RELAY_SETS:-"1:4:40000,80000,120000,160000 4:12:150000,300000,450000,600000"}
+RELAY_SETS=${RELAY_SETS:-"1:4:40000,80000,120000,160000 4:12:150000,300000,450000,600000 4:12:400000,800000,1200000:8:1"}
 RELAY_DURATION=${RELAY_DURATION:-5}
 NODE_SETS=${NODE_SETS:-"0-1:2:20 0-1:2:1000 0-7:8:20 0-7:8:1000"}
 NODE_GEN_CPUS=${NODE_GEN_CPUS:-8-15}
@@ -51,13 +55,15 @@ mkdir -p "$OUT"
 } | tee "$OUT/machine.txt"
 
 relay_part() {
-  local set threads gens rates
+  local set threads gens rates burst gso name
   for set in $RELAY_SETS; do
-    IFS=: read -r threads gens rates <<<"$set"
-    echo "== relay: $threads thread(s), $gens generator(s), rates ${rates//,/ }"
-    THREADS=$threads GENS=$gens RATES=${rates//,/ } ROUNDS=1 DURATION=$RELAY_DURATION \
-      LT="$BIN/tessera-loadtest" BIN="$BIN/tessera-relay" OUT="$OUT/relay-$threads" \
-      bash bench/relay-peak.sh 2>&1 | tee "$OUT/relay-$threads.txt"
+    IFS=: read -r threads gens rates burst gso <<<"$set"
+    burst=${burst:-1} gso=${gso:-0}
+    name=relay-$threads$([ "$burst" = 1 ] || echo "-burst$burst")$([ "$gso" = 1 ] && echo -gso)
+    echo "== relay: $threads thread(s), $gens generator(s), rates ${rates//,/ }, bursts of $burst, gso $gso"
+    THREADS=$threads GENS=$gens RATES=${rates//,/ } BURST=$burst GSO=$gso ROUNDS=1 DURATION=$RELAY_DURATION \
+      LT="$BIN/tessera-loadtest" BIN="$BIN/tessera-relay" OUT="$OUT/$name" \
+      bash bench/relay-peak.sh 2>&1 | tee "$OUT/$name.txt"
   done
 }
 
