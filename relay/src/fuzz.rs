@@ -112,7 +112,8 @@ fn round_trip(m: &Message<'_>) {
     }
 }
 
-/// Hands out relay addresses in 198.51.100.0/24; never fails.
+/// Hands out relay addresses in 198.51.100.0/24 and 2001:db8::/32; never
+/// fails.
 struct FuzzBinder {
     next_port: u16,
 }
@@ -122,7 +123,7 @@ impl RelayBinder for FuzzBinder {
         self.next_port = self.next_port.wrapping_add(2);
         match family {
             Family::V4 => Ok(SocketAddr::from(([198, 51, 100, 1], 50000u16.wrapping_add(self.next_port)))),
-            Family::V6 => Err(BindError::FamilyUnsupported),
+            Family::V6 => Ok(SocketAddr::new(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into(), 50000u16.wrapping_add(self.next_port))),
         }
     }
 
@@ -243,12 +244,12 @@ fn state_machine(data: &[u8]) {
     let out = server.handle_client(now, tuple(1), data, &mut binder);
     check_client(&out, data);
 
-    // A client with an allocation, a permission and channel 0x4000 for the
-    // peer.
+    // A client with a dual allocation (IPv4 and IPv6), a permission and
+    // channel 0x4000 for the peer.
     let t = tuple(2);
     let mut s = Session { nonce: Vec::new(), tid: 0 };
     let allocate = |b: &mut MessageBuilder| {
-        b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]).attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
     };
     let mut first = MessageBuilder::new(method::ALLOCATE, Class::Request, [0xA0; 12]);
     allocate(&mut first);
@@ -293,6 +294,10 @@ fn state_machine(data: &[u8]) {
         };
         let signed = s.sign(m.method(), Some(m.transaction_id()), &copy);
         let out = server.handle_client(now, t, &signed, &mut binder);
+        check_client(&out, &signed);
+        // And from a client without an allocation, so that an Allocate
+        // sees its attributes.
+        let out = server.handle_client(now, tuple(3), &signed, &mut binder);
         check_client(&out, &signed);
     }
 

@@ -140,6 +140,52 @@ fn relays_between_two_clients_over_channels() {
     let _ = (attr::DATA, method::SEND);
 }
 
+#[test]
+fn dual_allocation_relays_ipv4_and_ipv6_peers() {
+    if !in_netns("dual_allocation_relays_ipv4_and_ipv6_peers") {
+        return;
+    }
+    // base_config relays on 127.0.0.1 and ::1; the peers are the test's
+    // own allocations inside the namespace.
+    let relay = Relay::start(&base_config("allowed_peer_ranges = [\"127.0.0.0/8\", \"::1/128\"]\n"));
+    let mut a = TurnClient::new(relay.udp, "alice", "wonderland");
+    let mut b = TurnClient::new(relay.udp, "bob", "builder");
+    let mut c = TurnClient::new(relay.udp, "bob", "builder");
+    let (relays, missing) = a.allocate_with(&|m| {
+        m.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    }).expect("dual allocation");
+    assert_eq!(missing, None);
+    let [a4, a6] = relays[..] else { panic!("two relayed addresses expected: {relays:?}") };
+    assert!(a4.is_ipv4() && a6.is_ipv6(), "{relays:?}");
+    let (b_relays, _) = b.allocate_with(&|m| {
+        m.attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    }).expect("IPv6 allocation");
+    let b6 = b_relays[0];
+    let c4 = c.allocate_relay().expect("IPv4 allocation");
+    assert_eq!(a.create_permission(b6), None);
+    assert_eq!(a.create_permission(c4), None);
+    assert_eq!(b.channel_bind(0x4001, a6), None);
+    assert_eq!(c.channel_bind(0x4001, a4), None);
+    // Each peer is reached from, and answers to, the relay address of its
+    // own family.
+    a.send_indication(b6, b"to b over IPv6");
+    assert_eq!(b.recv_data(), (0x4001u16.into(), b"to b over IPv6".to_vec()));
+    a.send_indication(c4, b"to c over IPv4");
+    assert_eq!(c.recv_data(), (0x4001u16.into(), b"to c over IPv4".to_vec()));
+    b.send_channel_data(0x4001, b"from b");
+    assert_eq!(a.recv_data(), (DataFrom::Peer(b6), b"from b".to_vec()));
+    c.send_channel_data(0x4001, b"from c");
+    assert_eq!(a.recv_data(), (DataFrom::Peer(c4), b"from c".to_vec()));
+    // Deleting the IPv6 half leaves IPv4 relaying.
+    assert_eq!(a.refresh_family(2, 0), Ok(0));
+    assert_eq!(a.create_permission(b6), Some(443));
+    assert_eq!(a.refresh_family(2, 600), Err(443));
+    c.send_channel_data(0x4001, b"still here");
+    assert_eq!(a.recv_data(), (DataFrom::Peer(c4), b"still here".to_vec()));
+    let m = relay.metrics();
+    assert_eq!(metric(&m, "tessera_relay_allocations"), 3, "{m}");
+}
+
 /// Two clients of `relay` with allocations and channels to each other's
 /// relay address: a sends on 0x4001, b on 0x4002.
 fn channel_pair(relay: &Relay) -> (TurnClient, TurnClient) {

@@ -612,6 +612,15 @@ impl MessageBuilder {
         self.attr(attr::ERROR_CODE, &v)
     }
 
+    /// Appends ADDRESS-ERROR-CODE (RFC 8656 §18.12): the family (`0x01`
+    /// IPv4, `0x02` IPv6) a dual Allocate could not get, and why, with the
+    /// standard reason phrase.
+    pub fn address_error_code(&mut self, family: u8, code: u16) -> &mut Self {
+        let mut v = vec![family, 0, (code / 100) as u8, (code % 100) as u8];
+        v.extend_from_slice(code::reason(code).as_bytes());
+        self.attr(attr::ADDRESS_ERROR_CODE, &v)
+    }
+
     /// Appends MESSAGE-INTEGRITY computed with `key`.
     pub fn integrity(&mut self, key: &[u8]) -> &mut Self {
         let at = self.buf.len();

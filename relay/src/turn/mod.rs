@@ -86,6 +86,31 @@ impl Family {
     fn of(ip: IpAddr) -> Self {
         if ip.is_ipv4() { Family::V4 } else { Family::V6 }
     }
+
+    /// Slot in [`Allocation::relays`].
+    fn index(self) -> usize {
+        match self {
+            Family::V4 => 0,
+            Family::V6 => 1,
+        }
+    }
+
+    /// The family a REQUESTED-ADDRESS-FAMILY or ADDITIONAL-ADDRESS-FAMILY
+    /// value names (`0x01` IPv4, `0x02` IPv6, three reserved bytes).
+    fn decode(v: &[u8]) -> Option<Self> {
+        match v {
+            [0x01, _, _, _] => Some(Family::V4),
+            [0x02, _, _, _] => Some(Family::V6),
+            _ => None,
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Family::V4 => 0x01,
+            Family::V6 => 0x02,
+        }
+    }
 }
 
 /// Why a relay address could not be opened.
@@ -387,15 +412,28 @@ struct TcpConn {
 /// 30 seconds).
 const CONNECTION_BIND_SECS: u64 = 30;
 
+/// One relay address of an allocation, with its own lifetime.
+#[derive(Debug)]
+struct Relayed {
+    addr: SocketAddr,
+    expires: Instant,
+}
+
 #[derive(Debug)]
 struct Allocation {
     username: String,
-    relay: SocketAddr,
+    /// Relay addresses by [`Family::index`]: one, or one of each family for
+    /// a dual allocation (RFC 8656 ADDITIONAL-ADDRESS-FAMILY). Each family
+    /// is refreshed, expires and can be deleted on its own; the allocation
+    /// ends with its last.
+    relays: [Option<Relayed>; 2],
     /// Peer connections by id; `Some` for TCP allocations (RFC 6062).
     tcp: Option<HashMap<u32, TcpConn>>,
-    expires: Instant,
     allocate_tid: [u8; 12],
     allocate_lifetime: u32,
+    /// The family a dual Allocate could not get and why (the response's
+    /// ADDRESS-ERROR-CODE), for answering a retransmission alike.
+    allocate_missing: Option<(Family, u16)>,
     permissions: FastMap<IpAddr, Instant>,
     channels: FastMap<u16, Channel>,
     peer_channels: FastMap<SocketAddr, u16>,
@@ -405,6 +443,24 @@ struct Allocation {
 impl Allocation {
     fn permitted(&self, ip: IpAddr, now: Instant) -> bool {
         self.permissions.get(&ip).is_some_and(|e| *e > now)
+    }
+
+    /// The relay address of a family, if the allocation has one.
+    fn relay(&self, family: Family) -> Option<SocketAddr> {
+        self.relays[family.index()].as_ref().map(|r| r.addr)
+    }
+
+    /// The relay addresses, IPv4 first.
+    fn relay_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.relays.iter().flatten().map(|r| r.addr)
+    }
+
+    /// Forgets the permissions and channels of peers of a family (its
+    /// relay address is gone).
+    fn forget_peers_of(&mut self, family: Family) {
+        self.permissions.retain(|ip, _| Family::of(*ip) != family);
+        self.channels.retain(|_, c| Family::of(c.peer.ip()) != family);
+        self.peer_channels.retain(|p, _| Family::of(p.ip()) != family);
     }
 }
 
@@ -577,10 +633,13 @@ impl Server {
 
     /// Removes expired allocations, permissions and channels.
     pub fn handle_timeout(&mut self, now: Now, binder: &mut dyn RelayBinder) {
-        let expired: Vec<FiveTuple> =
-            self.allocations.iter().filter(|(_, a)| a.expires <= now.mono).map(|(t, _)| *t).collect();
-        for t in expired {
-            self.remove(t, binder);
+        let expired: Vec<(FiveTuple, Family)> = self
+            .allocations
+            .iter()
+            .flat_map(|(t, a)| a.relays.iter().flatten().filter(|r| r.expires <= now.mono).map(|r| (*t, Family::of(r.addr.ip()))))
+            .collect();
+        for (t, family) in expired {
+            self.remove_family(t, family, binder);
         }
         self.quotas.expire_reservations(now.mono);
         for a in self.allocations.values_mut() {
@@ -629,19 +688,55 @@ impl Server {
 
     fn remove(&mut self, tuple: FiveTuple, binder: &mut dyn RelayBinder) {
         if let Some(a) = self.allocations.remove(&tuple) {
-            self.by_relay.remove(&a.relay);
-            match &a.tcp {
-                None => binder.release(a.relay),
-                Some(conns) => {
-                    for id in conns.keys() {
-                        binder.tcp_close(*id);
-                        self.tcp_conns.remove(id);
-                    }
-                    binder.release_tcp(a.relay);
+            if let Some(conns) = &a.tcp {
+                for id in conns.keys() {
+                    binder.tcp_close(*id);
+                    self.tcp_conns.remove(id);
+                }
+            }
+            for relay in a.relay_addrs() {
+                self.by_relay.remove(&relay);
+                if a.tcp.is_some() {
+                    binder.release_tcp(relay);
+                } else {
+                    binder.release(relay);
                 }
             }
             self.quotas.release(&a.username);
             self.metrics.allocations.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Deletes the relay address of one family, with the permissions,
+    /// channels and TCP connections of that family's peers (RFC 8656 §8:
+    /// the other family of a dual allocation is not touched). Deleting the
+    /// last one removes the allocation.
+    fn remove_family(&mut self, tuple: FiveTuple, family: Family, binder: &mut dyn RelayBinder) {
+        let Some(a) = self.allocations.get_mut(&tuple) else { return };
+        if a.relay(family).is_none() {
+            return;
+        }
+        if a.relays.iter().flatten().count() == 1 {
+            self.remove(tuple, binder);
+            return;
+        }
+        let Some(r) = a.relays[family.index()].take() else { return };
+        self.by_relay.remove(&r.addr);
+        a.forget_peers_of(family);
+        match a.tcp.as_mut() {
+            None => binder.release(r.addr),
+            Some(conns) => {
+                let tcp_conns = &mut self.tcp_conns;
+                conns.retain(|id, c| {
+                    let keep = Family::of(c.peer.ip()) != family;
+                    if !keep {
+                        binder.tcp_close(*id);
+                        tcp_conns.remove(id);
+                    }
+                    keep
+                });
+                binder.release_tcp(r.addr);
+            }
         }
     }
 
@@ -654,11 +749,15 @@ impl Server {
             self.metrics.drop_packet(DropReason::NoAllocation);
             return ClientOutput::Nothing;
         };
-        // A TCP allocation relays only over its data connections.
-        if alloc.tcp.is_some() || Family::of(peer.ip()) != Family::of(alloc.relay.ip()) || !alloc.permitted(peer.ip(), now.mono) {
-            self.metrics.drop_packet(DropReason::NoPermission);
-            return ClientOutput::Nothing;
-        }
+        // A TCP allocation relays only over its data connections; a peer
+        // goes out through the relay address of its own family.
+        let relay = match alloc.relay(Family::of(peer.ip())) {
+            Some(r) if alloc.tcp.is_none() && alloc.permitted(peer.ip(), now.mono) => r,
+            _ => {
+                self.metrics.drop_packet(DropReason::NoPermission);
+                return ClientOutput::Nothing;
+            }
+        };
         if let Some(b) = alloc.bucket.as_mut()
             && !b.take(now.mono, payload.len())
         {
@@ -668,7 +767,7 @@ impl Server {
         use std::sync::atomic::Ordering::Relaxed;
         self.metrics.packets_to_peer.fetch_add(1, Relaxed);
         self.metrics.bytes_to_peer.fetch_add(payload.len() as u64, Relaxed);
-        ClientOutput::ToPeer { relay: alloc.relay, peer, payload }
+        ClientOutput::ToPeer { relay, peer, payload }
     }
 
     fn client_channel_data<'a>(&mut self, now: Now, tuple: FiveTuple, buf: &'a [u8]) -> ClientOutput<'a> {
@@ -843,7 +942,9 @@ impl Server {
         if let Err(c) = self.check_peer(tuple, peer) {
             return Some(self.error(req, c, Some(auth)));
         }
-        let relay = a.relay;
+        let Some(relay) = a.relay(Family::of(peer.ip())) else {
+            return Some(self.error(req, code::PEER_ADDRESS_FAMILY_MISMATCH, Some(auth)));
+        };
         let live = conns.iter().filter(|(id, c)| c.connecting.is_some() || binder.tcp_open(**id)).count();
         if live >= self.cfg.max_tcp_connections {
             return Some(self.error(req, code::INSUFFICIENT_CAPACITY, Some(auth)));
@@ -948,21 +1049,27 @@ impl Server {
         ClientOutput::ConnectionBind { id, username: auth.username, accept, reject }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn allocate_success(
         &self,
         req: &Message<'_>,
         tuple: FiveTuple,
-        relay: SocketAddr,
+        relays: impl Iterator<Item = SocketAddr>,
         lifetime: u32,
         token: Option<[u8; 8]>,
+        missing: Option<(Family, u16)>,
         auth: &Authed,
     ) -> Vec<u8> {
         let mut b = self.response(req, Class::Success);
-        b.xor_addr(attr::XOR_RELAYED_ADDRESS, relay)
-            .attr_u32(attr::LIFETIME, lifetime)
-            .xor_addr(attr::XOR_MAPPED_ADDRESS, tuple.client);
+        for relay in relays {
+            b.xor_addr(attr::XOR_RELAYED_ADDRESS, relay);
+        }
+        b.attr_u32(attr::LIFETIME, lifetime).xor_addr(attr::XOR_MAPPED_ADDRESS, tuple.client);
         if let Some(t) = token {
             b.attr(attr::RESERVATION_TOKEN, &t);
+        }
+        if let Some((family, c)) = missing {
+            b.address_error_code(family.code(), c);
         }
         self.finish(req, b, Some(auth))
     }
@@ -972,11 +1079,13 @@ impl Server {
         asked.clamp(self.cfg.default_lifetime_secs.min(self.cfg.max_lifetime_secs), self.cfg.max_lifetime_secs)
     }
 
+    /// Allocate (RFC 8656 §7.2, RFC 6156, RFC 6062 §5.1), with the checks in
+    /// the RFC's order.
     fn allocate(&mut self, now: Now, tuple: FiveTuple, req: &Message<'_>, auth: &Authed, binder: &mut dyn RelayBinder) -> Vec<u8> {
         if let Some(a) = self.allocations.get(&tuple) {
             // A retransmitted Allocate gets the original success again.
             if a.allocate_tid == req.transaction_id() && a.username == auth.username {
-                return self.allocate_success(req, tuple, a.relay, a.allocate_lifetime, None, auth);
+                return self.allocate_success(req, tuple, a.relay_addrs(), a.allocate_lifetime, None, a.allocate_missing, auth);
             }
             return self.error(req, code::ALLOCATION_MISMATCH, Some(auth));
         }
@@ -998,20 +1107,31 @@ impl Server {
             return self.error(req, code::BAD_REQUEST, Some(auth));
         }
         let family_attr = req.get(attr::REQUESTED_ADDRESS_FAMILY);
-        if req.has(attr::RESERVATION_TOKEN) && (req.has(attr::EVEN_PORT) || family_attr.is_some()) {
+        let additional_attr = req.get(attr::ADDITIONAL_ADDRESS_FAMILY);
+        if req.has(attr::RESERVATION_TOKEN) && (req.has(attr::EVEN_PORT) || family_attr.is_some() || additional_attr.is_some()) {
             return self.error(req, code::BAD_REQUEST, Some(auth));
         }
-        let family = match family_attr {
+        if family_attr.is_some() && additional_attr.is_some() {
+            return self.error(req, code::BAD_REQUEST, Some(auth));
+        }
+        let family = match family_attr.map(Family::decode) {
             None => Family::V4,
-            Some([0x01, ..]) => Family::V4,
-            Some([0x02, ..]) => Family::V6,
-            Some(_) => return self.error(req, code::ADDRESS_FAMILY_NOT_SUPPORTED, Some(auth)),
+            Some(Some(f)) => f,
+            Some(None) => return self.error(req, code::ADDRESS_FAMILY_NOT_SUPPORTED, Some(auth)),
+        };
+        let even = req.get(attr::EVEN_PORT).is_some();
+        let reserve = req.get(attr::EVEN_PORT).is_some_and(|v| v.first().is_some_and(|b| b & 0x80 != 0));
+        // A dual allocation asks for IPv6 besides the default IPv4; it
+        // cannot reserve a port pair.
+        let dual = match additional_attr {
+            None => false,
+            Some(_) if reserve => return self.error(req, code::BAD_REQUEST, Some(auth)),
+            Some(v) if Family::decode(v) == Some(Family::V6) => true,
+            Some(_) => return self.error(req, code::BAD_REQUEST, Some(auth)),
         };
         if self.draining {
             return self.error(req, code::INSUFFICIENT_CAPACITY, Some(auth));
         }
-        let even = req.get(attr::EVEN_PORT).is_some();
-        let reserve = req.get(attr::EVEN_PORT).is_some_and(|v| v.first().is_some_and(|b| b & 0x80 != 0));
         match self.quotas.acquire(&auth.username) {
             Ok(()) => {}
             Err(q) => {
@@ -1038,22 +1158,44 @@ impl Server {
                 }
             },
         };
+        let bind_code = |e: BindError| match e {
+            BindError::FamilyUnsupported => code::ADDRESS_FAMILY_NOT_SUPPORTED,
+            BindError::Exhausted => code::INSUFFICIENT_CAPACITY,
+        };
         // A port an EVEN-PORT reservation holds stays free for it, whichever
         // the protocol: relay addresses are looked up by address alone.
-        let bound = reserved.map_or_else(|| self.bind_unreserved(binder, family, even, tcp), Ok);
-        let relay = match bound {
-            Ok(r) => r,
-            Err(e) => {
-                self.quotas.release(&auth.username);
-                let c = match e {
-                    BindError::FamilyUnsupported => code::ADDRESS_FAMILY_NOT_SUPPORTED,
-                    BindError::Exhausted => code::INSUFFICIENT_CAPACITY,
-                };
-                return self.error(req, c, Some(auth));
+        let mut addrs: [Option<SocketAddr>; 2] = [None, None];
+        let mut missing = None;
+        if let Some(r) = reserved {
+            addrs[Family::of(r.ip()).index()] = Some(r);
+        } else if dual {
+            // Either family may fail alone: the answer then carries the
+            // other and an ADDRESS-ERROR-CODE (RFC 8656 §7.2).
+            let v4 = self.bind_unreserved(binder, Family::V4, even, tcp);
+            let v6 = self.bind_unreserved(binder, Family::V6, even, tcp);
+            match (v4, v6) {
+                (Ok(a), Ok(b)) => addrs = [Some(a), Some(b)],
+                (Ok(a), Err(e)) => (addrs[0], missing) = (Some(a), Some((Family::V6, bind_code(e)))),
+                (Err(e), Ok(b)) => (addrs[1], missing) = (Some(b), Some((Family::V4, bind_code(e)))),
+                // Neither: 508, unless IPv4 is not offered at all (the
+                // default family's answer, as for a plain Allocate).
+                (Err(e), Err(_)) => {
+                    self.quotas.release(&auth.username);
+                    let c = if e == BindError::FamilyUnsupported { code::ADDRESS_FAMILY_NOT_SUPPORTED } else { code::INSUFFICIENT_CAPACITY };
+                    return self.error(req, c, Some(auth));
+                }
             }
-        };
+        } else {
+            match self.bind_unreserved(binder, family, even, tcp) {
+                Ok(r) => addrs[family.index()] = Some(r),
+                Err(e) => {
+                    self.quotas.release(&auth.username);
+                    return self.error(req, bind_code(e), Some(auth));
+                }
+            }
+        }
         let mut token = None;
-        if reserve && relay.port() % 2 == 0 {
+        if let Some(relay) = addrs.iter().flatten().next().copied().filter(|r| reserve && r.port() % 2 == 0) {
             // The odd port is only recorded, not held open: the client's next
             // Allocate may land on another shard, which opens it there.
             let next = SocketAddr::new(relay.ip(), relay.port().wrapping_add(1));
@@ -1067,27 +1209,29 @@ impl Server {
             }
         }
         let lifetime = self.lifetime(req);
+        let expires = now.mono + Duration::from_secs(u64::from(lifetime));
         let bucket = self.cfg.bandwidth_bytes_per_sec.map(|rate| TokenBucket { rate, tokens: rate, last: now.mono });
-        self.allocations.insert(
-            tuple,
-            Allocation {
-                username: auth.username.clone(),
-                relay,
-                tcp: tcp.then(HashMap::new),
-                expires: now.mono + Duration::from_secs(u64::from(lifetime)),
-                allocate_tid: req.transaction_id(),
-                allocate_lifetime: lifetime,
-                permissions: FastMap::default(),
-                channels: FastMap::default(),
-                peer_channels: FastMap::default(),
-                bucket,
-            },
-        );
-        self.by_relay.insert(relay, tuple);
+        let alloc = Allocation {
+            username: auth.username.clone(),
+            relays: addrs.map(|a| a.map(|addr| Relayed { addr, expires })),
+            tcp: tcp.then(HashMap::new),
+            allocate_tid: req.transaction_id(),
+            allocate_lifetime: lifetime,
+            allocate_missing: missing,
+            permissions: FastMap::default(),
+            channels: FastMap::default(),
+            peer_channels: FastMap::default(),
+            bucket,
+        };
+        for relay in alloc.relay_addrs() {
+            self.by_relay.insert(relay, tuple);
+        }
+        let reply = self.allocate_success(req, tuple, alloc.relay_addrs(), lifetime, token, missing, auth);
+        self.allocations.insert(tuple, alloc);
         use std::sync::atomic::Ordering::Relaxed;
         self.metrics.allocations.fetch_add(1, Relaxed);
         self.metrics.allocations_total.fetch_add(1, Relaxed);
-        self.allocate_success(req, tuple, relay, lifetime, token, auth)
+        reply
     }
 
     /// Binds a relay address that no reservation holds.
@@ -1106,26 +1250,33 @@ impl Server {
         Err(BindError::Exhausted)
     }
 
+    /// Refresh (RFC 8656 §8.2). REQUESTED-ADDRESS-FAMILY picks one family
+    /// of the allocation (443 if it has none of that family); without it,
+    /// every family is refreshed, or deleted with LIFETIME 0.
     fn refresh(&mut self, now: Now, tuple: FiveTuple, req: &Message<'_>, auth: &Authed, binder: &mut dyn RelayBinder) -> Vec<u8> {
-        let Some(relay_family) = self.allocations.get(&tuple).map(|a| Family::of(a.relay.ip())) else {
+        let Some(a) = self.allocations.get(&tuple) else {
             return self.error(req, code::ALLOCATION_MISMATCH, Some(auth));
         };
-        match req.get(attr::REQUESTED_ADDRESS_FAMILY) {
-            Some([0x01, ..]) if relay_family != Family::V4 => {
-                return self.error(req, code::PEER_ADDRESS_FAMILY_MISMATCH, Some(auth));
-            }
-            Some([0x02, ..]) if relay_family != Family::V6 => {
-                return self.error(req, code::PEER_ADDRESS_FAMILY_MISMATCH, Some(auth));
-            }
-            _ => {}
-        }
+        let only = match req.get(attr::REQUESTED_ADDRESS_FAMILY) {
+            None => None,
+            Some(v) => match Family::decode(v).filter(|f| a.relay(*f).is_some()) {
+                Some(f) => Some(f),
+                None => return self.error(req, code::PEER_ADDRESS_FAMILY_MISMATCH, Some(auth)),
+            },
+        };
         let granted = if req.get_u32(attr::LIFETIME) == Some(0) {
-            self.remove(tuple, binder);
+            match only {
+                Some(f) => self.remove_family(tuple, f, binder),
+                None => self.remove(tuple, binder),
+            }
             0
         } else {
             let lifetime = self.lifetime(req);
+            let expires = now.mono + Duration::from_secs(u64::from(lifetime));
             if let Some(a) = self.allocations.get_mut(&tuple) {
-                a.expires = now.mono + Duration::from_secs(u64::from(lifetime));
+                for r in a.relays.iter_mut().flatten().filter(|r| only.is_none_or(|f| Family::of(r.addr.ip()) == f)) {
+                    r.expires = expires;
+                }
             }
             lifetime
         };
@@ -1142,7 +1293,7 @@ impl Server {
             self.metrics.peer_refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(code::FORBIDDEN);
         }
-        if Family::of(peer.ip()) != Family::of(a.relay.ip()) {
+        if a.relay(Family::of(peer.ip())).is_none() {
             return Err(code::PEER_ADDRESS_FAMILY_MISMATCH);
         }
         Ok(())

@@ -16,6 +16,8 @@ struct FakeBinder {
     released: Vec<SocketAddr>,
     v6: bool,
     exhausted: bool,
+    /// IPv6 relay addresses run out (IPv4 still binds).
+    exhausted_v6: bool,
     /// TCP relay addresses open.
     tcp_open: Vec<SocketAddr>,
     /// Outgoing connections asked for: (id, relay, peer).
@@ -35,6 +37,7 @@ impl RelayBinder for FakeBinder {
         self.next_port += 2;
         let a: SocketAddr = match family {
             Family::V4 => format!("198.51.100.1:{}", 50000 + self.next_port).parse().expect("literal"),
+            Family::V6 if self.v6 && self.exhausted_v6 => return Err(BindError::Exhausted),
             Family::V6 if self.v6 => format!("[2001:db8::1]:{}", 50000 + self.next_port).parse().expect("literal"),
             Family::V6 => return Err(BindError::FamilyUnsupported),
         };
@@ -841,4 +844,241 @@ fn tcp_allocations_skip_reserved_ports() {
     let relay = tcp_allocate(&mut h, &mut c, tcp_tuple(1));
     assert_ne!(relay, next);
     assert!(h.binder.released.contains(&next) && !h.binder.tcp_open.contains(&next));
+}
+
+fn dual_req(b: &mut MessageBuilder) {
+    allocate_req(b);
+    b.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+}
+
+/// The relayed addresses and ADDRESS-ERROR-CODE (family, code) of an
+/// Allocate success.
+fn relayed(resp: &[u8]) -> (Vec<SocketAddr>, Option<(u8, u16)>) {
+    let m = Message::parse(resp).expect("parses");
+    assert_eq!(m.class(), Class::Success, "error {:?}", error_code(resp));
+    let tid = m.transaction_id();
+    let addrs = m.get_all(attr::XOR_RELAYED_ADDRESS).map(|v| crate::stun::decode_xor_addr(v, &tid).expect("valid")).collect();
+    let missing = m.get(attr::ADDRESS_ERROR_CODE).map(|v| (v[0], decode_error_code(v).expect("code").0));
+    (addrs, missing)
+}
+
+/// A dual Allocate after the 401 round trip: the success response.
+fn dual_allocate(h: &mut Harness, c: &mut Client, t: FiveTuple) -> Vec<u8> {
+    let r = h.send(0, t, &c.request(method::ALLOCATE, dual_req)).expect("reply");
+    c.learn(&r);
+    h.send(0, t, &c.request(method::ALLOCATE, dual_req)).expect("reply")
+}
+
+fn peer6() -> SocketAddr {
+    "[2001:db8:beef::5]:7000".parse().expect("literal")
+}
+
+fn to_peer(h: &mut Harness, at: u64, t: FiveTuple, to: SocketAddr) -> Option<SocketAddr> {
+    let now = h.now(at);
+    match h.server.handle_client(now, t, &send_indication(to, b"d"), &mut h.binder) {
+        ClientOutput::ToPeer { relay, peer, .. } => {
+            assert_eq!(peer, to);
+            Some(relay)
+        }
+        _ => None,
+    }
+}
+
+/// A Refresh (after a new nonce if the old one went stale); the granted
+/// lifetime or the error code.
+fn refresh_family(h: &mut Harness, c: &mut Client, at: u64, t: FiveTuple, family: Option<u8>, lifetime: u32) -> Result<u32, u16> {
+    let req = |c: &mut Client| {
+        c.request(method::REFRESH, |b| {
+            b.attr_u32(attr::LIFETIME, lifetime);
+            if let Some(f) = family {
+                b.attr(attr::REQUESTED_ADDRESS_FAMILY, &[f, 0, 0, 0]);
+            }
+        })
+    };
+    let mut r = h.send(at, t, &req(c)).expect("reply");
+    if error_code(&r) == Some(438) {
+        c.learn(&r);
+        r = h.send(at, t, &req(c)).expect("reply");
+    }
+    match error_code(&r) {
+        Some(e) => Err(e),
+        None => Ok(Message::parse(&r).expect("parses").get_u32(attr::LIFETIME).expect("lifetime")),
+    }
+}
+
+#[test]
+fn dual_allocation_relays_each_peer_through_its_own_family() {
+    let mut h = Harness::new();
+    h.binder.v6 = true;
+    let t = tuple(1);
+    let mut c = Client::new("alice", "wonderland");
+    let r = dual_allocate(&mut h, &mut c, t);
+    assert!(c.verify(&r));
+    let (addrs, missing) = relayed(&r);
+    assert_eq!(missing, None);
+    assert_eq!(addrs.len(), 2, "{addrs:?}");
+    let (v4, v6) = (addrs[0], addrs[1]);
+    assert!(v4.is_ipv4() && v6.is_ipv6(), "{addrs:?}");
+    assert_eq!(h.binder.open, vec![v4, v6]);
+    // One allocation, one quota slot.
+    assert_eq!(h.quotas.total(), 1);
+    assert_eq!(h.server.allocation_count(), 1);
+    // A retransmission gets the same two addresses.
+    c.tid -= 1;
+    let again = h.send(0, t, &c.request(method::ALLOCATE, dual_req)).expect("reply");
+    assert_eq!(relayed(&again), (vec![v4, v6], None));
+    // Peers of both families in one CreatePermission.
+    let r = h.send(0, t, &c.request(method::CREATE_PERMISSION, |b| {
+        b.xor_addr(attr::XOR_PEER_ADDRESS, peer()).xor_addr(attr::XOR_PEER_ADDRESS, peer6());
+    }));
+    assert_eq!(error_code(&r.expect("reply")), None);
+    assert_eq!(to_peer(&mut h, 1, t, peer()), Some(v4));
+    assert_eq!(to_peer(&mut h, 1, t, peer6()), Some(v6));
+    assert_eq!(bind(&mut h, &mut c, t, 0x4000, peer6()), None);
+    assert_eq!(h.server.handle_peer(h.now(1), v6, peer6(), b"x"), PeerOutput::ChannelData { to: t, header: channel_data::header(0x4000, 1) });
+    assert!(matches!(h.server.handle_peer(h.now(1), v4, peer(), b"x"), PeerOutput::DataIndication { to, .. } if to == t));
+    // Deleting the allocation releases both addresses and the slot.
+    assert_eq!(refresh_family(&mut h, &mut c, 2, t, None, 0), Ok(0));
+    assert!(h.binder.open.is_empty());
+    assert_eq!(h.binder.released, vec![v4, v6]);
+    assert_eq!(h.quotas.total(), 0);
+    assert_eq!(h.server.handle_peer(h.now(2), v6, peer6(), b"x"), PeerOutput::Drop);
+}
+
+#[test]
+fn dual_allocation_without_ipv6_succeeds_with_an_address_error_code() {
+    let mut h = Harness::new();
+    let t = tuple(1);
+    let mut c = Client::new("alice", "wonderland");
+    let (addrs, missing) = relayed(&dual_allocate(&mut h, &mut c, t));
+    assert_eq!(missing, Some((2, 440)), "no IPv6 relay address configured");
+    assert_eq!(addrs.len(), 1);
+    assert!(addrs[0].is_ipv4());
+    // A retransmission repeats the ADDRESS-ERROR-CODE.
+    c.tid -= 1;
+    let again = h.send(0, t, &c.request(method::ALLOCATE, dual_req)).expect("reply");
+    assert_eq!(relayed(&again), (addrs.clone(), Some((2, 440))));
+    assert_eq!(permit(&mut h, &mut c, t, peer6()), Some(443));
+    assert_eq!(permit(&mut h, &mut c, t, peer()), None);
+    assert_eq!(refresh_family(&mut h, &mut c, 1, t, Some(2), 600), Err(443));
+
+    // IPv6 configured but out of ports: 508 for that family.
+    let mut h = Harness::new();
+    h.binder.v6 = true;
+    h.binder.exhausted_v6 = true;
+    let mut c = Client::new("alice", "wonderland");
+    let (addrs, missing) = relayed(&dual_allocate(&mut h, &mut c, t));
+    assert_eq!(missing, Some((2, 508)));
+    assert_eq!(addrs.len(), 1);
+
+    // Neither family: the request fails and the quota slot comes back.
+    let mut h = Harness::new();
+    h.binder.exhausted = true;
+    let mut c = Client::new("alice", "wonderland");
+    assert_eq!(error_code(&dual_allocate(&mut h, &mut c, t)), Some(508));
+    assert_eq!(h.quotas.total(), 0);
+    assert_eq!(h.server.allocation_count(), 0);
+}
+
+#[test]
+fn dual_allocation_request_errors() {
+    let mut h = Harness::new();
+    h.binder.v6 = true;
+    let t = tuple(1);
+    let mut c = Client::new("alice", "wonderland");
+    let r = h.send(0, t, &c.request(method::ALLOCATE, dual_req)).expect("reply");
+    c.learn(&r);
+    let mut attempt = |h: &mut Harness, extra: &dyn Fn(&mut MessageBuilder)| {
+        let r = h.send(0, t, &c.request(method::ALLOCATE, |b| {
+            allocate_req(b);
+            extra(b);
+        }));
+        error_code(&r.expect("reply"))
+    };
+    // Only IPv6 can be the additional family.
+    assert_eq!(attempt(&mut h, &|b| { b.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[1, 0, 0, 0]); }), Some(400));
+    assert_eq!(attempt(&mut h, &|b| { b.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[3, 0, 0, 0]); }), Some(400));
+    assert_eq!(attempt(&mut h, &|b| { b.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2]); }), Some(400));
+    // Not with REQUESTED-ADDRESS-FAMILY, RESERVATION-TOKEN or a port pair.
+    assert_eq!(attempt(&mut h, &|b| { b.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]).attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]); }), Some(400));
+    assert_eq!(attempt(&mut h, &|b| { b.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]).attr(attr::RESERVATION_TOKEN, &[1; 8]); }), Some(400));
+    assert_eq!(attempt(&mut h, &|b| { b.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]).attr(attr::EVEN_PORT, &[0x80]); }), Some(400));
+    assert_eq!(h.quotas.total(), 0);
+    assert!(h.binder.open.is_empty());
+    // An even port without a reservation is fine, for both families.
+    assert_eq!(attempt(&mut h, &|b| { b.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]).attr(attr::EVEN_PORT, &[0]); }), None);
+    assert_eq!(h.binder.open.len(), 2);
+}
+
+#[test]
+fn dual_allocation_families_are_refreshed_and_deleted_apart() {
+    let mut h = Harness::new();
+    h.binder.v6 = true;
+    let t = tuple(1);
+    let mut c = Client::new("alice", "wonderland");
+    let (addrs, _) = relayed(&dual_allocate(&mut h, &mut c, t));
+    let (v4, v6) = (addrs[0], addrs[1]);
+    assert_eq!(permit(&mut h, &mut c, t, peer()), None);
+    assert_eq!(bind(&mut h, &mut c, t, 0x4000, peer6()), None);
+    // Deleting IPv6 alone takes its address, permission and channel.
+    assert_eq!(refresh_family(&mut h, &mut c, 1, t, Some(2), 0), Ok(0));
+    assert_eq!(h.binder.released, vec![v6]);
+    assert_eq!(h.binder.open, vec![v4]);
+    assert_eq!(h.server.handle_peer(h.now(1), v6, peer6(), b"x"), PeerOutput::Drop);
+    assert_eq!(to_peer(&mut h, 1, t, peer6()), None);
+    let a = &h.server.allocations[&t];
+    assert_eq!((a.permissions.len(), a.channels.len(), a.peer_channels.len()), (1, 0, 0), "IPv6 peers forgotten, not holding slots");
+    assert_eq!(bind(&mut h, &mut c, t, 0x4001, peer6()), Some(443));
+    assert_eq!(refresh_family(&mut h, &mut c, 1, t, Some(2), 600), Err(443));
+    // IPv4 keeps working and keeps the quota slot.
+    assert_eq!(to_peer(&mut h, 1, t, peer()), Some(v4));
+    assert_eq!(h.quotas.total(), 1);
+    // Deleting the last family deletes the allocation.
+    assert_eq!(refresh_family(&mut h, &mut c, 2, t, Some(1), 0), Ok(0));
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(h.quotas.total(), 0);
+    assert!(h.binder.open.is_empty());
+
+    // Each family expires on its own: refresh IPv4 only, and IPv6 lapses
+    // at the allocation's first lifetime.
+    let mut h = Harness::new();
+    h.binder.v6 = true;
+    let mut c = Client::new("alice", "wonderland");
+    let (addrs, _) = relayed(&dual_allocate(&mut h, &mut c, t));
+    let (v4, v6) = (addrs[0], addrs[1]);
+    assert_eq!(refresh_family(&mut h, &mut c, 300, t, Some(1), 600), Ok(600));
+    let now = h.now(601);
+    h.server.handle_timeout(now, &mut h.binder);
+    assert_eq!(h.binder.open, vec![v4]);
+    assert_eq!(h.server.allocation_count(), 1);
+    assert_eq!(refresh_family(&mut h, &mut c, 601, t, Some(2), 600), Err(443));
+    let now = h.now(901);
+    h.server.handle_timeout(now, &mut h.binder);
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(h.binder.released, vec![v6, v4]);
+    assert_eq!(h.quotas.total(), 0);
+}
+
+#[test]
+fn dual_tcp_allocation_connects_each_peer_from_its_family() {
+    let mut h = Harness::new();
+    h.binder.v6 = true;
+    let t = tcp_tuple(1);
+    let mut c = Client::new("alice", "wonderland");
+    let dual_tcp = |b: &mut MessageBuilder| {
+        tcp_allocate_req(b);
+        b.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    };
+    let r = h.send(0, t, &c.request(method::ALLOCATE, dual_tcp)).expect("reply");
+    c.learn(&r);
+    let (addrs, missing) = relayed(&h.send(0, t, &c.request(method::ALLOCATE, dual_tcp)).expect("reply"));
+    assert_eq!(missing, None);
+    assert_eq!(h.binder.tcp_open, addrs);
+    assert_eq!(h.send(0, t, &c.request(method::CONNECT, connect_req(peer6()))), None, "answered once connected");
+    assert_eq!(h.send(0, t, &c.request(method::CONNECT, connect_req(peer()))), None);
+    assert_eq!(h.binder.connects.iter().map(|(_, relay, p)| (*relay, *p)).collect::<Vec<_>>(), vec![(addrs[1], peer6()), (addrs[0], peer())]);
+    // Deleting IPv6 closes the IPv6 peer's connection only.
+    assert_eq!(refresh_family(&mut h, &mut c, 1, t, Some(2), 0), Ok(0));
+    assert_eq!(h.binder.closed, vec![h.binder.connects[0].0]);
+    assert_eq!(h.binder.tcp_open, vec![addrs[0]]);
 }

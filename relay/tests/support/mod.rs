@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tessera_relay::stun::{
-    Class, Message, MessageBuilder, PasswordAlgorithm, attr, channel_data, decode_error_code, method,
+    Class, Message, MessageBuilder, PasswordAlgorithm, attr, channel_data, decode_error_code, decode_xor_addr, method,
 };
 
 pub const SECRET: &str = "current-secret";
@@ -35,7 +35,8 @@ pub fn in_netns(test: &str) -> bool {
         assert!(only_loopback(), "test namespace has interfaces other than lo");
         return true;
     }
-    let ns = format!("tessera-relay-{}-{}", std::process::id(), test.len() ^ test.as_bytes()[0] as usize);
+    // The test's name keeps namespaces of tests running side by side apart.
+    let ns = format!("tessera-relay-{}-{test}", std::process::id());
     let ip = |args: &[&str]| Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false);
     assert!(ip(&["netns", "add", &ns]), "`ip netns add` failed: these tests need root and iproute2");
     let up = ip(&["-n", &ns, "link", "set", "lo", "up"]);
@@ -195,6 +196,10 @@ pub struct TurnClient {
     pub last_request: Vec<u8>,
 }
 
+/// An Allocate's relayed addresses and its ADDRESS-ERROR-CODE (family,
+/// code), if any.
+pub type Allocated = (Vec<SocketAddr>, Option<(u8, u16)>);
+
 impl TurnClient {
     pub fn new(server: SocketAddr, user: &str, pass: &str) -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").expect("bind client");
@@ -264,6 +269,35 @@ impl TurnClient {
         }
         let m = Message::parse(&r).map_err(|_| 0u16)?;
         m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).and_then(|a| a.ok()).ok_or(0)
+    }
+
+    /// An Allocate with extra attributes (family choices); the relayed
+    /// addresses in the order given and the ADDRESS-ERROR-CODE, if any.
+    pub fn allocate_with(&mut self, add: &dyn Fn(&mut MessageBuilder)) -> Result<Allocated, u16> {
+        let r = self.request(method::ALLOCATE, &|b| {
+            b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+            add(b);
+        });
+        if let Some(c) = Self::code(&r) {
+            return Err(c);
+        }
+        let m = Message::parse(&r).map_err(|_| 0u16)?;
+        let tid = m.transaction_id();
+        let addrs = m.get_all(attr::XOR_RELAYED_ADDRESS).map(|v| decode_xor_addr(v, &tid).map_err(|_| 0u16)).collect::<Result<_, _>>()?;
+        let missing = m.get(attr::ADDRESS_ERROR_CODE).and_then(|v| Some((*v.first()?, decode_error_code(v)?.0)));
+        Ok((addrs, missing))
+    }
+
+    /// A Refresh for one family (`0x01` IPv4, `0x02` IPv6): the granted
+    /// lifetime or the error code.
+    pub fn refresh_family(&mut self, family: u8, lifetime: u32) -> Result<u32, u16> {
+        let r = self.request(method::REFRESH, &|b| {
+            b.attr_u32(attr::LIFETIME, lifetime).attr(attr::REQUESTED_ADDRESS_FAMILY, &[family, 0, 0, 0]);
+        });
+        match Self::code(&r) {
+            Some(c) => Err(c),
+            None => Message::parse(&r).ok().and_then(|m| m.get_u32(attr::LIFETIME)).ok_or(0),
+        }
     }
 
     pub fn allocate(&mut self) -> Result<(), u16> {
