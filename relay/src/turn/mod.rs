@@ -14,8 +14,10 @@
 //!   and every relayed packet is checked against the policy again, so a
 //!   packet can only reach a peer the policy allows.
 //! - Every allocation holds one quota slot from [`Quotas`] and one relay
-//!   address from the binder; both are returned exactly once, when the
-//!   allocation is removed (refresh to 0, expiry, or connection close).
+//!   address from the binder per family it has (two for a dual
+//!   allocation); each address is returned exactly once, when its family is
+//!   deleted or expires, and the slot when the allocation's last family
+//!   goes (refresh to 0, expiry, or connection close).
 //! - Tables are bounded: allocations by [`Quotas`], permissions, channels and
 //!   TCP connections per allocation by [`ServerConfig`].
 //!
@@ -431,9 +433,10 @@ struct Allocation {
     tcp: Option<HashMap<u32, TcpConn>>,
     allocate_tid: [u8; 12],
     allocate_lifetime: u32,
-    /// The family a dual Allocate could not get and why (the response's
-    /// ADDRESS-ERROR-CODE), for answering a retransmission alike.
-    allocate_missing: Option<(Family, u16)>,
+    /// The relay addresses the Allocate's answer gave and the family it
+    /// could not get and why (its ADDRESS-ERROR-CODE), for answering a
+    /// retransmission alike even after a family is gone.
+    allocate_answer: ([Option<SocketAddr>; 2], Option<(Family, u16)>),
     permissions: FastMap<IpAddr, Instant>,
     channels: FastMap<u16, Channel>,
     peer_channels: FastMap<SocketAddr, u16>,
@@ -1085,7 +1088,8 @@ impl Server {
         if let Some(a) = self.allocations.get(&tuple) {
             // A retransmitted Allocate gets the original success again.
             if a.allocate_tid == req.transaction_id() && a.username == auth.username {
-                return self.allocate_success(req, tuple, a.relay_addrs(), a.allocate_lifetime, None, a.allocate_missing, auth);
+                let (addrs, missing) = a.allocate_answer;
+                return self.allocate_success(req, tuple, addrs.into_iter().flatten(), a.allocate_lifetime, None, missing, auth);
             }
             return self.error(req, code::ALLOCATION_MISMATCH, Some(auth));
         }
@@ -1114,10 +1118,13 @@ impl Server {
         if family_attr.is_some() && additional_attr.is_some() {
             return self.error(req, code::BAD_REQUEST, Some(auth));
         }
-        let family = match family_attr.map(Family::decode) {
+        let family = match family_attr {
             None => Family::V4,
-            Some(Some(f)) => f,
-            Some(None) => return self.error(req, code::ADDRESS_FAMILY_NOT_SUPPORTED, Some(auth)),
+            Some(v) if v.len() != 4 => return self.error(req, code::BAD_REQUEST, Some(auth)),
+            Some(v) => match Family::decode(v) {
+                Some(f) => f,
+                None => return self.error(req, code::ADDRESS_FAMILY_NOT_SUPPORTED, Some(auth)),
+            },
         };
         let even = req.get(attr::EVEN_PORT).is_some();
         let reserve = req.get(attr::EVEN_PORT).is_some_and(|v| v.first().is_some_and(|b| b & 0x80 != 0));
@@ -1169,20 +1176,25 @@ impl Server {
         if let Some(r) = reserved {
             addrs[Family::of(r.ip()).index()] = Some(r);
         } else if dual {
-            // Either family may fail alone: the answer then carries the
-            // other and an ADDRESS-ERROR-CODE (RFC 8656 §7.2).
-            let v4 = self.bind_unreserved(binder, Family::V4, even, tcp);
+            // IPv4 is the default family: a relay without it answers 440 as
+            // for a plain Allocate (RFC 8656 §7.2 step 7). Otherwise either
+            // family may run out alone: the answer then carries the other
+            // and an ADDRESS-ERROR-CODE; with neither, 508.
+            let v4 = match self.bind_unreserved(binder, Family::V4, even, tcp) {
+                Err(BindError::FamilyUnsupported) => {
+                    self.quotas.release(&auth.username);
+                    return self.error(req, code::ADDRESS_FAMILY_NOT_SUPPORTED, Some(auth));
+                }
+                r => r,
+            };
             let v6 = self.bind_unreserved(binder, Family::V6, even, tcp);
             match (v4, v6) {
                 (Ok(a), Ok(b)) => addrs = [Some(a), Some(b)],
                 (Ok(a), Err(e)) => (addrs[0], missing) = (Some(a), Some((Family::V6, bind_code(e)))),
                 (Err(e), Ok(b)) => (addrs[1], missing) = (Some(b), Some((Family::V4, bind_code(e)))),
-                // Neither: 508, unless IPv4 is not offered at all (the
-                // default family's answer, as for a plain Allocate).
-                (Err(e), Err(_)) => {
+                (Err(_), Err(_)) => {
                     self.quotas.release(&auth.username);
-                    let c = if e == BindError::FamilyUnsupported { code::ADDRESS_FAMILY_NOT_SUPPORTED } else { code::INSUFFICIENT_CAPACITY };
-                    return self.error(req, c, Some(auth));
+                    return self.error(req, code::INSUFFICIENT_CAPACITY, Some(auth));
                 }
             }
         } else {
@@ -1217,7 +1229,7 @@ impl Server {
             tcp: tcp.then(HashMap::new),
             allocate_tid: req.transaction_id(),
             allocate_lifetime: lifetime,
-            allocate_missing: missing,
+            allocate_answer: (addrs, missing),
             permissions: FastMap::default(),
             channels: FastMap::default(),
             peer_channels: FastMap::default(),
@@ -1259,6 +1271,7 @@ impl Server {
         };
         let only = match req.get(attr::REQUESTED_ADDRESS_FAMILY) {
             None => None,
+            Some(v) if v.len() != 4 => return self.error(req, code::BAD_REQUEST, Some(auth)),
             Some(v) => match Family::decode(v).filter(|f| a.relay(*f).is_some()) {
                 Some(f) => Some(f),
                 None => return self.error(req, code::PEER_ADDRESS_FAMILY_MISMATCH, Some(auth)),

@@ -18,6 +18,12 @@ struct FakeBinder {
     exhausted: bool,
     /// IPv6 relay addresses run out (IPv4 still binds).
     exhausted_v6: bool,
+    /// IPv4 relay addresses run out.
+    exhausted_v4: bool,
+    /// No IPv4 relay address is configured.
+    no_v4: bool,
+    /// The `even_port` of every `bind`.
+    evens: Vec<bool>,
     /// TCP relay addresses open.
     tcp_open: Vec<SocketAddr>,
     /// Outgoing connections asked for: (id, relay, peer).
@@ -30,12 +36,15 @@ struct FakeBinder {
 }
 
 impl RelayBinder for FakeBinder {
-    fn bind(&mut self, family: Family, _even: bool) -> Result<SocketAddr, BindError> {
+    fn bind(&mut self, family: Family, even: bool) -> Result<SocketAddr, BindError> {
+        self.evens.push(even);
         if self.exhausted {
             return Err(BindError::Exhausted);
         }
         self.next_port += 2;
         let a: SocketAddr = match family {
+            Family::V4 if self.no_v4 => return Err(BindError::FamilyUnsupported),
+            Family::V4 if self.exhausted_v4 => return Err(BindError::Exhausted),
             Family::V4 => format!("198.51.100.1:{}", 50000 + self.next_port).parse().expect("literal"),
             Family::V6 if self.v6 && self.exhausted_v6 => return Err(BindError::Exhausted),
             Family::V6 if self.v6 => format!("[2001:db8::1]:{}", 50000 + self.next_port).parse().expect("literal"),
@@ -941,6 +950,7 @@ fn dual_allocation_relays_each_peer_through_its_own_family() {
     assert_eq!(refresh_family(&mut h, &mut c, 2, t, None, 0), Ok(0));
     assert!(h.binder.open.is_empty());
     assert_eq!(h.binder.released, vec![v4, v6]);
+    assert!(h.server.by_relay.is_empty());
     assert_eq!(h.quotas.total(), 0);
     assert_eq!(h.server.handle_peer(h.now(2), v6, peer6(), b"x"), PeerOutput::Drop);
 }
@@ -971,6 +981,17 @@ fn dual_allocation_without_ipv6_succeeds_with_an_address_error_code() {
     assert_eq!(missing, Some((2, 508)));
     assert_eq!(addrs.len(), 1);
 
+    // IPv4 out of ports: IPv6 alone, and 508 for IPv4.
+    let mut h = Harness::new();
+    h.binder.v6 = true;
+    h.binder.exhausted_v4 = true;
+    let mut c = Client::new("alice", "wonderland");
+    let (addrs, missing) = relayed(&dual_allocate(&mut h, &mut c, t));
+    assert_eq!(missing, Some((1, 508)));
+    assert_eq!(addrs.len(), 1);
+    assert!(addrs[0].is_ipv6());
+    assert_eq!(to_peer(&mut h, 0, t, peer()), None);
+
     // Neither family: the request fails and the quota slot comes back.
     let mut h = Harness::new();
     h.binder.exhausted = true;
@@ -978,6 +999,16 @@ fn dual_allocation_without_ipv6_succeeds_with_an_address_error_code() {
     assert_eq!(error_code(&dual_allocate(&mut h, &mut c, t)), Some(508));
     assert_eq!(h.quotas.total(), 0);
     assert_eq!(h.server.allocation_count(), 0);
+
+    // No IPv4 at all: 440 as for a plain Allocate (IPv4 is the default
+    // family), and IPv6 is not even tried.
+    let mut h = Harness::new();
+    h.binder.v6 = true;
+    h.binder.no_v4 = true;
+    let mut c = Client::new("alice", "wonderland");
+    assert_eq!(error_code(&dual_allocate(&mut h, &mut c, t)), Some(440));
+    assert!(h.binder.open.is_empty());
+    assert_eq!(h.quotas.total(), 0);
 }
 
 #[test]
@@ -1005,9 +1036,14 @@ fn dual_allocation_request_errors() {
     assert_eq!(attempt(&mut h, &|b| { b.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]).attr(attr::EVEN_PORT, &[0x80]); }), Some(400));
     assert_eq!(h.quotas.total(), 0);
     assert!(h.binder.open.is_empty());
+    // A malformed REQUESTED-ADDRESS-FAMILY is 400, an unknown one 440.
+    assert_eq!(attempt(&mut h, &|b| { b.attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0]); }), Some(400));
+    assert_eq!(attempt(&mut h, &|b| { b.attr(attr::REQUESTED_ADDRESS_FAMILY, &[3, 0, 0, 0]); }), Some(440));
+    assert_eq!(h.quotas.total(), 0);
     // An even port without a reservation is fine, for both families.
     assert_eq!(attempt(&mut h, &|b| { b.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]).attr(attr::EVEN_PORT, &[0]); }), None);
     assert_eq!(h.binder.open.len(), 2);
+    assert_eq!(h.binder.evens, vec![true, true]);
 }
 
 #[test]
@@ -1028,6 +1064,12 @@ fn dual_allocation_families_are_refreshed_and_deleted_apart() {
     assert_eq!(to_peer(&mut h, 1, t, peer6()), None);
     let a = &h.server.allocations[&t];
     assert_eq!((a.permissions.len(), a.channels.len(), a.peer_channels.len()), (1, 0, 0), "IPv6 peers forgotten, not holding slots");
+    assert_eq!(h.server.by_relay.keys().copied().collect::<Vec<_>>(), vec![v4]);
+    // A late retransmission of the Allocate still gets the original answer.
+    c.tid = 1;
+    let again = h.send(1, t, &c.request(method::ALLOCATE, dual_req)).expect("reply");
+    assert_eq!(relayed(&again), (vec![v4, v6], None));
+    c.tid = 50;
     assert_eq!(bind(&mut h, &mut c, t, 0x4001, peer6()), Some(443));
     assert_eq!(refresh_family(&mut h, &mut c, 1, t, Some(2), 600), Err(443));
     // IPv4 keeps working and keeps the quota slot.
@@ -1047,16 +1089,46 @@ fn dual_allocation_families_are_refreshed_and_deleted_apart() {
     let (addrs, _) = relayed(&dual_allocate(&mut h, &mut c, t));
     let (v4, v6) = (addrs[0], addrs[1]);
     assert_eq!(refresh_family(&mut h, &mut c, 300, t, Some(1), 600), Ok(600));
-    let now = h.now(601);
+    let now = h.now(599);
+    h.server.handle_timeout(now, &mut h.binder);
+    assert_eq!(h.binder.open, vec![v4, v6]);
+    let now = h.now(600);
     h.server.handle_timeout(now, &mut h.binder);
     assert_eq!(h.binder.open, vec![v4]);
     assert_eq!(h.server.allocation_count(), 1);
     assert_eq!(refresh_family(&mut h, &mut c, 601, t, Some(2), 600), Err(443));
-    let now = h.now(901);
+    let now = h.now(900);
     h.server.handle_timeout(now, &mut h.binder);
     assert_eq!(h.server.allocation_count(), 0);
     assert_eq!(h.binder.released, vec![v6, v4]);
     assert_eq!(h.quotas.total(), 0);
+
+    // A Refresh without REQUESTED-ADDRESS-FAMILY refreshes both, and both
+    // then expire in the same tick.
+    let mut h = Harness::new();
+    h.binder.v6 = true;
+    let mut c = Client::new("alice", "wonderland");
+    let (addrs, _) = relayed(&dual_allocate(&mut h, &mut c, t));
+    assert_eq!(refresh_family(&mut h, &mut c, 300, t, None, 600), Ok(600));
+    let now = h.now(899);
+    h.server.handle_timeout(now, &mut h.binder);
+    assert_eq!(h.binder.open, addrs);
+    let now = h.now(900);
+    h.server.handle_timeout(now, &mut h.binder);
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(h.binder.released, addrs);
+    assert!(h.server.by_relay.is_empty());
+    assert_eq!(h.quotas.total(), 0);
+    assert_eq!(h.server.metrics().allocations.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+    // A REQUESTED-ADDRESS-FAMILY that is not four bytes is malformed.
+    let mut h = Harness::new();
+    let mut c = Client::new("alice", "wonderland");
+    allocate(&mut h, &mut c, t);
+    let r = h.send(1, t, &c.request(method::REFRESH, |b| {
+        b.attr(attr::REQUESTED_ADDRESS_FAMILY, &[1]);
+    }));
+    assert_eq!(error_code(&r.expect("reply")), Some(400));
 }
 
 #[test]
@@ -1077,8 +1149,15 @@ fn dual_tcp_allocation_connects_each_peer_from_its_family() {
     assert_eq!(h.send(0, t, &c.request(method::CONNECT, connect_req(peer6()))), None, "answered once connected");
     assert_eq!(h.send(0, t, &c.request(method::CONNECT, connect_req(peer()))), None);
     assert_eq!(h.binder.connects.iter().map(|(_, relay, p)| (*relay, *p)).collect::<Vec<_>>(), vec![(addrs[1], peer6()), (addrs[0], peer())]);
+    assert_eq!(h.server.tcp_conns.len(), 2);
     // Deleting IPv6 closes the IPv6 peer's connection only.
     assert_eq!(refresh_family(&mut h, &mut c, 1, t, Some(2), 0), Ok(0));
-    assert_eq!(h.binder.closed, vec![h.binder.connects[0].0]);
+    let (c6, c4) = (h.binder.connects[0].0, h.binder.connects[1].0);
+    assert_eq!(h.binder.closed, vec![c6]);
     assert_eq!(h.binder.tcp_open, vec![addrs[0]]);
+    assert_eq!(h.server.tcp_conns.keys().copied().collect::<Vec<_>>(), vec![c4]);
+    // And the allocation's end closes the rest.
+    assert_eq!(refresh_family(&mut h, &mut c, 1, t, None, 0), Ok(0));
+    assert_eq!(h.binder.closed, vec![c6, c4]);
+    assert!(h.server.tcp_conns.is_empty() && h.binder.tcp_open.is_empty() && h.server.by_relay.is_empty());
 }
