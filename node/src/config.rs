@@ -334,7 +334,7 @@ impl Default for Listen {
 
 impl Default for Runtime {
     fn default() -> Self {
-        Runtime { shards: 0, io_memory_kib: 2048, mesh_channel_depth: 1024, shutdown_grace_secs: 5, event_cache_kib: 4096, transparent_huge_pages: false, spin_before_park_us: 0, pin_shards: false }
+        Runtime { shards: 0, io_memory_kib: 2048, mesh_channel_depth: 1024, shutdown_grace_secs: 5, event_cache_kib: 2048, transparent_huge_pages: false, spin_before_park_us: 0, pin_shards: false }
     }
 }
 

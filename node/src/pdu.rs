@@ -214,6 +214,10 @@ impl Event {
 /// the per-viewer parts of `unsigned` (age, transaction id) are added at
 /// render time.
 pub struct Rendered {
+    /// The event, without its signed PDU JSON (`stored.json` is `{}`)
+    /// when the rendering held the only reference to it: a rendering is
+    /// built from the parsed fields and the JSON would double what a cached
+    /// entry costs.
     pub event: Event,
     /// The client JSON up to and including `"unsigned":{` and the static
     /// unsigned members.
@@ -291,6 +295,10 @@ impl Rendered {
             member(&mut head, "replaces_state");
             push_json_str(&mut head, r);
         }
+        let mut event = event;
+        if let Some(stored) = Arc::get_mut(&mut event.stored) {
+            stored.json = empty_object();
+        }
         Rendered { has_static, head, event }
     }
 
@@ -334,6 +342,11 @@ impl Rendered {
     pub fn size(&self) -> usize {
         self.head.len() + self.event.stored.json.get().len() + self.event.pdu.content.get().len() + 512
     }
+}
+
+/// `{}` as a raw value.
+fn empty_object() -> Box<RawJsonValue> {
+    RawJsonValue::from_string("{}".to_owned()).unwrap_or_default()
 }
 
 /// Rendered events by id within a byte budget, in two generations: new
@@ -579,11 +592,18 @@ mod tests {
         let viewers = [None, Some(("@a:example.org", "DEV")), Some(("@a:example.org", "OTHER")), Some(("@b:example.org", "DEV"))];
         for ev in events {
             let rendered = Rendered::new(ev.clone());
+            // A rendering that owns its stored record drops the PDU JSON
+            // and renders the same.
+            let owned = Rendered::new(Event { pdu: ev.pdu.clone(), stored: Arc::new((*ev.stored).clone()) });
+            assert_eq!(owned.event.stored.json.get(), "{}");
+            assert_eq!(rendered.event.stored.json.get(), ev.stored.json.get(), "a shared record is left alone");
+            assert!(owned.size() < rendered.size());
             for viewer in viewers {
                 let viewer = viewer.map(|(u, d)| (UserId::parse(u).expect("user"), d));
                 let v = viewer.as_ref().map(|(u, d)| (u.as_ref(), *d));
                 let fast: Value = serde_json::from_str(rendered.render(5_000, v).get()).expect("rendered JSON parses");
                 assert_eq!(fast, ev.to_client(5_000, v), "event {:?} viewer {v:?}", ev.pdu.kind);
+                assert_eq!(owned.render(5_000, v).get(), rendered.render(5_000, v).get());
             }
         }
     }
