@@ -115,22 +115,7 @@ impl TurnCtx {
 /// it at `net.core.rmem_max`, so a smaller limit is no error.
 fn grow_recv_buffer(sock: &UdpSocket, bytes: libc::c_int) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
-    // SAFETY: the descriptor is open for the call (`sock` is borrowed), and
-    // the option value is a c_int whose size is passed with it.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&raw const bytes).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::udp_gso::set_int_option(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, bytes)
 }
 
 fn io_err(e: std::io::Error) -> CallError {
@@ -433,7 +418,7 @@ pub async fn run(plan: &Plan, t: Rc<TurnCtx>) -> anyhow::Result<()> {
         }));
     }
     if !kept.is_empty() && plan.turn.packet_rate_per_s > 0.0 {
-        let burst = plan.turn.packet_burst.max(1);
+        let burst = plan.turn.packet_burst;
         let (t, schedule, kept) = (
             t.clone(),
             Schedule::fixed(plan.turn.packet_rate_per_s / f64::from(burst), duration),

@@ -17,15 +17,24 @@ type Control = [u64; 4];
 /// Asks the kernel to hand over back-to-back datagrams of one sender as one
 /// message (`UDP_GRO`).
 pub fn set_gro(fd: RawFd) -> io::Result<()> {
-    let on: libc::c_int = 1;
+    set_int_option(fd, libc::SOL_UDP, libc::UDP_GRO, 1)
+}
+
+/// Sets an integer socket option.
+pub fn set_int_option(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: the option value is a c_int whose size is passed with it; a
     // bad descriptor is an error, not undefined behaviour.
     let rc = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_UDP,
-            libc::UDP_GRO,
-            (&raw const on).cast(),
+            level,
+            name,
+            (&raw const value).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
