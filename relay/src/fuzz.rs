@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{CredentialStore, NonceKey};
 use crate::stun::{Class, Message, MessageBuilder, PasswordAlgorithm, attr, channel_data, decode_error_code, framed_len, method};
-use crate::turn::{BindError, ClientOutput, Family, FiveTuple, Now, PeerOutput, Quotas, RelayBinder, Server, ServerConfig, Transport};
+use crate::turn::{BindError, ClientOutput, Family, FiveTuple, Held, Now, PeerOutput, Quotas, RelayBinder, Server, ServerConfig, Transport};
 
 const REALM: &str = "fuzz.test";
 const USER: &str = "fuzzer";
@@ -127,7 +127,11 @@ impl RelayBinder for FuzzBinder {
         }
     }
 
-    fn bind_exact(&mut self, addr: SocketAddr) -> Result<SocketAddr, BindError> {
+    fn hold(&mut self, addr: SocketAddr) -> Result<Held, BindError> {
+        Ok(Box::new(addr))
+    }
+
+    fn bind_exact(&mut self, addr: SocketAddr, _held: Held) -> Result<SocketAddr, BindError> {
         Ok(addr)
     }
 

@@ -11,7 +11,7 @@ mod support;
 use std::net::SocketAddr;
 
 use support::*;
-use tessera_relay::stun::{attr, method};
+use tessera_relay::stun::{Message, attr, method};
 
 /// Peers the default policy must refuse (issue #6 security list).
 const REFUSED_PEERS: &[&str] = &[
@@ -184,6 +184,37 @@ fn dual_allocation_relays_ipv4_and_ipv6_peers() {
     assert_eq!(a.recv_data(), (DataFrom::Peer(c4), b"still here".to_vec()));
     let m = relay.metrics();
     assert_eq!(metric(&m, "tessera_relay_allocations"), 3, "{m}");
+}
+
+#[test]
+fn even_port_reservation_holds_the_odd_port_until_its_token_is_used() {
+    if !in_netns("even_port_reservation_holds_the_odd_port_until_its_token_is_used") {
+        return;
+    }
+    let relay = Relay::start(&base_config("allowed_peer_ranges = [\"127.0.0.0/8\"]\n"));
+    let mut a = TurnClient::new(relay.udp, "alice", "wonderland");
+    let r = a.request(method::ALLOCATE, &|b| {
+        b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]).attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
+    });
+    let m = Message::parse(&r).expect("parses");
+    let even = m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).expect("relayed").expect("valid");
+    let token = m.get(attr::RESERVATION_TOKEN).expect("a RESERVATION-TOKEN").to_vec();
+    assert_eq!(even.port() % 2, 0);
+    let odd = SocketAddr::new(even.ip(), even.port() + 1);
+    // Held: nothing else on the host can take the odd port meanwhile.
+    assert!(std::net::UdpSocket::bind(odd).is_err(), "{odd} is not held");
+    // The token's Allocate (from any shard) gets it and relays on it.
+    let mut b = TurnClient::new(relay.udp, "bob", "builder");
+    let (relays, _) = b.allocate_with(&|m| {
+        m.attr(attr::RESERVATION_TOKEN, &token);
+    }).expect("the reserved port");
+    assert_eq!(relays, vec![odd]);
+    assert_eq!(b.create_permission(even), None);
+    assert_eq!(a.create_permission(odd), None);
+    a.send_indication(odd, b"to the odd port");
+    assert_eq!(b.recv_data(), (DataFrom::Peer(even), b"to the odd port".to_vec()));
+    b.send_indication(even, b"back");
+    assert_eq!(a.recv_data(), (DataFrom::Peer(odd), b"back".to_vec()));
 }
 
 /// Two clients of `relay` with allocations and channels to each other's

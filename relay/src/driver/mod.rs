@@ -46,7 +46,7 @@ use glommio::net::UdpSocket;
 use self::batch::{Blocked, Payload, RecvBatch, SendQueue};
 use crate::FastMap;
 use crate::metrics::{DropReason, Metrics};
-use crate::turn::{BindError, ClientOutput, Family, FiveTuple, Now, PeerOutput, RelayBinder, Server, Transport};
+use crate::turn::{BindError, ClientOutput, Family, FiveTuple, Held, Now, PeerOutput, RelayBinder, Server, Transport};
 
 /// Everything a shard needs, built on the main thread.
 #[derive(Clone)]
@@ -400,6 +400,11 @@ impl UdpBinder {
             return Err(BindError::Exhausted);
         }
         let std_sock = std::net::UdpSocket::bind(addr).map_err(|_| BindError::Exhausted)?;
+        self.adopt(addr, std_sock)
+    }
+
+    /// Makes a bound UDP socket a relay socket of this shard.
+    fn adopt(&mut self, addr: SocketAddr, std_sock: std::net::UdpSocket) -> Result<SocketAddr, BindError> {
         std_sock.set_nonblocking(true).map_err(|_| BindError::Exhausted)?;
         if self.gro {
             enable_gro(&std_sock, addr);
@@ -462,13 +467,23 @@ impl RelayBinder for UdpBinder {
         Err(BindError::Exhausted)
     }
 
-    fn bind_exact(&mut self, addr: SocketAddr) -> Result<SocketAddr, BindError> {
-        // A reserved port may come from another shard's slice: the reserving
-        // shard only recorded it, and every shard skips reserved ports.
+    fn hold(&mut self, addr: SocketAddr) -> Result<Held, BindError> {
         if addr.port() < self.min_port || addr.port() > self.max_port || Some(addr.ip()) != self.ip_of(addr) {
             return Err(BindError::Exhausted);
         }
-        self.open(addr)
+        let sock = std::net::UdpSocket::bind(addr).map_err(|_| BindError::Exhausted)?;
+        Ok(Box::new(sock))
+    }
+
+    fn bind_exact(&mut self, addr: SocketAddr, held: Held) -> Result<SocketAddr, BindError> {
+        // A reserved port may come from another shard's slice: the reserving
+        // shard holds it open until the token's Allocate takes it over, on
+        // whichever shard that lands, and every shard skips reserved ports.
+        let sock = held.downcast::<std::net::UdpSocket>().map_err(|_| BindError::Exhausted)?;
+        if sock.local_addr().ok() != Some(addr) || self.sockets.contains_key(&addr) {
+            return Err(BindError::Exhausted);
+        }
+        self.adopt(addr, *sock)
     }
 
     fn release(&mut self, relay: SocketAddr) {

@@ -115,6 +115,10 @@ impl Family {
     }
 }
 
+/// A port held open for a reservation, as the binder made it (for the
+/// I/O driver, a bound UDP socket nobody reads).
+pub type Held = Box<dyn std::any::Any + Send>;
+
 /// Why a relay address could not be opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BindError {
@@ -130,9 +134,14 @@ pub enum BindError {
 pub trait RelayBinder {
     /// Opens a relay address of a family.
     fn bind(&mut self, family: Family, even_port: bool) -> Result<SocketAddr, BindError>;
-    /// Opens exactly this relay address (the odd port an EVEN-PORT
-    /// reservation holds for a later Allocate).
-    fn bind_exact(&mut self, addr: SocketAddr) -> Result<SocketAddr, BindError>;
+    /// Holds `addr` (the odd port next to an EVEN-PORT allocation's) open
+    /// for a later Allocate with the reservation's token, which may arrive
+    /// on another shard: the handle is moved there, and dropping it
+    /// closes the port.
+    fn hold(&mut self, addr: SocketAddr) -> Result<Held, BindError>;
+    /// Opens exactly this relay address, from the handle of its
+    /// reservation.
+    fn bind_exact(&mut self, addr: SocketAddr, held: Held) -> Result<SocketAddr, BindError>;
     /// Closes a relay address opened by `bind`.
     fn release(&mut self, relay: SocketAddr);
     /// Opens a listening TCP relay address of a family (RFC 6062).
@@ -216,8 +225,21 @@ pub struct Quotas {
 struct QuotaState {
     users: HashMap<String, u32>,
     total: u32,
-    /// RESERVATION-TOKEN -> reserved relay address and its expiry.
-    reservations: HashMap<[u8; 8], (SocketAddr, Instant)>,
+    /// RESERVATION-TOKEN -> reserved relay address, its expiry and the
+    /// port held open for it.
+    reservations: HashMap<[u8; 8], Reservation>,
+}
+
+struct Reservation {
+    addr: SocketAddr,
+    expires: Instant,
+    held: Held,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation").field("addr", &self.addr).field("expires", &self.expires).finish_non_exhaustive()
+    }
 }
 
 /// Which quota refused an allocation.
@@ -268,30 +290,46 @@ impl Quotas {
         }
     }
 
-    /// Records a reservation; false if the table is full.
-    pub fn reserve(&self, token: [u8; 8], addr: SocketAddr, expires: Instant) -> bool {
-        let mut s = self.lock();
-        if s.reservations.len() >= MAX_RESERVATIONS {
-            return false;
-        }
-        s.reservations.insert(token, (addr, expires));
-        true
+    /// True if the reservation table has room.
+    fn can_reserve(&self) -> bool {
+        self.lock().reservations.len() < MAX_RESERVATIONS
     }
 
-    /// Takes a live reservation by token (single use).
-    pub fn take_reservation(&self, token: &[u8; 8], now: Instant) -> Option<SocketAddr> {
+    /// Records a reservation and the port held for it; gives the port back
+    /// if the table is full.
+    fn reserve(&self, token: [u8; 8], addr: SocketAddr, expires: Instant, held: Held) -> Result<(), Held> {
         let mut s = self.lock();
-        s.reservations.remove(token).filter(|(_, e)| *e > now).map(|(a, _)| a)
+        if s.reservations.len() >= MAX_RESERVATIONS {
+            return Err(held);
+        }
+        s.reservations.insert(token, Reservation { addr, expires, held });
+        Ok(())
+    }
+
+    /// Takes a live reservation by token (single use): its address and
+    /// held port.
+    fn take_reservation(&self, token: &[u8; 8], now: Instant) -> Option<(SocketAddr, Held)> {
+        let r = self.lock().reservations.remove(token)?;
+        // An expired one's port closes here, outside the lock.
+        (r.expires > now).then_some((r.addr, r.held))
     }
 
     /// True if a reservation holds this address.
     pub fn is_reserved(&self, addr: SocketAddr) -> bool {
-        self.lock().reservations.values().any(|(a, _)| *a == addr)
+        self.lock().reservations.values().any(|r| r.addr == addr)
     }
 
-    /// Drops expired reservations.
+    /// Drops expired reservations, closing their ports.
     pub fn expire_reservations(&self, now: Instant) {
-        self.lock().reservations.retain(|_, (_, e)| *e > now);
+        let mut expired = Vec::new();
+        {
+            let mut s = self.lock();
+            let keys: Vec<[u8; 8]> = s.reservations.iter().filter(|(_, r)| r.expires <= now).map(|(k, _)| *k).collect();
+            for k in keys {
+                expired.extend(s.reservations.remove(&k));
+            }
+        }
+        drop(expired);
     }
 
     /// Reservations currently held.
@@ -1150,7 +1188,7 @@ impl Server {
         let reserved = match req.get(attr::RESERVATION_TOKEN) {
             None => None,
             Some(t) => match <[u8; 8]>::try_from(t).ok().and_then(|t| self.quotas.take_reservation(&t, now.mono)) {
-                Some(addr) => match binder.bind_exact(addr) {
+                Some((addr, held)) => match binder.bind_exact(addr, held) {
                     Ok(a) => Some(a),
                     Err(e) => {
                         tracing::debug!(%addr, ?e, "reserved relay address could not be opened");
@@ -1206,18 +1244,20 @@ impl Server {
                 }
             }
         }
+        // EVEN-PORT with R: the next port is held open for 30 seconds for
+        // the Allocate that brings the token; if it cannot be, 508 (RFC
+        // 8656 §7.2).
         let mut token = None;
-        if let Some(relay) = addrs.iter().flatten().next().copied().filter(|r| reserve && r.port() % 2 == 0) {
-            // The odd port is only recorded, not held open: the client's next
-            // Allocate may land on another shard, which opens it there.
-            let next = SocketAddr::new(relay.ip(), relay.port().wrapping_add(1));
-            self.tid_counter = self.tid_counter.wrapping_add(1);
-            let mut t = [0u8; 8];
-            t[..4].copy_from_slice(&self.tid_salt.to_be_bytes());
-            t[4..].copy_from_slice(&(self.tid_counter as u32).to_be_bytes());
-            tracing::debug!(token = ?t, %next, "reserving");
-            if self.quotas.reserve(t, next, now.mono + Duration::from_secs(RESERVATION_SECS)) {
-                token = Some(t);
+        if let Some(relay) = addrs.iter().flatten().next().copied().filter(|_| reserve) {
+            match self.reserve_next(now, relay, binder) {
+                Some(t) => token = Some(t),
+                None => {
+                    for r in addrs.iter().flatten() {
+                        binder.release(*r);
+                    }
+                    self.quotas.release(&auth.username);
+                    return self.error(req, code::INSUFFICIENT_CAPACITY, Some(auth));
+                }
             }
         }
         let lifetime = self.lifetime(req);
@@ -1244,6 +1284,23 @@ impl Server {
         self.metrics.allocations.fetch_add(1, Relaxed);
         self.metrics.allocations_total.fetch_add(1, Relaxed);
         reply
+    }
+
+    /// Holds the port after `relay` open and records the reservation;
+    /// its token, or `None` if the port or the table is taken.
+    fn reserve_next(&mut self, now: Now, relay: SocketAddr, binder: &mut dyn RelayBinder) -> Option<[u8; 8]> {
+        let next = SocketAddr::new(relay.ip(), relay.port().checked_add(1)?);
+        if !relay.port().is_multiple_of(2) || !self.quotas.can_reserve() {
+            return None;
+        }
+        let held = binder.hold(next).ok()?;
+        self.tid_counter = self.tid_counter.wrapping_add(1);
+        let mut t = [0u8; 8];
+        t[..4].copy_from_slice(&self.tid_salt.to_be_bytes());
+        t[4..].copy_from_slice(&(self.tid_counter as u32).to_be_bytes());
+        tracing::debug!(token = ?t, %next, "reserving");
+        self.quotas.reserve(t, next, now.mono + Duration::from_secs(RESERVATION_SECS), held).ok()?;
+        Some(t)
     }
 
     /// Binds a relay address that no reservation holds.

@@ -24,6 +24,9 @@ struct FakeBinder {
     no_v4: bool,
     /// The `even_port` of every `bind`.
     evens: Vec<bool>,
+    /// Ports held open for reservations (a held port leaves when its
+    /// handle is dropped).
+    held: Arc<Mutex<Vec<SocketAddr>>>,
     /// TCP relay addresses open.
     tcp_open: Vec<SocketAddr>,
     /// Outgoing connections asked for: (id, relay, peer).
@@ -33,6 +36,18 @@ struct FakeBinder {
     expired: Vec<u32>,
     closed: Vec<u32>,
     next_id: u32,
+}
+
+/// A held port: dropping it closes it.
+struct HeldPort {
+    addr: SocketAddr,
+    held: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl Drop for HeldPort {
+    fn drop(&mut self) {
+        self.held.lock().expect("lock").retain(|a| *a != self.addr);
+    }
 }
 
 impl RelayBinder for FakeBinder {
@@ -53,10 +68,20 @@ impl RelayBinder for FakeBinder {
         self.open.push(a);
         Ok(a)
     }
-    fn bind_exact(&mut self, addr: SocketAddr) -> Result<SocketAddr, BindError> {
+    fn hold(&mut self, addr: SocketAddr) -> Result<Held, BindError> {
+        if self.open.contains(&addr) || self.held.lock().expect("lock").contains(&addr) {
+            return Err(BindError::Exhausted);
+        }
+        self.held.lock().expect("lock").push(addr);
+        Ok(Box::new(HeldPort { addr, held: self.held.clone() }))
+    }
+    fn bind_exact(&mut self, addr: SocketAddr, held: Held) -> Result<SocketAddr, BindError> {
+        let held = held.downcast::<HeldPort>().expect("a port this binder held");
+        assert_eq!(held.addr, addr);
         if self.open.contains(&addr) {
             return Err(BindError::Exhausted);
         }
+        drop(held);
         self.open.push(addr);
         Ok(addr)
     }
@@ -630,6 +655,9 @@ fn even_port_reservation_is_honoured_once_and_expires() {
     let relay = m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).expect("a").expect("v");
     assert_eq!(relay.port() % 2, 0);
     let token = m.get(attr::RESERVATION_TOKEN).expect("token").to_vec();
+    // The odd port is held open until the token is used.
+    let odd = SocketAddr::new(relay.ip(), relay.port() + 1);
+    assert_eq!(*h.binder.held.lock().expect("lock"), vec![odd]);
     // A second client uses the token and gets the odd port.
     let t2 = tuple(2);
     let mut c2 = Client::new("alice", "wonderland");
@@ -642,7 +670,9 @@ fn even_port_reservation_is_honoured_once_and_expires() {
     }));
     let r = r.expect("reply");
     let relay2 = Message::parse(&r).expect("parses").get_xor_addr(attr::XOR_RELAYED_ADDRESS).expect("a").expect("v");
-    assert_eq!(relay2.port(), relay.port() + 1);
+    assert_eq!(relay2, odd);
+    assert!(h.binder.held.lock().expect("lock").is_empty(), "the held port became the relay socket");
+    assert!(h.binder.open.contains(&odd));
     // The token is single-use.
     let t3 = tuple(3);
     let mut c3 = Client::new("alice", "wonderland");
@@ -672,9 +702,30 @@ fn unused_reservation_is_released_after_30_seconds() {
     let now = h.now(29);
     h.server.handle_timeout(now, &mut h.binder);
     assert_eq!(h.quotas.reservations(), 1);
+    assert_eq!(h.binder.held.lock().expect("lock").len(), 1);
     let now = h.now(30);
     h.server.handle_timeout(now, &mut h.binder);
     assert_eq!(h.quotas.reservations(), 0);
+    assert!(h.binder.held.lock().expect("lock").is_empty(), "an expired reservation's port is closed");
+}
+
+#[test]
+fn even_port_pair_that_cannot_be_held_is_508() {
+    let mut h = Harness::new();
+    // The odd port after the next even one is taken.
+    let odd: SocketAddr = format!("198.51.100.1:{}", 50000 + h.binder.next_port + 3).parse().expect("literal");
+    h.binder.open.push(odd);
+    let mut c = Client::new("alice", "wonderland");
+    let t = tuple(1);
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    let r = h.send(0, t, &c.request(method::ALLOCATE, |b| {
+        allocate_req(b);
+        b.attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
+    }));
+    assert_eq!(error_code(&r.expect("reply")), Some(508));
+    assert_eq!(h.binder.open, vec![odd], "the even port went back");
+    assert_eq!((h.quotas.total(), h.quotas.reservations(), h.server.allocation_count()), (0, 0, 0));
 }
 
 fn tcp_tuple(port: u16) -> FiveTuple {
@@ -848,7 +899,8 @@ fn tcp_allocations_skip_reserved_ports() {
     let mut h = Harness::new();
     // The port the binder hands out next is held by an EVEN-PORT reservation.
     let next: SocketAddr = format!("198.51.100.1:{}", 50000 + h.binder.next_port + 2).parse().expect("literal");
-    assert!(h.quotas.reserve([7; 8], next, h.start + Duration::from_secs(30)));
+    let held = h.binder.hold(next).expect("free");
+    assert!(h.quotas.reserve([7; 8], next, h.start + Duration::from_secs(30), held).is_ok());
     let mut c = Client::new("alice", "wonderland");
     let relay = tcp_allocate(&mut h, &mut c, tcp_tuple(1));
     assert_ne!(relay, next);
