@@ -375,8 +375,9 @@ impl UdpBinder {
     fn new(setup: &ShardSetup) -> Self {
         let c = &setup.config;
         // Shard i owns the port pairs (2k, 2k+1) with k % shards == i, so
-        // shards never race for a port and an EVEN-PORT reservation's odd
-        // port belongs to the same shard.
+        // shards never race for a port; an EVEN-PORT reservation's odd port
+        // is held by the same shard and may then move to the shard that
+        // gets the token's Allocate (reserved ports are skipped by all).
         let ports = (c.min_port..=c.max_port).filter(|p| usize::from(p / 2) % setup.shards == setup.index).collect();
         UdpBinder {
             shard: Weak::new(),
@@ -424,6 +425,12 @@ impl UdpBinder {
         Ok(addr)
     }
 
+    /// True if no relay socket or listener of this shard has `addr` and the
+    /// host lets a UDP socket bind it now.
+    fn is_free(&self, addr: SocketAddr) -> bool {
+        !self.sockets.contains_key(&addr) && !self.tcp.has_listener(addr) && std::net::UdpSocket::bind(addr).is_ok()
+    }
+
     /// The open relay socket of a doorbell token.
     fn by_token(&self, token: u64) -> Option<(Rc<UdpSocket>, SocketAddr)> {
         let addr = *self.tokens.get(&token)?;
@@ -455,9 +462,7 @@ impl RelayBinder for UdpBinder {
             // An EVEN-PORT request may reserve the odd port next to it for a
             // later Allocate: only hand out even ports whose partner is free
             // now, so the reservation can be honoured.
-            if even_port
-                && (port == u16::MAX || std::net::UdpSocket::bind(SocketAddr::new(ip, port + 1)).is_err())
-            {
+            if even_port && (port >= self.max_port || !self.is_free(SocketAddr::new(ip, port + 1))) {
                 continue;
             }
             if let Ok(addr) = self.open(SocketAddr::new(ip, port)) {
@@ -468,7 +473,13 @@ impl RelayBinder for UdpBinder {
     }
 
     fn hold(&mut self, addr: SocketAddr) -> Result<Held, BindError> {
-        if addr.port() < self.min_port || addr.port() > self.max_port || Some(addr.ip()) != self.ip_of(addr) {
+        // One relay address per port, whichever the protocol.
+        if addr.port() < self.min_port
+            || addr.port() > self.max_port
+            || Some(addr.ip()) != self.ip_of(addr)
+            || self.sockets.contains_key(&addr)
+            || self.tcp.has_listener(addr)
+        {
             return Err(BindError::Exhausted);
         }
         let sock = std::net::UdpSocket::bind(addr).map_err(|_| BindError::Exhausted)?;

@@ -231,6 +231,8 @@ struct QuotaState {
 }
 
 struct Reservation {
+    /// Who made it (reservations count against the per-user quota).
+    user: String,
     addr: SocketAddr,
     expires: Instant,
     held: Held,
@@ -290,19 +292,28 @@ impl Quotas {
         }
     }
 
-    /// True if the reservation table has room.
-    fn can_reserve(&self) -> bool {
-        self.lock().reservations.len() < MAX_RESERVATIONS
+    /// Whether `user` may make a reservation: `Err` with the answer's
+    /// code if the table is full (508) or the user holds `per_user`
+    /// reservations already (486).
+    fn can_reserve(&self, user: &str) -> Result<(), u16> {
+        let s = self.lock();
+        if s.reservations.len() >= MAX_RESERVATIONS {
+            return Err(crate::stun::code::INSUFFICIENT_CAPACITY);
+        }
+        if s.reservations.values().filter(|r| r.user == user).count() >= self.per_user as usize {
+            return Err(crate::stun::code::ALLOCATION_QUOTA_REACHED);
+        }
+        Ok(())
     }
 
     /// Records a reservation and the port held for it; gives the port back
-    /// if the table is full.
-    fn reserve(&self, token: [u8; 8], addr: SocketAddr, expires: Instant, held: Held) -> Result<(), Held> {
+    /// if the table filled meanwhile.
+    fn reserve(&self, token: [u8; 8], user: &str, addr: SocketAddr, expires: Instant, held: Held) -> Result<(), Held> {
         let mut s = self.lock();
         if s.reservations.len() >= MAX_RESERVATIONS {
             return Err(held);
         }
-        s.reservations.insert(token, Reservation { addr, expires, held });
+        s.reservations.insert(token, Reservation { user: user.to_owned(), addr, expires, held });
         Ok(())
     }
 
@@ -452,6 +463,18 @@ struct TcpConn {
 /// 30 seconds).
 const CONNECTION_BIND_SECS: u64 = 30;
 
+/// The variable part of an Allocate's success answer.
+#[derive(Debug, Clone, Copy)]
+struct AllocateAnswer {
+    /// Relay addresses by [`Family::index`].
+    addrs: [Option<SocketAddr>; 2],
+    /// The family a dual Allocate could not get and why (its
+    /// ADDRESS-ERROR-CODE).
+    missing: Option<(Family, u16)>,
+    /// The RESERVATION-TOKEN of an EVEN-PORT reservation.
+    token: Option<[u8; 8]>,
+}
+
 /// One relay address of an allocation, with its own lifetime.
 #[derive(Debug)]
 struct Relayed {
@@ -471,10 +494,9 @@ struct Allocation {
     tcp: Option<HashMap<u32, TcpConn>>,
     allocate_tid: [u8; 12],
     allocate_lifetime: u32,
-    /// The relay addresses the Allocate's answer gave and the family it
-    /// could not get and why (its ADDRESS-ERROR-CODE), for answering a
-    /// retransmission alike even after a family is gone.
-    allocate_answer: ([Option<SocketAddr>; 2], Option<(Family, u16)>),
+    /// What the Allocate's answer gave, for answering a retransmission
+    /// alike even after a family is gone.
+    allocate_answer: AllocateAnswer,
     permissions: FastMap<IpAddr, Instant>,
     channels: FastMap<u16, Channel>,
     peer_channels: FastMap<SocketAddr, u16>,
@@ -1126,8 +1148,8 @@ impl Server {
         if let Some(a) = self.allocations.get(&tuple) {
             // A retransmitted Allocate gets the original success again.
             if a.allocate_tid == req.transaction_id() && a.username == auth.username {
-                let (addrs, missing) = a.allocate_answer;
-                return self.allocate_success(req, tuple, addrs.into_iter().flatten(), a.allocate_lifetime, None, missing, auth);
+                let answer = a.allocate_answer;
+                return self.allocate_success(req, tuple, answer.addrs.into_iter().flatten(), a.allocate_lifetime, answer.token, answer.missing, auth);
             }
             return self.error(req, code::ALLOCATION_MISMATCH, Some(auth));
         }
@@ -1246,17 +1268,18 @@ impl Server {
         }
         // EVEN-PORT with R: the next port is held open for 30 seconds for
         // the Allocate that brings the token; if it cannot be, 508 (RFC
-        // 8656 §7.2).
+        // 8656 §7.2). A user's reservations count against the per-user
+        // quota (486).
         let mut token = None;
         if let Some(relay) = addrs.iter().flatten().next().copied().filter(|_| reserve) {
-            match self.reserve_next(now, relay, binder) {
-                Some(t) => token = Some(t),
-                None => {
+            match self.reserve_next(now, &auth.username, relay, binder) {
+                Ok(t) => token = Some(t),
+                Err(c) => {
                     for r in addrs.iter().flatten() {
                         binder.release(*r);
                     }
                     self.quotas.release(&auth.username);
-                    return self.error(req, code::INSUFFICIENT_CAPACITY, Some(auth));
+                    return self.error(req, c, Some(auth));
                 }
             }
         }
@@ -1269,7 +1292,7 @@ impl Server {
             tcp: tcp.then(HashMap::new),
             allocate_tid: req.transaction_id(),
             allocate_lifetime: lifetime,
-            allocate_answer: (addrs, missing),
+            allocate_answer: AllocateAnswer { addrs, missing, token },
             permissions: FastMap::default(),
             channels: FastMap::default(),
             peer_channels: FastMap::default(),
@@ -1286,21 +1309,26 @@ impl Server {
         reply
     }
 
-    /// Holds the port after `relay` open and records the reservation;
-    /// its token, or `None` if the port or the table is taken.
-    fn reserve_next(&mut self, now: Now, relay: SocketAddr, binder: &mut dyn RelayBinder) -> Option<[u8; 8]> {
-        let next = SocketAddr::new(relay.ip(), relay.port().checked_add(1)?);
-        if !relay.port().is_multiple_of(2) || !self.quotas.can_reserve() {
-            return None;
+    /// Holds the port after `relay` open and records the reservation for
+    /// `user`; its token, or the error code to answer (508 if the port
+    /// cannot be held or the table is full, 486 past the user's quota).
+    fn reserve_next(&mut self, now: Now, user: &str, relay: SocketAddr, binder: &mut dyn RelayBinder) -> Result<[u8; 8], u16> {
+        let full = code::INSUFFICIENT_CAPACITY;
+        let port = relay.port().checked_add(1).filter(|_| relay.port().is_multiple_of(2)).ok_or(full)?;
+        let next = SocketAddr::new(relay.ip(), port);
+        // One relay address per port, whichever the protocol.
+        if self.by_relay.contains_key(&next) {
+            return Err(full);
         }
-        let held = binder.hold(next).ok()?;
+        self.quotas.can_reserve(user)?;
+        let held = binder.hold(next).map_err(|_| full)?;
         self.tid_counter = self.tid_counter.wrapping_add(1);
         let mut t = [0u8; 8];
         t[..4].copy_from_slice(&self.tid_salt.to_be_bytes());
         t[4..].copy_from_slice(&(self.tid_counter as u32).to_be_bytes());
         tracing::debug!(token = ?t, %next, "reserving");
-        self.quotas.reserve(t, next, now.mono + Duration::from_secs(RESERVATION_SECS), held).ok()?;
-        Some(t)
+        self.quotas.reserve(t, user, next, now.mono + Duration::from_secs(RESERVATION_SECS), held).map_err(|_| full)?;
+        Ok(t)
     }
 
     /// Binds a relay address that no reservation holds.

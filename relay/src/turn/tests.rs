@@ -658,6 +658,14 @@ fn even_port_reservation_is_honoured_once_and_expires() {
     // The odd port is held open until the token is used.
     let odd = SocketAddr::new(relay.ip(), relay.port() + 1);
     assert_eq!(*h.binder.held.lock().expect("lock"), vec![odd]);
+    // A retransmission gets the token again.
+    c.tid -= 1;
+    let again = h.send(0, t, &c.request(method::ALLOCATE, |b| {
+        allocate_req(b);
+        b.attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
+    }));
+    assert_eq!(Message::parse(&again.expect("reply")).expect("parses").get(attr::RESERVATION_TOKEN), Some(&token[..]));
+    assert_eq!(h.quotas.reservations(), 1);
     // A second client uses the token and gets the odd port.
     let t2 = tuple(2);
     let mut c2 = Client::new("alice", "wonderland");
@@ -707,6 +715,71 @@ fn unused_reservation_is_released_after_30_seconds() {
     h.server.handle_timeout(now, &mut h.binder);
     assert_eq!(h.quotas.reservations(), 0);
     assert!(h.binder.held.lock().expect("lock").is_empty(), "an expired reservation's port is closed");
+
+    // A token past its 30 seconds is refused even before the sweep.
+    let t2 = tuple(2);
+    let mut c2 = Client::new("bob", "builder");
+    let r = h.send(31, t2, &c2.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c2.learn(&r);
+    let mut h2 = Harness::new();
+    let mut c = Client::new("alice", "wonderland");
+    let r = h2.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    let r = h2.send(0, t, &c.request(method::ALLOCATE, |b| {
+        allocate_req(b);
+        b.attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
+    }));
+    let token = Message::parse(&r.expect("reply")).expect("parses").get(attr::RESERVATION_TOKEN).expect("token").to_vec();
+    let r = h2.send(31, t2, &c2.request(method::ALLOCATE, |b| {
+        allocate_req(b);
+        b.attr(attr::RESERVATION_TOKEN, &token);
+    }));
+    assert_eq!(error_code(&r.expect("reply")), Some(508));
+    assert_eq!(h2.quotas.total(), 1);
+}
+
+#[test]
+fn reservations_count_against_the_user_and_never_take_a_used_port() {
+    let mut h = Harness::new();
+    let mut c = Client::new("alice", "wonderland");
+    let t = tuple(1);
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    let even = |b: &mut MessageBuilder| {
+        allocate_req(b);
+        b.attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
+    };
+    // Allocate with a reservation and delete the allocation, four times:
+    // the four reservations stay, and the fifth is over alice's quota.
+    for _ in 0..4 {
+        assert_eq!(error_code(&h.send(0, t, &c.request(method::ALLOCATE, even)).expect("reply")), None);
+        assert_eq!(refresh_family(&mut h, &mut c, 0, t, None, 0), Ok(0));
+    }
+    assert_eq!(h.quotas.reservations(), 4);
+    assert_eq!(error_code(&h.send(0, t, &c.request(method::ALLOCATE, even)).expect("reply")), Some(486));
+    assert_eq!((h.quotas.total(), h.quotas.reservations()), (0, 4));
+    assert!(h.binder.open.is_empty());
+    // Another user may still reserve.
+    let mut c2 = Client::new("bob", "builder");
+    let t2 = tuple(2);
+    let r = h.send(0, t2, &c2.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c2.learn(&r);
+    assert_eq!(error_code(&h.send(0, t2, &c2.request(method::ALLOCATE, even)).expect("reply")), None);
+
+    // A TCP allocation's relay port is never reserved for UDP.
+    let mut h = Harness::new();
+    h.binder.next_port = 1;
+    let mut c = Client::new("alice", "wonderland");
+    let tcp_relay = tcp_allocate(&mut h, &mut c, tcp_tuple(1));
+    h.binder.next_port = 0;
+    let t = tuple(3);
+    let mut c = Client::new("alice", "wonderland");
+    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    let r = h.send(0, t, &c.request(method::ALLOCATE, even)).expect("reply");
+    assert_eq!(error_code(&r), Some(508), "the odd port {tcp_relay} is a TCP relay address");
+    assert_eq!(h.binder.tcp_open, vec![tcp_relay]);
+    assert!(h.binder.held.lock().expect("lock").is_empty() && h.binder.open.is_empty());
 }
 
 #[test]
@@ -900,7 +973,7 @@ fn tcp_allocations_skip_reserved_ports() {
     // The port the binder hands out next is held by an EVEN-PORT reservation.
     let next: SocketAddr = format!("198.51.100.1:{}", 50000 + h.binder.next_port + 2).parse().expect("literal");
     let held = h.binder.hold(next).expect("free");
-    assert!(h.quotas.reserve([7; 8], next, h.start + Duration::from_secs(30), held).is_ok());
+    assert!(h.quotas.reserve([7; 8], "carol", next, h.start + Duration::from_secs(30), held).is_ok());
     let mut c = Client::new("alice", "wonderland");
     let relay = tcp_allocate(&mut h, &mut c, tcp_tuple(1));
     assert_ne!(relay, next);
