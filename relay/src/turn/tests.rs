@@ -694,18 +694,36 @@ fn even_port_reservation_is_honoured_once_and_expires() {
     assert_eq!(h.quotas.total(), 2);
 }
 
+fn reserve_req(b: &mut MessageBuilder) {
+    allocate_req(b);
+    b.attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
+}
+
+fn token_req(token: &[u8]) -> impl FnOnce(&mut MessageBuilder) + '_ {
+    move |b| {
+        allocate_req(b);
+        b.attr(attr::RESERVATION_TOKEN, token);
+    }
+}
+
+/// A client's first Allocate, `add` (after the 401 round trip at the same
+/// time); the answer.
+fn allocate_as(h: &mut Harness, c: &mut Client, at: u64, t: FiveTuple, add: impl FnOnce(&mut MessageBuilder)) -> Vec<u8> {
+    let r = h.send(at, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
+    c.learn(&r);
+    h.send(at, t, &c.request(method::ALLOCATE, add)).expect("reply")
+}
+
+fn token_of(resp: &[u8]) -> Vec<u8> {
+    Message::parse(resp).expect("parses").get(attr::RESERVATION_TOKEN).expect("a RESERVATION-TOKEN").to_vec()
+}
+
 #[test]
 fn unused_reservation_is_released_after_30_seconds() {
     let mut h = Harness::new();
     let mut c = Client::new("alice", "wonderland");
     let t = tuple(1);
-    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
-    c.learn(&r);
-    let r = h.send(0, t, &c.request(method::ALLOCATE, |b| {
-        allocate_req(b);
-        b.attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
-    }));
-    assert_eq!(error_code(&r.expect("reply")), None);
+    assert_eq!(error_code(&allocate_as(&mut h, &mut c, 0, t, reserve_req)), None);
     assert_eq!(h.quotas.reservations(), 1);
     let now = h.now(29);
     h.server.handle_timeout(now, &mut h.binder);
@@ -717,25 +735,12 @@ fn unused_reservation_is_released_after_30_seconds() {
     assert!(h.binder.held.lock().expect("lock").is_empty(), "an expired reservation's port is closed");
 
     // A token past its 30 seconds is refused even before the sweep.
-    let t2 = tuple(2);
-    let mut c2 = Client::new("bob", "builder");
-    let r = h.send(31, t2, &c2.request(method::ALLOCATE, allocate_req)).expect("reply");
-    c2.learn(&r);
-    let mut h2 = Harness::new();
+    let mut h = Harness::new();
     let mut c = Client::new("alice", "wonderland");
-    let r = h2.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
-    c.learn(&r);
-    let r = h2.send(0, t, &c.request(method::ALLOCATE, |b| {
-        allocate_req(b);
-        b.attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
-    }));
-    let token = Message::parse(&r.expect("reply")).expect("parses").get(attr::RESERVATION_TOKEN).expect("token").to_vec();
-    let r = h2.send(31, t2, &c2.request(method::ALLOCATE, |b| {
-        allocate_req(b);
-        b.attr(attr::RESERVATION_TOKEN, &token);
-    }));
-    assert_eq!(error_code(&r.expect("reply")), Some(508));
-    assert_eq!(h2.quotas.total(), 1);
+    let token = token_of(&allocate_as(&mut h, &mut c, 0, t, reserve_req));
+    let mut c2 = Client::new("bob", "builder");
+    assert_eq!(error_code(&allocate_as(&mut h, &mut c2, 31, tuple(2), token_req(&token))), Some(508));
+    assert_eq!(h.quotas.total(), 1);
 }
 
 #[test]
@@ -743,28 +748,21 @@ fn reservations_count_against_the_user_and_never_take_a_used_port() {
     let mut h = Harness::new();
     let mut c = Client::new("alice", "wonderland");
     let t = tuple(1);
-    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
-    c.learn(&r);
-    let even = |b: &mut MessageBuilder| {
-        allocate_req(b);
-        b.attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
-    };
     // Allocate with a reservation and delete the allocation, four times:
     // the four reservations stay, and the fifth is over alice's quota.
-    for _ in 0..4 {
-        assert_eq!(error_code(&h.send(0, t, &c.request(method::ALLOCATE, even)).expect("reply")), None);
+    assert_eq!(error_code(&allocate_as(&mut h, &mut c, 0, t, reserve_req)), None);
+    assert_eq!(refresh_family(&mut h, &mut c, 0, t, None, 0), Ok(0));
+    for _ in 0..3 {
+        assert_eq!(error_code(&h.send(0, t, &c.request(method::ALLOCATE, reserve_req)).expect("reply")), None);
         assert_eq!(refresh_family(&mut h, &mut c, 0, t, None, 0), Ok(0));
     }
     assert_eq!(h.quotas.reservations(), 4);
-    assert_eq!(error_code(&h.send(0, t, &c.request(method::ALLOCATE, even)).expect("reply")), Some(486));
+    assert_eq!(error_code(&h.send(0, t, &c.request(method::ALLOCATE, reserve_req)).expect("reply")), Some(486));
     assert_eq!((h.quotas.total(), h.quotas.reservations()), (0, 4));
     assert!(h.binder.open.is_empty());
     // Another user may still reserve.
     let mut c2 = Client::new("bob", "builder");
-    let t2 = tuple(2);
-    let r = h.send(0, t2, &c2.request(method::ALLOCATE, allocate_req)).expect("reply");
-    c2.learn(&r);
-    assert_eq!(error_code(&h.send(0, t2, &c2.request(method::ALLOCATE, even)).expect("reply")), None);
+    assert_eq!(error_code(&allocate_as(&mut h, &mut c2, 0, tuple(2), reserve_req)), None);
 
     // A TCP allocation's relay port is never reserved for UDP.
     let mut h = Harness::new();
@@ -772,11 +770,8 @@ fn reservations_count_against_the_user_and_never_take_a_used_port() {
     let mut c = Client::new("alice", "wonderland");
     let tcp_relay = tcp_allocate(&mut h, &mut c, tcp_tuple(1));
     h.binder.next_port = 0;
-    let t = tuple(3);
     let mut c = Client::new("alice", "wonderland");
-    let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
-    c.learn(&r);
-    let r = h.send(0, t, &c.request(method::ALLOCATE, even)).expect("reply");
+    let r = allocate_as(&mut h, &mut c, 0, tuple(3), reserve_req);
     assert_eq!(error_code(&r), Some(508), "the odd port {tcp_relay} is a TCP relay address");
     assert_eq!(h.binder.tcp_open, vec![tcp_relay]);
     assert!(h.binder.held.lock().expect("lock").is_empty() && h.binder.open.is_empty());
