@@ -68,7 +68,8 @@ pub struct Config {
     /// TURN REST shared secrets; the first is current, the others are
     /// accepted during rotation.
     pub rest_secrets: Vec<String>,
-    /// Static users: name -> password.
+    /// Static users: name -> password. Non-ASCII names and passwords also
+    /// match their SASLprep and OpaqueString forms (`auth::credential_forms`).
     pub static_users: HashMap<String, String>,
     /// Allocations per username across all cores.
     pub max_allocations_per_user: u32,
@@ -193,10 +194,7 @@ impl Config {
 
     /// The protocol core's configuration.
     pub fn server_config(&self) -> Result<ServerConfig, ConfigError> {
-        let creds = CredentialStore {
-            rest_secrets: self.rest_secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
-            static_users: self.static_users.clone(),
-        };
+        let creds = CredentialStore::new(self.rest_secrets.iter().map(|s| s.as_bytes().to_vec()).collect(), &self.static_users);
         let mut sc = ServerConfig::new(&self.realm, creds);
         sc.software = (!self.software.is_empty()).then(|| self.software.clone());
         sc.max_lifetime_secs = self.max_lifetime_secs.max(1);

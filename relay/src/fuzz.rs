@@ -233,7 +233,7 @@ fn check_peer(out: &PeerOutput, input: &[u8]) {
 fn state_machine(data: &[u8]) {
     let mut static_users = HashMap::new();
     static_users.insert(USER.to_owned(), PASS.to_owned());
-    let mut cfg = ServerConfig::new(REALM, CredentialStore { rest_secrets: vec![b"fuzz-secret".to_vec()], static_users });
+    let mut cfg = ServerConfig::new(REALM, CredentialStore::new(vec![b"fuzz-secret".to_vec()], &static_users));
     if let Ok(range) = "203.0.113.0/24".parse() {
         cfg.policy.allow.push(range);
     }

@@ -725,9 +725,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Long-term credential key derivation (RFC 8489 §9.2.2). Usernames and
-/// passwords are used as given (no OpaqueString/SASLprep normalisation:
-/// TURN REST and config credentials are ASCII).
+/// Long-term credential key derivation (RFC 8489 §9.2.2), from the strings
+/// as given: which prepared forms of them to try is the caller's choice
+/// (`auth::credential_forms`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PasswordAlgorithm {
     /// MD5(username ":" realm ":" password), the RFC 5389 default.

@@ -87,6 +87,11 @@ fn rfc5769_long_term_request() {
     assert_eq!(realm, "example.org");
     let key = PasswordAlgorithm::Md5.key(user, realm, "TheMatrIX");
     assert!(m.verify_integrity(&key));
+    // The vector's password before SASLprep: one of its forms is the one.
+    let raw = "The\u{00AD}M\u{00AA}tr\u{2168}";
+    assert!(!m.verify_integrity(&PasswordAlgorithm::Md5.key(user, realm, raw)));
+    let forms = crate::auth::credential_forms(raw);
+    assert!(forms.iter().any(|p| m.verify_integrity(&PasswordAlgorithm::Md5.key(user, realm, p))));
     let wrong = PasswordAlgorithm::Md5.key(user, realm, "TheMatrix");
     assert!(!m.verify_integrity(&wrong));
 }

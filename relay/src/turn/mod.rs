@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::FastMap;
-use crate::auth::{CredentialStore, LookupError, NonceCheck, NonceKey};
+use crate::auth::{CredentialStore, LookupError, NonceCheck, NonceKey, credential_forms};
 use crate::metrics::{DropReason, Metrics};
 use crate::policy::PeerPolicy;
 use crate::stun::{
@@ -921,14 +921,17 @@ impl Server {
                 None => return Err(self.error(req, code::BAD_REQUEST, None)),
             },
         };
-        let passwords = match self.cfg.credentials.passwords(username, now.unix_secs) {
-            Ok(p) => p,
+        let found = match self.cfg.credentials.lookup(username, now.unix_secs) {
+            Ok(f) => f,
             Err(LookupError::UnknownUser | LookupError::Expired) => return Err(self.auth_failure(now, tuple, req)),
         };
-        for p in passwords {
-            let key = alg.key(username, realm, &p);
-            if req.verify_integrity(&key) {
-                return Ok(Authed { username: username.to_owned(), key, kind });
+        let realms = credential_forms(realm);
+        for p in &found.passwords {
+            for r in &realms {
+                let key = alg.key(username, r, p);
+                if req.verify_integrity(&key) {
+                    return Ok(Authed { username: found.user, key, kind });
+                }
             }
         }
         Err(self.auth_failure(now, tuple, req))

@@ -128,7 +128,7 @@ fn cfg() -> ServerConfig {
     let mut static_users = HashMap::new();
     static_users.insert("alice".to_owned(), "wonderland".to_owned());
     static_users.insert("bob".to_owned(), "builder".to_owned());
-    let mut c = ServerConfig::new(REALM, CredentialStore { rest_secrets: vec![SECRET.to_vec()], static_users });
+    let mut c = ServerConfig::new(REALM, CredentialStore::new(vec![SECRET.to_vec()], &static_users));
     // The tests use documentation addresses as peers; allow that range only.
     c.policy.allow.push("203.0.113.0/24".parse().expect("literal"));
     c.policy.allow.push("2001:db8:beef::/48".parse().expect("literal"));
@@ -364,6 +364,50 @@ fn wrong_password_unknown_user_and_stale_nonce() {
     c.nonce = Some(h.server.nonces.issue(T0, "192.0.2.11:1".parse().expect("literal")));
     let r = h.send(0, t, &c.request(method::ALLOCATE, allocate_req)).expect("reply");
     assert_eq!(error_code(&r), Some(438));
+}
+
+#[test]
+fn non_ascii_credentials_match_in_any_prepared_form() {
+    // RFC 5769 §2.4's user and password, the password before SASLprep.
+    let matrix = "\u{30DE}\u{30C8}\u{30EA}\u{30C3}\u{30AF}\u{30B9}";
+    let raw = "The\u{00AD}M\u{00AA}tr\u{2168}";
+    let users = HashMap::from([(matrix.to_owned(), raw.to_owned()), ("Ame\u{0301}lie".to_owned(), "pass\u{00A0}word".to_owned())]);
+    let mut h = Harness::with(ServerConfig::new(REALM, CredentialStore::new(Vec::new(), &users)), Quotas::new(1, 100));
+    // The password as given, and after SASLprep.
+    allocate(&mut h, &mut Client::new(matrix, raw), tuple(1));
+    let mut c = Client::new(matrix, "TheMatrIX");
+    let r = allocate_as(&mut h, &mut c, 0, tuple(2), allocate_req);
+    assert_eq!(error_code(&r), Some(486), "the same user, over its quota of one");
+    let mut c = Client::new(matrix, "TheMatrix");
+    assert_eq!(error_code(&allocate_as(&mut h, &mut c, 0, tuple(3), allocate_req)), Some(401));
+    // A configured name in NFD matches a client's NFC one (OpaqueString),
+    // and both count as one user.
+    allocate(&mut h, &mut Client::new("Am\u{00E9}lie", "pass word"), tuple(4));
+    for (user, pass) in [("Ame\u{0301}lie", "pass\u{00A0}word"), ("Am\u{00E9}lie", "pass\u{00A0}word")] {
+        assert_eq!(error_code(&allocate_as(&mut h, &mut Client::new(user, pass), 0, tuple(5), allocate_req)), Some(486), "{user}");
+    }
+    assert_eq!(error_code(&allocate_as(&mut h, &mut Client::new("Amelie", "pass word"), 0, tuple(6), allocate_req)), Some(401));
+    assert_eq!(h.server.metrics().auth_failures.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_non_ascii_realm_matches_in_its_prepared_form() {
+    let realm = "exa\u{0308}mple";
+    let users = HashMap::from([("alice".to_owned(), "wonderland".to_owned())]);
+    let mut h = Harness::with(ServerConfig::new(realm, CredentialStore::new(Vec::new(), &users)), Quotas::new(4, 100));
+    let t = tuple(1);
+    let nonce = h.server.nonces.issue(T0, t.client);
+    let req = |tid: u8, key_realm: &str| {
+        let mut b = MessageBuilder::new(method::ALLOCATE, Class::Request, [tid; 12]);
+        allocate_req(&mut b);
+        b.attr(attr::USERNAME, b"alice").attr(attr::REALM, realm.as_bytes()).attr(attr::NONCE, nonce.as_bytes());
+        b.integrity(&PasswordAlgorithm::Md5.key("alice", key_realm, "wonderland"));
+        b.fingerprint();
+        b.finish()
+    };
+    assert_eq!(error_code(&h.send(0, t, &req(1, "example")).expect("reply")), Some(401));
+    assert_eq!(error_code(&h.send(0, t, &req(2, "\u{00E4}xample")).expect("reply")), Some(401));
+    assert_eq!(error_code(&h.send(0, t, &req(3, "ex\u{00E4}mple")).expect("reply")), None);
 }
 
 #[test]
