@@ -9,6 +9,10 @@
 #   THREADS=2 N=500 Z=1 bench/relay-vs-coturn.sh
 #   RELAY_BIN=/tmp/tessera-relay-old SERVERS=tessera bench/relay-vs-coturn.sh
 #                                       # a given binary, e.g. for before/after
+#   MODE=tcp LOADS="50:160" bench/relay-vs-coturn.sh
+#                                       # clients over TCP (uclient -t): channels
+#                                       # and UDP relay addresses as in the
+#                                       # default mode, client data over TCP
 #   MODE=tcp-relay LOADS="10:160" bench/relay-vs-coturn.sh
 #                                       # TCP relay allocations (RFC 6062):
 #                                       # uclient -T, every client connected to
@@ -25,8 +29,9 @@ LOADS=${LOADS:-"50:160 200:160 50:1200 200:1200"}
 MODE=${MODE:-channels}
 case "$MODE" in
   channels) UFLAGS=() ;;
+  tcp) UFLAGS=(-t) ;;
   tcp-relay) UFLAGS=(-T) ;;
-  *) echo "MODE must be channels or tcp-relay" >&2; exit 2 ;;
+  *) echo "MODE must be channels, tcp or tcp-relay" >&2; exit 2 ;;
 esac
 PORT=${PORT:-36478}
 PEER_PORT=$((PORT + 2))

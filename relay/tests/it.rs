@@ -309,6 +309,60 @@ fn bursts_to_one_destination_leave_as_gso_messages_and_arrive_whole() {
     }
 }
 
+/// The frames a TCP client sends in one write leave for the peer together
+/// (a run to one peer as one GSO message), each datagram whole and in
+/// order; a burst from the peer reaches the client as whole frames in
+/// order.
+#[test]
+fn a_tcp_clients_burst_leaves_in_one_batch_and_arrives_whole() {
+    use std::io::Write as _;
+    if !in_netns("a_tcp_clients_burst_leaves_in_one_batch_and_arrives_whole") {
+        return;
+    }
+    const BURST: u32 = 32;
+    let payload = |dir: u8, seq: u32| {
+        let mut v = vec![dir; 200];
+        v[1..5].copy_from_slice(&seq.to_be_bytes());
+        v
+    };
+    let relay = Relay::start(&base_config("allowed_peer_ranges = [\"127.0.0.0/8\"]\nudp_gso = true\n"));
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("peer socket");
+    peer.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+    let peer_addr = peer.local_addr().expect("addr");
+    let mut client = support::tcp::TcpTurn::connect(relay.udp, "alice", "wonderland");
+    let relay_addr = client.allocate_udp().expect("a UDP allocation over TCP");
+    assert_eq!(client.channel_bind(0x4001, peer_addr), None);
+    // Whether one read takes the whole burst is up to the kernel; send
+    // bursts until one left as a GSO message (each is checked whole), at
+    // most 20.
+    let mut buf = [0u8; 2048];
+    let mut bursts = 0;
+    loop {
+        bursts += 1;
+        let frames: Vec<u8> = (0..BURST).flat_map(|seq| support::tcp::TcpTurn::channel_data_frame(0x4001, &payload(b'c', seq))).collect();
+        client.stream.write_all(&frames).expect("write the burst");
+        for seq in 0..BURST {
+            let (n, from) = peer.recv_from(&mut buf).expect("relayed datagram within the timeout");
+            assert_eq!(from, relay_addr);
+            assert_eq!(&buf[..n], payload(b'c', seq), "datagram {seq} of burst {bursts}");
+        }
+        let m = relay.metrics();
+        assert_eq!(metric(&m, "tessera_relay_packets_total{direction=\"to_peer\"}"), u64::from(BURST * bursts), "{m}");
+        if metric(&m, "tessera_relay_udp_gso_datagrams_total") > 0 {
+            break;
+        }
+        assert!(bursts < 20, "no GSO message in {bursts} bursts: {m}");
+    }
+    for seq in 0..BURST {
+        peer.send_to(&payload(b'p', seq), relay_addr).expect("peer sends");
+    }
+    for seq in 0..BURST {
+        assert_eq!(client.read_channel_data(), (0x4001, payload(b'p', seq)), "frame {seq} to the client");
+    }
+    let m = relay.metrics();
+    assert_eq!(metric(&m, "tessera_relay_dropped_packets_total{reason=\"io\"}"), 0, "{m}");
+}
+
 /// A burst a client sends as one GSO message reaches a listener with
 /// `UDP_GRO` as one coalesced message, and the relay socket on the far
 /// side gets the relay's own GSO message coalesced too: both are split back

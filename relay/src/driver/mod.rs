@@ -20,7 +20,10 @@
 //! sockets (whose datagrams to clients all leave through the listener, so
 //! one call carries the whole round), or earlier when the send queue is
 //! full. The shard's one receive batch is shared by all its UDP sockets.
-//! TCP and TLS clients keep one message per call (`stream.rs`).
+//! TCP and TLS clients' frames are read in batches as well: what the frames
+//! of one read send to peers leaves in one `sendmmsg` per relay socket, and
+//! what a client is sent leaves in one write per wake-up of its writer
+//! (`stream.rs`).
 //!
 //! Shutdown: on SIGTERM the main thread raises `stop`; each shard stops
 //! granting allocations (508), keeps relaying until its allocations are gone
@@ -91,6 +94,14 @@ pub(crate) struct Shard {
     pub(crate) metrics: Arc<Metrics>,
     /// The shard's UDP batch. Borrowed only inside a synchronous pass.
     udp_io: RefCell<UdpIo>,
+    /// Datagrams stream clients send to peers, queued while the frames of
+    /// one read go through the core and sent together
+    /// ([`Shard::flush_stream_sends`]). Its payloads are owned copies; its
+    /// receive batch is never received into.
+    stream_io: RefCell<UdpIo>,
+    /// What a full [`Shard::stream_io`] queue flushed mid-read could not
+    /// send without waiting; sent by the next [`Shard::flush_stream_sends`].
+    stream_blocked: RefCell<BlockedSends>,
 }
 
 /// Receive slots and send queue shared by all UDP sockets of a shard.
@@ -269,10 +280,11 @@ impl Shard {
         }
     }
 
-    /// Runs one stream client's message through the core and performs the
-    /// outcome. Returns the reply for the caller to send on its own
-    /// transport, or the peer connection a ConnectionBind claimed.
-    pub(crate) async fn client_message(&self, tuple: FiveTuple, buf: &[u8]) -> Handled {
+    /// Runs one stream client's message through the core. Returns the
+    /// reply for the caller to send on its own transport, or the peer
+    /// connection a ConnectionBind claimed; data for a peer is queued for
+    /// [`Self::flush_stream_sends`].
+    pub(crate) fn stream_frame(&self, tuple: FiveTuple, buf: &[u8]) -> Handled {
         let out = {
             let mut server = self.server.borrow_mut();
             let mut binder = self.binder.borrow_mut();
@@ -289,10 +301,19 @@ impl Shard {
                 };
             }
             ClientOutput::ToPeer { relay, peer, payload } => {
+                // The queue keeps the socket open until the flush even if a
+                // later frame of the read releases the allocation.
                 let sock = self.binder.borrow().socket(relay);
                 match sock {
                     Some(s) => {
-                        if s.send_to(payload, peer).await.is_err() {
+                        let mut io = self.stream_io.borrow_mut();
+                        let UdpIo { recv, send } = &mut *io;
+                        if send.is_full() {
+                            let mut blocked = self.stream_blocked.take();
+                            self.flush(recv, send, &mut blocked);
+                            self.stream_blocked.replace(blocked);
+                        }
+                        if send.push(s, peer, Payload::Owned(payload.to_vec())).is_err() {
                             self.metrics.drop_packet(DropReason::Io);
                         }
                     }
@@ -301,6 +322,21 @@ impl Shard {
                 None
             }
         })
+    }
+
+    /// Sends what stream clients' frames queued for peers: one `sendmmsg`
+    /// per relay socket (a run to one peer as one GSO message where that is
+    /// on), then, by awaiting, whatever a full socket buffer held back.
+    pub(crate) async fn flush_stream_sends(&self) {
+        let mut blocked = self.stream_blocked.take();
+        {
+            let mut io = self.stream_io.borrow_mut();
+            let UdpIo { recv, send } = &mut *io;
+            self.flush(recv, send, &mut blocked);
+        }
+        if !blocked.is_empty() {
+            send_blocked(&self.metrics, &mut blocked).await;
+        }
     }
 
     /// A stream client went away: remove its allocation.
@@ -652,6 +688,8 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
             // Room for the datagrams of one whole coalesced message.
             send: SendQueue::new(setup.config.udp_batch.max(batch::GRO_MAX_SEGMENTS), setup.config.udp_gso),
         }),
+        stream_io: RefCell::new(UdpIo { recv: RecvBatch::new(1), send: SendQueue::new(setup.config.udp_batch, setup.config.udp_gso) }),
+        stream_blocked: RefCell::new(Vec::new()),
     });
     shard.binder.borrow_mut().shard = Rc::downgrade(&shard);
     let doorbell = Rc::new(doorbell::Doorbell::new().map_err(|e| anyhow::anyhow!("relay socket doorbell: {e}"))?);

@@ -4,7 +4,12 @@
 //! duplicate of the socket descriptor, so peer data can be pushed to the
 //! client while the reader waits. Writes go through a bounded queue
 //! ([`WRITE_QUEUE`] frames, at most ~64 KiB each); a client that does not
-//! drain it loses frames rather than growing memory. For TLS both tasks share
+//! drain it loses frames rather than growing memory. The writer takes every
+//! frame queued when it wakes (up to [`WRITE_BATCH_BYTES`]) into one write
+//! (for TLS, one run of records): a burst of peer data costs one system
+//! call, not one per frame. The reader runs all complete frames of one read
+//! through the core before the data they carry for peers leaves, together
+//! ([`Shard::flush_stream_sends`]). For TLS both tasks share
 //! the rustls connection state. Messages are framed by their own headers:
 //! STUN by its length field, ChannelData by its length padded to four.
 //!
@@ -18,7 +23,7 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _};
+use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use glommio::channels::local_channel::{self, LocalReceiver};
 use glommio::net::{TcpListener, TcpStream};
 
@@ -29,6 +34,9 @@ use crate::turn::{FiveTuple, Transport};
 
 /// Frames queued per connection for writing.
 const WRITE_QUEUE: usize = 1024;
+/// Bytes of queued frames gathered into one write (one more frame may
+/// take a write past it).
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// Largest frame accepted from a client (STUN header + 64 KiB).
 const MAX_FRAME: usize = HEADER_LEN + 65535 + 3;
 
@@ -155,20 +163,23 @@ async fn read_loop(
             continue;
         }
         let mut start = 0;
+        let mut done = false;
         loop {
             match next_frame(&buf[start..]) {
                 Err(()) => {
                     shard.metrics.drop_packet(crate::metrics::DropReason::Malformed);
-                    return;
+                    done = true;
+                    break;
                 }
                 Ok(None) => break,
                 Ok(Some(len)) => {
                     let frame = &buf[start..start + len];
                     // ChannelData frames carry padding the core must not see
                     // as payload; STUN frames are exact.
-                    let reply = match shard.client_message(tuple, frame).await {
+                    let reply = match shard.stream_frame(tuple, frame) {
                         Handled::Reply(reply) => reply,
                         Handled::Relay(accept, parked) => {
+                            shard.flush_stream_sends().await;
                             if tx.try_send(accept).is_err() {
                                 return;
                             }
@@ -191,36 +202,64 @@ async fn read_loop(
                 }
             }
         }
+        // The frames before a malformed one still count.
+        shard.flush_stream_sends().await;
+        if done {
+            return;
+        }
         buf.drain(..start);
     }
 }
 
 async fn write_loop(mut stream: TcpStream, rx: LocalReceiver<Vec<u8>>, tls: Option<Rc<RefCell<rustls::ServerConnection>>>) {
-    while let Some(bytes) = rx.recv().await {
+    let mut queued = rx.stream();
+    let mut out: Vec<u8> = Vec::with_capacity(16384);
+    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut open = true;
+    while open {
+        let Some(first) = queued.next().await else { return };
+        // What else is queued already leaves in the same write.
+        let mut bytes = first.len();
+        batch.push(first);
+        while bytes < WRITE_BATCH_BYTES {
+            match futures_lite::future::poll_once(queued.next()).await {
+                Some(Some(more)) => {
+                    bytes += more.len();
+                    batch.push(more);
+                }
+                Some(None) => {
+                    open = false;
+                    break;
+                }
+                None => break,
+            }
+        }
+        out.clear();
         match &tls {
             None => {
-                if stream.write_all(&bytes).await.is_err() {
-                    return;
+                for b in batch.drain(..) {
+                    out.extend_from_slice(&b);
                 }
             }
             Some(conn) => {
-                let out = {
-                    let mut c = conn.borrow_mut();
-                    if !bytes.is_empty() && c.writer().write_all(&bytes).is_err() {
+                let mut c = conn.borrow_mut();
+                for b in batch.drain(..) {
+                    if !b.is_empty() && c.writer().write_all(&b).is_err() {
                         return;
                     }
-                    let mut out = Vec::new();
-                    while c.wants_write() {
-                        if c.write_tls(&mut out).is_err() {
-                            return;
-                        }
+                }
+                while c.wants_write() {
+                    if c.write_tls(&mut out).is_err() {
+                        return;
                     }
-                    out
-                };
-                if !out.is_empty() && stream.write_all(&out).await.is_err() {
-                    return;
                 }
             }
+        }
+        if !out.is_empty() && stream.write_all(&out).await.is_err() {
+            return;
+        }
+        if out.capacity() > 4 * WRITE_BATCH_BYTES {
+            out = Vec::with_capacity(16384);
         }
     }
 }

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 
-use tessera_relay::stun::{Class, HEADER_LEN, Message, MessageBuilder, PasswordAlgorithm, attr, decode_error_code, method};
+use tessera_relay::stun::{Class, HEADER_LEN, Message, MessageBuilder, PasswordAlgorithm, attr, channel_data, decode_error_code, method};
 
 use super::{RECV_TIMEOUT, REALM};
 
@@ -96,6 +96,45 @@ impl TcpTurn {
             Some(c) => Err(c),
             None => Message::parse(&r).ok().and_then(|m| m.get_xor_addr(attr::XOR_RELAYED_ADDRESS)).and_then(|a| a.ok()).ok_or(0),
         }
+    }
+
+    /// A UDP allocation for this TCP client; its relay address.
+    pub fn allocate_udp(&mut self) -> Result<SocketAddr, u16> {
+        let r = self.request(method::ALLOCATE, &|b| {
+            b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        });
+        match code(&r) {
+            Some(c) => Err(c),
+            None => Message::parse(&r).ok().and_then(|m| m.get_xor_addr(attr::XOR_RELAYED_ADDRESS)).and_then(|a| a.ok()).ok_or(0),
+        }
+    }
+
+    pub fn channel_bind(&mut self, channel: u16, peer: SocketAddr) -> Option<u16> {
+        let r = self.request(method::CHANNEL_BIND, &|b| {
+            b.attr_u32(attr::CHANNEL_NUMBER, u32::from(channel) << 16);
+            b.xor_addr(attr::XOR_PEER_ADDRESS, peer);
+        });
+        code(&r)
+    }
+
+    /// One ChannelData frame, padded to four bytes as a stream carries it.
+    pub fn channel_data_frame(channel: u16, data: &[u8]) -> Vec<u8> {
+        let mut f = channel_data::header(channel, data.len() as u16).to_vec();
+        f.extend_from_slice(data);
+        f.resize((f.len() + 3) & !3, 0);
+        f
+    }
+
+    /// Reads one ChannelData frame and its padding; (channel, payload).
+    pub fn read_channel_data(&mut self) -> (u16, Vec<u8>) {
+        let mut h = [0u8; 4];
+        self.stream.read_exact(&mut h).expect("a ChannelData frame within the timeout");
+        assert!(channel_data::is_channel_data(&h), "not ChannelData: {h:?}");
+        let len = usize::from(u16::from_be_bytes([h[2], h[3]]));
+        let mut body = vec![0u8; (len + 3) & !3];
+        self.stream.read_exact(&mut body).expect("the frame body");
+        body.truncate(len);
+        (u16::from_be_bytes([h[0], h[1]]), body)
     }
 
     /// Connect; the CONNECTION-ID or the error code.
