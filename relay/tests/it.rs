@@ -269,6 +269,13 @@ fn relays_bursts_of_many_batches_complete_and_in_order() {
     assert_eq!(metric(&m, "tessera_relay_dropped_packets_total{reason=\"io\"}"), 0, "{m}");
 }
 
+/// 200 bytes of `dir` with `seq` in bytes 1..5: datagram `seq` of a burst.
+fn burst_payload(dir: u8, seq: u32) -> Vec<u8> {
+    let mut v = vec![dir; 200];
+    v[1..5].copy_from_slice(&seq.to_be_bytes());
+    v
+}
+
 /// Bursts of equal datagrams to one destination (the packets of a video
 /// frame) leave the relay as UDP GSO messages, both ways, and still arrive
 /// one by one, whole and in order; with `udp_gso = false` none does.
@@ -278,11 +285,6 @@ fn bursts_to_one_destination_leave_as_gso_messages_and_arrive_whole() {
         return;
     }
     const BURST: u32 = 32;
-    let payload = |dir: u8, seq: u32| {
-        let mut v = vec![dir; 200];
-        v[1..5].copy_from_slice(&seq.to_be_bytes());
-        v
-    };
     for gso in [true, false] {
         let relay = Relay::start(&base_config(&format!("allowed_peer_ranges = [\"127.0.0.0/8\"]\nudp_gso = {gso}\n")));
         let (mut a, mut b) = channel_pair(&relay);
@@ -292,7 +294,7 @@ fn bursts_to_one_destination_leave_as_gso_messages_and_arrive_whole() {
         let mut bursts = 0;
         loop {
             bursts += 1;
-            burst_both_ways(&mut a, &mut b, BURST, payload);
+            burst_both_ways(&mut a, &mut b, BURST, burst_payload);
             let m = relay.metrics();
             let segments = metric(&m, "tessera_relay_udp_gso_datagrams_total");
             assert_eq!(metric(&m, "tessera_relay_packets_total{direction=\"to_peer\"}"), u64::from(2 * BURST * bursts), "{m}");
@@ -320,11 +322,6 @@ fn a_tcp_clients_burst_leaves_in_one_batch_and_arrives_whole() {
         return;
     }
     const BURST: u32 = 32;
-    let payload = |dir: u8, seq: u32| {
-        let mut v = vec![dir; 200];
-        v[1..5].copy_from_slice(&seq.to_be_bytes());
-        v
-    };
     let relay = Relay::start(&base_config("allowed_peer_ranges = [\"127.0.0.0/8\"]\nudp_gso = true\n"));
     let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("peer socket");
     peer.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
@@ -339,12 +336,12 @@ fn a_tcp_clients_burst_leaves_in_one_batch_and_arrives_whole() {
     let mut bursts = 0;
     loop {
         bursts += 1;
-        let frames: Vec<u8> = (0..BURST).flat_map(|seq| support::tcp::TcpTurn::channel_data_frame(0x4001, &payload(b'c', seq))).collect();
+        let frames: Vec<u8> = (0..BURST).flat_map(|seq| support::tcp::TcpTurn::channel_data_frame(0x4001, &burst_payload(b'c', seq))).collect();
         client.stream.write_all(&frames).expect("write the burst");
         for seq in 0..BURST {
             let (n, from) = peer.recv_from(&mut buf).expect("relayed datagram within the timeout");
             assert_eq!(from, relay_addr);
-            assert_eq!(&buf[..n], payload(b'c', seq), "datagram {seq} of burst {bursts}");
+            assert_eq!(&buf[..n], burst_payload(b'c', seq), "datagram {seq} of burst {bursts}");
         }
         let m = relay.metrics();
         assert_eq!(metric(&m, "tessera_relay_packets_total{direction=\"to_peer\"}"), u64::from(BURST * bursts), "{m}");
@@ -354,10 +351,10 @@ fn a_tcp_clients_burst_leaves_in_one_batch_and_arrives_whole() {
         assert!(bursts < 20, "no GSO message in {bursts} bursts: {m}");
     }
     for seq in 0..BURST {
-        peer.send_to(&payload(b'p', seq), relay_addr).expect("peer sends");
+        peer.send_to(&burst_payload(b'p', seq), relay_addr).expect("peer sends");
     }
     for seq in 0..BURST {
-        assert_eq!(client.read_channel_data(), (0x4001, payload(b'p', seq)), "frame {seq} to the client");
+        assert_eq!(client.read_channel_data(), (0x4001, burst_payload(b'p', seq)), "frame {seq} to the client");
     }
     let m = relay.metrics();
     assert_eq!(metric(&m, "tessera_relay_dropped_packets_total{reason=\"io\"}"), 0, "{m}");

@@ -89,19 +89,18 @@ impl TcpTurn {
 
     /// A TCP allocation; its relay address.
     pub fn allocate_tcp(&mut self) -> Result<SocketAddr, u16> {
-        let r = self.request(method::ALLOCATE, &|b| {
-            b.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
-        });
-        match code(&r) {
-            Some(c) => Err(c),
-            None => Message::parse(&r).ok().and_then(|m| m.get_xor_addr(attr::XOR_RELAYED_ADDRESS)).and_then(|a| a.ok()).ok_or(0),
-        }
+        self.allocate_transport(6)
     }
 
     /// A UDP allocation for this TCP client; its relay address.
     pub fn allocate_udp(&mut self) -> Result<SocketAddr, u16> {
+        self.allocate_transport(17)
+    }
+
+    /// An Allocate with REQUESTED-TRANSPORT `protocol`; the relay address.
+    fn allocate_transport(&mut self, protocol: u8) -> Result<SocketAddr, u16> {
         let r = self.request(method::ALLOCATE, &|b| {
-            b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+            b.attr(attr::REQUESTED_TRANSPORT, &[protocol, 0, 0, 0]);
         });
         match code(&r) {
             Some(c) => Err(c),
