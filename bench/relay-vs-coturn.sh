@@ -13,6 +13,9 @@
 #                                       # clients over TCP (uclient -t): channels
 #                                       # and UDP relay addresses as in the
 #                                       # default mode, client data over TCP
+#   MODE=tls LOADS="50:160" bench/relay-vs-coturn.sh
+#                                       # the same over TLS (uclient -t -S; a
+#                                       # self-signed certificate for both)
 #   MODE=tcp-relay LOADS="10:160" bench/relay-vs-coturn.sh
 #                                       # TCP relay allocations (RFC 6062):
 #                                       # uclient -T, every client connected to
@@ -30,11 +33,15 @@ MODE=${MODE:-channels}
 case "$MODE" in
   channels) UFLAGS=() ;;
   tcp) UFLAGS=(-t) ;;
+  tls) UFLAGS=(-t -S) ;;
   tcp-relay) UFLAGS=(-T) ;;
-  *) echo "MODE must be channels, tcp or tcp-relay" >&2; exit 2 ;;
+  *) echo "MODE must be channels, tcp, tls or tcp-relay" >&2; exit 2 ;;
 esac
 PORT=${PORT:-36478}
 PEER_PORT=$((PORT + 2))
+TLS_PORT=$((PORT + 4))
+UPORT=$PORT
+[ "$MODE" = tls ] && UPORT=$TLS_PORT
 USER=bench
 PASS=benchpass
 REALM=bench.test
@@ -51,6 +58,18 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; rm -rf "$WORK"; }
 trap cleanup EXIT
 
+if [ "$MODE" = tls ]; then
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" >/dev/null 2>&1 || { echo "openssl failed" >&2; exit 1; }
+  COTURN_TLS=(--tls-listening-port "$TLS_PORT" --cert "$WORK/cert.pem" --pkey "$WORK/key.pem")
+  TESSERA_TLS="tls_listen = [\"127.0.0.1:$TLS_PORT\"]
+tls_cert = \"$WORK/cert.pem\"
+tls_key = \"$WORK/key.pem\""
+else
+  COTURN_TLS=(--no-tls)
+  TESSERA_TLS=""
+fi
+
 turnutils_peer -L 127.0.0.1 -p "$PEER_PORT" >/dev/null 2>&1 &
 PIDS+=($!)
 
@@ -60,7 +79,7 @@ wait_udp() { timeout 20 bash -c "until ss -lun | grep -q '127.0.0.1:$PORT '; do 
 start_coturn() {
   turnserver -n --listening-ip 127.0.0.1 --listening-port "$PORT" --relay-ip 127.0.0.1 \
     --relay-threads "$THREADS" --lt-cred-mech --user "$USER:$PASS" --realm "$REALM" \
-    --allow-loopback-peers --no-tls --no-dtls --no-cli --min-port 61000 --max-port 64999 \
+    --allow-loopback-peers "${COTURN_TLS[@]}" --no-dtls --no-cli --min-port 61000 --max-port 64999 \
     --total-quota 0 --user-quota 0 --log-file /dev/null --no-stdout-log >/dev/null 2>&1 &
   SERVER=$!
 }
@@ -77,6 +96,7 @@ static_users = { $USER = "$PASS" }
 max_allocations_per_user = 10000
 allowed_peer_ranges = ["127.0.0.0/8"]
 drain_secs = 0
+$TESSERA_TLS
 TOML
   "$BIN" --config "$WORK/relay.toml" 2>"$WORK/relay.log" &
   SERVER=$!
@@ -95,13 +115,13 @@ for server in ${SERVERS:-coturn tessera}; do
     wait_udp || { echo "$server did not start"; exit 1; }
     # Allocation rate: m clients allocate (RTP+RTCP), bind and send one message.
     t0=$(date +%s.%N)
-    timeout 120 turnutils_uclient "${UFLAGS[@]}" -u "$USER" -w "$PASS" -e 127.0.0.1 -r "$PEER_PORT" -m "$m" -n 1 -l 100 -p "$PORT" 127.0.0.1 >"$WORK/a.log" 2>&1 || { echo "$server alloc run failed:" >&2; tail -n 5 "$WORK/a.log" >&2; }
+    timeout 120 turnutils_uclient "${UFLAGS[@]}" -u "$USER" -w "$PASS" -e 127.0.0.1 -r "$PEER_PORT" -m "$m" -n 1 -l 100 -p "$UPORT" 127.0.0.1 >"$WORK/a.log" 2>&1 || { echo "$server alloc run failed:" >&2; tail -n 5 "$WORK/a.log" >&2; }
     t1=$(date +%s.%N)
     # Two allocations per client (RTP and RTCP), one with -T (it implies -c).
     per=2; [ "$MODE" = tcp-relay ] && per=1
     allocs=$(awk -v m="$m" -v per="$per" -v a="$t0" -v b="$t1" 'BEGIN{printf "%.0f", per*m/(b-a)}')
     c0=$(cpu_ticks "$SERVER"); t0=$(date +%s.%N)
-    timeout 300 turnutils_uclient "${UFLAGS[@]}" -u "$USER" -w "$PASS" -e 127.0.0.1 -r "$PEER_PORT" -m "$m" -n "$N" -l "$len" -z "$Z" -p "$PORT" 127.0.0.1 >"$WORK/u.log" 2>&1
+    timeout 300 turnutils_uclient "${UFLAGS[@]}" -u "$USER" -w "$PASS" -e 127.0.0.1 -r "$PEER_PORT" -m "$m" -n "$N" -l "$len" -z "$Z" -p "$UPORT" 127.0.0.1 >"$WORK/u.log" 2>&1
     t1=$(date +%s.%N); c1=$(cpu_ticks "$SERVER")
     sent=$(grep -o 'start_mclient: tot_send_msgs=[0-9]*' "$WORK/u.log" | tail -1 | cut -d= -f2)
     recv=$(grep -o 'tot_send_msgs=[0-9]*, tot_recv_msgs=[0-9]*' "$WORK/u.log" | tail -1 | sed 's/.*tot_recv_msgs=//')
