@@ -117,6 +117,7 @@ async fn read_loop(
     pipe: &mut Option<Pipe>,
 ) {
     let mut raw = vec![0u8; 16384];
+    let mut plain = if tls.is_some() { vec![0u8; 16384] } else { Vec::new() };
     let mut buf: Vec<u8> = Vec::with_capacity(16384);
     loop {
         let n = match stream.read(&mut raw).await {
@@ -138,7 +139,6 @@ async fn read_loop(
                         return;
                     }
                 }
-                let mut plain = [0u8; 16384];
                 loop {
                     match c.reader().read(&mut plain) {
                         Ok(0) => break,
