@@ -323,12 +323,8 @@ fn a_tcp_clients_burst_leaves_in_one_batch_and_arrives_whole() {
     }
     const BURST: u32 = 32;
     let relay = Relay::start(&base_config("allowed_peer_ranges = [\"127.0.0.0/8\"]\nudp_gso = true\n"));
-    let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("peer socket");
-    peer.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
-    let peer_addr = peer.local_addr().expect("addr");
     let mut client = support::tcp::TcpTurn::connect(relay.udp, "alice", "wonderland");
-    let relay_addr = client.allocate_udp().expect("a UDP allocation over TCP");
-    assert_eq!(client.channel_bind(0x4001, peer_addr), None);
+    let (peer, relay_addr) = client.with_peer();
     // Whether one read takes the whole burst is up to the kernel; send
     // bursts until one left as a GSO message (each is checked whole), at
     // most 20.
@@ -336,7 +332,7 @@ fn a_tcp_clients_burst_leaves_in_one_batch_and_arrives_whole() {
     let mut bursts = 0;
     loop {
         bursts += 1;
-        let frames: Vec<u8> = (0..BURST).flat_map(|seq| support::tcp::TcpTurn::channel_data_frame(0x4001, &burst_payload(b'c', seq))).collect();
+        let frames: Vec<u8> = (0..BURST).flat_map(|seq| support::tcp::channel_data_frame(0x4001, &burst_payload(b'c', seq))).collect();
         client.stream.write_all(&frames).expect("write the burst");
         for seq in 0..BURST {
             let (n, from) = peer.recv_from(&mut buf).expect("relayed datagram within the timeout");
@@ -357,6 +353,55 @@ fn a_tcp_clients_burst_leaves_in_one_batch_and_arrives_whole() {
         assert_eq!(client.read_channel_data(), (0x4001, burst_payload(b'p', seq)), "frame {seq} to the client");
     }
     let m = relay.metrics();
+    assert_eq!(metric(&m, "tessera_relay_dropped_packets_total{reason=\"io\"}"), 0, "{m}");
+}
+
+/// A burst from a peer that reaches the relay as one coalesced message
+/// (UDP GRO) of 60 datagrams is queued for a TLS client in one pass, so the
+/// client's writer gathers more than rustls's own 64 KiB of records into
+/// one write, which it must hand over as it goes: the client still gets
+/// every frame whole and in order.
+#[test]
+fn a_tls_client_gets_a_burst_larger_than_the_record_buffer_whole() {
+    if !in_netns("a_tls_client_gets_a_burst_larger_than_the_record_buffer_whole") {
+        return;
+    }
+    const COUNT: u32 = 60;
+    const SIZE: usize = 1090;
+    let dir = support::TempDir(std::env::temp_dir().join(format!("tessera-relay-it-tls-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (the relay suite installs it)");
+    assert!(made.status.success(), "openssl: {}", String::from_utf8_lossy(&made.stderr));
+    let tls_port = support::free_port();
+    let relay = Relay::start(&base_config(&format!(
+        "allowed_peer_ranges = [\"127.0.0.0/8\"]\nudp_gro = true\ntls_listen = [\"127.0.0.1:{tls_port}\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    )));
+    let mut client = support::tcp::TcpTurn::connect_tls(SocketAddr::from(([127, 0, 0, 1], tls_port)), "alice", "wonderland");
+    let (peer, relay_addr) = client.with_peer();
+    let payload = |seq: u32| {
+        let mut v = vec![b'p'; SIZE];
+        v[1..5].copy_from_slice(&seq.to_be_bytes());
+        v
+    };
+    // 65,400 bytes of datagrams, 65,640 of frames, more with the records'
+    // own overhead.
+    let burst: Vec<u8> = (0..COUNT).flat_map(payload).collect();
+    send_gso(&peer, relay_addr, &burst, SIZE);
+    for seq in 0..COUNT {
+        assert_eq!(client.read_channel_data(), (0x4001, payload(seq)), "frame {seq} to the client");
+    }
+    let m = relay.metrics();
+    assert_eq!(metric(&m, "tessera_relay_udp_gro_datagrams_total"), u64::from(COUNT), "the burst arrived as one message: {m}");
+    assert_eq!(metric(&m, "tessera_relay_packets_total{direction=\"to_client\"}"), u64::from(COUNT), "{m}");
     assert_eq!(metric(&m, "tessera_relay_dropped_packets_total{reason=\"io\"}"), 0, "{m}");
 }
 

@@ -244,13 +244,23 @@ async fn write_loop(mut stream: TcpStream, rx: LocalReceiver<Vec<u8>>, tls: Opti
             Some(conn) => {
                 let mut c = conn.borrow_mut();
                 for b in batch.drain(..) {
-                    if !b.is_empty() && c.writer().write_all(&b).is_err() {
-                        return;
-                    }
-                }
-                while c.wants_write() {
-                    if c.write_tls(&mut out).is_err() {
-                        return;
+                    // rustls takes no more plaintext once its own buffer of
+                    // records is full: records move to `out` as they are
+                    // made (an empty message only moves what is waiting).
+                    let mut rest: &[u8] = &b;
+                    loop {
+                        while c.wants_write() {
+                            if c.write_tls(&mut out).is_err() {
+                                return;
+                            }
+                        }
+                        if rest.is_empty() {
+                            break;
+                        }
+                        match c.writer().write(rest) {
+                            Ok(n) if n > 0 => rest = &rest[n..],
+                            _ => return,
+                        }
                     }
                 }
             }

@@ -1,17 +1,18 @@
-//! A minimal blocking TURN client over one TCP connection, for TCP relay
-//! allocations (RFC 6062): a control connection, or a data connection that
-//! turns into a plain byte pipe after its ConnectionBind.
+//! A minimal blocking TURN client over one TCP (or TLS) connection: for TCP
+//! relay allocations (RFC 6062), a control connection, or a data connection
+//! that turns into a plain byte pipe after its ConnectionBind; or a client
+//! of UDP allocations over a stream.
 
 use std::collections::VecDeque;
-use std::io::{Read as _, Write as _};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
 use tessera_relay::stun::{Class, HEADER_LEN, Message, MessageBuilder, PasswordAlgorithm, attr, channel_data, decode_error_code, method};
 
 use super::{RECV_TIMEOUT, REALM};
 
-pub struct TcpTurn {
-    pub stream: TcpStream,
+pub struct TcpTurn<S = TcpStream> {
+    pub stream: S,
     user: String,
     pass: String,
     nonce: Option<String>,
@@ -24,7 +25,7 @@ impl TcpTurn {
     pub fn connect(server: SocketAddr, user: &str, pass: &str) -> Self {
         let stream = TcpStream::connect(server).expect("connect to the relay");
         stream.set_read_timeout(Some(RECV_TIMEOUT)).expect("timeout");
-        TcpTurn { stream, user: user.into(), pass: pass.into(), nonce: None, tid: 0, indications: VecDeque::new() }
+        TcpTurn::over(stream, user, pass)
     }
 
     /// A new connection from the same client, using `other`'s nonce (as a
@@ -33,6 +34,71 @@ impl TcpTurn {
         let mut c = TcpTurn::connect(server, &other.user, &other.pass);
         c.nonce = other.nonce.clone();
         c
+    }
+}
+
+impl TcpTurn<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    /// A TLS connection to `server`, which may present any certificate
+    /// (the tests' own, self-signed).
+    pub fn connect_tls(server: SocketAddr, user: &str, pass: &str) -> Self {
+        let stream = TcpStream::connect(server).expect("connect to the relay's TLS listener");
+        stream.set_read_timeout(Some(RECV_TIMEOUT)).expect("timeout");
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("TLS client");
+        TcpTurn::over(rustls::StreamOwned::new(conn, stream), user, pass)
+    }
+}
+
+/// Accepts the server's certificate, whatever it is, and checks only the
+/// handshake signatures made with it.
+#[derive(Debug)]
+struct AnyCertificate(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl<S: Read + Write> TcpTurn<S> {
+    fn over(stream: S, user: &str, pass: &str) -> Self {
+        TcpTurn { stream, user: user.into(), pass: pass.into(), nonce: None, tid: 0, indications: VecDeque::new() }
     }
 
     fn key(&self) -> Vec<u8> {
@@ -108,20 +174,22 @@ impl TcpTurn {
         }
     }
 
+    /// A UDP allocation with channel 0x4001 bound to a new peer socket on
+    /// 127.0.0.1 (which the relay must allow); (peer, relay address).
+    pub fn with_peer(&mut self) -> (std::net::UdpSocket, SocketAddr) {
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("peer socket");
+        peer.set_read_timeout(Some(RECV_TIMEOUT)).expect("timeout");
+        let relay_addr = self.allocate_udp().expect("a UDP allocation over a stream");
+        assert_eq!(self.channel_bind(0x4001, peer.local_addr().expect("addr")), None);
+        (peer, relay_addr)
+    }
+
     pub fn channel_bind(&mut self, channel: u16, peer: SocketAddr) -> Option<u16> {
         let r = self.request(method::CHANNEL_BIND, &|b| {
             b.attr_u32(attr::CHANNEL_NUMBER, u32::from(channel) << 16);
             b.xor_addr(attr::XOR_PEER_ADDRESS, peer);
         });
         code(&r)
-    }
-
-    /// One ChannelData frame, padded to four bytes as a stream carries it.
-    pub fn channel_data_frame(channel: u16, data: &[u8]) -> Vec<u8> {
-        let mut f = channel_data::header(channel, data.len() as u16).to_vec();
-        f.extend_from_slice(data);
-        f.resize((f.len() + 3) & !3, 0);
-        f
     }
 
     /// Reads one ChannelData frame and its padding; (channel, payload).
@@ -169,6 +237,14 @@ impl TcpTurn {
         });
         code(&r)
     }
+}
+
+/// One ChannelData frame, padded to four bytes as a stream carries it.
+pub fn channel_data_frame(channel: u16, data: &[u8]) -> Vec<u8> {
+    let mut f = channel_data::header(channel, data.len() as u16).to_vec();
+    f.extend_from_slice(data);
+    f.resize((f.len() + 3) & !3, 0);
+    f
 }
 
 fn code(resp: &[u8]) -> Option<u16> {
