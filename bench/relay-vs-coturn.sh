@@ -16,6 +16,13 @@
 #   MODE=tls LOADS="50:160" bench/relay-vs-coturn.sh
 #                                       # the same over TLS (uclient -t -S; a
 #                                       # self-signed certificate for both)
+#   MODE=dtls LOADS="50:160" bench/relay-vs-coturn.sh
+#                                       # clients over DTLS (uclient -S over
+#                                       # UDP; a self-signed ECDSA certificate
+#                                       # for both; uclient picks DTLS 1.0 or
+#                                       # 1.2 per connection: coturn takes
+#                                       # both, tessera-relay 1.2 only, and
+#                                       # uclient retries)
 #   MODE=tcp-relay LOADS="10:160" bench/relay-vs-coturn.sh
 #                                       # TCP relay allocations (RFC 6062):
 #                                       # uclient -T, every client connected to
@@ -34,14 +41,15 @@ case "$MODE" in
   channels) UFLAGS=() ;;
   tcp) UFLAGS=(-t) ;;
   tls) UFLAGS=(-t -S) ;;
+  dtls) UFLAGS=(-S) ;;
   tcp-relay) UFLAGS=(-T) ;;
-  *) echo "MODE must be channels, tcp, tls or tcp-relay" >&2; exit 2 ;;
+  *) echo "MODE must be channels, tcp, tls, dtls or tcp-relay" >&2; exit 2 ;;
 esac
 PORT=${PORT:-36478}
 PEER_PORT=$((PORT + 2))
 TLS_PORT=$((PORT + 4))
 UPORT=$PORT
-[ "$MODE" = tls ] && UPORT=$TLS_PORT
+case "$MODE" in tls | dtls) UPORT=$TLS_PORT ;; esac
 USER=bench
 PASS=benchpass
 REALM=bench.test
@@ -65,10 +73,19 @@ if [ "$MODE" = tls ]; then
   TESSERA_TLS="tls_listen = [\"127.0.0.1:$TLS_PORT\"]
 tls_cert = \"$WORK/cert.pem\"
 tls_key = \"$WORK/key.pem\""
+elif [ "$MODE" = dtls ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" >/dev/null 2>&1 || { echo "openssl failed" >&2; exit 1; }
+  COTURN_TLS=(--tls-listening-port "$TLS_PORT" --cert "$WORK/cert.pem" --pkey "$WORK/key.pem")
+  TESSERA_TLS="dtls_listen = [\"127.0.0.1:$TLS_PORT\"]
+dtls_cert = \"$WORK/cert.pem\"
+dtls_key = \"$WORK/key.pem\""
 else
   COTURN_TLS=(--no-tls)
   TESSERA_TLS=""
 fi
+COTURN_DTLS=(--no-dtls)
+[ "$MODE" = dtls ] && COTURN_DTLS=()
 
 turnutils_peer -L 127.0.0.1 -p "$PEER_PORT" >/dev/null 2>&1 &
 PIDS+=($!)
@@ -79,7 +96,7 @@ wait_udp() { timeout 20 bash -c "until ss -lun | grep -q '127.0.0.1:$PORT '; do 
 start_coturn() {
   turnserver -n --listening-ip 127.0.0.1 --listening-port "$PORT" --relay-ip 127.0.0.1 \
     --relay-threads "$THREADS" --lt-cred-mech --user "$USER:$PASS" --realm "$REALM" \
-    --allow-loopback-peers "${COTURN_TLS[@]}" --no-dtls --no-cli --min-port 61000 --max-port 64999 \
+    --allow-loopback-peers "${COTURN_TLS[@]}" "${COTURN_DTLS[@]}" --no-cli --min-port 61000 --max-port 64999 \
     --total-quota 0 --user-quota 0 --log-file /dev/null --no-stdout-log >/dev/null 2>&1 &
   SERVER=$!
 }

@@ -33,6 +33,21 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for TLS.
     pub tls_key: Option<PathBuf>,
+    /// DTLS listening addresses (UDP, usually port 5349 as for TLS; RFC
+    /// 7350). DTLS needs an ECDSA (P-256 or P-384) certificate: `dtls_cert`
+    /// and `dtls_key`, or `tls_cert` and `tls_key` when those are ECDSA.
+    pub dtls_listen: Vec<SocketAddr>,
+    /// PEM certificate for DTLS (the first of the file is sent); defaults
+    /// to `tls_cert`.
+    pub dtls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8 or SEC1, ECDSA) for DTLS; defaults to
+    /// `tls_key`.
+    pub dtls_key: Option<PathBuf>,
+    /// DTLS sessions per shard, in handshake or established (each holds a
+    /// few KiB of record buffers); a ClientHello beyond it is refused.
+    pub dtls_max_sessions: usize,
+    /// Seconds a DTLS handshake may take before its session is dropped.
+    pub dtls_handshake_secs: u64,
     /// Address IPv4 relay sockets bind to (and advertise).
     pub relay_ipv4: Option<IpAddr>,
     /// Address IPv6 relay sockets bind to (RFC 6156); none disables IPv6 relays.
@@ -110,6 +125,11 @@ impl Default for Config {
             tls_listen: Vec::new(),
             tls_cert: None,
             tls_key: None,
+            dtls_listen: Vec::new(),
+            dtls_cert: None,
+            dtls_key: None,
+            dtls_max_sessions: 4096,
+            dtls_handshake_secs: 10,
             relay_ipv4: None,
             relay_ipv6: None,
             min_port: 49152,
@@ -165,11 +185,17 @@ impl Config {
         if self.min_port > self.max_port || self.min_port == 0 {
             return Err(ConfigError::Invalid("need 0 < min_port <= max_port".into()));
         }
-        if self.listen.is_empty() && self.tls_listen.is_empty() {
+        if self.listen.is_empty() && self.tls_listen.is_empty() && self.dtls_listen.is_empty() {
             return Err(ConfigError::Invalid("no listen address".into()));
         }
         if !self.tls_listen.is_empty() && (self.tls_cert.is_none() || self.tls_key.is_none()) {
             return Err(ConfigError::Invalid("tls_listen needs tls_cert and tls_key".into()));
+        }
+        if !self.dtls_listen.is_empty() && self.dtls_cert_and_key().is_none() {
+            return Err(ConfigError::Invalid("dtls_listen needs dtls_cert and dtls_key (or tls_cert and tls_key)".into()));
+        }
+        if !self.dtls_listen.is_empty() && (self.dtls_max_sessions == 0 || self.dtls_handshake_secs == 0) {
+            return Err(ConfigError::Invalid("dtls_max_sessions and dtls_handshake_secs must be at least 1".into()));
         }
         if self.rest_secrets.is_empty() && self.static_users.is_empty() {
             return Err(ConfigError::Invalid("no credentials: set rest_secrets or static_users".into()));
@@ -184,6 +210,16 @@ impl Config {
             return Err(ConfigError::Invalid("relay_ipv4/relay_ipv6 of the wrong family".into()));
         }
         Ok(())
+    }
+
+    /// The DTLS certificate and key files: `dtls_cert`/`dtls_key`, else the
+    /// TLS ones.
+    pub fn dtls_cert_and_key(&self) -> Option<(&PathBuf, &PathBuf)> {
+        match (&self.dtls_cert, &self.dtls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => self.tls_cert.as_ref().zip(self.tls_key.as_ref()),
+            _ => None,
+        }
     }
 
     /// The peer policy.
@@ -254,6 +290,11 @@ mod tests {
         assert_eq!(Config::from_toml("rest_secrets = [\"x\"]").map(|c| c.udp_gro).ok(), Some(true));
         assert_eq!(Config::from_toml("rest_secrets = [\"x\"]\nudp_gro = false").map(|c| c.udp_gro).ok(), Some(false));
         assert!(Config::from_toml("rest_secrets = [\"x\"]\nudp_receive_buffer_kib = 1048577").is_err());
+        assert!(Config::from_toml("rest_secrets = [\"x\"]\ndtls_listen = [\"127.0.0.1:5349\"]").is_err(), "DTLS without a certificate");
+        assert!(Config::from_toml("rest_secrets = [\"x\"]\ndtls_listen = [\"127.0.0.1:5349\"]\ndtls_cert = \"c.pem\"").is_err(), "a certificate without its key");
+        let c = Config::from_toml("rest_secrets = [\"x\"]\ndtls_listen = [\"127.0.0.1:5349\"]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"").expect("TLS files serve DTLS");
+        assert_eq!(c.dtls_cert_and_key().map(|(c, _)| c.to_str()), Some(Some("c.pem")));
+        assert!(Config::from_toml("rest_secrets = [\"x\"]\ndtls_listen = [\"127.0.0.1:5349\"]\ndtls_cert = \"c\"\ndtls_key = \"k\"\ndtls_max_sessions = 0").is_err());
         assert_eq!(Config::from_toml("rest_secrets = [\"x\"]\nudp_receive_buffer_kib = 0").map(|c| c.udp_receive_buffer_kib).ok(), Some(0));
     }
 }

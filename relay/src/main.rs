@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use glommio::{LocalExecutorBuilder, Placement};
 use tessera_relay::config::Config;
+use tessera_relay::driver::dtls::DtlsSetup;
 use tessera_relay::driver::{ShardSetup, run_shard};
 use tessera_relay::metrics::{Metrics, render};
 
@@ -63,6 +64,38 @@ fn load_tls(cfg: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
     Ok(Some(Arc::new(sc)))
+}
+
+/// The DTLS settings, when DTLS listeners are configured: the certificate
+/// (the first of the PEM file) and key, checked by a handshake in memory.
+fn load_dtls(cfg: &Config) -> anyhow::Result<Option<Arc<DtlsSetup>>> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    if cfg.dtls_listen.is_empty() {
+        return Ok(None);
+    }
+    let Some((cert, key)) = cfg.dtls_cert_and_key() else {
+        anyhow::bail!("dtls_listen needs dtls_cert and dtls_key (or tls_cert and tls_key)");
+    };
+    let leaf = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading {}", cert.display()))?
+        .next()
+        .with_context(|| format!("no certificate in {}", cert.display()))?
+        .with_context(|| format!("parsing {}", cert.display()))?;
+    let key_der = match PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))? {
+        PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+        PrivateKeyDer::Sec1(k) => k.secret_sec1_der().to_vec(),
+        _ => anyhow::bail!("{}: DTLS needs an ECDSA key (PKCS#8 or SEC1), not RSA", key.display()),
+    };
+    let setup = DtlsSetup::new(
+        leaf.to_vec(),
+        key_der,
+        cfg.dtls_max_sessions,
+        std::time::Duration::from_secs(cfg.dtls_handshake_secs),
+        std::time::Duration::from_secs(u64::from(cfg.max_lifetime_secs.max(1))),
+    )?;
+    setup.self_check().with_context(|| format!("DTLS certificate {} with key {}", cert.display(), key.display()))?;
+    Ok(Some(Arc::new(setup)))
 }
 
 fn serve_metrics(addr: std::net::SocketAddr, shards: Vec<Arc<Metrics>>) -> anyhow::Result<()> {
@@ -141,6 +174,9 @@ fn ensure_unclaimed(config: &Config) -> anyhow::Result<()> {
     for addr in &config.tls_listen {
         check("tls_listen", addr, Kind::TcpListener)?;
     }
+    for addr in &config.dtls_listen {
+        check("dtls_listen", addr, Kind::Udp)?;
+    }
     Ok(())
 }
 
@@ -161,6 +197,7 @@ fn main() -> anyhow::Result<()> {
     ensure_unclaimed(&config)?;
     let server_config = Arc::new(config.server_config()?);
     let tls = load_tls(&config)?;
+    let dtls = load_dtls(&config)?;
     let threads = if config.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { config.threads };
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let quotas = Arc::new(tessera_relay::turn::Quotas::new(config.max_allocations_per_user, config.max_allocations));
@@ -192,6 +229,7 @@ fn main() -> anyhow::Result<()> {
             metrics: shard_metrics.clone(),
             nonce_key,
             tls: tls.clone(),
+            dtls: dtls.clone(),
             stop: stop.clone(),
             ready: ready_tx.clone(),
             parking: parking.clone(),
@@ -214,7 +252,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(addr) = config.metrics_listen {
         serve_metrics(addr, metrics.clone())?;
     }
-    eprintln!("tessera-relay ready: {threads} shards, listening on {:?} tls {:?}", config.listen, config.tls_listen);
+    eprintln!("tessera-relay ready: {threads} shards, listening on {:?} tls {:?} dtls {:?}", config.listen, config.tls_listen, config.dtls_listen);
     let _ = std::io::stderr().flush();
     let mut failed = false;
     for (i, h) in handles.into_iter().enumerate() {

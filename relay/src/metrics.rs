@@ -85,6 +85,15 @@ pub struct Metrics {
     pub udp_gso_datagrams: AtomicU64,
     /// UDP datagrams received inside coalesced (GRO) messages.
     pub udp_gro_datagrams: AtomicU64,
+    /// DTLS sessions (handshaking or established).
+    pub dtls_sessions: AtomicI64,
+    /// DTLS handshakes completed.
+    pub dtls_handshakes_total: AtomicU64,
+    /// DTLS sessions that ended before their handshake completed (failed
+    /// or timed out).
+    pub dtls_failures_total: AtomicU64,
+    /// ClientHellos refused because the shard's session table was full.
+    pub dtls_refused_total: AtomicU64,
     drops: [AtomicU64; 7],
 }
 
@@ -136,6 +145,21 @@ pub fn render(shards: &[&Metrics]) -> String {
         "counter",
         "UDP datagrams received inside coalesced (GRO) messages.",
         sum(&|m| m.udp_gro_datagrams.load(Relaxed)),
+    );
+    let dtls_live: i64 = shards.iter().map(|m| m.dtls_sessions.load(Relaxed)).sum();
+    line("tessera_relay_dtls_sessions", "gauge", "DTLS sessions, handshaking or established.", dtls_live.max(0) as u64);
+    line("tessera_relay_dtls_handshakes_total", "counter", "DTLS handshakes completed.", sum(&|m| m.dtls_handshakes_total.load(Relaxed)));
+    line(
+        "tessera_relay_dtls_failures_total",
+        "counter",
+        "DTLS sessions ended before their handshake completed.",
+        sum(&|m| m.dtls_failures_total.load(Relaxed)),
+    );
+    line(
+        "tessera_relay_dtls_refused_total",
+        "counter",
+        "DTLS ClientHellos refused: the session table was full.",
+        sum(&|m| m.dtls_refused_total.load(Relaxed)),
     );
     let _ = writeln!(out, "# HELP tessera_relay_packets_total Packets relayed.\n# TYPE tessera_relay_packets_total counter");
     let _ = writeln!(out, "tessera_relay_packets_total{{direction=\"to_peer\"}} {}", sum(&|m| m.packets_to_peer.load(Relaxed)));

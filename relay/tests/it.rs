@@ -370,15 +370,7 @@ fn a_tls_client_gets_a_burst_larger_than_the_record_buffer_whole() {
     const SIZE: usize = 1090;
     let dir = support::TempDir(std::env::temp_dir().join(format!("tessera-relay-it-tls-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).expect("temp dir");
-    let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
-    let made = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl (the relay suite installs it)");
-    assert!(made.status.success(), "openssl: {}", String::from_utf8_lossy(&made.stderr));
+    let (cert, key) = self_signed(&dir.0, &["-newkey", "rsa:2048"]);
     let tls_port = support::free_port();
     let relay = Relay::start(&base_config(&format!(
         "allowed_peer_ranges = [\"127.0.0.0/8\"]\nudp_gro = true\ntls_listen = [\"127.0.0.1:{tls_port}\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
@@ -403,6 +395,95 @@ fn a_tls_client_gets_a_burst_larger_than_the_record_buffer_whole() {
     assert_eq!(metric(&m, "tessera_relay_udp_gro_datagrams_total"), u64::from(COUNT), "the burst arrived as one message: {m}");
     assert_eq!(metric(&m, "tessera_relay_packets_total{direction=\"to_client\"}"), u64::from(COUNT), "{m}");
     assert_eq!(metric(&m, "tessera_relay_dropped_packets_total{reason=\"io\"}"), 0, "{m}");
+}
+
+/// A self-signed certificate and its key (PKCS#8) in `dir`, of the key
+/// type `newkey` asks openssl for.
+fn self_signed(dir: &std::path::Path, newkey: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509"])
+        .args(newkey)
+        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (the relay suite installs it)");
+    assert!(made.status.success(), "openssl: {}", String::from_utf8_lossy(&made.stderr));
+    (cert, key)
+}
+
+/// A DTLS client (RFC 7350) allocates and relays both ways through its
+/// session, by ChannelData and by Send and Data indications. Its
+/// close_notify ends the allocation: a new session from the same address
+/// allocates again where the old allocation would answer 437. A datagram
+/// that is no ClientHello opens nothing and gets no answer; a DTLS 1.0
+/// ClientHello gets a protocol_version alert.
+#[test]
+fn a_dtls_client_relays_both_ways_and_its_allocation_ends_with_its_session() {
+    if !in_netns("a_dtls_client_relays_both_ways_and_its_allocation_ends_with_its_session") {
+        return;
+    }
+    let dir = support::TempDir(std::env::temp_dir().join(format!("tessera-relay-it-dtls-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    // DTLS takes ECDSA certificates only.
+    let (cert, key) = self_signed(&dir.0, &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]);
+    let dtls_port = support::free_port();
+    let relay = Relay::start(&base_config(&format!(
+        "allowed_peer_ranges = [\"127.0.0.0/8\"]\ndtls_listen = [\"127.0.0.1:{dtls_port}\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    )));
+    let server = SocketAddr::from(([127, 0, 0, 1], dtls_port));
+    let mut client = TurnClient::new_dtls(server, "alice", "wonderland", &cert, &key);
+    let relay_addr = client.allocate_relay().expect("allocate over DTLS");
+    let peer = |_: ()| {
+        let p = std::net::UdpSocket::bind("127.0.0.1:0").expect("peer");
+        p.set_read_timeout(Some(RECV_TIMEOUT)).expect("timeout");
+        p
+    };
+    let (bound, unbound) = (peer(()), peer(()));
+    let (bound_addr, unbound_addr) = (bound.local_addr().expect("addr"), unbound.local_addr().expect("addr"));
+    let mut buf = [0u8; 2048];
+    assert_eq!(client.channel_bind(0x4001, bound_addr), None);
+    client.send_channel_data(0x4001, b"over a channel");
+    let (n, from) = bound.recv_from(&mut buf).expect("the peer gets the channel's data");
+    assert_eq!((&buf[..n], from), (&b"over a channel"[..], relay_addr));
+    bound.send_to(b"back over the channel", relay_addr).expect("send");
+    assert_eq!(client.recv_data(), (DataFrom::Channel(0x4001), b"back over the channel".to_vec()));
+    assert_eq!(client.create_permission(unbound_addr), None);
+    client.send_indication(unbound_addr, b"by indication");
+    let (n, from) = unbound.recv_from(&mut buf).expect("the peer gets the indication's data");
+    assert_eq!((&buf[..n], from), (&b"by indication"[..], relay_addr));
+    unbound.send_to(b"back by indication", relay_addr).expect("send");
+    assert_eq!(client.recv_data(), (DataFrom::Peer(unbound_addr), b"back by indication".to_vec()));
+    let m = relay.metrics();
+    assert_eq!(metric(&m, "tessera_relay_dtls_handshakes_total"), 1, "{m}");
+    assert_eq!(metric(&m, "tessera_relay_dtls_sessions"), 1, "{m}");
+    assert_eq!(metric(&m, "tessera_relay_packets_total{direction=\"to_client\"}"), 2, "{m}");
+
+    client.close_dtls();
+    client.reconnect_dtls(&cert, &key);
+    assert!(client.allocate_relay().is_ok(), "the closed session's allocation went with it (else 437)");
+    let m = relay.metrics();
+    assert_eq!(metric(&m, "tessera_relay_dtls_handshakes_total"), 2, "{m}");
+    assert_eq!(metric(&m, "tessera_relay_dtls_sessions"), 1, "{m}");
+    assert_eq!(metric(&m, "tessera_relay_allocations"), 1, "{m}");
+
+    let raw = peer(());
+    raw.send_to(b"\x00\x01\x00\x00 not a ClientHello", server).expect("send");
+    // A DTLS 1.0 ClientHello: record (version 1.0, epoch 0, sequence 5),
+    // handshake header, client_version 1.0, then zeros.
+    let mut hello = vec![22, 0xfe, 0xff, 0, 0, 0, 0, 0, 0, 0, 5, 0, 60];
+    hello.extend_from_slice(&[1, 0, 0, 48, 0, 0, 0, 0, 0, 0, 0, 48, 0xfe, 0xff]);
+    hello.resize(13 + 60, 0);
+    raw.send_to(&hello, server).expect("send");
+    let (n, _) = raw.recv_from(&mut buf).expect("an alert");
+    assert_eq!(&buf[..n], &[21, 0xfe, 0xff, 0, 0, 0, 0, 0, 0, 0, 5, 0, 2, 2, 70], "fatal protocol_version, and nothing for the junk before it");
+    let m = relay.metrics();
+    assert_eq!(metric(&m, "tessera_relay_dtls_sessions"), 1, "neither opened a session: {m}");
+    assert_eq!(metric(&m, "tessera_relay_dropped_packets_total{reason=\"malformed\"}"), 1, "{m}");
 }
 
 /// A burst a client sends as one GSO message reaches a listener with

@@ -2,7 +2,7 @@
 # Relay test suite: unit and netns integration tests (cargo test), then
 # coturn's turnutils_uclient against tessera-relay on loopback (UDP with
 # channels, Send indications, client-to-client, TURN REST secret, TCP, TLS,
-# TCP relay allocations of RFC 6062).
+# DTLS, TCP relay allocations of RFC 6062).
 # Prints "N passed, M failed" last and exits non-zero on any failure.
 set -u
 cd "$(dirname "$0")/../.."
@@ -45,6 +45,9 @@ trap cleanup EXIT
 
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
   -keyout "$WORK/key.pem" -out "$WORK/cert.pem" >/dev/null 2>&1 || bad "openssl self-signed cert"
+# DTLS takes ECDSA certificates only; TLS keeps the RSA one.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+  -keyout "$WORK/dtls-key.pem" -out "$WORK/dtls-cert.pem" >/dev/null 2>&1 || bad "openssl self-signed ECDSA cert"
 
 PORT=${RELAY_TEST_PORT:-34780}
 TLS_PORT=$((PORT + 1))
@@ -57,6 +60,10 @@ listen = ["127.0.0.1:$PORT"]
 tls_listen = ["127.0.0.1:$TLS_PORT"]
 tls_cert = "$WORK/cert.pem"
 tls_key = "$WORK/key.pem"
+# DTLS on the TLS port number, over UDP (as 5349 serves both).
+dtls_listen = ["127.0.0.1:$TLS_PORT"]
+dtls_cert = "$WORK/dtls-cert.pem"
+dtls_key = "$WORK/dtls-key.pem"
 relay_ipv4 = "127.0.0.1"
 min_port = 61000
 max_port = 63999
@@ -111,6 +118,13 @@ uclient udp-1200-bytes "${U[@]}" -m 20 -n 100 -l 1200 -p "$PORT"
 uclient tcp "${U[@]}" -t -m 10 -n 50 -l 160 -p "$PORT"
 uclient tcp-client-to-client "${U[@]}" -t -y -m 10 -n 50 -l 160 -p "$PORT"
 uclient tls "${U[@]}" -t -S -m 5 -n 50 -l 160 -p "$TLS_PORT"
+# DTLS (-S without -t). uclient picks DTLS 1.0 or 1.2 at random per
+# connection; the relay answers 1.0 with a protocol_version alert (RFC 8996)
+# and uclient connects again until it gets 1.2.
+uclient dtls "${U[@]}" -S -m 5 -n 50 -l 160 -p "$TLS_PORT"
+uclient dtls-send-indications "${U[@]}" -S -s -m 5 -n 50 -l 160 -p "$TLS_PORT"
+uclient dtls-client-to-client "${U[@]}" -S -y -m 5 -n 50 -l 160 -p "$TLS_PORT"
+uclient dtls-1200-bytes "${U[@]}" -S -m 5 -n 50 -l 1200 -p "$TLS_PORT"
 # TCP relay allocations (RFC 6062): -T makes every client Connect to every
 # other client's TCP relay address (each pair answers a ConnectionAttempt),
 # then relays over the bound data connections; over TCP, then TLS.
@@ -125,6 +139,9 @@ if curl -sf "http://127.0.0.1:$METRICS_PORT/metrics" -o "$WORK/metrics.txt" 2>/d
   if grep -q 'tessera_relay_packets_total{direction="to_peer"} [1-9]' "$WORK/metrics.txt"; then
     ok "metrics count relayed packets"
   else bad "metrics count relayed packets"; fi
+  if grep -q '^tessera_relay_dtls_handshakes_total [1-9]' "$WORK/metrics.txt"; then
+    ok "metrics count DTLS handshakes"
+  else bad "metrics count DTLS handshakes: $(grep '^tessera_relay_dtls' "$WORK/metrics.txt")"; fi
   # 10 * 9 + 4 * 3 + 4 * 3 data connections from the -T runs above.
   if grep -q '^tessera_relay_tcp_connections_total 114$' "$WORK/metrics.txt"; then
     ok "metrics count TCP relay connections"

@@ -23,7 +23,9 @@
 //! TCP and TLS clients' frames are read in batches as well: what the frames
 //! of one read send to peers leaves in one `sendmmsg` per relay socket, and
 //! what a client is sent leaves in one write per wake-up of its writer
-//! (`stream.rs`).
+//! (`stream.rs`). DTLS clients (`dtls.rs`) are datagram clients whose
+//! datagrams pass through their session on the way in and out; their
+//! sealed records leave through the same send queues.
 //!
 //! Shutdown: on SIGTERM the main thread raises `stop`; each shard stops
 //! granting allocations (508), keeps relaying until its allocations are gone
@@ -31,6 +33,7 @@
 
 mod batch;
 mod doorbell;
+pub mod dtls;
 mod stream;
 pub mod tcp_relay;
 
@@ -72,6 +75,8 @@ pub struct ShardSetup {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Raised on SIGTERM.
     pub stop: Arc<AtomicBool>,
+    /// DTLS settings, if DTLS listeners are configured.
+    pub dtls: Option<Arc<dtls::DtlsSetup>>,
     /// Told once the shard's listeners are bound (or failed).
     pub ready: std::sync::mpsc::Sender<Result<(), String>>,
     /// TCP peer connections waiting for their ConnectionBind (shared).
@@ -89,6 +94,10 @@ pub(crate) struct Shard {
     pub(crate) server: RefCell<Server>,
     pub(crate) binder: RefCell<UdpBinder>,
     udp: FastMap<SocketAddr, Rc<UdpSocket>>,
+    /// DTLS listener sockets, by address.
+    dtls_socks: FastMap<SocketAddr, Rc<UdpSocket>>,
+    /// DTLS clients' sessions.
+    dtls: RefCell<dtls::Sessions>,
     /// Writers of stream (TCP/TLS) clients, by 5-tuple.
     pub(crate) streams: RefCell<HashMap<FiveTuple, Rc<LocalSender<Vec<u8>>>>>,
     pub(crate) metrics: Arc<Metrics>,
@@ -96,8 +105,9 @@ pub(crate) struct Shard {
     udp_io: RefCell<UdpIo>,
     /// Datagrams stream clients send to peers, queued while the frames of
     /// one read go through the core and sent together
-    /// ([`Shard::flush_stream_sends`]). Its payloads are owned copies; its
-    /// receive batch is never received into.
+    /// ([`Shard::flush_stream_sends`]); also a DTLS datagram's answers and
+    /// the data its records carry for peers. Its payloads are owned copies;
+    /// its receive batch is never received into.
     stream_io: RefCell<UdpIo>,
     /// What a full [`Shard::stream_io`] queue flushed mid-read could not
     /// send without waiting; sent by the next [`Shard::flush_stream_sends`].
@@ -205,9 +215,23 @@ impl Shard {
                     },
                     PeerOutput::DataIndication { to, message } => (to, Payload::Owned(message)),
                 };
-                if to.transport != Transport::Udp {
-                    self.send_to_stream(to, recv.bytes(&payload));
-                    continue;
+                match to.transport {
+                    Transport::Udp => {}
+                    Transport::Tcp | Transport::Tls => {
+                        self.send_to_stream(to, recv.bytes(&payload));
+                        continue;
+                    }
+                    Transport::Dtls => {
+                        let mut sealed = Vec::new();
+                        let (Some(sock), true) = (self.dtls_socks.get(&to.server), self.dtls.borrow_mut().seal(to, recv.bytes(&payload), &self.metrics, &mut sealed)) else {
+                            self.metrics.drop_packet(DropReason::Io);
+                            continue;
+                        };
+                        for p in sealed {
+                            self.queue(recv, send, (sock.clone(), to.client, Payload::Owned(p)), blocked);
+                        }
+                        continue;
+                    }
                 }
                 let Some(client_sock) = self.udp.get(&to.server).cloned() else {
                     self.metrics.drop_packet(DropReason::Io);
@@ -305,23 +329,86 @@ impl Shard {
                 // later frame of the read releases the allocation.
                 let sock = self.binder.borrow().socket(relay);
                 match sock {
-                    Some(s) => {
-                        let mut io = self.stream_io.borrow_mut();
-                        let UdpIo { recv, send } = &mut *io;
-                        if send.is_full() {
-                            let mut blocked = self.stream_blocked.take();
-                            self.flush(recv, send, &mut blocked);
-                            self.stream_blocked.replace(blocked);
-                        }
-                        if send.push(s, peer, Payload::Owned(payload.to_vec())).is_err() {
-                            self.metrics.drop_packet(DropReason::Io);
-                        }
-                    }
+                    Some(s) => self.queue_owned(s, peer, payload.to_vec()),
                     None => self.metrics.drop_packet(DropReason::NoAllocation),
                 }
                 None
             }
         })
+    }
+
+    /// Queues a datagram for [`Self::flush_stream_sends`].
+    fn queue_owned(&self, sock: Rc<UdpSocket>, to: SocketAddr, bytes: Vec<u8>) {
+        let mut io = self.stream_io.borrow_mut();
+        let UdpIo { recv, send } = &mut *io;
+        if send.is_full() {
+            let mut blocked = self.stream_blocked.take();
+            self.flush(recv, send, &mut blocked);
+            self.stream_blocked.replace(blocked);
+        }
+        if send.push(sock, to, Payload::Owned(bytes)).is_err() {
+            self.metrics.drop_packet(DropReason::Io);
+        }
+    }
+
+    /// One datagram on a DTLS listener: through the client's session, each
+    /// record of plaintext through the core, replies sealed again. What it
+    /// produces is queued for [`Self::flush_stream_sends`]. Never awaits.
+    fn dtls_datagram(&self, sock: &Rc<UdpSocket>, tuple: FiveTuple, data: &[u8]) {
+        let mut packets = Vec::new();
+        let mut plain = Vec::new();
+        let fate = self.dtls.borrow_mut().receive(tuple, Instant::now(), data, &self.metrics, &mut packets, &mut plain);
+        match fate {
+            dtls::Fate::Ignored => return self.metrics.drop_packet(DropReason::Malformed),
+            dtls::Fate::Refused => return,
+            dtls::Fate::Open | dtls::Fate::Closed | dtls::Fate::Answered => {}
+        }
+        for record in plain {
+            // A DTLS client cannot claim a TCP peer connection: the core
+            // answers its ConnectionBind with 400 (`Handled::Reply`).
+            if let Handled::Reply(Some(reply)) = self.stream_frame(tuple, &record)
+                && !self.dtls.borrow_mut().seal(tuple, &reply, &self.metrics, &mut packets)
+            {
+                self.metrics.drop_packet(DropReason::Io);
+            }
+        }
+        for p in packets {
+            self.queue_owned(sock.clone(), tuple.client, p);
+        }
+        if fate == dtls::Fate::Closed {
+            self.client_gone(tuple);
+        }
+    }
+
+    /// DTLS retransmissions and deadlines (run from the shard's timer).
+    async fn dtls_tick(&self) {
+        let mut packets = Vec::new();
+        let ended = self.dtls.borrow_mut().tick(Instant::now(), &self.metrics, &mut packets);
+        self.send_dtls(packets).await;
+        for tuple in ended {
+            self.client_gone(tuple);
+        }
+    }
+
+    /// Sends sealed records to DTLS clients.
+    async fn send_dtls(&self, packets: Vec<(FiveTuple, Vec<u8>)>) {
+        if packets.is_empty() {
+            return;
+        }
+        for (tuple, p) in packets {
+            match self.dtls_socks.get(&tuple.server) {
+                Some(sock) => self.queue_owned(sock.clone(), tuple.client, p),
+                None => self.metrics.drop_packet(DropReason::Io),
+            }
+        }
+        self.flush_stream_sends().await;
+    }
+
+    /// A client's transport is gone: remove its allocation.
+    fn client_gone(&self, tuple: FiveTuple) {
+        let mut server = self.server.borrow_mut();
+        let mut binder = self.binder.borrow_mut();
+        server.client_closed(tuple, &mut *binder);
     }
 
     /// Sends what stream clients' frames queued for peers: one `sendmmsg`
@@ -342,9 +429,7 @@ impl Shard {
     /// A stream client went away: remove its allocation.
     pub(crate) fn stream_closed(&self, tuple: FiveTuple) {
         self.streams.borrow_mut().remove(&tuple);
-        let mut server = self.server.borrow_mut();
-        let mut binder = self.binder.borrow_mut();
-        server.client_closed(tuple, &mut *binder);
+        self.client_gone(tuple);
     }
 }
 
@@ -630,8 +715,31 @@ async fn udp_client_loop(shard: Rc<Shard>, sock: Rc<UdpSocket>, local: SocketAdd
     }
 }
 
-/// A shard's bound UDP sockets (by address), TCP listeners and TLS listeners.
-type Listeners = (FastMap<SocketAddr, Rc<UdpSocket>>, Vec<glommio::net::TcpListener>, Vec<glommio::net::TcpListener>);
+/// Receives datagrams on one DTLS listener. DTLS is for the few clients
+/// that ask for it: one datagram per receive.
+async fn dtls_loop(shard: Rc<Shard>, sock: Rc<UdpSocket>, local: SocketAddr) {
+    // The largest UDP payload.
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            // A pending ICMP report of an earlier send: read and so cleared.
+            Err(_) => continue,
+        };
+        let tuple = FiveTuple { client: from, server: local, transport: Transport::Dtls };
+        shard.dtls_datagram(&sock, tuple, &buf[..n]);
+        shard.flush_stream_sends().await;
+    }
+}
+
+/// A shard's bound UDP sockets (by address), TCP listeners, TLS listeners
+/// and DTLS sockets (by address).
+type Listeners = (
+    FastMap<SocketAddr, Rc<UdpSocket>>,
+    Vec<glommio::net::TcpListener>,
+    Vec<glommio::net::TcpListener>,
+    FastMap<SocketAddr, Rc<UdpSocket>>,
+);
 
 /// Runs one shard until shutdown.
 pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
@@ -665,9 +773,14 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
         for addr in &setup.config.tls_listen {
             tls.push(glommio::net::TcpListener::bind(*addr).map_err(|e| anyhow::anyhow!("bind TLS {addr}: {e}"))?);
         }
-        Ok((udp, tcp, tls))
+        let mut dtls = FastMap::default();
+        for addr in &setup.config.dtls_listen {
+            let s = UdpSocket::bind(*addr).map_err(|e| anyhow::anyhow!("bind DTLS {addr}: {e}"))?;
+            dtls.insert(*addr, Rc::new(s));
+        }
+        Ok((udp, tcp, tls, dtls))
     })();
-    let (udp, tcp, tls) = match bound {
+    let (udp, tcp, tls, dtls_socks) = match bound {
         Ok(b) => {
             let _ = setup.ready.send(Ok(()));
             b
@@ -681,6 +794,8 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
         server: RefCell::new(server),
         binder: RefCell::new(UdpBinder::new(&setup)),
         udp: udp.clone(),
+        dtls_socks: dtls_socks.clone(),
+        dtls: RefCell::new(dtls::Sessions::new(setup.dtls.clone())),
         streams: RefCell::new(HashMap::new()),
         metrics: setup.metrics.clone(),
         udp_io: RefCell::new(UdpIo {
@@ -705,6 +820,9 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
     for l in tls {
         glommio::spawn_local(stream::accept_loop(shard.clone(), l, setup.tls.clone())).detach();
     }
+    for (addr, sock) in dtls_socks {
+        glommio::spawn_local(dtls_loop(shard.clone(), sock, addr)).detach();
+    }
     let mut drain_deadline: Option<Instant> = None;
     loop {
         glommio::timer::sleep(Duration::from_millis(250)).await;
@@ -713,6 +831,7 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
             let mut binder = shard.binder.borrow_mut();
             server.handle_timeout(now(), &mut *binder);
         }
+        shard.dtls_tick().await;
         if setup.stop.load(Ordering::Relaxed) {
             let deadline = *drain_deadline.get_or_insert_with(|| {
                 shard.server.borrow_mut().set_draining();
@@ -723,6 +842,9 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
             }
         }
     }
+    let mut closing = Vec::new();
+    shard.dtls.borrow_mut().close_all(&shard.metrics, &mut closing);
+    shard.send_dtls(closing).await;
     let mut server = shard.server.borrow_mut();
     let mut binder = shard.binder.borrow_mut();
     server.remove_all(&mut *binder);

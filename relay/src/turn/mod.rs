@@ -61,6 +61,16 @@ pub enum Transport {
     Tcp,
     /// TLS over TCP.
     Tls,
+    /// DTLS over UDP (RFC 7350).
+    Dtls,
+}
+
+impl Transport {
+    /// TCP or TLS: a byte stream, the only transports that may ask for
+    /// TCP relaying (RFC 6062 §4.1).
+    pub fn is_stream(self) -> bool {
+        matches!(self, Transport::Tcp | Transport::Tls)
+    }
 }
 
 /// A client's 5-tuple: its address, the server address it reached and the
@@ -1092,7 +1102,7 @@ impl Server {
     /// ConnectionBind (RFC 6062 §5.4): authenticated here, paired with its
     /// peer connection by the driver.
     fn connection_bind<'a>(&mut self, now: Now, tuple: FiveTuple, req: &Message<'_>) -> ClientOutput<'a> {
-        if tuple.transport == Transport::Udp {
+        if !tuple.transport.is_stream() {
             return ClientOutput::Reply(self.error(req, code::BAD_REQUEST, None));
         }
         if let Some(reply) = self.unknown_attributes(req) {
@@ -1166,7 +1176,7 @@ impl Server {
         // RFC 6062 §5.1: TCP relaying for stream clients only, and none of
         // the UDP-only options.
         if tcp
-            && (tuple.transport == Transport::Udp
+            && (!tuple.transport.is_stream()
                 || req.has(attr::DONT_FRAGMENT)
                 || req.has(attr::EVEN_PORT)
                 || req.has(attr::RESERVATION_TOKEN))

@@ -495,6 +495,29 @@ fn unsupported_transport_and_family() {
     assert_eq!(error_code(&r.expect("reply")), Some(420));
 }
 
+/// A DTLS client is a datagram client: UDP relaying only, and no
+/// ConnectionBind (RFC 6062 is for TCP and TLS clients).
+#[test]
+fn dtls_clients_get_udp_relays_only() {
+    let mut h = Harness::new();
+    let t = FiveTuple { transport: Transport::Dtls, ..tuple(1) };
+    let mut c = Client::new("alice", "wonderland");
+    let r = h.send(0, t, &c.request(method::ALLOCATE, tcp_allocate_req)).expect("reply");
+    c.learn(&r);
+    let r = h.send(0, t, &c.request(method::ALLOCATE, tcp_allocate_req)).expect("reply");
+    assert_eq!(error_code(&r), Some(400), "no TCP relay for a DTLS client");
+    assert!(h.binder.tcp_open.is_empty());
+    let bind = c.request(method::CONNECTION_BIND, |b| {
+        b.attr_u32(attr::CONNECTION_ID, 1);
+    });
+    match h.server.handle_client(h.now(0), t, &bind, &mut h.binder) {
+        ClientOutput::Reply(r) => assert_eq!(error_code(&r), Some(400)),
+        other => panic!("ConnectionBind over DTLS: {other:?}"),
+    }
+    let relay = allocate(&mut h, &mut Client::new("alice", "wonderland"), t);
+    assert!(h.binder.open.contains(&relay), "a UDP relay socket");
+}
+
 #[test]
 fn ipv6_relay_and_family_mismatch() {
     let mut h = Harness::new();

@@ -2,6 +2,7 @@
 //! minimal blocking TURN client built on the crate's own codec (UDP here,
 //! TCP in `tcp.rs`).
 
+pub mod dtls;
 pub mod tcp;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
@@ -194,6 +195,8 @@ pub struct TurnClient {
     nonce: Option<String>,
     tid: u32,
     pub last_request: Vec<u8>,
+    /// The DTLS session its messages go through, for a DTLS client.
+    dtls: Option<dtls::DtlsLink>,
 }
 
 /// An Allocate's relayed addresses and its ADDRESS-ERROR-CODE (family,
@@ -204,7 +207,42 @@ impl TurnClient {
     pub fn new(server: SocketAddr, user: &str, pass: &str) -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").expect("bind client");
         sock.set_read_timeout(Some(RECV_TIMEOUT)).expect("timeout");
-        TurnClient { sock, server, user: user.into(), pass: pass.into(), nonce: None, tid: 0, last_request: Vec::new() }
+        TurnClient { sock, server, user: user.into(), pass: pass.into(), nonce: None, tid: 0, last_request: Vec::new(), dtls: None }
+    }
+
+    /// A client over DTLS to `server` (a `dtls_listen` address), with the
+    /// handshake done. The client presents `cert`/`key` if asked.
+    pub fn new_dtls(server: SocketAddr, user: &str, pass: &str, cert: &std::path::Path, key: &std::path::Path) -> Self {
+        let mut c = TurnClient::new(server, user, pass);
+        c.dtls = Some(dtls::DtlsLink::connect(&c.sock, server, cert, key));
+        c
+    }
+
+    /// Ends the DTLS session with close_notify.
+    pub fn close_dtls(&mut self) {
+        self.dtls.as_mut().expect("a DTLS client").close(&self.sock, self.server);
+    }
+
+    /// A new DTLS session from the same address (5-tuple) as the last.
+    pub fn reconnect_dtls(&mut self, cert: &std::path::Path, key: &std::path::Path) {
+        self.nonce = None;
+        self.dtls = Some(dtls::DtlsLink::connect(&self.sock, self.server, cert, key));
+    }
+
+    /// Sends one message: a datagram, or a DTLS record of it.
+    fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        match &mut self.dtls {
+            Some(d) => d.send(&self.sock, self.server, bytes).map(|()| bytes.len()),
+            None => self.sock.send_to(bytes, self.server),
+        }
+    }
+
+    /// Receives one message (for DTLS, one record's plaintext).
+    fn recv_bytes(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &mut self.dtls {
+            Some(d) => d.recv(&self.sock, self.server, buf),
+            None => self.sock.recv_from(buf).map(|(n, _)| n),
+        }
     }
 
     fn key(&self) -> Vec<u8> {
@@ -231,7 +269,7 @@ impl TurnClient {
     fn recv_response(&mut self, tid: [u8; 12]) -> Vec<u8> {
         let mut buf = vec![0u8; 65536];
         loop {
-            let (n, _) = self.sock.recv_from(&mut buf).expect("response within timeout");
+            let n = self.recv_bytes(&mut buf).expect("response within timeout");
             if let Ok(m) = Message::parse(&buf[..n])
                 && m.transaction_id() == tid
             {
@@ -246,7 +284,7 @@ impl TurnClient {
         for _ in 0..2 {
             let (req, tid) = self.build(m, add);
             self.last_request = req.clone();
-            self.sock.send_to(&req, self.server).expect("send");
+            self.send_bytes(&req).expect("send");
             let resp = self.recv_response(tid);
             let key = self.key();
             if !settle(&resp, &mut self.nonce, &key) {
@@ -333,10 +371,10 @@ impl TurnClient {
         let tid = [0xB1; 12];
         let mut b = MessageBuilder::new(method::BINDING, Class::Request, tid);
         b.fingerprint();
-        self.sock.send_to(&b.finish(), self.server).map_err(|_| ())?;
+        self.send_bytes(&b.finish()).map_err(|_| ())?;
         let mut buf = vec![0u8; 2048];
         loop {
-            let (n, _) = self.sock.recv_from(&mut buf).map_err(|_| ())?;
+            let n = self.recv_bytes(&mut buf).map_err(|_| ())?;
             if let Ok(m) = Message::parse(&buf[..n])
                 && m.transaction_id() == tid
             {
@@ -348,13 +386,13 @@ impl TurnClient {
     pub fn send_indication(&mut self, peer: SocketAddr, data: &[u8]) {
         let mut b = MessageBuilder::new(method::SEND, Class::Indication, [0x5E; 12]);
         b.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, data);
-        self.sock.send_to(&b.finish(), self.server).expect("send");
+        self.send_bytes(&b.finish()).expect("send");
     }
 
     pub fn send_channel_data(&mut self, channel: u16, data: &[u8]) {
         let mut f = channel_data::header(channel, data.len() as u16).to_vec();
         f.extend_from_slice(data);
-        self.sock.send_to(&f, self.server).expect("send");
+        self.send_bytes(&f).expect("send");
     }
 
     /// Sends one ChannelData frame per payload (all of one length) as one
@@ -374,14 +412,14 @@ impl TurnClient {
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
-        let _ = self.sock.send_to(bytes, self.server);
+        let _ = self.send_bytes(bytes);
     }
 
     /// Waits for relayed data (ChannelData or a Data indication).
     pub fn recv_data(&mut self) -> (DataFrom, Vec<u8>) {
         let mut buf = vec![0u8; 65536];
         loop {
-            let (n, _) = self.sock.recv_from(&mut buf).expect("relayed data within timeout");
+            let n = self.recv_bytes(&mut buf).expect("relayed data within timeout");
             let pkt = &buf[..n];
             if let Some((ch, payload)) = channel_data::parse(pkt) {
                 return (DataFrom::Channel(ch), payload.to_vec());
