@@ -134,6 +134,12 @@ impl RecvBatch {
         }
     }
 
+    /// A batch without slots, for a send queue that holds only owned
+    /// payloads (`Payload::Owned`); never received into.
+    pub(crate) fn without_slots() -> Self {
+        RecvBatch { buf: Vec::new(), names: Vec::new(), iovs: Vec::new(), hdrs: Vec::new(), meta: Vec::new(), len: 0, cmsgs: Vec::new(), gro: false }
+    }
+
     /// Reads coalesced messages (`UDP_GRO`) correctly: every socket read
     /// through a batch must have `UDP_GRO` set only if the batch has this
     /// on, or a coalesced message would be taken for one datagram.

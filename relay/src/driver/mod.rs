@@ -107,7 +107,7 @@ pub(crate) struct Shard {
     /// one read go through the core and sent together
     /// ([`Shard::flush_stream_sends`]); also a DTLS datagram's answers and
     /// the data its records carry for peers. Its payloads are owned copies;
-    /// its receive batch is never received into.
+    /// its receive batch has no slots.
     stream_io: RefCell<UdpIo>,
     /// What a full [`Shard::stream_io`] queue flushed mid-read could not
     /// send without waiting; sent by the next [`Shard::flush_stream_sends`].
@@ -803,7 +803,7 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
             // Room for the datagrams of one whole coalesced message.
             send: SendQueue::new(setup.config.udp_batch.max(batch::GRO_MAX_SEGMENTS), setup.config.udp_gso),
         }),
-        stream_io: RefCell::new(UdpIo { recv: RecvBatch::new(1), send: SendQueue::new(setup.config.udp_batch, setup.config.udp_gso) }),
+        stream_io: RefCell::new(UdpIo { recv: RecvBatch::without_slots(), send: SendQueue::new(setup.config.udp_batch, setup.config.udp_gso) }),
         stream_blocked: RefCell::new(Vec::new()),
     });
     shard.binder.borrow_mut().shard = Rc::downgrade(&shard);
