@@ -49,6 +49,11 @@ pub struct Config {
     pub dtls_max_sessions: usize,
     /// Seconds a DTLS handshake may take before its session is dropped.
     pub dtls_handshake_secs: u64,
+    /// Seconds an established DTLS session may go without an authenticated
+    /// record from its client while the client holds no allocation; also
+    /// the silence after which a ClientHello from the same address replaces
+    /// the session (the client started over).
+    pub dtls_idle_secs: u64,
     /// Address IPv4 relay sockets bind to (and advertise).
     pub relay_ipv4: Option<IpAddr>,
     /// Address IPv6 relay sockets bind to (RFC 6156); none disables IPv6 relays.
@@ -131,6 +136,7 @@ impl Default for Config {
             dtls_key: None,
             dtls_max_sessions: 1024,
             dtls_handshake_secs: 10,
+            dtls_idle_secs: 60,
             relay_ipv4: None,
             relay_ipv6: None,
             min_port: 49152,
@@ -195,8 +201,13 @@ impl Config {
         if !self.dtls_listen.is_empty() && self.dtls_cert_and_key().is_none() {
             return Err(ConfigError::Invalid("dtls_listen needs dtls_cert and dtls_key (or tls_cert and tls_key)".into()));
         }
-        if !self.dtls_listen.is_empty() && (self.dtls_max_sessions == 0 || self.dtls_handshake_secs == 0) {
-            return Err(ConfigError::Invalid("dtls_max_sessions and dtls_handshake_secs must be at least 1".into()));
+        if !self.dtls_listen.is_empty() && (self.dtls_max_sessions == 0 || self.dtls_handshake_secs == 0 || self.dtls_idle_secs == 0) {
+            return Err(ConfigError::Invalid("dtls_max_sessions, dtls_handshake_secs and dtls_idle_secs must be at least 1".into()));
+        }
+        // Two SO_REUSEPORT sockets on one address would split clients
+        // between plain UDP and DTLS at random.
+        if let Some(a) = self.dtls_listen.iter().find(|a| self.listen.contains(a)) {
+            return Err(ConfigError::Invalid(format!("{a} is in both listen and dtls_listen (DTLS needs its own port, e.g. 5349)")));
         }
         if self.rest_secrets.is_empty() && self.static_users.is_empty() {
             return Err(ConfigError::Invalid("no credentials: set rest_secrets or static_users".into()));
@@ -296,6 +307,8 @@ mod tests {
         let c = Config::from_toml("rest_secrets = [\"x\"]\ndtls_listen = [\"127.0.0.1:5349\"]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"").expect("TLS files serve DTLS");
         assert_eq!(c.dtls_cert_and_key().map(|(c, _)| c.to_str()), Some(Some("c.pem")));
         assert!(Config::from_toml("rest_secrets = [\"x\"]\ndtls_listen = [\"127.0.0.1:5349\"]\ndtls_cert = \"c\"\ndtls_key = \"k\"\ndtls_max_sessions = 0").is_err());
+        let overlap = Config::from_toml("rest_secrets = [\"x\"]\nlisten = [\"127.0.0.1:3478\"]\ndtls_listen = [\"127.0.0.1:3478\"]\ndtls_cert = \"c\"\ndtls_key = \"k\"");
+        assert!(overlap.is_err_and(|e| e.to_string().contains("both listen and dtls_listen")));
         assert_eq!(Config::from_toml("rest_secrets = [\"x\"]\nudp_receive_buffer_kib = 0").map(|c| c.udp_receive_buffer_kib).ok(), Some(0));
     }
 }

@@ -93,6 +93,7 @@ fn load_dtls(cfg: &Config) -> anyhow::Result<Option<Arc<DtlsSetup>>> {
         cfg.dtls_max_sessions,
         std::time::Duration::from_secs(cfg.dtls_handshake_secs),
         std::time::Duration::from_secs(u64::from(cfg.max_lifetime_secs.max(1))),
+        std::time::Duration::from_secs(cfg.dtls_idle_secs),
     )?;
     setup.self_check().with_context(|| format!("DTLS certificate {} with key {}", cert.display(), key.display()))?;
     Ok(Some(Arc::new(setup)))

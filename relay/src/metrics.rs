@@ -89,8 +89,9 @@ pub struct Metrics {
     pub dtls_sessions: AtomicI64,
     /// DTLS handshakes completed.
     pub dtls_handshakes_total: AtomicU64,
-    /// DTLS sessions that ended before their handshake completed (failed
-    /// or timed out).
+    /// DTLS sessions that ended before their handshake completed (failed,
+    /// timed out, or dropped from a full table unverified), and DTLS 1.0
+    /// hellos refused.
     pub dtls_failures_total: AtomicU64,
     /// ClientHellos refused because the shard's session table was full.
     pub dtls_refused_total: AtomicU64,
@@ -152,7 +153,7 @@ pub fn render(shards: &[&Metrics]) -> String {
     line(
         "tessera_relay_dtls_failures_total",
         "counter",
-        "DTLS sessions ended before their handshake completed.",
+        "DTLS handshakes that failed, timed out or were refused (DTLS 1.0).",
         sum(&|m| m.dtls_failures_total.load(Relaxed)),
     );
     line(

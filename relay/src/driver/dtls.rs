@@ -10,14 +10,23 @@
 //! queues with everything else.
 //!
 //! Limits: only a ClientHello opens a session; a shard holds at most
-//! `dtls_max_sessions` (more ClientHellos are refused and counted); a
-//! handshake not done within `dtls_handshake_secs` is dropped; so is an
-//! established session that hears nothing from its client for
-//! `max_lifetime_secs`, since no allocation outlives that without a
-//! Refresh. The cookie exchange (HelloVerifyRequest, or HelloRetryRequest
-//! in DTLS 1.3) comes before any key exchange, so a ClientHello from a
-//! forged address costs a table slot until the handshake deadline, never a
-//! signature.
+//! `dtls_max_sessions`. A session is *unverified* until the engine answers
+//! a hello with a ServerHello, which it does only once the client has
+//! echoed the cookie of the cookie exchange (HelloVerifyRequest, or
+//! HelloRetryRequest in DTLS 1.3) and so proved its address: a hello from a
+//! forged address never gets past that, and costs no signature. A full
+//! table makes room by dropping its oldest unverified session; with none,
+//! the hello is refused and counted. A handshake not done within
+//! `dtls_handshake_secs` is dropped. An established session is dropped when
+//! its client has sent no authenticated record for `dtls_idle_secs` and has
+//! no allocation, or for `max_lifetime_secs` (no allocation outlives that
+//! without a Refresh).
+//!
+//! Once a client's records have been authenticated, plaintext (epoch 0)
+//! records on its 5-tuple are dropped before the engine (which ignores
+//! them too: anyone who knows the address can forge them). A ClientHello
+//! after `dtls_idle_secs` of silence is the exception: the client started
+//! over from the same address, so the old session and its allocation go.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,20 +47,30 @@ pub struct DtlsSetup {
     pub max_sessions: usize,
     /// Longest handshake.
     pub handshake: Duration,
-    /// Longest silence of an established client.
+    /// Longest silence of an established client with an allocation.
     pub idle: Duration,
+    /// Longest silence of an established client without one, and the
+    /// silence after which a ClientHello replaces a session.
+    pub idle_without_allocation: Duration,
 }
 
 impl DtlsSetup {
     /// The relay's DTLS settings around a certificate and its private key
     /// (DER; PKCS#8 or SEC1, ECDSA P-256 or P-384).
-    pub fn new(certificate: Vec<u8>, private_key: Vec<u8>, max_sessions: usize, handshake: Duration, idle: Duration) -> anyhow::Result<Self> {
+    pub fn new(certificate: Vec<u8>, private_key: Vec<u8>, max_sessions: usize, handshake: Duration, idle: Duration, idle_without_allocation: Duration) -> anyhow::Result<Self> {
         let config = dimpl::Config::builder()
             .require_client_certificate(false)
             .handshake_timeout(handshake)
             .build()
             .map_err(|e| anyhow::anyhow!("DTLS configuration: {e}"))?;
-        Ok(DtlsSetup { config: Arc::new(config), cert: DtlsCertificate { certificate, private_key }, max_sessions, handshake, idle })
+        Ok(DtlsSetup {
+            config: Arc::new(config),
+            cert: DtlsCertificate { certificate, private_key },
+            max_sessions,
+            handshake,
+            idle,
+            idle_without_allocation,
+        })
     }
 
     /// Runs a whole handshake between a server session and a client of
@@ -115,7 +134,26 @@ struct Session {
     heard: Instant,
     /// When the engine wants `handle_timeout` (retransmission).
     wake: Option<Instant>,
+    /// The engine has sent a ServerHello: the client echoed the cookie.
+    verified: bool,
+    /// The engine reports the handshake done on its side.
     connected: bool,
+    /// A record from the client has been authenticated (it carried
+    /// plaintext): from then on plaintext records are forgeries or a
+    /// restart. (A DTLS 1.2 client whose last flight went unanswered
+    /// sends it again in plaintext, after the server counts as connected.)
+    confirmed: bool,
+}
+
+/// What became of peer data or a reply for a DTLS client.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Sealed {
+    /// Sealed into records to send.
+    Sent,
+    /// Not sent: no established session, or more than a record holds.
+    Dropped,
+    /// The session failed while sealing: its allocation goes too.
+    Ended,
 }
 
 /// What became of a datagram or a timer for one session.
@@ -149,6 +187,16 @@ const RECORD_HEADER: usize = 13;
 const HANDSHAKE: u8 = 22;
 /// Handshake message type of a ClientHello.
 const CLIENT_HELLO: u8 = 1;
+/// Handshake message type of a ServerHello (and of DTLS 1.3's
+/// HelloRetryRequest, told apart by its random).
+const SERVER_HELLO: u8 = 2;
+/// The random of a HelloRetryRequest (RFC 8446 §4.1.3).
+const HELLO_RETRY_RANDOM: [u8; 32] = [
+    0xCF, 0x21, 0xAD, 0x74, 0xE5, 0x9A, 0x61, 0x11, 0xBE, 0x1D, 0x8C, 0x02, 0x1E, 0x65, 0xB8, 0x91, 0xC2, 0xA2, 0x11, 0x16, 0x7A, 0xBB,
+    0x8C, 0x5E, 0x07, 0x9E, 0x09, 0xE2, 0xC8, 0xA8, 0x33, 0x9C,
+];
+/// Most plaintext one record carries (RFC 6347 §4.3.1: 2^14 bytes).
+const MAX_PLAINTEXT: usize = 1 << 14;
 
 /// Bytes of a handshake message header (type, length, message_seq,
 /// fragment offset and length).
@@ -157,10 +205,34 @@ const HANDSHAKE_HEADER: usize = 12;
 /// DTLS 1.3 ClientHello (RFC 9147 §5.3).
 const DTLS_1_2: [u8; 2] = [0xfe, 0xfd];
 
-/// True if a datagram starts with an epoch-0 handshake record carrying a
-/// ClientHello: the only thing that may open a session.
+/// True if a datagram starts with a plaintext record: a content type of
+/// RFC 7983's DTLS range that is not a DTLS 1.3 ciphertext header (those
+/// start with 0b001), in epoch 0.
+fn is_plaintext(data: &[u8]) -> bool {
+    data.len() >= RECORD_HEADER && (20..=26).contains(&data[0]) && data[3..5] == [0, 0]
+}
+
+/// True if a datagram starts with a plaintext handshake record carrying
+/// the first fragment of a handshake message of type `kind`.
+fn starts_handshake(data: &[u8], kind: u8) -> bool {
+    is_plaintext(data)
+        && data[0] == HANDSHAKE
+        && data.len() > RECORD_HEADER + HANDSHAKE_HEADER
+        && data[RECORD_HEADER] == kind
+        && data[RECORD_HEADER + 6..RECORD_HEADER + 9] == [0, 0, 0]
+}
+
+/// True if a datagram starts with a ClientHello: the only thing that may
+/// open a session.
 fn is_client_hello(data: &[u8]) -> bool {
-    data.len() > RECORD_HEADER && data[0] == HANDSHAKE && data[3..5] == [0, 0] && data[RECORD_HEADER] == CLIENT_HELLO
+    starts_handshake(data, CLIENT_HELLO)
+}
+
+/// True if a datagram the engine sent starts with a ServerHello that is no
+/// HelloRetryRequest: the client's hello got past the cookie exchange.
+fn is_server_hello(packet: &[u8]) -> bool {
+    let random = RECORD_HEADER + HANDSHAKE_HEADER + 2;
+    starts_handshake(packet, SERVER_HELLO) && packet.get(random..random + 32).is_some_and(|r| r != HELLO_RETRY_RANDOM)
 }
 
 /// For a ClientHello whose best version is older than DTLS 1.2 (DTLS 1.0,
@@ -203,21 +275,15 @@ impl Sessions {
     /// Feeds one datagram from `tuple`'s client. Packets for the client go
     /// to `packets`, each record of plaintext to `plain`.
     pub(crate) fn receive(&mut self, tuple: FiveTuple, now: Instant, data: &[u8], metrics: &Metrics, packets: &mut Vec<Vec<u8>>, plain: &mut Vec<Vec<u8>>) -> Fate {
-        let Some(setup) = &self.setup else { return Fate::Ignored };
+        let Some(setup) = self.setup.clone() else { return Fate::Ignored };
         if let Some(s) = self.map.get(&tuple)
-            && s.connected
-            && data.get(3..5) == Some(&[0, 0])
+            && s.confirmed
+            && is_plaintext(data)
         {
-            // An unauthenticated (epoch 0) record for an established
-            // session: anyone who knows the client's address can send one,
-            // and the engine would end the session on some. Dropped, unless
-            // it is a ClientHello and the session has been silent for a
-            // handshake's time: then the client has most likely started
-            // over from the same address, and the old session and its
-            // allocation go (the hello's retransmission opens the new one).
-            if now.duration_since(s.heard) < setup.handshake || !is_client_hello(data) {
+            if now.duration_since(s.heard) < setup.idle_without_allocation || !is_client_hello(data) {
                 return Fate::Ignored;
             }
+            // The hello's retransmission opens the new session.
             return self.end(tuple, metrics);
         }
         if !self.map.contains_key(&tuple) {
@@ -230,15 +296,24 @@ impl Sessions {
                 return Fate::Answered;
             }
             if self.map.len() >= setup.max_sessions {
-                metrics.dtls_refused_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Fate::Refused;
+                let oldest = self.map.iter().filter(|(_, s)| !s.verified).min_by_key(|(_, s)| s.created).map(|(t, _)| *t);
+                match oldest {
+                    Some(t) => {
+                        self.end(t, metrics);
+                    }
+                    None => {
+                        metrics.dtls_refused_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return Fate::Refused;
+                    }
+                }
             }
             let dtls = Dtls::new_auto(setup.config.clone(), setup.cert.clone(), now);
-            self.map.insert(tuple, Session { dtls, created: now, heard: now, wake: None, connected: false });
+            let session = Session { dtls, created: now, heard: now, wake: None, verified: false, connected: false, confirmed: false };
+            self.map.insert(tuple, session);
             metrics.dtls_sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let Some(s) = self.map.get_mut(&tuple) else { return Fate::Ignored };
-        let before = plain.len();
+        let (heard, sent) = (plain.len(), packets.len());
         let buf = &mut self.buf;
         let ok = guarded(tuple, || {
             if let Err(e) = s.dtls.handle_timeout(now).and_then(|()| s.dtls.handle_packet(data)) {
@@ -247,36 +322,52 @@ impl Sessions {
             }
             pump(s, buf, metrics, packets, Some(plain))
         });
-        if plain.len() > before {
+        if plain.len() > heard {
             s.heard = now;
+            s.confirmed = true;
+        }
+        if !s.verified && packets[sent..].iter().any(|p| is_server_hello(p)) {
+            s.verified = true;
         }
         if ok { Fate::Open } else { self.end(tuple, metrics) }
     }
 
-    /// Seals `plaintext` for `tuple`'s client into `packets`. False if the
-    /// client has no established session (or it just failed).
-    pub(crate) fn seal(&mut self, tuple: FiveTuple, plaintext: &[u8], metrics: &Metrics, packets: &mut Vec<Vec<u8>>) -> bool {
-        let Some(s) = self.map.get_mut(&tuple) else { return false };
-        if !s.connected {
-            return false;
+    /// Seals `plaintext` for `tuple`'s client into `packets`.
+    pub(crate) fn seal(&mut self, tuple: FiveTuple, now: Instant, plaintext: &[u8], metrics: &Metrics, packets: &mut Vec<Vec<u8>>) -> Sealed {
+        let Some(s) = self.map.get_mut(&tuple) else { return Sealed::Dropped };
+        if !s.connected || plaintext.len() > MAX_PLAINTEXT {
+            return Sealed::Dropped;
         }
         let buf = &mut self.buf;
-        if guarded(tuple, || s.dtls.send_application_data(plaintext).is_ok() && pump(s, buf, metrics, packets, None)) {
-            return true;
+        let step = || s.dtls.handle_timeout(now).is_ok() && s.dtls.send_application_data(plaintext).is_ok() && pump(s, buf, metrics, packets, None);
+        if guarded(tuple, step) {
+            return Sealed::Sent;
         }
         self.end(tuple, metrics);
-        false
+        Sealed::Ended
     }
 
     /// Runs due retransmission timers and drops sessions past their
-    /// deadlines. Packets go to `packets` with their 5-tuple; the sessions
-    /// that ended are returned for their allocations to go.
-    pub(crate) fn tick(&mut self, now: Instant, metrics: &Metrics, packets: &mut Vec<(FiveTuple, Vec<u8>)>) -> Vec<FiveTuple> {
+    /// deadlines (`has_allocation` tells which clients hold one). Packets
+    /// go to `packets` with their 5-tuple; the sessions that ended are
+    /// returned for their allocations to go.
+    pub(crate) fn tick(
+        &mut self,
+        now: Instant,
+        metrics: &Metrics,
+        packets: &mut Vec<(FiveTuple, Vec<u8>)>,
+        has_allocation: impl Fn(FiveTuple) -> bool,
+    ) -> Vec<FiveTuple> {
         let Some(setup) = self.setup.clone() else { return Vec::new() };
         let mut ended = Vec::new();
         let mut out = Vec::new();
         for (tuple, s) in &mut self.map {
-            let late = if s.connected { now.duration_since(s.heard) >= setup.idle } else { now.duration_since(s.created) >= setup.handshake };
+            let late = if s.connected {
+                let silent = now.duration_since(s.heard);
+                silent >= setup.idle || (silent >= setup.idle_without_allocation && !has_allocation(*tuple))
+            } else {
+                now.duration_since(s.created) >= setup.handshake
+            };
             if late {
                 ended.push(*tuple);
                 continue;
@@ -297,12 +388,15 @@ impl Sessions {
     }
 
     /// Sends close_notify to every established client (shutdown).
-    pub(crate) fn close_all(&mut self, metrics: &Metrics, packets: &mut Vec<(FiveTuple, Vec<u8>)>) {
+    pub(crate) fn close_all(&mut self, now: Instant, metrics: &Metrics, packets: &mut Vec<(FiveTuple, Vec<u8>)>) {
         let mut out = Vec::new();
         for (tuple, mut s) in self.map.drain() {
             metrics.dtls_sessions.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            if !s.connected {
+                continue;
+            }
             let buf = &mut self.buf;
-            if s.connected && guarded(tuple, || s.dtls.close().is_ok() && pump(&mut s, buf, metrics, &mut out, None)) {
+            if guarded(tuple, || s.dtls.handle_timeout(now).is_ok() && s.dtls.close().is_ok() && pump(&mut s, buf, metrics, &mut out, None)) {
                 packets.extend(out.drain(..).map(|p| (tuple, p)));
             }
         }
@@ -393,11 +487,12 @@ AiAemX+dF902X5CO1neHV2RJlf78R0sautiRZTs5wHdAcgIgfJHBHe4WY/C/bbfU
 ";
     const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
     const IDLE_LIMIT: Duration = Duration::from_secs(600);
+    const IDLE_WITHOUT_ALLOCATION: Duration = Duration::from_secs(60);
 
     fn setup(max_sessions: usize) -> Arc<DtlsSetup> {
         let cert = CertificateDer::from_pem_slice(TEST_CERT.as_bytes()).expect("certificate");
         let key = PrivatePkcs8KeyDer::from_pem_slice(TEST_KEY.as_bytes()).expect("key");
-        Arc::new(DtlsSetup::new(cert.to_vec(), key.secret_pkcs8_der().to_vec(), max_sessions, HANDSHAKE_LIMIT, IDLE_LIMIT).expect("setup"))
+        Arc::new(DtlsSetup::new(cert.to_vec(), key.secret_pkcs8_der().to_vec(), max_sessions, HANDSHAKE_LIMIT, IDLE_LIMIT, IDLE_WITHOUT_ALLOCATION).expect("setup"))
     }
 
     fn tuple(port: u16) -> FiveTuple {
@@ -414,7 +509,15 @@ AiAemX+dF902X5CO1neHV2RJlf78R0sautiRZTs5wHdAcgIgfJHBHe4WY/C/bbfU
 
     impl Client {
         fn new(setup: &DtlsSetup, now: Instant) -> Self {
-            let mut dtls = Dtls::new_auto(setup.config.clone(), setup.cert.clone(), now);
+            Client::with(Dtls::new_auto(setup.config.clone(), setup.cert.clone(), now))
+        }
+
+        /// A client that speaks DTLS 1.2 only, as OpenSSL's do.
+        fn dtls_1_2(setup: &DtlsSetup, now: Instant) -> Self {
+            Client::with(Dtls::new_12(setup.config.clone(), setup.cert.clone(), now))
+        }
+
+        fn with(mut dtls: Dtls) -> Self {
             dtls.set_active(true);
             Client { dtls, buf: vec![0; 2048], up: false, plain: Vec::new() }
         }
@@ -466,7 +569,7 @@ AiAemX+dF902X5CO1neHV2RJlf78R0sautiRZTs5wHdAcgIgfJHBHe4WY/C/bbfU
     #[test]
     fn the_test_certificate_passes_the_self_check() {
         setup(1).self_check().expect("a handshake with itself");
-        let bad = DtlsSetup::new(b"not a certificate".to_vec(), b"not a key".to_vec(), 1, HANDSHAKE_LIMIT, IDLE_LIMIT).expect("setup");
+        let bad = DtlsSetup::new(b"not a certificate".to_vec(), b"not a key".to_vec(), 1, HANDSHAKE_LIMIT, IDLE_LIMIT, IDLE_WITHOUT_ALLOCATION).expect("setup");
         assert!(bad.self_check().is_err(), "garbage fails at start");
     }
 
@@ -487,40 +590,107 @@ AiAemX+dF902X5CO1neHV2RJlf78R0sautiRZTs5wHdAcgIgfJHBHe4WY/C/bbfU
         }
         assert_eq!(plain, vec![b"to the core".to_vec()]);
         let mut sealed = Vec::new();
-        assert!(sessions.seal(t, b"to the client", &metrics, &mut sealed));
+        assert_eq!(sessions.seal(t, now, b"to the client", &metrics, &mut sealed), Sealed::Sent);
         assert!(sealed.iter().all(|p| !p.windows(6).any(|w| w == b"to the")), "sealed, not in the clear");
         client.input(now, &sealed);
         client.output(now);
         assert_eq!(client.plain, vec![b"to the client".to_vec()]);
-        assert!(!sessions.seal(tuple(2), b"nobody", &metrics, &mut sealed), "no session, nothing sealed");
+        assert_eq!(sessions.seal(tuple(2), now, b"nobody", &metrics, &mut sealed), Sealed::Dropped, "no session, nothing sealed");
+        let record_max = vec![0u8; MAX_PLAINTEXT];
+        assert_eq!(sessions.seal(t, now, &record_max, &metrics, &mut sealed), Sealed::Sent);
+        assert_eq!(sessions.seal(t, now, &[0u8; MAX_PLAINTEXT + 1], &metrics, &mut sealed), Sealed::Dropped, "more than a record holds");
     }
 
     #[test]
-    fn a_full_table_refuses_new_hellos_and_deadlines_end_sessions() {
+    fn a_full_table_makes_room_from_unverified_sessions_only() {
         let metrics = Metrics::default();
-        let s = setup(1);
+        let s = setup(2);
         let mut sessions = Sessions::new(Some(s.clone()));
         let now = Instant::now();
         let mut first = Client::new(&s, now);
         assert!(handshake(&mut sessions, &mut first, tuple(1), now, &metrics));
-        let mut second = Client::new(&s, now);
-        let hello = second.output(now);
         let (mut packets, mut plain) = (Vec::new(), Vec::new());
-        assert_eq!(sessions.receive(tuple(2), now, &hello[0], &metrics, &mut packets, &mut plain), Fate::Refused);
+        // Two hellos that get no further than the cookie exchange (as
+        // forged ones never do): the second takes the first one's place.
+        let hello = |at| Client::new(&s, at).output(at).remove(0);
+        let later = now + Duration::from_millis(1);
+        assert_eq!(sessions.receive(tuple(2), now, &hello(now), &metrics, &mut packets, &mut plain), Fate::Open);
+        assert!(!packets.is_empty() && !packets.iter().any(|p| is_server_hello(p)), "a cookie exchange, not a ServerHello");
+        assert_eq!(sessions.receive(tuple(3), later, &hello(later), &metrics, &mut packets, &mut plain), Fate::Open);
+        assert_eq!(sessions.len(), 2);
+        assert!(sessions.map.contains_key(&tuple(1)) && sessions.map.contains_key(&tuple(3)), "the oldest unverified one went");
+        assert_eq!(metrics.dtls_failures_total.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // With every session verified, a hello is refused.
+        let mut second = Client::new(&s, now);
+        sessions.end(tuple(3), &metrics);
+        assert!(handshake(&mut sessions, &mut second, tuple(4), now, &metrics));
+        packets.clear();
+        assert_eq!(sessions.receive(tuple(5), now, &hello(now), &metrics, &mut packets, &mut plain), Fate::Refused);
         assert!(packets.is_empty());
         assert_eq!(metrics.dtls_refused_total.load(std::sync::atomic::Ordering::Relaxed), 1);
-        // An established session lives while its client talks.
+    }
+
+    #[test]
+    fn deadlines_end_handshakes_and_silent_sessions() {
+        let metrics = Metrics::default();
+        let s = setup(4);
+        let mut sessions = Sessions::new(Some(s.clone()));
+        let now = Instant::now();
+        let (mut with, mut without) = (Client::new(&s, now), Client::new(&s, now));
+        assert!(handshake(&mut sessions, &mut with, tuple(1), now, &metrics));
+        assert!(handshake(&mut sessions, &mut without, tuple(2), now, &metrics));
+        let hello = Client::new(&s, now).output(now).remove(0);
+        let (mut packets, mut plain) = (Vec::new(), Vec::new());
+        assert_eq!(sessions.receive(tuple(3), now, &hello, &metrics, &mut packets, &mut plain), Fate::Open);
         let mut out = Vec::new();
-        assert!(sessions.tick(now + IDLE_LIMIT / 2, &metrics, &mut out).is_empty());
-        assert_eq!(sessions.tick(now + IDLE_LIMIT, &metrics, &mut out), vec![tuple(1)], "silent for the longest lifetime");
-        assert_eq!(sessions.len(), 0);
-        // A handshake that stalls after the cookie exchange ends at its deadline.
-        assert_eq!(sessions.receive(tuple(2), now, &hello[0], &metrics, &mut packets, &mut plain), Fate::Open);
-        assert!(!packets.is_empty(), "the cookie exchange answers");
-        assert!(sessions.tick(now + HANDSHAKE_LIMIT / 2, &metrics, &mut out).len() <= 1);
-        assert_eq!(sessions.tick(now + HANDSHAKE_LIMIT, &metrics, &mut out), vec![tuple(2)]);
+        let holds = |t: FiveTuple| t == tuple(1);
+        assert!(sessions.tick(now + HANDSHAKE_LIMIT / 2, &metrics, &mut out, holds).is_empty());
+        assert_eq!(sessions.tick(now + HANDSHAKE_LIMIT, &metrics, &mut out, holds), vec![tuple(3)], "the stalled handshake");
         assert_eq!(metrics.dtls_failures_total.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(sessions.tick(now + IDLE_WITHOUT_ALLOCATION, &metrics, &mut out, holds), vec![tuple(2)], "silent, no allocation");
+        assert!(sessions.tick(now + IDLE_LIMIT / 2, &metrics, &mut out, holds).is_empty(), "an allocation keeps it");
+        assert_eq!(sessions.tick(now + IDLE_LIMIT, &metrics, &mut out, holds), vec![tuple(1)], "silent for the longest lifetime");
+        assert_eq!(sessions.len(), 0);
         assert_eq!(metrics.dtls_sessions.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(metrics.dtls_failures_total.load(std::sync::atomic::Ordering::Relaxed), 1, "established sessions are no failures");
+    }
+
+    /// A DTLS 1.2 server counts as connected once it has sent its last
+    /// flight; if that flight is lost, the client sends its own again, in
+    /// plaintext records, which must still reach the engine.
+    #[test]
+    fn a_dtls_1_2_handshake_survives_a_lost_last_flight() {
+        let metrics = Metrics::default();
+        let s = setup(4);
+        let mut sessions = Sessions::new(Some(s.clone()));
+        let now = Instant::now();
+        let t = tuple(1);
+        let mut client = Client::dtls_1_2(&s, now);
+        let mut flight = client.output(now);
+        let mut lost = false;
+        for _ in 0..8 {
+            let (mut packets, mut plain) = (Vec::new(), Vec::new());
+            for p in &flight {
+                assert_eq!(sessions.receive(t, now, p, &metrics, &mut packets, &mut plain), Fate::Open);
+            }
+            if !lost && sessions.map.get(&t).is_some_and(|s| s.connected) {
+                // The server's ChangeCipherSpec and Finished never arrive.
+                lost = true;
+                packets.clear();
+            }
+            client.input(now, &packets);
+            flight = client.output(now);
+            if client.up {
+                break;
+            }
+            if flight.is_empty() {
+                // The client's retransmission timer.
+                flight = client.output(now + Duration::from_secs(3));
+            }
+        }
+        assert!(lost, "the server reached its last flight");
+        assert!(client.up, "the client's retransmitted flight got the server's again");
+        assert!(still_works(&mut sessions, &mut client, t, now, &metrics));
     }
 
     #[test]
@@ -560,7 +730,7 @@ AiAemX+dF902X5CO1neHV2RJlf78R0sautiRZTs5wHdAcgIgfJHBHe4WY/C/bbfU
         }
         client.plain.clear();
         let mut sealed = Vec::new();
-        if plain != vec![b"ping".to_vec()] || !sessions.seal(t, b"pong", metrics, &mut sealed) {
+        if plain != vec![b"ping".to_vec()] || sessions.seal(t, now, b"pong", metrics, &mut sealed) != Sealed::Sent {
             return false;
         }
         client.input(now, &sealed);
@@ -569,34 +739,44 @@ AiAemX+dF902X5CO1neHV2RJlf78R0sautiRZTs5wHdAcgIgfJHBHe4WY/C/bbfU
     }
 
     /// Anyone who knows a client's address can send plaintext records as
-    /// that client. An established session ignores them (a ClientHello with
-    /// a high message_seq would otherwise end it as a renegotiation), until
-    /// it has heard no authenticated record for a handshake's time: then a
-    /// ClientHello means the client started over, and the session ends.
+    /// that client: once its records are authenticated, the session ignores
+    /// them, until the client has been silent for `dtls_idle_secs`; then a
+    /// ClientHello means it started over, and the session ends (the engine
+    /// alone would ignore the hello too, for good).
     #[test]
-    fn an_established_session_ignores_plaintext_until_it_falls_silent() {
+    fn an_established_session_gives_way_to_a_hello_only_after_silence() {
         let metrics = Metrics::default();
         let s = setup(4);
         let mut sessions = Sessions::new(Some(s.clone()));
         let now = Instant::now();
         let t = tuple(1);
-        let mut client = Client::new(&s, now);
+        let mut client = Client::dtls_1_2(&s, now);
         assert!(handshake(&mut sessions, &mut client, t, now, &metrics));
-        let mut hello = Client::new(&s, now).output(now).remove(0);
+        assert!(still_works(&mut sessions, &mut client, t, now, &metrics), "authenticated records");
+        let mut hello = Client::dtls_1_2(&s, now).output(now).remove(0);
         // message_seq 9: past what the session has seen.
         hello[RECORD_HEADER + 5] = 9;
         let (mut packets, mut plain) = (Vec::new(), Vec::new());
-        let later = now + HANDSHAKE_LIMIT / 2;
+        let later = now + IDLE_WITHOUT_ALLOCATION / 2;
         assert_eq!(sessions.receive(t, later, &hello, &metrics, &mut packets, &mut plain), Fate::Ignored);
         assert!(still_works(&mut sessions, &mut client, t, later, &metrics), "the session survived the forged hello");
-        // Authenticated traffic at `later` keeps it alive for another
-        // handshake's time from then.
-        let quiet = later + HANDSHAKE_LIMIT / 2;
+        // Authenticated traffic at `later` keeps it from then.
+        let quiet = later + IDLE_WITHOUT_ALLOCATION / 2;
         assert_eq!(sessions.receive(t, quiet, &hello, &metrics, &mut packets, &mut plain), Fate::Ignored);
-        let silent = later + HANDSHAKE_LIMIT;
+        let silent = later + IDLE_WITHOUT_ALLOCATION;
         assert_eq!(sessions.receive(t, silent, &hello, &metrics, &mut packets, &mut plain), Fate::Closed);
         assert_eq!(sessions.len(), 0);
         assert!(packets.is_empty());
+        // The engine alone would ignore the hello for good, and the client
+        // could not start over until the session's idle deadline.
+        let mut bare = Sessions::new(Some(s.clone()));
+        let mut other = Client::dtls_1_2(&s, now);
+        assert!(handshake(&mut bare, &mut other, t, now, &metrics));
+        let session = bare.map.get_mut(&t).expect("session");
+        session.dtls.handle_packet(&hello).expect("ignored by the engine");
+        let mut out = Vec::new();
+        assert!(pump(session, &mut bare.buf, &metrics, &mut out, None), "still open");
+        assert!(out.is_empty(), "and no answer");
     }
 
     proptest::proptest! {

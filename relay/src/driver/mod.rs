@@ -223,12 +223,18 @@ impl Shard {
                     }
                     Transport::Dtls => {
                         let mut sealed = Vec::new();
-                        let (Some(sock), true) = (self.dtls_socks.get(&to.server), self.dtls.borrow_mut().seal(to, recv.bytes(&payload), &self.metrics, &mut sealed)) else {
-                            self.metrics.drop_packet(DropReason::Io);
-                            continue;
-                        };
-                        for p in sealed {
-                            self.queue(recv, send, (sock.clone(), to.client, Payload::Owned(p)), blocked);
+                        let outcome = self.dtls.borrow_mut().seal(to, now.mono, recv.bytes(&payload), &self.metrics, &mut sealed);
+                        match (outcome, self.dtls_socks.get(&to.server)) {
+                            (dtls::Sealed::Sent, Some(sock)) => {
+                                for p in sealed {
+                                    self.queue(recv, send, (sock.clone(), to.client, Payload::Owned(p)), blocked);
+                                }
+                            }
+                            (dtls::Sealed::Ended, _) => {
+                                self.metrics.drop_packet(DropReason::Io);
+                                self.client_gone(to);
+                            }
+                            _ => self.metrics.drop_packet(DropReason::Io),
                         }
                         continue;
                     }
@@ -357,25 +363,28 @@ impl Shard {
     fn dtls_datagram(&self, sock: &Rc<UdpSocket>, tuple: FiveTuple, data: &[u8]) {
         let mut packets = Vec::new();
         let mut plain = Vec::new();
-        let fate = self.dtls.borrow_mut().receive(tuple, Instant::now(), data, &self.metrics, &mut packets, &mut plain);
+        let now = Instant::now();
+        let fate = self.dtls.borrow_mut().receive(tuple, now, data, &self.metrics, &mut packets, &mut plain);
         match fate {
             dtls::Fate::Ignored => return self.metrics.drop_packet(DropReason::Malformed),
             dtls::Fate::Refused => return,
             dtls::Fate::Open | dtls::Fate::Closed | dtls::Fate::Answered => {}
         }
+        let mut closed = fate == dtls::Fate::Closed;
         for record in plain {
             // A DTLS client cannot claim a TCP peer connection: the core
             // answers its ConnectionBind with 400 (`Handled::Reply`).
-            if let Handled::Reply(Some(reply)) = self.stream_frame(tuple, &record)
-                && !self.dtls.borrow_mut().seal(tuple, &reply, &self.metrics, &mut packets)
-            {
-                self.metrics.drop_packet(DropReason::Io);
+            let Handled::Reply(Some(reply)) = self.stream_frame(tuple, &record) else { continue };
+            match self.dtls.borrow_mut().seal(tuple, now, &reply, &self.metrics, &mut packets) {
+                dtls::Sealed::Sent => {}
+                dtls::Sealed::Dropped => self.metrics.drop_packet(DropReason::Io),
+                dtls::Sealed::Ended => closed = true,
             }
         }
         for p in packets {
             self.queue_owned(sock.clone(), tuple.client, p);
         }
-        if fate == dtls::Fate::Closed {
+        if closed {
             self.client_gone(tuple);
         }
     }
@@ -383,7 +392,10 @@ impl Shard {
     /// DTLS retransmissions and deadlines (run from the shard's timer).
     async fn dtls_tick(&self) {
         let mut packets = Vec::new();
-        let ended = self.dtls.borrow_mut().tick(Instant::now(), &self.metrics, &mut packets);
+        let ended = {
+            let server = self.server.borrow();
+            self.dtls.borrow_mut().tick(Instant::now(), &self.metrics, &mut packets, |t| server.has_allocation(t))
+        };
         self.send_dtls(packets).await;
         for tuple in ended {
             self.client_gone(tuple);
@@ -723,8 +735,12 @@ async fn dtls_loop(shard: Rc<Shard>, sock: Rc<UdpSocket>, local: SocketAddr) {
     loop {
         let (n, from) = match sock.recv_from(&mut buf).await {
             Ok(r) => r,
-            // A pending ICMP report of an earlier send: read and so cleared.
-            Err(_) => continue,
+            // A pending ICMP report of an earlier send: read and so
+            // cleared. Yield all the same, should an error repeat.
+            Err(_) => {
+                glommio::yield_if_needed().await;
+                continue;
+            }
         };
         let tuple = FiveTuple { client: from, server: local, transport: Transport::Dtls };
         shard.dtls_datagram(&sock, tuple, &buf[..n]);
@@ -843,7 +859,7 @@ pub async fn run_shard(setup: ShardSetup) -> anyhow::Result<()> {
         }
     }
     let mut closing = Vec::new();
-    shard.dtls.borrow_mut().close_all(&shard.metrics, &mut closing);
+    shard.dtls.borrow_mut().close_all(Instant::now(), &shard.metrics, &mut closing);
     shard.send_dtls(closing).await;
     let mut server = shard.server.borrow_mut();
     let mut binder = shard.binder.borrow_mut();

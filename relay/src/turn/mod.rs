@@ -615,6 +615,11 @@ impl Server {
         &self.metrics
     }
 
+    /// True if the client on `tuple` holds an allocation.
+    pub fn has_allocation(&self, tuple: FiveTuple) -> bool {
+        self.allocations.contains_key(&tuple)
+    }
+
     /// Number of live allocations on this shard.
     pub fn allocation_count(&self) -> usize {
         self.allocations.len()
