@@ -50,9 +50,7 @@ pub struct Config {
     /// Seconds a DTLS handshake may take before its session is dropped.
     pub dtls_handshake_secs: u64,
     /// Seconds an established DTLS session may go without an authenticated
-    /// record from its client while the client holds no allocation; also
-    /// the silence after which a ClientHello from the same address replaces
-    /// the session (the client started over).
+    /// record from its client while the client holds no allocation.
     pub dtls_idle_secs: u64,
     /// Address IPv4 relay sockets bind to (and advertise).
     pub relay_ipv4: Option<IpAddr>,
@@ -206,7 +204,8 @@ impl Config {
         }
         // Two SO_REUSEPORT sockets on one address would split clients
         // between plain UDP and DTLS at random.
-        if let Some(a) = self.dtls_listen.iter().find(|a| self.listen.contains(a)) {
+        let overlaps = |a: &SocketAddr, b: &SocketAddr| a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified());
+        if let Some(a) = self.dtls_listen.iter().find(|a| self.listen.iter().any(|b| overlaps(a, b))) {
             return Err(ConfigError::Invalid(format!("{a} is in both listen and dtls_listen (DTLS needs its own port, e.g. 5349)")));
         }
         if self.rest_secrets.is_empty() && self.static_users.is_empty() {
@@ -309,6 +308,12 @@ mod tests {
         assert!(Config::from_toml("rest_secrets = [\"x\"]\ndtls_listen = [\"127.0.0.1:5349\"]\ndtls_cert = \"c\"\ndtls_key = \"k\"\ndtls_max_sessions = 0").is_err());
         let overlap = Config::from_toml("rest_secrets = [\"x\"]\nlisten = [\"127.0.0.1:3478\"]\ndtls_listen = [\"127.0.0.1:3478\"]\ndtls_cert = \"c\"\ndtls_key = \"k\"");
         assert!(overlap.is_err_and(|e| e.to_string().contains("both listen and dtls_listen")));
+        let wildcard = Config::from_toml("rest_secrets = [\"x\"]\nlisten = [\"0.0.0.0:3478\"]\ndtls_listen = [\"127.0.0.1:3478\"]\ndtls_cert = \"c\"\ndtls_key = \"k\"");
+        assert!(wildcard.is_err(), "a wildcard listener takes the port on every address");
+        let dual = Config::from_toml("rest_secrets = [\"x\"]\nlisten = [\"127.0.0.1:3478\"]\ndtls_listen = [\"[::]:3478\"]\ndtls_cert = \"c\"\ndtls_key = \"k\"");
+        assert!(dual.is_err());
+        let apart = Config::from_toml("rest_secrets = [\"x\"]\nlisten = [\"0.0.0.0:3478\"]\ndtls_listen = [\"0.0.0.0:5349\"]\ndtls_cert = \"c\"\ndtls_key = \"k\"");
+        assert!(apart.is_ok());
         assert_eq!(Config::from_toml("rest_secrets = [\"x\"]\nudp_receive_buffer_kib = 0").map(|c| c.udp_receive_buffer_kib).ok(), Some(0));
     }
 }

@@ -17,16 +17,19 @@
 //! forged address never gets past that, and costs no signature. A full
 //! table makes room by dropping its oldest unverified session; with none,
 //! the hello is refused and counted. A handshake not done within
-//! `dtls_handshake_secs` is dropped. An established session is dropped when
-//! its client has sent no authenticated record for `dtls_idle_secs` and has
-//! no allocation, or for `max_lifetime_secs` (no allocation outlives that
-//! without a Refresh).
+//! `dtls_handshake_secs` is dropped, and so is a session whose client sends
+//! no authenticated record within that time of its start. An established
+//! session is dropped when its client has sent no authenticated record for
+//! `dtls_idle_secs` and has no allocation, or for `max_lifetime_secs` (no
+//! allocation outlives that without a Refresh).
 //!
 //! Once a client's records have been authenticated, plaintext (epoch 0)
-//! records on its 5-tuple are dropped before the engine (which ignores
-//! them too: anyone who knows the address can forge them). A ClientHello
-//! after `dtls_idle_secs` of silence is the exception: the client started
-//! over from the same address, so the old session and its allocation go.
+//! records on its 5-tuple are not the session's: anyone who knows the
+//! address can forge them. A ClientHello among them may be the client
+//! starting over from the same address: it goes to a *successor* session
+//! kept beside the established one, and only when the successor is verified
+//! (the client echoed its cookie, so it holds the address) does it take the
+//! old session's place, and the old allocation go (RFC 6347 §4.2.8).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,8 +52,7 @@ pub struct DtlsSetup {
     pub handshake: Duration,
     /// Longest silence of an established client with an allocation.
     pub idle: Duration,
-    /// Longest silence of an established client without one, and the
-    /// silence after which a ClientHello replaces a session.
+    /// Longest silence of an established client without one.
     pub idle_without_allocation: Duration,
 }
 
@@ -60,6 +62,8 @@ impl DtlsSetup {
     pub fn new(certificate: Vec<u8>, private_key: Vec<u8>, max_sessions: usize, handshake: Duration, idle: Duration, idle_without_allocation: Duration) -> anyhow::Result<Self> {
         let config = dimpl::Config::builder()
             .require_client_certificate(false)
+            // What marks a session verified (a ServerHello) needs it.
+            .use_server_cookie(true)
             .handshake_timeout(handshake)
             .build()
             .map_err(|e| anyhow::anyhow!("DTLS configuration: {e}"))?;
@@ -143,6 +147,37 @@ struct Session {
     /// restart. (A DTLS 1.2 client whose last flight went unanswered
     /// sends it again in plaintext, after the server counts as connected.)
     confirmed: bool,
+    /// A new handshake from the same address, not yet verified.
+    successor: Option<Box<Session>>,
+}
+
+impl Session {
+    fn new(setup: &DtlsSetup, now: Instant) -> Self {
+        let dtls = Dtls::new_auto(setup.config.clone(), setup.cert.clone(), now);
+        Session { dtls, created: now, heard: now, wake: None, verified: false, connected: false, confirmed: false, successor: None }
+    }
+
+    /// Feeds a datagram to the engine and drains it; false when the
+    /// session is over. Notes authentication and verification.
+    #[allow(clippy::too_many_arguments)]
+    fn take(&mut self, tuple: FiveTuple, now: Instant, data: &[u8], buf: &mut Vec<u8>, metrics: &Metrics, packets: &mut Vec<Vec<u8>>, plain: &mut Vec<Vec<u8>>) -> bool {
+        let (heard, sent) = (plain.len(), packets.len());
+        let ok = guarded(tuple, || {
+            if let Err(e) = self.dtls.handle_timeout(now).and_then(|()| self.dtls.handle_packet(data)) {
+                tracing::debug!(client = %tuple.client, error = %e, "DTLS session failed");
+                return false;
+            }
+            pump(self, buf, metrics, packets, Some(plain))
+        });
+        if plain.len() > heard {
+            self.heard = now;
+            self.confirmed = true;
+        }
+        if !self.verified && packets[sent..].iter().any(|p| is_server_hello(p)) {
+            self.verified = true;
+        }
+        ok
+    }
 }
 
 /// What became of peer data or a reply for a DTLS client.
@@ -171,6 +206,9 @@ pub(crate) enum Fate {
     /// The session ended (close_notify, a fatal error, a deadline): its
     /// allocation goes with it.
     Closed,
+    /// A verified successor took the session's place: the old allocation
+    /// goes; the new session goes on.
+    Replaced,
 }
 
 /// A shard's DTLS sessions.
@@ -276,15 +314,11 @@ impl Sessions {
     /// to `packets`, each record of plaintext to `plain`.
     pub(crate) fn receive(&mut self, tuple: FiveTuple, now: Instant, data: &[u8], metrics: &Metrics, packets: &mut Vec<Vec<u8>>, plain: &mut Vec<Vec<u8>>) -> Fate {
         let Some(setup) = self.setup.clone() else { return Fate::Ignored };
-        if let Some(s) = self.map.get(&tuple)
+        if let Some(s) = self.map.get_mut(&tuple)
             && s.confirmed
             && is_plaintext(data)
         {
-            if now.duration_since(s.heard) < setup.idle_without_allocation || !is_client_hello(data) {
-                return Fate::Ignored;
-            }
-            // The hello's retransmission opens the new session.
-            return self.end(tuple, metrics);
+            return Self::to_successor(s, &setup, tuple, now, data, &mut self.buf, metrics, packets);
         }
         if !self.map.contains_key(&tuple) {
             if !is_client_hello(data) {
@@ -296,7 +330,7 @@ impl Sessions {
                 return Fate::Answered;
             }
             if self.map.len() >= setup.max_sessions {
-                let oldest = self.map.iter().filter(|(_, s)| !s.verified).min_by_key(|(_, s)| s.created).map(|(t, _)| *t);
+                let oldest = self.map.iter().filter(|(_, s)| !s.verified && !s.connected).min_by_key(|(_, s)| s.created).map(|(t, _)| *t);
                 match oldest {
                     Some(t) => {
                         self.end(t, metrics);
@@ -307,29 +341,53 @@ impl Sessions {
                     }
                 }
             }
-            let dtls = Dtls::new_auto(setup.config.clone(), setup.cert.clone(), now);
-            let session = Session { dtls, created: now, heard: now, wake: None, verified: false, connected: false, confirmed: false };
-            self.map.insert(tuple, session);
+            self.map.insert(tuple, Session::new(&setup, now));
             metrics.dtls_sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let Some(s) = self.map.get_mut(&tuple) else { return Fate::Ignored };
-        let (heard, sent) = (plain.len(), packets.len());
-        let buf = &mut self.buf;
-        let ok = guarded(tuple, || {
-            if let Err(e) = s.dtls.handle_timeout(now).and_then(|()| s.dtls.handle_packet(data)) {
-                tracing::debug!(client = %tuple.client, error = %e, "DTLS session failed");
-                return false;
+        if s.take(tuple, now, data, &mut self.buf, metrics, packets, plain) { Fate::Open } else { self.end(tuple, metrics) }
+    }
+
+    /// A plaintext datagram on an established session's address: a
+    /// ClientHello starts (or goes to) its successor; the rest goes to the
+    /// successor if there is one, else nowhere.
+    #[allow(clippy::too_many_arguments)]
+    fn to_successor(
+        s: &mut Session,
+        setup: &DtlsSetup,
+        tuple: FiveTuple,
+        now: Instant,
+        data: &[u8],
+        buf: &mut Vec<u8>,
+        metrics: &Metrics,
+        packets: &mut Vec<Vec<u8>>,
+    ) -> Fate {
+        // A client's first hello (message_seq 0) starts a fresh successor:
+        // one that answered another hello (a forged one, say) expects the
+        // next message of that exchange. Its answer to the cookie exchange
+        // is message_seq 1, for the successor that sent the cookie.
+        if is_client_hello(data) && data[RECORD_HEADER + 4..RECORD_HEADER + 6] == [0, 0] {
+            if old_version_alert(data).is_some() {
+                return Fate::Ignored;
             }
-            pump(s, buf, metrics, packets, Some(plain))
-        });
-        if plain.len() > heard {
-            s.heard = now;
-            s.confirmed = true;
+            s.successor = Some(Box::new(Session::new(setup, now)));
         }
-        if !s.verified && packets[sent..].iter().any(|p| is_server_hello(p)) {
-            s.verified = true;
+        let Some(next) = s.successor.as_mut() else { return Fate::Ignored };
+        // Before its handshake a session yields no plaintext.
+        let mut none = Vec::new();
+        if !next.take(tuple, now, data, buf, metrics, packets, &mut none) {
+            s.successor = None;
+            metrics.dtls_failures_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Fate::Ignored;
         }
-        if ok { Fate::Open } else { self.end(tuple, metrics) }
+        if !next.verified {
+            return Fate::Open;
+        }
+        // The client holds the address: the new session takes over.
+        if let Some(next) = s.successor.take() {
+            *s = *next;
+        }
+        Fate::Replaced
     }
 
     /// Seals `plaintext` for `tuple`'s client into `packets`.
@@ -362,12 +420,17 @@ impl Sessions {
         let mut ended = Vec::new();
         let mut out = Vec::new();
         for (tuple, s) in &mut self.map {
-            let late = if s.connected {
+            let late = if s.confirmed {
                 let silent = now.duration_since(s.heard);
                 silent >= setup.idle || (silent >= setup.idle_without_allocation && !has_allocation(*tuple))
             } else {
+                // No allocation without an authenticated record.
                 now.duration_since(s.created) >= setup.handshake
             };
+            if s.successor.as_ref().is_some_and(|n| now.duration_since(n.created) >= setup.handshake) {
+                s.successor = None;
+                metrics.dtls_failures_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             if late {
                 ended.push(*tuple);
                 continue;
@@ -495,6 +558,13 @@ AiAemX+dF902X5CO1neHV2RJlf78R0sautiRZTs5wHdAcgIgfJHBHe4WY/C/bbfU
         Arc::new(DtlsSetup::new(cert.to_vec(), key.secret_pkcs8_der().to_vec(), max_sessions, HANDSHAKE_LIMIT, IDLE_LIMIT, IDLE_WITHOUT_ALLOCATION).expect("setup"))
     }
 
+    /// Counters, settings and a session table of `max_sessions`, at a start
+    /// instant.
+    fn table(max_sessions: usize) -> (Metrics, Arc<DtlsSetup>, Sessions, Instant) {
+        let s = setup(max_sessions);
+        (Metrics::default(), s.clone(), Sessions::new(Some(s)), Instant::now())
+    }
+
     fn tuple(port: u16) -> FiveTuple {
         FiveTuple { client: SocketAddr::from(([192, 0, 2, 10], port)), server: SocketAddr::from(([192, 0, 2, 1], 5349)), transport: Transport::Dtls }
     }
@@ -603,56 +673,69 @@ AiAemX+dF902X5CO1neHV2RJlf78R0sautiRZTs5wHdAcgIgfJHBHe4WY/C/bbfU
 
     #[test]
     fn a_full_table_makes_room_from_unverified_sessions_only() {
-        let metrics = Metrics::default();
-        let s = setup(2);
-        let mut sessions = Sessions::new(Some(s.clone()));
-        let now = Instant::now();
+        let (metrics, s, mut sessions, now) = table(3);
         let mut first = Client::new(&s, now);
         assert!(handshake(&mut sessions, &mut first, tuple(1), now, &metrics));
         let (mut packets, mut plain) = (Vec::new(), Vec::new());
-        // Two hellos that get no further than the cookie exchange (as
-        // forged ones never do): the second takes the first one's place.
+        // Hellos that get no further than the cookie exchange (as forged
+        // ones never do): the newest takes the oldest one's place.
         let hello = |at| Client::new(&s, at).output(at).remove(0);
-        let later = now + Duration::from_millis(1);
-        assert_eq!(sessions.receive(tuple(2), now, &hello(now), &metrics, &mut packets, &mut plain), Fate::Open);
+        let at = |ms| now + Duration::from_millis(ms);
+        assert_eq!(sessions.receive(tuple(2), at(1), &hello(at(1)), &metrics, &mut packets, &mut plain), Fate::Open);
         assert!(!packets.is_empty() && !packets.iter().any(|p| is_server_hello(p)), "a cookie exchange, not a ServerHello");
-        assert_eq!(sessions.receive(tuple(3), later, &hello(later), &metrics, &mut packets, &mut plain), Fate::Open);
-        assert_eq!(sessions.len(), 2);
-        assert!(sessions.map.contains_key(&tuple(1)) && sessions.map.contains_key(&tuple(3)), "the oldest unverified one went");
+        assert_eq!(sessions.receive(tuple(3), at(2), &hello(at(2)), &metrics, &mut packets, &mut plain), Fate::Open);
+        assert_eq!(sessions.receive(tuple(4), at(3), &hello(at(3)), &metrics, &mut packets, &mut plain), Fate::Open);
+        assert_eq!(sessions.len(), 3);
+        let held: Vec<bool> = (1..=4).map(|p| sessions.map.contains_key(&tuple(p))).collect();
+        assert_eq!(held, vec![true, false, true, true], "the oldest unverified one went");
         assert_eq!(metrics.dtls_failures_total.load(std::sync::atomic::Ordering::Relaxed), 1);
         // With every session verified, a hello is refused.
-        let mut second = Client::new(&s, now);
         sessions.end(tuple(3), &metrics);
-        assert!(handshake(&mut sessions, &mut second, tuple(4), now, &metrics));
+        sessions.end(tuple(4), &metrics);
+        let (mut second, mut third) = (Client::new(&s, now), Client::new(&s, now));
+        assert!(handshake(&mut sessions, &mut second, tuple(5), now, &metrics));
+        assert!(handshake(&mut sessions, &mut third, tuple(6), now, &metrics));
         packets.clear();
-        assert_eq!(sessions.receive(tuple(5), now, &hello(now), &metrics, &mut packets, &mut plain), Fate::Refused);
+        assert_eq!(sessions.receive(tuple(7), now, &hello(now), &metrics, &mut packets, &mut plain), Fate::Refused);
         assert!(packets.is_empty());
         assert_eq!(metrics.dtls_refused_total.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     #[test]
     fn deadlines_end_handshakes_and_silent_sessions() {
-        let metrics = Metrics::default();
-        let s = setup(4);
-        let mut sessions = Sessions::new(Some(s.clone()));
-        let now = Instant::now();
-        let (mut with, mut without) = (Client::new(&s, now), Client::new(&s, now));
-        assert!(handshake(&mut sessions, &mut with, tuple(1), now, &metrics));
-        assert!(handshake(&mut sessions, &mut without, tuple(2), now, &metrics));
+        let (metrics, s, mut sessions, now) = table(8);
+        let (mut with, mut without, mut mute) = (Client::new(&s, now), Client::new(&s, now), Client::new(&s, now));
+        for (c, t) in [(&mut with, tuple(1)), (&mut without, tuple(2)), (&mut mute, tuple(4))] {
+            assert!(handshake(&mut sessions, c, t, now, &metrics));
+        }
+        assert!(still_works(&mut sessions, &mut with, tuple(1), now, &metrics));
+        assert!(still_works(&mut sessions, &mut without, tuple(2), now, &metrics));
         let hello = Client::new(&s, now).output(now).remove(0);
         let (mut packets, mut plain) = (Vec::new(), Vec::new());
         assert_eq!(sessions.receive(tuple(3), now, &hello, &metrics, &mut packets, &mut plain), Fate::Open);
         let mut out = Vec::new();
         let holds = |t: FiveTuple| t == tuple(1);
         assert!(sessions.tick(now + HANDSHAKE_LIMIT / 2, &metrics, &mut out, holds).is_empty());
-        assert_eq!(sessions.tick(now + HANDSHAKE_LIMIT, &metrics, &mut out, holds), vec![tuple(3)], "the stalled handshake");
-        assert_eq!(metrics.dtls_failures_total.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let mut ended = sessions.tick(now + HANDSHAKE_LIMIT, &metrics, &mut out, holds);
+        ended.sort_by_key(|t| t.client.port());
+        assert_eq!(ended, vec![tuple(3), tuple(4)], "the stalled handshake, and the session that never spoke");
+        assert_eq!(metrics.dtls_failures_total.load(std::sync::atomic::Ordering::Relaxed), 1, "a handshake that completed is no failure");
         assert_eq!(sessions.tick(now + IDLE_WITHOUT_ALLOCATION, &metrics, &mut out, holds), vec![tuple(2)], "silent, no allocation");
         assert!(sessions.tick(now + IDLE_LIMIT / 2, &metrics, &mut out, holds).is_empty(), "an allocation keeps it");
         assert_eq!(sessions.tick(now + IDLE_LIMIT, &metrics, &mut out, holds), vec![tuple(1)], "silent for the longest lifetime");
         assert_eq!(sessions.len(), 0);
         assert_eq!(metrics.dtls_sessions.load(std::sync::atomic::Ordering::Relaxed), 0);
-        assert_eq!(metrics.dtls_failures_total.load(std::sync::atomic::Ordering::Relaxed), 1, "established sessions are no failures");
+    }
+
+    #[test]
+    fn a_session_that_fails_while_sealing_ends() {
+        let (metrics, s, mut sessions, now) = table(4);
+        let mut client = Client::new(&s, now);
+        assert!(handshake(&mut sessions, &mut client, tuple(1), now, &metrics));
+        sessions.map.get_mut(&tuple(1)).expect("session").dtls.close().expect("close");
+        let mut sealed = Vec::new();
+        assert_eq!(sessions.seal(tuple(1), now, b"late", &metrics, &mut sealed), Sealed::Ended);
+        assert_eq!(sessions.len(), 0);
     }
 
     /// A DTLS 1.2 server counts as connected once it has sent its last
@@ -660,10 +743,7 @@ AiAemX+dF902X5CO1neHV2RJlf78R0sautiRZTs5wHdAcgIgfJHBHe4WY/C/bbfU
     /// plaintext records, which must still reach the engine.
     #[test]
     fn a_dtls_1_2_handshake_survives_a_lost_last_flight() {
-        let metrics = Metrics::default();
-        let s = setup(4);
-        let mut sessions = Sessions::new(Some(s.clone()));
-        let now = Instant::now();
+        let (metrics, s, mut sessions, now) = table(4);
         let t = tuple(1);
         let mut client = Client::dtls_1_2(&s, now);
         let mut flight = client.output(now);
@@ -714,6 +794,9 @@ AiAemX+dF902X5CO1neHV2RJlf78R0sautiRZTs5wHdAcgIgfJHBHe4WY/C/bbfU
         hello[RECORD_HEADER + HANDSHAKE_HEADER + 1] = 0xfd;
         assert_eq!(old_version_alert(&hello), None);
         assert!(is_client_hello(&hello));
+        hello[RECORD_HEADER + 8] = 1;
+        assert!(!is_client_hello(&hello), "a later fragment of a hello opens nothing");
+        hello[RECORD_HEADER + 8] = 0;
         hello[3] = 1;
         assert!(!is_client_hello(&hello), "a ClientHello comes in epoch 0");
     }
@@ -739,44 +822,47 @@ AiAemX+dF902X5CO1neHV2RJlf78R0sautiRZTs5wHdAcgIgfJHBHe4WY/C/bbfU
     }
 
     /// Anyone who knows a client's address can send plaintext records as
-    /// that client: once its records are authenticated, the session ignores
-    /// them, until the client has been silent for `dtls_idle_secs`; then a
-    /// ClientHello means it started over, and the session ends (the engine
-    /// alone would ignore the hello too, for good).
+    /// that client. Once its records are authenticated, a plaintext record
+    /// other than a ClientHello goes nowhere; a ClientHello starts a
+    /// successor session, which takes the old one's place only when the
+    /// client echoes its cookie: a forged hello gets a cookie exchange sent
+    /// to the real client and changes nothing, a restarted client gets a
+    /// new session.
     #[test]
-    fn an_established_session_gives_way_to_a_hello_only_after_silence() {
-        let metrics = Metrics::default();
-        let s = setup(4);
-        let mut sessions = Sessions::new(Some(s.clone()));
-        let now = Instant::now();
+    fn a_hello_replaces_an_established_session_only_from_the_address_holder() {
+        let (metrics, s, mut sessions, now) = table(4);
         let t = tuple(1);
         let mut client = Client::dtls_1_2(&s, now);
         assert!(handshake(&mut sessions, &mut client, t, now, &metrics));
         assert!(still_works(&mut sessions, &mut client, t, now, &metrics), "authenticated records");
-        let mut hello = Client::dtls_1_2(&s, now).output(now).remove(0);
-        // message_seq 9: past what the session has seen.
-        hello[RECORD_HEADER + 5] = 9;
         let (mut packets, mut plain) = (Vec::new(), Vec::new());
-        let later = now + IDLE_WITHOUT_ALLOCATION / 2;
-        assert_eq!(sessions.receive(t, later, &hello, &metrics, &mut packets, &mut plain), Fate::Ignored);
-        assert!(still_works(&mut sessions, &mut client, t, later, &metrics), "the session survived the forged hello");
-        // Authenticated traffic at `later` keeps it from then.
-        let quiet = later + IDLE_WITHOUT_ALLOCATION / 2;
-        assert_eq!(sessions.receive(t, quiet, &hello, &metrics, &mut packets, &mut plain), Fate::Ignored);
-        let silent = later + IDLE_WITHOUT_ALLOCATION;
-        assert_eq!(sessions.receive(t, silent, &hello, &metrics, &mut packets, &mut plain), Fate::Closed);
-        assert_eq!(sessions.len(), 0);
-        assert!(packets.is_empty());
-        // The engine alone would ignore the hello for good, and the client
-        // could not start over until the session's idle deadline.
-        let mut bare = Sessions::new(Some(s.clone()));
-        let mut other = Client::dtls_1_2(&s, now);
-        assert!(handshake(&mut bare, &mut other, t, now, &metrics));
-        let session = bare.map.get_mut(&t).expect("session");
-        session.dtls.handle_packet(&hello).expect("ignored by the engine");
-        let mut out = Vec::new();
-        assert!(pump(session, &mut bare.buf, &metrics, &mut out, None), "still open");
-        assert!(out.is_empty(), "and no answer");
+        let alert = [21u8, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 9, 0, 2, 2, 40];
+        assert_eq!(sessions.receive(t, now, &alert, &metrics, &mut packets, &mut plain), Fate::Ignored, "a forged alert");
+        let forged = Client::dtls_1_2(&s, now).output(now).remove(0);
+        assert_eq!(sessions.receive(t, now, &forged, &metrics, &mut packets, &mut plain), Fate::Open);
+        assert!(!packets.is_empty() && !packets.iter().any(|p| is_server_hello(p)), "only a cookie exchange");
+        assert!(still_works(&mut sessions, &mut client, t, now, &metrics), "the session survived the forged hello");
+        // The client starts over from the same address.
+        let mut again = Client::dtls_1_2(&s, now);
+        let mut flight = again.output(now);
+        let mut replaced = false;
+        for _ in 0..8 {
+            packets.clear();
+            for p in &flight {
+                let fate = sessions.receive(t, now, p, &metrics, &mut packets, &mut plain);
+                assert!(matches!(fate, Fate::Open | Fate::Replaced), "{fate:?}");
+                replaced |= fate == Fate::Replaced;
+            }
+            again.input(now, &packets);
+            flight = again.output(now);
+            if again.up {
+                break;
+            }
+        }
+        assert!(replaced && again.up, "the restarted client got a new session");
+        assert!(still_works(&mut sessions, &mut again, t, now, &metrics));
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(metrics.dtls_sessions.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     proptest::proptest! {
@@ -791,13 +877,11 @@ AiAemX+dF902X5CO1neHV2RJlf78R0sautiRZTs5wHdAcgIgfJHBHe4WY/C/bbfU
                  0u16..3, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)),
                 1..8),
         ) {
-            let metrics = Metrics::default();
-            let s = setup(4);
-            let mut sessions = Sessions::new(Some(s.clone()));
-            let now = Instant::now();
+            let (metrics, s, mut sessions, now) = table(4);
             let t = tuple(1);
             let mut client = Client::new(&s, now);
             proptest::prop_assert!(handshake(&mut sessions, &mut client, t, now, &metrics));
+            proptest::prop_assert!(still_works(&mut sessions, &mut client, t, now, &metrics));
             let (mut packets, mut plain) = (Vec::new(), Vec::new());
             for (kind, version, epoch, body) in &records {
                 let mut d = vec![*kind, version[0], version[1]];
@@ -805,7 +889,8 @@ AiAemX+dF902X5CO1neHV2RJlf78R0sautiRZTs5wHdAcgIgfJHBHe4WY/C/bbfU
                 d.extend_from_slice(&[0, 0, 0, 0, 0, 1]);
                 d.extend_from_slice(&(body.len() as u16).to_be_bytes());
                 d.extend_from_slice(body);
-                proptest::prop_assert_ne!(sessions.receive(t, now, &d, &metrics, &mut packets, &mut plain), Fate::Closed);
+                let fate = sessions.receive(t, now, &d, &metrics, &mut packets, &mut plain);
+                proptest::prop_assert!(fate == Fate::Ignored || fate == Fate::Open, "{fate:?}");
                 let fresh = sessions.receive(tuple(2), now, &d, &metrics, &mut packets, &mut plain);
                 proptest::prop_assert!(fresh != Fate::Open || is_client_hello(&d), "{fresh:?}");
             }

@@ -368,9 +368,10 @@ impl Shard {
         match fate {
             dtls::Fate::Ignored => return self.metrics.drop_packet(DropReason::Malformed),
             dtls::Fate::Refused => return,
-            dtls::Fate::Open | dtls::Fate::Closed | dtls::Fate::Answered => {}
+            dtls::Fate::Open | dtls::Fate::Closed | dtls::Fate::Answered | dtls::Fate::Replaced => {}
         }
-        let mut closed = fate == dtls::Fate::Closed;
+        // A replaced session's allocation goes as a closed one's does.
+        let mut closed = matches!(fate, dtls::Fate::Closed | dtls::Fate::Replaced);
         for record in plain {
             // A DTLS client cannot claim a TCP peer connection: the core
             // answers its ConnectionBind with 400 (`Handled::Reply`).
@@ -378,7 +379,10 @@ impl Shard {
             match self.dtls.borrow_mut().seal(tuple, now, &reply, &self.metrics, &mut packets) {
                 dtls::Sealed::Sent => {}
                 dtls::Sealed::Dropped => self.metrics.drop_packet(DropReason::Io),
-                dtls::Sealed::Ended => closed = true,
+                dtls::Sealed::Ended => {
+                    closed = true;
+                    break;
+                }
             }
         }
         for p in packets {
@@ -736,9 +740,9 @@ async fn dtls_loop(shard: Rc<Shard>, sock: Rc<UdpSocket>, local: SocketAddr) {
         let (n, from) = match sock.recv_from(&mut buf).await {
             Ok(r) => r,
             // A pending ICMP report of an earlier send: read and so
-            // cleared. Yield all the same, should an error repeat.
+            // cleared. Pause all the same, should an error repeat.
             Err(_) => {
-                glommio::yield_if_needed().await;
+                glommio::timer::sleep(Duration::from_millis(1)).await;
                 continue;
             }
         };
