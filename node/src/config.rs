@@ -31,6 +31,7 @@ pub struct Config {
     pub rooms: Rooms,
     pub support: Support,
     pub presence: Presence,
+    pub metrics: Metrics,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -255,6 +256,22 @@ pub struct Turn {
     pub ttl_secs: u64,
 }
 
+/// Where the Prometheus metrics are served.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Serve `GET /metrics` on the client-server listener too.
+    pub on_client_listener: bool,
+    /// A listener of its own serving only `GET /metrics` (on shard 0).
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics { on_client_listener: true, listen: None }
+    }
+}
+
 /// Presence from syncing.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -322,6 +339,7 @@ impl Default for Config {
             rooms: Rooms::default(),
             support: Support::default(),
             presence: Presence::default(),
+            metrics: Metrics::default(),
         }
     }
 }
@@ -485,6 +503,12 @@ impl Config {
                 return invalid("support.contacts", "matrix_id is not a valid Matrix user id");
             }
         }
+        if let Some(m) = self.metrics.listen
+            && m.port() == self.listen.address.port()
+            && (m.ip() == self.listen.address.ip() || m.ip().is_unspecified() || self.listen.address.ip().is_unspecified())
+        {
+            return invalid("metrics.listen", "must not take the port of listen.address");
+        }
         if !matches!(self.rooms.default_version.as_str(), "10" | "11" | "12") {
             return invalid("rooms.default_version", "supported room versions are \"10\", \"11\" and \"12\"");
         }
@@ -638,6 +662,17 @@ mod tests {
         assert_eq!(c.server_name, "localhost");
         assert_eq!(c.listen.address.to_string(), "127.0.0.1:8008");
         assert!(!c.registration.enabled);
+    }
+
+    #[test]
+    fn the_metrics_listener_may_not_take_the_client_port() {
+        for clash in ["127.0.0.1:8008", "0.0.0.0:8008"] {
+            let err = Config::load(None, env(&[("TESSERA__METRICS__LISTEN", clash)])).expect_err(clash).to_string();
+            assert!(err.contains("metrics.listen"), "{err}");
+        }
+        let c = Config::load(None, env(&[("TESSERA__METRICS__LISTEN", "127.0.0.1:9008"), ("TESSERA__METRICS__ON_CLIENT_LISTENER", "false")])).expect("own port");
+        assert_eq!((c.metrics.listen, c.metrics.on_client_listener), (Some(SocketAddr::from(([127, 0, 0, 1], 9008))), false));
+        assert!(Config::load(None, env(&[])).expect("defaults").metrics.on_client_listener);
     }
 
     #[test]

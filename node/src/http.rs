@@ -3,10 +3,10 @@
 //! headers and spec error bodies. Request bodies are bounded by
 //! `limits.request_body_bytes_max`; JSON nesting by `limits.json_depth_max`.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -33,6 +33,8 @@ pub struct Req {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub peer: Option<SocketAddr>,
+    /// The route table's name for the endpoint, set when a route matches.
+    pub endpoint: Cell<&'static str>,
 }
 
 /// The authenticated caller.
@@ -213,13 +215,23 @@ pub fn authenticate(shard: &Shard, req: &Req) -> ApiResult<Authed> {
 pub async fn handle(shard: Rc<Shard>, req: http::Request<hyper::body::Incoming>, peer: Option<SocketAddr>) -> Resp {
     let started = Instant::now();
     let metrics = shard.metrics();
-    metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = crate::metrics::Held::new(&metrics.in_flight);
+    let method = req.method().clone();
+    // Requests refused before routing (body too large or unreadable).
+    let mut endpoint = crate::metrics::UNROUTED;
     let mut resp = match build_req(&shard, req, peer).await {
-        Ok(r) if r.method == Method::OPTIONS => json_response(StatusCode::OK, &serde_json::json!({})),
-        Ok(r) => match crate::api::route(&shard, &r).await {
-            Ok(resp) => resp,
-            Err(e) => error_response(&e),
-        },
+        Ok(r) if r.method == Method::OPTIONS => {
+            endpoint = crate::metrics::PREFLIGHT;
+            json_response(StatusCode::OK, &serde_json::json!({}))
+        }
+        Ok(r) => {
+            let resp = match crate::api::route(&shard, &r).await {
+                Ok(resp) => resp,
+                Err(e) => error_response(&e),
+            };
+            endpoint = r.endpoint.get();
+            resp
+        }
         Err(e) => error_response(&e),
     };
     cors(resp.headers_mut());
@@ -229,12 +241,7 @@ pub async fn handle(shard: Rc<Shard>, req: http::Request<hyper::body::Incoming>,
         // cannot carry another request: say so instead of dropping it.
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    if (400..500).contains(&status) {
-        metrics.responses_4xx.fetch_add(1, Ordering::Relaxed);
-    } else if status >= 500 {
-        metrics.responses_5xx.fetch_add(1, Ordering::Relaxed);
-    }
-    metrics.request_us_total.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    metrics.requests.record(&method, endpoint, status, started.elapsed().as_micros() as u64);
     resp
 }
 
@@ -254,7 +261,7 @@ async fn build_req(shard: &Shard, req: http::Request<hyper::body::Incoming>, pee
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().map(parse_query).unwrap_or_default();
     let segs = path.split('/').skip(1).map(percent_decode).collect();
-    Ok(Req { method: parts.method, segs, path, query, headers: parts.headers, body, peer })
+    Ok(Req { method: parts.method, segs, path, query, headers: parts.headers, body, peer, endpoint: Cell::new(crate::metrics::UNRECOGNIZED) })
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod filter;
 pub mod http;
 pub mod keys;
 pub mod keystore;
+pub mod metrics;
 pub mod pdu;
 pub mod presence;
 pub mod push;

@@ -205,7 +205,8 @@ fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
 pub fn run(config: Config) -> anyhow::Result<()> {
     ensure_unclaimed(config.listen.address)?;
     let config = Arc::new(config);
-    let store = open_store(&config)?;
+    let store_stats = Arc::new(crate::metrics::StoreStats::default());
+    let store: Arc<dyn Store> = Arc::new(crate::metrics::Instrumented::new(open_store(&config)?, store_stats.clone()));
     let key = Arc::new(crate::keys::load_or_create(&config.data_dir)?);
     let server_name: OwnedServerName = config.server_name.as_str().try_into().context("server_name")?;
     let count = config.shard_count();
@@ -246,6 +247,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             user_writes.clone(),
             presence_writes.clone(),
         );
+        let store_stats = store_stats.clone();
         let placement = match cpus.as_deref() {
             Some(cpus) => Placement::Fixed(cpus[id]),
             None => Placement::Unbound,
@@ -272,6 +274,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     server_name,
                     ring,
                     metrics,
+                    store_stats,
                     mesh: mesh_senders,
                     heads: RefCell::new(heads),
                     notifier: Rc::new(Notifier::default()),
@@ -356,6 +359,17 @@ async fn shard_main(shard: Rc<Shard>, receivers: Option<glommio::channels::chann
         Err(e) => tracing::warn!(shard = shard.id, error = %e.message, "presence: users left online by the last run not read"),
     }
     let sweeper = glommio::spawn_local(crate::presence::sweeper(shard.clone()));
+    let metrics_listener = match shard.config.metrics.listen {
+        Some(address) if shard.id == 0 => {
+            let listener = TcpListener::bind(address).map_err(|e| anyhow::anyhow!("binding metrics.listen {address}: {e}"))?;
+            tracing::info!(%address, "serving metrics");
+            Some(glommio::spawn_local(serve_metrics(shard.clone(), listener)))
+        }
+        _ => None,
+    };
+    if shard.id == 0 && shard.config.metrics.on_client_listener && !shard.config.listen.address.ip().is_loopback() {
+        tracing::warn!(address = %shard.config.listen.address, "metrics are served on a listener that is not loopback-only; set metrics.on_client_listener = false (and metrics.listen) unless a proxy in front keeps /metrics private");
+    }
     let listener = TcpListener::bind(shard.config.listen.address).map_err(|e| anyhow::anyhow!("binding {}: {e}", shard.config.listen.address))?;
     if shard.id == 0 {
         tracing::info!(address = %shard.config.listen.address, shards = shard.count, server_name = %shard.server_name, "listening");
@@ -373,6 +387,7 @@ async fn shard_main(shard: Rc<Shard>, receivers: Option<glommio::channels::chann
                 }
             };
             if open.get() >= shard.config.limits.connections_per_shard_max {
+                shard.metrics().connections_refused.fetch_add(1, Ordering::Relaxed);
                 drop(stream);
                 continue;
             }
@@ -423,6 +438,38 @@ async fn shard_main(shard: Rc<Shard>, receivers: Option<glommio::channels::chann
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     drop(sweeper);
+    drop(metrics_listener);
     crate::presence::all_offline(&shard);
     Ok(())
+}
+
+/// Serves `metrics.listen`: `GET /metrics` and nothing else, one request
+/// at a time per connection.
+async fn serve_metrics(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let shard = shard.clone();
+                async move {
+                    let resp = match (req.method(), req.uri().path()) {
+                        (&http::Method::GET, "/metrics") => crate::api::info::metrics(&shard),
+                        (_, "/metrics") => crate::http::error_response(&crate::error::ApiError::method_not_allowed()),
+                        _ => crate::http::error_response(&crate::error::ApiError::unrecognized()),
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(HyperIo::new(stream), service).await;
+        })
+        .detach();
+    }
 }

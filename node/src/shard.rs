@@ -93,18 +93,7 @@ pub struct UnreadCounts {
     pub counts: Vec<(OwnedUserId, crate::db::Unread)>,
 }
 
-/// Node-wide counters, one slot per shard to keep cores from sharing cache lines.
-#[derive(Default)]
-pub struct ShardMetrics {
-    pub requests: AtomicU64,
-    pub responses_4xx: AtomicU64,
-    pub responses_5xx: AtomicU64,
-    pub request_us_total: AtomicU64,
-    pub events_created: AtomicU64,
-    pub event_batches: AtomicU64,
-    pub syncs: AtomicU64,
-    pub connections: AtomicU64,
-}
+pub use crate::metrics::ShardMetrics;
 
 /// Per-room typing state known to a shard.
 #[derive(Clone, Debug, Default)]
@@ -222,6 +211,8 @@ pub struct Shard {
     pub server_name: OwnedServerName,
     pub ring: Ring,
     pub metrics: Arc<Vec<ShardMetrics>>,
+    /// Latencies of the storage operations (all shards).
+    pub store_stats: Arc<crate::metrics::StoreStats>,
     pub mesh: Option<Rc<Senders<ShardMsg>>>,
     /// Highest announced stream position of every shard.
     pub heads: RefCell<Vec<u64>>,

@@ -241,6 +241,13 @@ impl Client {
     pub fn get(&self, path: &str) -> (u16, Value) {
         self.request("GET", path, None)
     }
+
+    /// A GET whose body is returned as text.
+    pub fn get_text(&self, path: &str) -> (u16, String) {
+        let mut resp = self.agent.get(format!("{}{path}", self.base)).call().unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = resp.status().as_u16();
+        (status, resp.body_mut().read_to_string().unwrap_or_default())
+    }
     pub fn post(&self, path: &str, body: Value) -> (u16, Value) {
         self.request("POST", path, Some(&body))
     }

@@ -8,6 +8,8 @@ use tessera_tests::{Client, Node, node_bin};
 
 #[path = "e2e/keys.rs"]
 mod keys;
+#[path = "e2e/metrics.rs"]
+mod metrics;
 
 fn two_users(node: &Node) -> (Client, Client) {
     let mut alice = node.client();

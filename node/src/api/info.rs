@@ -3,8 +3,6 @@
 //! `GET /_matrix/client/v3/capabilities`, `GET /_matrix/client/v3/login`,
 //! `GET /_matrix/client/v3/voip/turnServer`, and Prometheus `GET /metrics`.
 
-use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
 
 use http::StatusCode;
 use serde_json::{Value, json};
@@ -100,19 +98,6 @@ pub fn turn_server(shard: &Shard, auth: &Authed) -> Value {
 
 /// GET /metrics: Prometheus text format, summed over shards.
 pub fn metrics(shard: &Shard) -> Resp {
-    let sum = |f: fn(&crate::shard::ShardMetrics) -> u64| shard.metrics.iter().map(f).sum::<u64>();
-    let mut out = String::new();
-    let mut counter = |name: &str, help: &str, kind: &str, value: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-    };
-    counter("tessera_http_requests_total", "HTTP requests received.", "counter", sum(|m| m.requests.load(Ordering::Relaxed)));
-    counter("tessera_http_responses_4xx_total", "Responses with a 4xx status.", "counter", sum(|m| m.responses_4xx.load(Ordering::Relaxed)));
-    counter("tessera_http_responses_5xx_total", "Responses with a 5xx status.", "counter", sum(|m| m.responses_5xx.load(Ordering::Relaxed)));
-    counter("tessera_http_request_duration_us_total", "Total time spent handling requests, in microseconds.", "counter", sum(|m| m.request_us_total.load(Ordering::Relaxed)));
-    counter("tessera_events_created_total", "Room events created by this node.", "counter", sum(|m| m.events_created.load(Ordering::Relaxed)));
-    counter("tessera_event_batches_total", "Storage writes holding room events (group commits).", "counter", sum(|m| m.event_batches.load(Ordering::Relaxed)));
-    counter("tessera_syncs_total", "Sync requests answered.", "counter", sum(|m| m.syncs.load(Ordering::Relaxed)));
-    counter("tessera_http_connections", "Open HTTP connections.", "gauge", sum(|m| m.connections.load(Ordering::Relaxed)));
-    counter("tessera_shards", "Shards (executor threads) of this node.", "gauge", shard.count as u64);
+    let out = crate::metrics::render(&crate::metrics::Scrape { shards: &shard.metrics, store: &shard.store_stats, shard_count: shard.count });
     text_response(StatusCode::OK, out, "text/plain; version=0.0.4")
 }

@@ -256,6 +256,7 @@ pub(crate) async fn sync_with(shard: &Rc<Shard>, auth: &Authed, since: Option<Sy
             }
         }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let _waiting = crate::metrics::Held::new(&shard.metrics().sync_waiting);
         let woken = !left.is_zero()
             && async {
                 let _ = waiter.rx.recv_async().await;
