@@ -29,50 +29,54 @@ pub const UNROUTED: &str = "unrouted";
 /// The endpoint label of CORS preflight (`OPTIONS`) requests.
 pub const PREFLIGHT: &str = "preflight";
 
-/// A latency histogram that any thread may update.
+/// A latency histogram that any thread may update. The count is the sum
+/// of the buckets (the last one past every bound), so a scrape racing an
+/// update still reads buckets that add up to it.
 #[derive(Default)]
 pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS_US.len()],
-    count: AtomicU64,
+    buckets: [AtomicU64; BUCKETS_US.len() + 1],
     sum_us: AtomicU64,
+}
+
+/// The bucket of a duration: the first bound it is within, or the last
+/// bucket (past every bound).
+fn bucket(us: u64) -> usize {
+    BUCKETS_US.iter().position(|b| us <= *b).unwrap_or(BUCKETS_US.len())
 }
 
 impl Histogram {
     pub fn observe_us(&self, us: u64) {
-        if let Some(i) = BUCKETS_US.iter().position(|b| us <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.buckets[bucket(us)].fetch_add(1, Ordering::Relaxed);
         self.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
     fn snapshot(&self) -> Counts {
-        Counts { buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)), count: self.count.load(Ordering::Relaxed), sum_us: self.sum_us.load(Ordering::Relaxed) }
+        Counts { buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)), sum_us: self.sum_us.load(Ordering::Relaxed) }
     }
 }
 
-/// A histogram's counts: per bucket (not cumulative), all, and the sum.
+/// A histogram's counts per bucket (not cumulative; the last past every
+/// bound) and their sum.
 #[derive(Clone, Copy, Default)]
 struct Counts {
-    buckets: [u64; BUCKETS_US.len()],
-    count: u64,
+    buckets: [u64; BUCKETS_US.len() + 1],
     sum_us: u64,
 }
 
 impl Counts {
     fn observe_us(&mut self, us: u64) {
-        if let Some(i) = BUCKETS_US.iter().position(|b| us <= *b) {
-            self.buckets[i] += 1;
-        }
-        self.count += 1;
+        self.buckets[bucket(us)] += 1;
         self.sum_us += us;
+    }
+
+    fn count(&self) -> u64 {
+        self.buckets.iter().sum()
     }
 
     fn add(&mut self, other: &Counts) {
         for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
             *a += b;
         }
-        self.count += other.count;
         self.sum_us += other.sum_us;
     }
 }
@@ -292,9 +296,10 @@ fn histogram(out: &mut String, name: &str, labels: &str, c: &Counts) {
         cumulative += n;
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}", seconds(*bound));
     }
-    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", c.count);
+    let count = c.count();
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
     let _ = writeln!(out, "{name}_sum{{{labels}}} {}", seconds(c.sum_us));
-    let _ = writeln!(out, "{name}_count{{{labels}}} {}", c.count);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
 }
 
 /// The process metrics every Prometheus client library exports, read from
@@ -372,7 +377,10 @@ mod tests {
     fn a_duration_past_the_last_bound_counts_only_in_inf() {
         let mut c = Counts::default();
         c.observe_us(BUCKETS_US[BUCKETS_US.len() - 1] + 1);
-        assert_eq!((c.buckets.iter().sum::<u64>(), c.count), (0, 1));
+        assert_eq!((c.buckets[..BUCKETS_US.len()].iter().sum::<u64>(), c.count()), (0, 1));
+        let mut out = String::new();
+        histogram(&mut out, "h", "a=\"b\"", &c);
+        assert!(out.contains("h_bucket{a=\"b\",le=\"60\"} 0\nh_bucket{a=\"b\",le=\"+Inf\"} 1\n"), "{out}");
         let h = Histogram::default();
         h.observe_us(BUCKETS_US[0]);
         assert_eq!(h.snapshot().buckets[0], 1);
@@ -396,8 +404,8 @@ mod tests {
             let line = out.lines().find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b' ')).unwrap_or_else(|| panic!("no {name} in\n{out}"));
             line[name.len() + 1..].parse().expect("a number")
         };
-        // A young process may not have spent a clock tick yet.
-        assert!(value("process_cpu_seconds_total") >= 0.0);
+        // Present and a number (a young process may not have spent a clock tick yet).
+        value("process_cpu_seconds_total");
         for name in ["process_resident_memory_bytes", "process_virtual_memory_bytes", "process_threads", "process_open_fds", "process_max_fds"] {
             assert!(value(name) >= 1.0, "{name}");
         }

@@ -250,10 +250,18 @@ fn create(shard: &Rc<Shard>, room: &RoomId, new: NewRoom) -> ApiResult<RoomReply
 /// count row per notified member.
 async fn send(shard: &Rc<Shard>, room: &RoomId, draft: Draft) -> ApiResult<RoomReply> {
     let (tx, rx) = flume::bounded(1);
+    enqueue_send(shard, room, draft, tx);
+    rx.recv_async().await.map_err(|_| ApiError::from(Error::ShardUnavailable(shard.id)))?
+}
+
+/// Queues a send for its room's next group commit; `reply` gets its answer
+/// (a channel with room for it: it is sent without waiting).
+pub fn enqueue_send(shard: &Rc<Shard>, room: &RoomId, draft: Draft, reply: flume::Sender<ApiResult<RoomReply>>) {
+    debug_assert_eq!(shard.owner_of(room), shard.id, "sends are queued on the owner shard");
     let first = {
         let mut queued = shard.rooms.queued.borrow_mut();
         let queue = queued.entry(room.to_owned()).or_default();
-        queue.push((draft, tx));
+        queue.push((draft, reply));
         queue.len() == 1
     };
     if first {
@@ -265,7 +273,6 @@ async fn send(shard: &Rc<Shard>, room: &RoomId, draft: Draft) -> ApiResult<RoomR
         })
         .detach();
     }
-    rx.recv_async().await.map_err(|_| ApiError::from(Error::ShardUnavailable(shard.id)))?
 }
 
 /// Writes every queued send of a room, in groups of at most [`SEND_GROUP_MAX`].
@@ -363,16 +370,20 @@ fn commit_group(shard: &Rc<Shard>, room: &RoomId, cached_rc: &Rc<RefCell<CachedR
         batch.stage_threads(room);
         stage_unread_round(shard, room, &mut cached, &mut batch).map(|()| cached.head.clone())
     };
-    match head.and_then(|head| commit_batch(shard, room, &head, batch)) {
-        Ok(()) => {
-            for (id, tx) in waiting {
-                let _ = tx.try_send(Ok(RoomReply::Event(id)));
-            }
-            Ok(())
+    // The sends are answered between the write and the announcement, so
+    // their answers are queued ahead of the long-polls the announcement
+    // wakes.
+    let mut waiting = Some(waiting);
+    let answer = || {
+        for (id, tx) in waiting.take().unwrap_or_default() {
+            let _ = tx.try_send(Ok(RoomReply::Event(id)));
         }
+    };
+    match head.and_then(|head| commit_batch(shard, room, &head, batch, answer)) {
+        Ok(()) => Ok(()),
         Err(e) => {
             shard.rooms.forget(room);
-            for (_, tx) in waiting {
+            for (_, tx) in waiting.take().unwrap_or_default() {
                 let _ = tx.try_send(Err(e.clone()));
             }
             Err(e)
@@ -385,7 +396,7 @@ fn commit(shard: &Rc<Shard>, room: &RoomId, mut cached: CachedRoom, mut batch: B
     batch.stage_threads(room);
     stage_unread_round(shard, room, &mut cached, &mut batch)?;
     let head = cached.head.clone();
-    commit_batch(shard, room, &head, batch)?;
+    commit_batch(shard, room, &head, batch, || {})?;
     shard.rooms.rooms.borrow_mut().insert(room.to_owned(), Rc::new(RefCell::new(cached)));
     Ok(())
 }
@@ -423,8 +434,10 @@ fn stage_unread_round(shard: &Shard, room: &RoomId, cached: &mut CachedRoom, bat
     Ok(())
 }
 
-/// Writes a staged batch with the room head and stream head, then announces it.
-fn commit_batch(shard: &Rc<Shard>, room: &RoomId, head: &RoomHead, mut batch: Batch) -> ApiResult<()> {
+/// Writes a staged batch with the room head and stream head, calls
+/// `written` (once the write returned and redacted events' renderings are
+/// dropped), then announces the batch. Nothing awaits in between.
+fn commit_batch(shard: &Rc<Shard>, room: &RoomId, head: &RoomHead, mut batch: Batch, written: impl FnOnce()) -> ApiResult<()> {
     batch.writes.push(Write::put(Table::Rooms, room.as_bytes(), b"".to_vec(), encode(head)));
     batch.writes.push(Db::stream_head_write(shard.id as u16, batch.pos));
     shard.db.store.write(batch.writes)?;
@@ -432,6 +445,7 @@ fn commit_batch(shard: &Rc<Shard>, room: &RoomId, head: &RoomHead, mut batch: Ba
     for id in &batch.redacted {
         shard.invalidate_rendered(id);
     }
+    written();
     let unread = (!batch.unread.is_empty()).then(|| Arc::new(UnreadCounts { room: room.to_owned(), counts: batch.unread.into_iter().collect() }));
     shard.publish_with(batch.pos, vec![room.to_owned()], batch.users, unread);
     Ok(())

@@ -6,6 +6,7 @@
 //! which are short and bounded.
 
 use std::cell::RefCell;
+use std::os::fd::FromRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -166,14 +167,14 @@ const ADDRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// TIME_WAIT remains of the last run's connections.) Two nodes starting in
 /// the same instant can still both pass; this guards against the usual
 /// case, an old process still running.
-fn ensure_unclaimed(address: std::net::SocketAddr) -> anyhow::Result<()> {
+fn ensure_unclaimed(key: &str, address: std::net::SocketAddr) -> anyhow::Result<()> {
     let table = if address.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
     let deadline = std::time::Instant::now() + ADDRESS_WAIT;
     loop {
         match std::fs::read_to_string(table) {
             Ok(text) if tessera_shared::listeners::holds(&text, tessera_shared::listeners::Kind::TcpListener, address) => {
                 if std::time::Instant::now() >= deadline {
-                    anyhow::bail!("listen.address {address} is already in use by another process (is another node running?)");
+                    anyhow::bail!("{key} {address} is already in use by another process (is another node running?)");
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
@@ -203,7 +204,16 @@ fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
 
 /// Runs the node until SIGTERM or SIGINT.
 pub fn run(config: Config) -> anyhow::Result<()> {
-    ensure_unclaimed(config.listen.address)?;
+    ensure_unclaimed("listen.address", config.listen.address)?;
+    // The metrics listener is bound here, once and exclusively (no
+    // SO_REUSEPORT), so a port another process holds fails the start.
+    let mut metrics_listener = match config.metrics.listen {
+        Some(address) => {
+            ensure_unclaimed("metrics.listen", address)?;
+            Some(std::net::TcpListener::bind(address).with_context(|| format!("binding metrics.listen {address}"))?)
+        }
+        None => None,
+    };
     let config = Arc::new(config);
     let store_stats = Arc::new(crate::metrics::StoreStats::default());
     let store: Arc<dyn Store> = Arc::new(crate::metrics::Instrumented::new(open_store(&config)?, store_stats.clone()));
@@ -248,6 +258,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             presence_writes.clone(),
         );
         let store_stats = store_stats.clone();
+        let metrics_listener = if id == 0 { metrics_listener.take() } else { None };
         let placement = match cpus.as_deref() {
             Some(cpus) => Placement::Fixed(cpus[id]),
             None => Placement::Unbound,
@@ -308,7 +319,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     room_reads: Default::default(),
                     unread: Default::default(),
                 });
-                shard_main(shard, receivers, rx).await
+                shard_main(shard, receivers, rx, metrics_listener).await
             })
             .map_err(|e| anyhow::anyhow!("starting shard {id}: {e} (glommio needs locked memory: run as root, raise LimitMEMLOCK or lower runtime.io_memory_kib)"))?;
         handles.push(handle);
@@ -341,7 +352,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     result
 }
 
-async fn shard_main(shard: Rc<Shard>, receivers: Option<glommio::channels::channel_mesh::Receivers<ShardMsg>>, shutdown: flume::Receiver<()>) -> anyhow::Result<()> {
+async fn shard_main(shard: Rc<Shard>, receivers: Option<glommio::channels::channel_mesh::Receivers<ShardMsg>>, shutdown: flume::Receiver<()>, metrics_listener: Option<std::net::TcpListener>) -> anyhow::Result<()> {
     if let Some(mut receivers) = receivers {
         for (_, rx) in receivers.streams() {
             let shard = shard.clone();
@@ -359,14 +370,13 @@ async fn shard_main(shard: Rc<Shard>, receivers: Option<glommio::channels::chann
         Err(e) => tracing::warn!(shard = shard.id, error = %e.message, "presence: users left online by the last run not read"),
     }
     let sweeper = glommio::spawn_local(crate::presence::sweeper(shard.clone()));
-    let metrics_listener = match shard.config.metrics.listen {
-        Some(address) if shard.id == 0 => {
-            let listener = TcpListener::bind(address).map_err(|e| anyhow::anyhow!("binding metrics.listen {address}: {e}"))?;
-            tracing::info!(%address, "serving metrics");
-            Some(glommio::spawn_local(serve_metrics(shard.clone(), listener)))
-        }
-        _ => None,
-    };
+    let metrics_listener = metrics_listener.map(|listener| {
+        tracing::info!(address = ?listener.local_addr().ok(), "serving metrics");
+        // SAFETY: the descriptor is a bound, listening TCP socket whose
+        // ownership moves to the glommio listener.
+        let listener = unsafe { TcpListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(listener)) };
+        glommio::spawn_local(serve_metrics(shard.clone(), listener))
+    });
     if shard.id == 0 && shard.config.metrics.on_client_listener && !shard.config.listen.address.ip().is_loopback() {
         tracing::warn!(address = %shard.config.listen.address, "metrics are served on a listener that is not loopback-only; set metrics.on_client_listener = false (and metrics.listen) unless a proxy in front keeps /metrics private");
     }
@@ -443,9 +453,17 @@ async fn shard_main(shard: Rc<Shard>, receivers: Option<glommio::channels::chann
     Ok(())
 }
 
+/// Most connections the metrics listener keeps open at once; more are
+/// closed at once.
+const METRICS_CONNECTIONS_MAX: usize = 16;
+/// How long a metrics connection may stay open.
+const METRICS_CONNECTION_SECS: u64 = 30;
+
 /// Serves `metrics.listen`: `GET /metrics` and nothing else, one request
-/// at a time per connection.
+/// per connection, at most [`METRICS_CONNECTIONS_MAX`] connections each
+/// open at most [`METRICS_CONNECTION_SECS`].
 async fn serve_metrics(shard: Rc<Shard>, listener: TcpListener) {
+    let open = Rc::new(std::cell::Cell::new(0usize));
     loop {
         let stream = match listener.accept().await {
             Ok(s) => s,
@@ -455,7 +473,11 @@ async fn serve_metrics(shard: Rc<Shard>, listener: TcpListener) {
                 continue;
             }
         };
-        let shard = shard.clone();
+        if open.get() >= METRICS_CONNECTIONS_MAX {
+            continue;
+        }
+        open.set(open.get() + 1);
+        let (shard, open) = (shard.clone(), open.clone());
         glommio::spawn_local(async move {
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let shard = shard.clone();
@@ -468,7 +490,13 @@ async fn serve_metrics(shard: Rc<Shard>, listener: TcpListener) {
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(HyperIo::new(stream), service).await;
+            let conn = hyper::server::conn::http1::Builder::new().keep_alive(false).serve_connection(HyperIo::new(stream), service);
+            let _ = async {
+                let _ = conn.await;
+            }
+            .or(glommio::timer::sleep(Duration::from_secs(METRICS_CONNECTION_SECS)))
+            .await;
+            open.set(open.get() - 1);
         })
         .detach();
     }

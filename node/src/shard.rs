@@ -857,6 +857,10 @@ impl Shard {
     /// Handles a message from another shard.
     pub fn receive(self: &Rc<Self>, msg: ShardMsg) {
         match msg {
+            // A forwarded send is queued with the sender's reply channel, so
+            // its answer leaves when its batch is written, ahead of the
+            // announcement (and of the long-polls it wakes here).
+            ShardMsg::Room { room, op: RoomOp::Send(draft), reply } => crate::room::enqueue_send(self, &room, draft, reply),
             ShardMsg::Room { room, op, reply } => {
                 let shard = self.clone();
                 glommio::spawn_local(async move {

@@ -52,6 +52,7 @@ fn discovery_endpoints_and_unknown_paths() {
     assert_eq!((s, v["errcode"].as_str()), (401, Some("M_MISSING_TOKEN")));
     let (s, _) = c.get("/metrics");
     assert_eq!(s, 200);
+    assert_eq!(c.get_text("/health"), (200, "OK".to_owned()));
     // Support contacts are served only once configured.
     let (s, v) = c.get("/.well-known/matrix/support");
     assert_eq!((s, v["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{v}");

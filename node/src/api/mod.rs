@@ -55,6 +55,8 @@ pub async fn route(shard: &Rc<Shard>, req: &Req) -> ApiResult<Resp> {
         [".well-known", "matrix", "client"] => methods!(req, "/.well-known/matrix/client", GET => ok(info::well_known_client(shard))),
         [".well-known", "matrix", "server"] => methods!(req, "/.well-known/matrix/server", GET => ok(info::well_known_server(shard))),
         [".well-known", "matrix", "support"] => methods!(req, "/.well-known/matrix/support", GET => ok(info::well_known_support(shard)?)),
+        // Liveness for load balancers and orchestrators (as Synapse's `/health`).
+        ["health"] => methods!(req, "/health", GET => Ok(crate::http::text_response(StatusCode::OK, "OK".into(), "text/plain")), HEAD => Ok(crate::http::text_response(StatusCode::OK, String::new(), "text/plain"))),
         ["metrics"] if shard.config.metrics.on_client_listener => methods!(req, "/metrics", GET => Ok(info::metrics(shard))),
         ["_matrix", "client", version, rest @ ..] if matches!(*version, "v3" | "r0" | "v1" | "unstable") => client(shard, req, rest).await,
         _ => Err(ApiError::unrecognized()),
@@ -129,7 +131,8 @@ async fn authed(shard: &Rc<Shard>, req: &Req, auth: &LazyAuth<'_>, segs: &[&str]
         // is unknown, and lookups find nothing (as Synapse answers them).
         ["thirdparty", "protocols"] => methods!(req, "/_matrix/client/thirdparty/protocols", GET => { auth.get()?; ok(serde_json::json!({})) }),
         ["thirdparty", "protocol", _] => methods!(req, "/_matrix/client/thirdparty/protocol/{protocol}", GET => { auth.get()?; Err(ApiError::not_found("Unknown protocol")) }),
-        ["thirdparty", "location" | "user"] | ["thirdparty", "location" | "user", _] => methods!(req, "/_matrix/client/thirdparty/{kind}..", GET => { auth.get()?; ok(serde_json::json!([])) }),
+        ["thirdparty", "location" | "user"] => methods!(req, "/_matrix/client/thirdparty/{kind}", GET => { auth.get()?; ok(serde_json::json!([])) }),
+        ["thirdparty", "location" | "user", _] => methods!(req, "/_matrix/client/thirdparty/{kind}/{protocol}", GET => { auth.get()?; ok(serde_json::json!([])) }),
         ["admin", "whois", user] => methods!(req, "/_matrix/client/admin/whois/{user}", GET => ok(account::whois(shard, auth.get()?, user)?)),
         ["voip", "turnServer"] => methods!(req, "/_matrix/client/voip/turnServer", GET => ok(info::turn_server(shard, auth.get()?))),
         ["profile", user, field] => methods!(req, "/_matrix/client/profile/{user}/{field}",
