@@ -312,7 +312,7 @@ fn send_group(shard: &Rc<Shard>, room: &RoomId, group: Vec<QueuedSend>) {
             match shard.db.txn(&draft.sender, device, txn_id) {
                 Ok(None) => {}
                 Ok(Some(existing)) => {
-                    let reply = OwnedEventId::try_from(existing).map(RoomReply::Event).map_err(|e| Error::Corrupt(e.to_string()).into());
+                    let reply = OwnedEventId::try_from(existing).map(|id| RoomReply::Event(id, 0)).map_err(|e| Error::Corrupt(e.to_string()).into());
                     let _ = tx.try_send(reply);
                     continue;
                 }
@@ -360,7 +360,7 @@ fn send_group(shard: &Rc<Shard>, room: &RoomId, group: Vec<QueuedSend>) {
 fn commit_group(shard: &Rc<Shard>, room: &RoomId, cached_rc: &Rc<RefCell<CachedRoom>>, mut batch: Batch, waiting: Vec<(OwnedEventId, flume::Sender<ApiResult<RoomReply>>)>) -> ApiResult<()> {
     if batch.events.is_empty() {
         for (id, tx) in waiting {
-            let _ = tx.try_send(Ok(RoomReply::Event(id)));
+            let _ = tx.try_send(Ok(RoomReply::Event(id, batch.pos)));
         }
         return Ok(());
     }
@@ -374,9 +374,10 @@ fn commit_group(shard: &Rc<Shard>, room: &RoomId, cached_rc: &Rc<RefCell<CachedR
     // their answers are queued ahead of the long-polls the announcement
     // wakes.
     let mut waiting = Some(waiting);
+    let pos = batch.pos;
     let answer = || {
         for (id, tx) in waiting.take().unwrap_or_default() {
-            let _ = tx.try_send(Ok(RoomReply::Event(id)));
+            let _ = tx.try_send(Ok(RoomReply::Event(id, pos)));
         }
     };
     match head.and_then(|head| commit_batch(shard, room, &head, batch, answer)) {

@@ -309,6 +309,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     user_writes,
                     presence_writes,
                     filters: Default::default(),
+                    head_waiters: Default::default(),
                     empty_inboxes: Default::default(),
                     key_counts: Default::default(),
                     room_activity: Default::default(),

@@ -68,7 +68,9 @@ pub enum RoomOp {
 /// The owner shard's answer to a [`RoomOp`].
 #[derive(Debug)]
 pub enum RoomReply {
-    Event(OwnedEventId),
+    /// The event, and the position of the batch that wrote it on the owner
+    /// shard's stream (0 for an earlier send of the same transaction).
+    Event(OwnedEventId, u64),
     Done,
 }
 
@@ -274,6 +276,9 @@ pub struct Shard {
     /// Parsed filters by user and filter id or inline filter text (stored
     /// filters never change).
     pub filters: RefCell<HashMap<(OwnedUserId, String), Rc<crate::filter::SyncFilter>>>,
+    /// Requests waiting until this shard has heard another shard's stream
+    /// reach a position: (shard, position, wake-up).
+    pub head_waiters: RefCell<Vec<(usize, u64, flume::Sender<()>)>>,
     /// Devices whose to-device inbox this shard found empty, with the
     /// sync's upper token then; while no user-scoped write went past that
     /// token, the inbox is still empty.
@@ -438,6 +443,10 @@ pub const KEY_COUNTS_CACHE_MAX: usize = 100_000;
 /// bytes each); cleared when full.
 const ROOM_ACTIVITY_MAX: usize = 100_000;
 
+/// Longest a forwarded send's answer waits for its announcement to be
+/// heard (it comes right behind the answer; this bounds a lost one).
+const HEARD_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Most users whose own push rule sets a shard caches (a few KiB each when
 /// set, a few bytes when not); the cache is cleared when full.
 const PUSH_RULES_CACHE_MAX: usize = 100_000;
@@ -482,6 +491,33 @@ impl Shard {
         {
             *h = pos;
         }
+        let mut waiters = self.head_waiters.borrow_mut();
+        if !waiters.is_empty() {
+            waiters.retain(|(s, p, tx)| {
+                let heard = *s == shard && *p <= pos;
+                if heard {
+                    let _ = tx.try_send(());
+                }
+                !heard
+            });
+        }
+    }
+
+    /// Waits until this shard has heard `shard`'s stream reach `pos` (its
+    /// announcement applied here), at most [`HEARD_WAIT`].
+    pub async fn wait_heard(&self, shard: usize, pos: u64) {
+        if self.heads.borrow().get(shard).is_none_or(|h| *h >= pos) {
+            return;
+        }
+        let (tx, rx) = flume::bounded(1);
+        self.head_waiters.borrow_mut().push((shard, pos, tx));
+        let _ = futures_lite::FutureExt::or(
+            async {
+                let _ = rx.recv_async().await;
+            },
+            glommio::timer::sleep(HEARD_WAIT),
+        )
+        .await;
     }
 
     /// Records that this shard's stream reached `pos` (after the write
@@ -902,6 +938,13 @@ impl Shard {
         let mesh = self.mesh.as_ref().ok_or(Error::ShardUnavailable(owner))?;
         let (tx, rx) = flume::bounded(1);
         mesh.send_to(owner, ShardMsg::Room { room: room.to_owned(), op, reply: tx }).await.map_err(|_| ApiError::from(Error::ShardUnavailable(owner)))?;
-        rx.recv_async().await.map_err(|_| ApiError::from(Error::ShardUnavailable(owner)))?
+        let reply = rx.recv_async().await.map_err(|_| ApiError::from(Error::ShardUnavailable(owner)))?;
+        // A send is answered before its announcement leaves the owner:
+        // the caller learns of its event only once this shard has heard
+        // of it, so whatever the caller asks next here sees it.
+        if let Ok(RoomReply::Event(_, pos)) = &reply {
+            self.wait_heard(owner, *pos).await;
+        }
+        reply
     }
 }

@@ -2403,3 +2403,24 @@ fn members_at_a_token_show_the_membership_of_then() {
     let (s, v) = alice.get(&format!("/_matrix/client/v3/rooms/{room}/members?at=nonsense"));
     assert_eq!((s, v["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{v}");
 }
+
+#[test]
+fn a_send_is_visible_to_its_sender_as_soon_as_it_is_answered() {
+    // Each client has a connection of its own, on whichever shard the
+    // kernel picks; the room lives on one of them. A sync that does not
+    // wait, on the sender's connection right after the answer, must hold
+    // the event however the answer and the announcement crossed shards.
+    let node = Node::start("read-your-send", "[runtime]\nshards = 2\n");
+    let mut alice = node.client();
+    alice.register("alice");
+    let room = alice.create_room(json!({}));
+    for i in 0..40 {
+        let client = Client::new(node.url(""), alice.token.clone());
+        let since = client.get("/_matrix/client/v3/sync?timeout=0").1["next_batch"].as_str().expect("next_batch").to_owned();
+        let id = client.send_text(&room, &format!("ryw{i}"), "mine");
+        let (status, sync) = client.get(&format!("/_matrix/client/v3/sync?since={since}&timeout=0"));
+        assert_eq!(status, 200, "{sync}");
+        let ids: Vec<&str> = sync["rooms"]["join"][&room]["timeline"]["events"].as_array().map(|a| a.iter().filter_map(|e| e["event_id"].as_str()).collect()).unwrap_or_default();
+        assert!(ids.contains(&id.as_str()), "send {i}: {id} not in {sync}");
+    }
+}

@@ -51,7 +51,7 @@ pub fn parse_user(user: &str) -> ApiResult<OwnedUserId> {
 
 fn event_id_of(reply: RoomReply) -> ApiResult<OwnedEventId> {
     match reply {
-        RoomReply::Event(id) => Ok(id),
+        RoomReply::Event(id, _) => Ok(id),
         RoomReply::Done => Err(ApiError::unknown("room operation returned no event")),
     }
 }
