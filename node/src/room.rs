@@ -312,7 +312,7 @@ fn send_group(shard: &Rc<Shard>, room: &RoomId, group: Vec<QueuedSend>) {
             match shard.db.txn(&draft.sender, device, txn_id) {
                 Ok(None) => {}
                 Ok(Some(existing)) => {
-                    let reply = OwnedEventId::try_from(existing).map(|id| RoomReply::Event(id, 0)).map_err(|e| Error::Corrupt(e.to_string()).into());
+                    let reply = OwnedEventId::try_from(existing).map(|id| RoomReply::Event(id, shard.pos())).map_err(|e| Error::Corrupt(e.to_string()).into());
                     let _ = tx.try_send(reply);
                     continue;
                 }
@@ -852,6 +852,7 @@ fn publish_typing(shard: &Rc<Shard>, room: &RoomId, users: Vec<OwnedUserId>) -> 
     shard.note_room_activity(room, pos);
     shard.note_head(shard.id, pos);
     shard.notifier.notify(&[room.to_owned()], &[]);
+    shard.announced[shard.id].fetch_max(pos, std::sync::atomic::Ordering::Release);
     shard.broadcast(|| ShardMsg::Typing { room: room.to_owned(), users: users.clone(), pos, shard: shard.id as u16 });
     Ok(())
 }

@@ -228,7 +228,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let redactions = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let push_rule_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let hints = || -> Arc<Vec<std::sync::atomic::AtomicU64>> { Arc::new(heads.iter().map(|h| std::sync::atomic::AtomicU64::new(*h)).collect()) };
-    let (user_writes, presence_writes) = (hints(), hints());
+    let (user_writes, presence_writes, announced) = (hints(), hints(), hints());
     let mesh = MeshBuilder::<ShardMsg, _>::full(count, config.runtime.mesh_channel_depth);
     let cpus = if config.runtime.pin_shards {
         let cpus = allowed_cpus()?;
@@ -258,6 +258,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             presence_writes.clone(),
         );
         let store_stats = store_stats.clone();
+        let announced = announced.clone();
         let metrics_listener = if id == 0 { metrics_listener.take() } else { None };
         let placement = match cpus.as_deref() {
             Some(cpus) => Placement::Fixed(cpus[id]),
@@ -310,6 +311,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     presence_writes,
                     filters: Default::default(),
                     head_waiters: Default::default(),
+                    announced,
                     empty_inboxes: Default::default(),
                     key_counts: Default::default(),
                     room_activity: Default::default(),

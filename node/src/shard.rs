@@ -279,6 +279,9 @@ pub struct Shard {
     /// Requests waiting until this shard has heard another shard's stream
     /// reach a position: (shard, position, wake-up).
     pub head_waiters: RefCell<Vec<(usize, u64, flume::Sender<()>)>>,
+    /// Each shard's stream position as of its last announcement (shared
+    /// memory, raised just before the announcement leaves).
+    pub announced: Arc<Vec<AtomicU64>>,
     /// Devices whose to-device inbox this shard found empty, with the
     /// sync's upper token then; while no user-scoped write went past that
     /// token, the inbox is still empty.
@@ -493,12 +496,13 @@ impl Shard {
         }
         let mut waiters = self.head_waiters.borrow_mut();
         if !waiters.is_empty() {
+            // Also drops the waiters whose request is gone.
             waiters.retain(|(s, p, tx)| {
                 let heard = *s == shard && *p <= pos;
                 if heard {
                     let _ = tx.try_send(());
                 }
-                !heard
+                !heard && !tx.is_disconnected()
             });
         }
     }
@@ -511,13 +515,20 @@ impl Shard {
         }
         let (tx, rx) = flume::bounded(1);
         self.head_waiters.borrow_mut().push((shard, pos, tx));
-        let _ = futures_lite::FutureExt::or(
+        let heard = futures_lite::FutureExt::or(
             async {
                 let _ = rx.recv_async().await;
+                true
             },
-            glommio::timer::sleep(HEARD_WAIT),
+            async {
+                glommio::timer::sleep(HEARD_WAIT).await;
+                false
+            },
         )
         .await;
+        if !heard {
+            tracing::warn!(shard = self.id, owner = shard, pos, "an announcement was not heard in time; answering without it");
+        }
     }
 
     /// Records that this shard's stream reached `pos` (after the write
@@ -528,6 +539,7 @@ impl Shard {
 
     /// [`Shard::publish`] for a write that also set members' unread counts.
     pub fn publish_with(&self, pos: u64, rooms: Vec<OwnedRoomId>, users: Vec<OwnedUserId>, unread: Option<Arc<UnreadCounts>>) {
+        self.announced[self.id].fetch_max(pos, Ordering::Release);
         if !users.is_empty() {
             self.user_writes[self.id].fetch_max(pos, Ordering::Release);
         }
@@ -939,12 +951,15 @@ impl Shard {
         let (tx, rx) = flume::bounded(1);
         mesh.send_to(owner, ShardMsg::Room { room: room.to_owned(), op, reply: tx }).await.map_err(|_| ApiError::from(Error::ShardUnavailable(owner)))?;
         let reply = rx.recv_async().await.map_err(|_| ApiError::from(Error::ShardUnavailable(owner)))?;
-        // A send is answered before its announcement leaves the owner:
-        // the caller learns of its event only once this shard has heard
-        // of it, so whatever the caller asks next here sees it.
-        if let Ok(RoomReply::Event(_, pos)) = &reply {
-            self.wait_heard(owner, *pos).await;
-        }
+        // The caller learns of what it did only once this shard has heard
+        // of it, so whatever the caller asks next here sees it: a send's
+        // batch (answered just before its announcement leaves), and
+        // whatever else the owner announced before answering.
+        let carried = match &reply {
+            Ok(RoomReply::Event(_, pos)) => *pos,
+            _ => 0,
+        };
+        self.wait_heard(owner, carried.max(self.announced[owner].load(Ordering::Acquire))).await;
         reply
     }
 }

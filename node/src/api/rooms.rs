@@ -600,6 +600,18 @@ pub async fn put_state(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str, 
     Ok(json!({ "event_id": id }))
 }
 
+/// The answer to a send whose transaction id was seen before: the earlier
+/// event, once this shard has heard of it (a retry may come here before
+/// the first attempt's announcement did).
+async fn earlier_send(shard: &Rc<Shard>, existing: String) -> ApiResult<Value> {
+    if let Ok(id) = OwnedEventId::try_from(existing.as_str())
+        && let Some(ev) = shard.db.event(&id)?
+    {
+        shard.wait_heard(shard.owner_of(&ev.pdu.room_id), ev.stored.pos).await;
+    }
+    Ok(json!({ "event_id": existing }))
+}
+
 /// PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}
 pub async fn send(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str, kind: &str, txn: Option<&str>) -> ApiResult<Value> {
     let room = parse_room(room)?;
@@ -607,7 +619,7 @@ pub async fn send(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str, kind:
     if let Some(t) = txn
         && let Some(existing) = shard.db.txn(&auth.user, &auth.device, t)?
     {
-        return Ok(json!({ "event_id": existing }));
+        return earlier_send(shard, existing).await;
     }
     ensure_joined(shard, &room, &auth.user)?;
     shard.limiter.check(Action::Message, auth.user.as_str(), Instant::now())?;
@@ -628,7 +640,7 @@ pub async fn redact(shard: &Rc<Shard>, req: &Req, auth: &Authed, room: &str, eve
     let target = OwnedEventId::try_from(event).map_err(|_| ApiError::invalid_param("Invalid event id"))?;
     let body: Body = req.json(shard)?;
     if let Some(existing) = shard.db.txn(&auth.user, &auth.device, txn)? {
-        return Ok(json!({ "event_id": existing }));
+        return earlier_send(shard, existing).await;
     }
     ensure_joined(shard, &room, &auth.user)?;
     let mut content = json!({ "redacts": target });
