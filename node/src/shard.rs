@@ -68,8 +68,8 @@ pub enum RoomOp {
 /// The owner shard's answer to a [`RoomOp`].
 #[derive(Debug)]
 pub enum RoomReply {
-    /// The event, and the position of the batch that wrote it on the owner
-    /// shard's stream (0 for an earlier send of the same transaction).
+    /// The event, and a position of the owner shard's stream at or after
+    /// the batch that wrote it.
     Event(OwnedEventId, u64),
     Done,
 }
@@ -446,8 +446,9 @@ pub const KEY_COUNTS_CACHE_MAX: usize = 100_000;
 /// bytes each); cleared when full.
 const ROOM_ACTIVITY_MAX: usize = 100_000;
 
-/// Longest a forwarded send's answer waits for its announcement to be
-/// heard (it comes right behind the answer; this bounds a lost one).
+/// Longest a forwarded room operation's answer waits for the owner's
+/// announcement to be heard (it comes right behind or ahead of the answer;
+/// this bounds a lost one).
 const HEARD_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Most users whose own push rule sets a shard caches (a few KiB each when
